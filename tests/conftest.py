@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny real image folders made on the spot, and one tiny finished run."""
+
+import os
+
+# No model hub here or in CI: make hub look-ups fail at once instead of retrying for a minute.
+# (huggingface_hub reads this when it is imported, so it is set before anything imports it.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+def write_colour_images(folder: Path, per_class: int, seed: int, size: int = 40) -> None:
+    """Noisy single-colour images, one class per colour: easy, real PNG/JPEG files."""
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        class_dir = folder / name
+        class_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.normal(0, 25, (size, size, 3)) + np.array(colour)
+            image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+            suffix = ".png" if index % 2 else ".jpg"
+            image.save(class_dir / f"{index:03d}{suffix}")
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory) -> Path:
+    """DATA/train/<colour>/ (10 per class) and DATA/test/<colour>/ (4 per class)."""
+    root = tmp_path_factory.mktemp("colours")
+    write_colour_images(root / "train", per_class=10, seed=0)
+    write_colour_images(root / "test", per_class=4, seed=1)
+    return root
+
+
+TINY_RUN_FLAGS = [
+    "--pretrained", "bundled", "--img-size", "32", "--epochs", "2", "--batch-size", "8",
+    "--num-workers", "0", "--val-fraction", "0.3", "--seed", "0", "--strategy", "partial",
+    "--unfreeze-stages", "1", "--lr", "3e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(colour_folder, tmp_path_factory) -> Path:
+    """A finished run folder from `tlkit finetune` on the colour folder."""
+    from tlkit.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["finetune", str(colour_folder), "--out", str(out), *TINY_RUN_FLAGS]) == 0
+    return out

@@ -1,0 +1,128 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from skimage import data as skimage_data
+
+from tlkit.augment import eval_transform
+from tlkit.backbones import (
+    WeightsUnavailableError,
+    bundled_state_dict,
+    create_backbone,
+    layer_groups,
+    preprocessing,
+)
+
+CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def imagenet_top1(model: torch.nn.Module, photo: np.ndarray) -> int:
+    transform = eval_transform(preprocessing(model, 224))
+    batch = transform(image=photo)["image"].unsqueeze(0)
+    with torch.no_grad():
+        return int(model(batch).argmax())
+
+
+def test_bundled_weights_recognise_imagenet_photos():
+    model = timm.create_model(
+        "tf_efficientnet_lite0",
+        pretrained=True,
+        pretrained_cfg_overlay={"state_dict": bundled_state_dict("tf_efficientnet_lite0")},
+    ).eval()
+    assert imagenet_top1(model, skimage_data.chelsea()) in CAT_CLASSES
+    assert imagenet_top1(model, skimage_data.coffee()) == ESPRESSO
+
+
+def test_bundled_backbone_gives_the_pretrained_features():
+    full = timm.create_model(
+        "tf_efficientnet_lite0",
+        pretrained=True,
+        pretrained_cfg_overlay={"state_dict": bundled_state_dict("tf_efficientnet_lite0")},
+    ).eval()
+    backbone = create_backbone("tf_efficientnet_lite0", "bundled").eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = full.forward_head(full.forward_features(images), pre_logits=True)
+        assert torch.allclose(backbone(images), expected, atol=1e-6)
+    assert "state_dict" not in backbone.pretrained_cfg
+
+
+def test_bundled_weights_for_another_model_is_a_clear_error():
+    with pytest.raises(WeightsUnavailableError, match="bundled weights exist for"):
+        create_backbone("resnet18", "bundled")
+
+
+def test_hub_without_network_is_an_error_that_says_how_to_get_weights():
+    with pytest.raises(WeightsUnavailableError, match="--pretrained bundled"):
+        create_backbone("resnet18", "hub")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_loads_through_timm(tmp_path: Path, suffix: str):
+    source = create_backbone("resnet18", "none")
+    state = {key: value.contiguous() for key, value in source.state_dict().items()}
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)  # a training checkpoint's layout
+    loaded = create_backbone("resnet18", str(path))
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+class _RunsCodeOnLoad:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_weights_file_is_never_unpickled(tmp_path: Path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "malicious.pth"
+    path.write_bytes(pickle.dumps({"state_dict": _RunsCodeOnLoad(marker)}))
+    with pytest.raises(WeightsUnavailableError, match="weights_only"):
+        create_backbone("resnet18", str(path))
+    assert not marker.exists()
+
+
+def test_missing_weights_file_and_unknown_model_are_clear_errors(tmp_path: Path):
+    with pytest.raises(WeightsUnavailableError, match="neither 'hub'"):
+        create_backbone("resnet18", str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="unknown timm model 'resnet_eighteen'"):
+        create_backbone("resnet_eighteen", "none")
+
+
+@pytest.mark.parametrize(
+    "name, groups, stem",
+    [
+        ("tf_efficientnet_lite0", 8, "conv_stem.weight"),
+        ("resnet18", 5, "conv1.weight"),
+        ("convnext_atto", 6, "stem.0.weight"),
+        ("vit_tiny_patch16_224", 13, "patch_embed.proj.weight"),
+    ],
+)
+def test_layer_groups_are_stages_stem_first(name: str, groups: int, stem: str):
+    backbone = create_backbone(name, "none")
+    found = layer_groups(backbone)
+    assert len(found) == groups
+    assert stem in found[0]
+    names = [parameter for group in found for parameter in group]
+    assert sorted(names) == sorted(name for name, _ in backbone.named_parameters())
+
+
+def test_preprocessing_comes_from_the_pretrained_config():
+    lite = preprocessing("tf_efficientnet_lite0", 64)
+    assert lite.mean == (0.5, 0.5, 0.5) and lite.std == (0.5, 0.5, 0.5)
+    assert lite.input_size == 64 and lite.crop_pct == 0.875
+    resnet = preprocessing("resnet50")
+    assert resnet.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert resnet.input_size == 224

@@ -1,0 +1,83 @@
+"""End to end through the command line: finetune, evaluate, predict, config handling."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tlkit.cli import main
+from tlkit.runfolder import read_summary
+
+from conftest import TINY_RUN_FLAGS
+
+
+def test_finetune_writes_a_complete_run_folder(tiny_run: Path):
+    for name in ("best.ckpt", "last.ckpt", "metrics.csv", "summary.json", "config.yaml",
+                 "skipped.csv"):
+        assert (tiny_run / name).is_file(), name
+    summary = read_summary(tiny_run)
+    assert summary["backbone"] == "tf_efficientnet_lite0" and summary["weights"] == "bundled"
+    assert summary["strategy"] == "partial" and summary["classes"] == ["blue", "green", "red"]
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    assert summary["epochs_run"] == 2 and len(summary["history"]) == 2
+    assert summary["test_images"] == 12 and 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["best_val_acc"] == max(h["val_acc"] for h in summary["history"])
+    checkpoint = torch.load(tiny_run / "best.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["epoch"] + 1 == summary["best_epoch"]
+
+
+def test_evaluate_prints_metrics_as_json(tiny_run: Path, colour_folder: Path, capsys, tmp_path):
+    out = tmp_path / "results.json"
+    assert main(["evaluate", str(tiny_run), str(colour_folder / "test"), "--out", str(out)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results == json.loads(out.read_text())
+    assert results["images"] == 12
+    assert sum(map(sum, results["confusion_matrix"])) == 12
+    assert set(results["per_class_accuracy"]) == {"blue", "green", "red"}
+    assert results["top5"] == 1.0  # three classes: the true one is always in the top 5
+    assert results["top1"] == pytest.approx(read_summary(tiny_run)["test_acc"])
+
+
+def test_predict_writes_top_k_csv_and_reports_unreadable_files(
+    tiny_run: Path, colour_folder: Path, tmp_path: Path, capsys
+):
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    out = tmp_path / "predictions.csv"
+    inputs = [str(colour_folder / "test" / "red"), str(broken)]
+    assert main(["predict", str(tiny_run), *inputs, "--top-k", "2", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4
+    assert list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2"]
+    assert all(float(row["prob_1"]) >= float(row["prob_2"]) for row in rows)
+    assert "skipped 1 unreadable files" in capsys.readouterr().err
+
+
+def test_seeded_runs_are_repeatable(colour_folder: Path, tiny_run: Path, tmp_path: Path):
+    again = tmp_path / "again"
+    assert main(["finetune", str(colour_folder), "--out", str(again), *TINY_RUN_FLAGS]) == 0
+    assert read_summary(again)["history"] == read_summary(tiny_run)["history"]
+
+
+def test_saved_config_reruns_and_flags_override_it(tiny_run: Path, capsys):
+    config = tiny_run / "config.yaml"
+    assert main(["finetune", "--config", str(config), "--lr", "0.5", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    saved = yaml.safe_load(config.read_text())
+    assert printed == {**saved, "lr": 0.5}
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path: Path, tiny_run: Path, capsys):
+    assert main(["finetune", str(tmp_path / "nowhere"), "--pretrained", "bundled"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path), "--out", str(tiny_run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), str(tmp_path)]) == 2
+    assert "best.ckpt is missing" in capsys.readouterr().err
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("learning_rate: 0.1\n")
+    assert main(["finetune", "--config", str(bad_config), "--print-config"]) == 2
+    assert "unknown config keys: learning_rate" in capsys.readouterr().err

@@ -1,0 +1,167 @@
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tlkit.augment import eval_transform, train_transform
+from tlkit.backbones import Preprocessing
+from tlkit.data import (
+    DatasetError,
+    ImageDataModule,
+    load_rgb,
+    read_csv,
+    scan_folder,
+    split_train_val,
+)
+
+from conftest import write_colour_images
+
+PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
+
+
+def save(image: Image.Image, path: Path, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    return path
+
+
+def test_grayscale_palette_and_16_bit_images_become_8_bit_rgb(tmp_path: Path):
+    gray = save(Image.new("L", (5, 4), 100), tmp_path / "gray.png")
+    assert load_rgb(gray).shape == (4, 5, 3) and load_rgb(gray).dtype == np.uint8
+    sixteen = save(Image.fromarray(np.full((4, 5), 65535, np.uint16)), tmp_path / "16.png")
+    assert Image.open(sixteen).mode.startswith("I")
+    assert (load_rgb(sixteen) == 255).all()
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    path = save(palette, tmp_path / "palette.png", transparency=0)
+    pixels = load_rgb(path)
+    assert tuple(pixels[0, 0]) == (255, 255, 255)  # transparent: composited onto white
+    assert tuple(pixels[1, 1]) == (10, 200, 30)
+
+
+def test_cmyk_jpeg_and_exif_rotation(tmp_path: Path):
+    cmyk = save(Image.new("CMYK", (6, 3), (0, 255, 255, 0)), tmp_path / "cmyk.jpg")
+    red = load_rgb(cmyk)
+    assert red.shape == (3, 6, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+    image = Image.new("RGB", (6, 3), (0, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated = save(image, tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert load_rgb(rotated).shape == (6, 3, 3)
+
+
+def test_broken_files_are_skipped_counted_and_named(tmp_path: Path):
+    write_colour_images(tmp_path, per_class=2, seed=0)
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, format="JPEG")
+    (tmp_path / "red" / "truncated.jpg").write_bytes(good.getvalue()[:300])
+    (tmp_path / "red" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "green" / "notes.jpg").write_text("not an image")
+    (tmp_path / "green" / "readme.txt").write_text("hello")
+    save(Image.new("RGB", (8, 8)), tmp_path / "blue" / "really_a_png.jpg", format="PNG")
+    result = scan_folder(tmp_path)
+    skipped = {Path(path).name: reason for path, reason in result.skipped}
+    assert set(skipped) == {"truncated.jpg", "empty.jpg", "notes.jpg", "readme.txt"}
+    assert "not an image" in skipped["readme.txt"]
+    used = {Path(path).name for path, _ in result.samples}
+    assert "really_a_png.jpg" in used and len(result.samples) == 7
+    assert result.classes == ["blue", "green", "red"]
+
+
+def test_symlink_loop_does_not_hang(tmp_path: Path):
+    write_colour_images(tmp_path, per_class=2, seed=0)
+    os.symlink(tmp_path / "red", tmp_path / "red" / "loop")
+    result = scan_folder(tmp_path)
+    assert len(result.samples) == 6
+
+
+def test_folder_problems_are_clear_errors(tmp_path: Path):
+    with pytest.raises(DatasetError, match="not a folder"):
+        scan_folder(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        scan_folder(tmp_path)
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(DatasetError, match="'cats' has no image files"):
+        scan_folder(tmp_path)
+    (tmp_path / "cats" / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match="no usable image"):
+        scan_folder(tmp_path)
+
+
+def test_a_single_class_is_a_clear_error(tmp_path: Path):
+    write_colour_images(tmp_path / "one", per_class=4, seed=0)
+    for colour in ("green", "blue"):
+        for file in (tmp_path / "one" / colour).iterdir():
+            file.unlink()
+        (tmp_path / "one" / colour).rmdir()
+    module = ImageDataModule(tmp_path / "one", PREPROCESSING, num_workers=0)
+    with pytest.raises(DatasetError, match="one class"):
+        module.setup()
+
+
+def test_evaluation_folder_with_an_unknown_class_is_rejected(tmp_path: Path):
+    write_colour_images(tmp_path, per_class=1, seed=0)
+    with pytest.raises(DatasetError, match=r"classes \['blue'\] were not in the training"):
+        scan_folder(tmp_path, classes=["green", "red"])
+
+
+def test_csv_source(tmp_path: Path):
+    write_colour_images(tmp_path / "images", per_class=2, seed=0)
+    rows = ["path,label"] + [
+        f"images/{colour}/{index:03d}{'.png' if index % 2 else '.jpg'},{colour}"
+        for colour in ("red", "green") for index in range(2)
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    result = read_csv(tmp_path / "labels.csv")
+    assert result.classes == ["green", "red"] and len(result.samples) == 4
+    with pytest.raises(DatasetError, match=r"labels \['green'\] were not in the training"):
+        read_csv(tmp_path / "labels.csv", classes=["red", "blue"])
+    (tmp_path / "missing.csv").write_text("path,label\nimages/red/nope.png,red\n")
+    with pytest.raises(DatasetError, match="1 listed files do not exist"):
+        read_csv(tmp_path / "missing.csv")
+    (tmp_path / "escape.csv").write_text("path,label\n../../etc/passwd,red\n")
+    with pytest.raises(DatasetError, match="paths outside"):
+        read_csv(tmp_path / "escape.csv")
+    (tmp_path / "noheader.csv").write_text("a,b\n")
+    with pytest.raises(DatasetError, match="columns 'path' and 'label'"):
+        read_csv(tmp_path / "noheader.csv")
+
+
+def test_train_val_split_is_stratified_and_seeded():
+    samples = [(f"{i}.png", i % 3) for i in range(30)]
+    train, val = split_train_val(samples, 0.2, seed=0)
+    assert sorted(label for _, label in val) == [0, 0, 1, 1, 2, 2]
+    assert split_train_val(samples, 0.2, seed=0) == (train, val)
+    assert split_train_val(samples, 0.2, seed=1) != (train, val)
+    with pytest.raises(DatasetError, match="cannot split"):
+        split_train_val([("a.png", 0), ("b.png", 1)], 0.5, seed=0)
+
+
+def test_datamodule_layouts(colour_folder: Path, tmp_path: Path):
+    module = ImageDataModule(colour_folder, PREPROCESSING, num_workers=0, val_fraction=0.2)
+    module.setup()
+    assert module.classes == ["blue", "green", "red"]
+    assert (len(module.train_set), len(module.val_set), len(module.test_set)) == (24, 6, 12)
+    images, labels = next(iter(module.train_dataloader()))
+    assert images.shape == (24, 3, 32, 32)  # one batch: 24 images < batch size 64
+    assert labels.dtype == torch.int64
+    single = ImageDataModule(colour_folder / "train", PREPROCESSING, num_workers=0)
+    single.setup()
+    assert single.test_set is None and len(single.train_set) + len(single.val_set) == 30
+
+
+def test_transforms_scale_with_the_input_size_and_are_seeded():
+    photo = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    first = train_transform(PREPROCESSING, seed=3)(image=photo)["image"]
+    again = train_transform(PREPROCESSING, seed=3)(image=photo)["image"]
+    assert first.shape == (3, 32, 32) and torch.equal(first, again)
+    evaluated = eval_transform(PREPROCESSING)(image=photo)["image"]
+    assert evaluated.shape == (3, 32, 32)
+    assert -1.0 <= float(evaluated.min()) and float(evaluated.max()) <= 1.0  # mean=std=0.5
+    with pytest.raises(ValueError, match="short side range"):
+        train_transform(PREPROCESSING, short_side_range=(100, 480))

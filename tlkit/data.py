@@ -1,0 +1,346 @@
+"""Image sources (folders, CSV files), robust decoding to 8-bit RGB, and the LightningDataModule.
+
+Every file is decoded once when the dataset is scanned, so a broken file is found before
+training starts: it is skipped, counted and listed (`ScanResult.skipped`), never a crash in a
+data-loader worker hours later. Layouts understood:
+
+- ``DATA/train/<class>/...`` with optional ``DATA/val/`` and ``DATA/test/``;
+- ``DATA/<class>/...``: one folder, split into train/validation (stratified, seeded);
+- ``labels.csv`` with columns ``path,label`` (paths relative to the CSV's folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from tlkit.augment import eval_transform, seed_worker_transform, train_transform
+from tlkit.backbones import Preprocessing
+
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+}
+SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
+
+
+class DatasetError(ValueError):
+    """The data cannot be used as given; the message names the problem and the path."""
+
+
+@dataclass
+class ScanResult:
+    """Usable samples `(path, class index)`, the class names, and what was skipped and why."""
+
+    samples: list[tuple[str, int]]
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to an HxWx3 uint8 RGB array.
+
+    EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become 8-bit RGB;
+    transparency is composited onto white. `draft` allows a faster reduced-size JPEG decode.
+    """
+    with Image.open(path) as image:
+        if draft is not None:
+            image.draft("RGB", draft)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            values = np.asarray(image, dtype=np.float64)
+            gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
+        if image.mode == "F":
+            raise ValueError("floating-point images are not supported")
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return np.asarray(image.convert("RGB"))
+
+
+def _problem_decoding(path: str) -> str | None:
+    """Why `path` cannot be used as an image, or None if it decodes."""
+    try:
+        load_rgb(path, draft=SCAN_DRAFT_SIZE)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+        return f"{type(error).__name__}: {error}"
+    except (OSError, ValueError, SyntaxError) as error:  # truncated, unreadable, bad header
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_decode_problems(paths: list[str]) -> list[str | None]:
+    """For each path, why it cannot be decoded, or None; decoded in parallel threads."""
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+        return list(pool.map(_problem_decoding, paths))
+
+
+def _walk_images(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files below `folder` (symlinks followed once, loops cut) and non-image files."""
+    images, others = [], []
+    seen_directories: set[str] = set()
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen_directories:
+            subdirectories[:] = []
+            continue
+        seen_directories.add(real)
+        subdirectories.sort()
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = os.path.join(directory, name)
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+            else:
+                others.append((path, "not an image file extension"))
+    return images, others
+
+
+def scan_folder(root: str | Path, classes: list[str] | None = None) -> ScanResult:
+    """Scan `root/<class>/...`; with `classes` given, folder names must be among them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir())
+    if not class_dirs:
+        raise DatasetError(f"{root}: no class sub-folders (expected {root}/<class name>/<images>)")
+    names = [entry.name for entry in class_dirs]
+    if classes is None:
+        classes = names
+    else:
+        unknown = [name for name in names if name not in classes]
+        if unknown:
+            raise DatasetError(
+                f"{root}: classes {unknown} were not in the training classes {classes}"
+            )
+    paths, labels, skipped = [], [], []
+    for class_dir in class_dirs:
+        images, others = _walk_images(class_dir)
+        if not images:
+            raise DatasetError(f"{class_dir}: class '{class_dir.name}' has no image files")
+        skipped += others
+        paths += images
+        labels += [classes.index(class_dir.name)] * len(images)
+    return _keep_decodable(paths, labels, classes, skipped, source=root)
+
+
+def read_csv(csv_path: str | Path, classes: list[str] | None = None) -> ScanResult:
+    """Read `path,label` rows; paths are relative to the CSV's folder and must stay inside it."""
+    csv_path = Path(csv_path)
+    root = csv_path.parent.resolve()
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise DatasetError(f"{csv_path}: needs a header with columns 'path' and 'label'")
+        rows = [(row["path"], row["label"]) for row in reader]
+    if not rows:
+        raise DatasetError(f"{csv_path}: no rows")
+    missing, outside, paths = [], [], []
+    for relative, _ in rows:
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            outside.append(relative)
+        elif not path.is_file():
+            missing.append(relative)
+        paths.append(str(path))
+    if outside:
+        raise DatasetError(f"{csv_path}: paths outside {root}: {outside[:5]}")
+    if missing:
+        raise DatasetError(
+            f"{csv_path}: {len(missing)} listed files do not exist, e.g. {missing[:5]}"
+        )
+    names = sorted({label for _, label in rows})
+    if classes is None:
+        classes = names
+    else:
+        unknown = [name for name in names if name not in classes]
+        if unknown:
+            raise DatasetError(
+                f"{csv_path}: labels {unknown} were not in the training classes {classes}"
+            )
+    labels = [classes.index(label) for _, label in rows]
+    return _keep_decodable(paths, labels, classes, [], source=csv_path)
+
+
+def scan(source: str | Path, classes: list[str] | None = None) -> ScanResult:
+    """A CSV file or a class-folder tree."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv" and source.is_file():
+        return read_csv(source, classes)
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or folder")
+    return scan_folder(source, classes)
+
+
+def _keep_decodable(
+    paths: list[str],
+    labels: list[int],
+    classes: list[str],
+    skipped: list[tuple[str, str]],
+    source: Path,
+) -> ScanResult:
+    problems = find_decode_problems(paths)
+    samples = [(p, y) for p, y, problem in zip(paths, labels, problems) if problem is None]
+    skipped = skipped + [(p, problem) for p, problem in zip(paths, problems) if problem]
+    if not samples:
+        raise DatasetError(f"{source}: no usable image ({len(skipped)} files skipped)")
+    return ScanResult(samples, classes, skipped)
+
+
+def split_train_val(
+    samples: list[tuple[str, int]], val_fraction: float, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Stratified, seeded split of training samples into train and validation."""
+    labels = [label for _, label in samples]
+    try:
+        train, val = train_test_split(
+            samples, test_size=val_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:
+        raise DatasetError(
+            f"cannot split {len(samples)} images into train/validation with "
+            f"--val-fraction {val_fraction} ({error}); add images, change the fraction, "
+            "or provide a val/ folder"
+        ) from error
+    return list(train), list(val)
+
+
+def write_image_folder(
+    images: np.ndarray, labels: np.ndarray, class_names: list[str], root: str | Path
+) -> Path:
+    """Write an array source (N x H x W [x 3] uint8, integer labels) as `root/<class>/<i>.png`."""
+    root = Path(root)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = root / class_names[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index:05d}.png")
+    return root
+
+
+class ImageDataset(Dataset):
+    """(image tensor, class index) pairs from scanned samples and an albumentations transform."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except Exception as error:
+            raise RuntimeError(f"{path} decoded at scan time but not now: {error}") from error
+        return self.transform(image=image)["image"], label
+
+
+def default_num_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/validation/test loaders for an image folder or CSV, with the backbone's transforms.
+
+    `classes`, `skipped` and the datasets are available after `setup()`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        preprocessing: Preprocessing,
+        batch_size: int = 64,
+        num_workers: int = -1,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augment: bool = True,
+        augmentation: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.preprocessing = preprocessing
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers < 0 else num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.augment = augment
+        self.augmentation = augmentation or {}
+        self.classes: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.train_set: ImageDataset | None = None
+        self.val_set: ImageDataset | None = None
+        self.test_set: ImageDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        split_dir = self.data_dir / "train"
+        train_scan = scan(split_dir if split_dir.is_dir() else self.data_dir)
+        self.classes = train_scan.classes
+        if len(self.classes) < 2:
+            raise DatasetError(
+                f"{self.data_dir}: found one class ({self.classes[0]}); a classifier needs two"
+            )
+        self.skipped = list(train_scan.skipped)
+        val_dir, test_dir = self.data_dir / "val", self.data_dir / "test"
+        if split_dir.is_dir() and val_dir.is_dir():
+            train_samples = train_scan.samples
+            val_samples = self._scan_split(val_dir).samples
+        else:
+            train_samples, val_samples = split_train_val(
+                train_scan.samples, self.val_fraction, self.seed
+            )
+        train_pipeline = (
+            train_transform(self.preprocessing, seed=self.seed, **self.augmentation)
+            if self.augment
+            else eval_transform(self.preprocessing)
+        )
+        evaluation = eval_transform(self.preprocessing)
+        self.train_set = ImageDataset(train_samples, train_pipeline)
+        self.val_set = ImageDataset(val_samples, evaluation)
+        if split_dir.is_dir() and test_dir.is_dir():
+            self.test_set = ImageDataset(self._scan_split(test_dir).samples, evaluation)
+
+    def _scan_split(self, folder: Path) -> ScanResult:
+        result = scan(folder, self.classes)
+        self.skipped += result.skipped
+        return result
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=seed_worker_transform,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise DatasetError(f"{self.data_dir}: no test/ split")
+        return self._loader(self.test_set, shuffle=False)

@@ -1,0 +1,131 @@
+"""Evaluate and predict with a finished run folder's best checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+)
+
+from tlkit.augment import eval_transform
+from tlkit.data import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    default_num_workers,
+    find_decode_problems,
+    scan,
+)
+from tlkit.module import TransferClassifier
+from tlkit.runfolder import best_checkpoint
+
+
+def load_model(run_dir: str | Path) -> TransferClassifier:
+    """The best-on-validation model of a run folder, in eval mode, loaded with weights_only."""
+    return TransferClassifier.load_checkpoint(best_checkpoint(run_dir))
+
+
+def _probabilities(
+    model: TransferClassifier, dataset: ImageDataset, batch_size: int, accelerator: str
+) -> torch.Tensor:
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # the progress bar must not mix into the output
+        batches = trainer.predict(model, dataloaders=loader)
+    return torch.cat(batches).float().cpu()
+
+
+def evaluate(
+    run_dir: str | Path, data: str | Path, batch_size: int = 64, accelerator: str = "auto"
+) -> dict[str, Any]:
+    """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV."""
+    model = load_model(run_dir)
+    classes = model.class_names
+    scanned = scan(data, classes)
+    dataset = ImageDataset(scanned.samples, eval_transform(model.preprocessing))
+    probabilities = _probabilities(model, dataset, batch_size, accelerator)
+    labels = torch.tensor([label for _, label in scanned.samples])
+    num_classes = len(classes)
+    per_class = multiclass_accuracy(probabilities, labels, num_classes, average=None)
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    return {
+        "run": str(run_dir),
+        "data": str(data),
+        "images": len(labels),
+        "skipped_files": len(scanned.skipped),
+        "skipped": [{"path": path, "reason": reason} for path, reason in scanned.skipped],
+        "top1": float(multiclass_accuracy(probabilities, labels, num_classes, average="micro")),
+        "top5": float(
+            multiclass_accuracy(
+                probabilities, labels, num_classes, top_k=min(5, num_classes), average="micro"
+            )
+        ),
+        "per_class_accuracy": {
+            name: float(accuracy) if has_images else None
+            for name, accuracy, has_images in zip(classes, per_class, present)
+        },
+        "classes": classes,
+        "confusion_matrix": multiclass_confusion_matrix(
+            probabilities, labels, num_classes
+        ).tolist(),
+    }
+
+
+def image_paths(inputs: list[str | Path]) -> list[str]:
+    """Files as given and image files found below folders, in a stable order."""
+    paths: list[str] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for directory, subdirectories, files in os.walk(item):
+                subdirectories.sort()
+                paths += [
+                    os.path.join(directory, name)
+                    for name in sorted(files)
+                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                ]
+        elif item.is_file():
+            paths.append(str(item))
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return paths
+
+
+def predict(
+    run_dir: str | Path,
+    inputs: list[str | Path],
+    top_k: int = 3,
+    batch_size: int = 64,
+    accelerator: str = "auto",
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Top-k labels and probabilities per image; also the files that could not be decoded."""
+    model = load_model(run_dir)
+    paths = image_paths(inputs)
+    problems = find_decode_problems(paths)
+    usable = [path for path, problem in zip(paths, problems) if problem is None]
+    skipped = [(path, problem) for path, problem in zip(paths, problems) if problem]
+    if not usable:
+        return [], skipped
+    dataset = ImageDataset([(path, -1) for path in usable], eval_transform(model.preprocessing))
+    probabilities = _probabilities(model, dataset, batch_size, accelerator)
+    k = min(top_k, probabilities.shape[1])
+    values, indices = probabilities.topk(k, dim=1)
+    classes = model.class_names
+    rows = []
+    for path, top_values, top_indices in zip(usable, values.tolist(), indices.tolist()):
+        row: dict[str, Any] = {"path": path}
+        for rank, (value, index) in enumerate(zip(top_values, top_indices), start=1):
+            row[f"label_{rank}"] = classes[index]
+            row[f"prob_{rank}"] = round(value, 6)
+        rows.append(row)
+    return rows, skipped

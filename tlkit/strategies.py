@@ -1,0 +1,74 @@
+"""Transfer strategies: what trains, what stays frozen, and at which learning rate.
+
+- ``features``: the backbone is frozen; only the new head trains (small data, similar domain).
+- ``partial``: the last N layer groups of the backbone train with the head (more data).
+- ``full``: everything trains; the pretrained backbone at ``lr * backbone_lr_scale`` (lots of data).
+
+Frozen means frozen: ``requires_grad=False`` *and* the frozen modules in eval mode, so that
+BatchNorm keeps its pretrained running statistics and frozen drop-path/dropout layers stay off.
+`keep_frozen_modules_in_eval` must run after every ``.train()`` call; `TransferClassifier.train`
+does that.
+"""
+
+from __future__ import annotations
+
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from tlkit.backbones import layer_groups
+
+STRATEGIES = ("features", "partial", "full")
+
+
+def set_trainable(backbone: nn.Module, strategy: str, unfreeze_stages: int = 1) -> None:
+    """Set `requires_grad` on the backbone's parameters according to the strategy."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+    groups = layer_groups(backbone)
+    if strategy == "features":
+        trainable: set[str] = set()
+    elif strategy == "partial":
+        if not 1 <= unfreeze_stages <= len(groups):
+            raise ValueError(
+                f"--unfreeze-stages must be between 1 and {len(groups)} for this backbone "
+                f"(it has {len(groups)} layer groups, stem first), got {unfreeze_stages}"
+            )
+        trainable = {name for group in groups[-unfreeze_stages:] for name in group}
+    else:
+        trainable = {name for group in groups for name in group}
+    for name, parameter in backbone.named_parameters():
+        parameter.requires_grad = name in trainable
+
+
+def keep_frozen_modules_in_eval(module: nn.Module) -> None:
+    """Put every sub-module whose parameters are all frozen in eval mode.
+
+    A frozen BatchNorm in train mode would still overwrite its running statistics with those of
+    the new data, silently changing the "frozen" features.
+    """
+    for child in module.modules():
+        parameters = list(child.parameters())
+        if parameters and not any(parameter.requires_grad for parameter in parameters):
+            child.eval()
+
+
+def optimizer_parameter_groups(
+    backbone: nn.Module,
+    head: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_scale: float,
+) -> list[dict]:
+    """Optimiser groups for the trainable parameters only: the backbone at the scaled learning
+    rate, the head at `lr`; no weight decay on biases and norm layers (timm's convention)."""
+    groups = []
+    for part, part_lr in ((backbone, lr * backbone_lr_scale), (head, lr)):
+        for group in param_groups_weight_decay(part, weight_decay):
+            groups.append({**group, "lr": part_lr})
+    return groups
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(
+        p.numel() for p in module.parameters() if p.requires_grad or not trainable_only
+    )
