@@ -38,9 +38,26 @@ def colour_folder(tmp_path_factory) -> Path:
 
 
 TINY_RUN_FLAGS = [
-    "--pretrained", "bundled", "--img-size", "32", "--epochs", "2", "--batch-size", "8",
-    "--num-workers", "0", "--val-fraction", "0.3", "--seed", "0", "--strategy", "partial",
-    "--unfreeze-stages", "1", "--lr", "3e-3",
+    "--pretrained",
+    "bundled",
+    "--img-size",
+    "32",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--val-fraction",
+    "0.3",
+    "--seed",
+    "0",
+    "--strategy",
+    "partial",
+    "--unfreeze-stages",
+    "1",
+    "--lr",
+    "3e-3",
 ]
 
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from skimage import data as skimage_data
 

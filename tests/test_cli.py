@@ -7,16 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_RUN_FLAGS
 
 from tlkit.cli import main
 from tlkit.runfolder import read_summary
 
-from conftest import TINY_RUN_FLAGS
-
 
 def test_finetune_writes_a_complete_run_folder(tiny_run: Path):
-    for name in ("best.ckpt", "last.ckpt", "metrics.csv", "summary.json", "config.yaml",
-                 "skipped.csv"):
+    for name in (
+        "best.ckpt",
+        "last.ckpt",
+        "metrics.csv",
+        "summary.json",
+        "config.yaml",
+        "skipped.csv",
+    ):
         assert (tiny_run / name).is_file(), name
     summary = read_summary(tiny_run)
     assert summary["backbone"] == "tf_efficientnet_lite0" and summary["weights"] == "bundled"
@@ -81,3 +86,13 @@ def test_user_errors_exit_2_with_a_message(tmp_path: Path, tiny_run: Path, capsy
     bad_config.write_text("learning_rate: 0.1\n")
     assert main(["finetune", "--config", str(bad_config), "--print-config"]) == 2
     assert "unknown config keys: learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_embedded_default(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1"]) == 0
+    summary = read_summary(out)
+    assert summary["weights"] == "bundled" and summary["test_images"] == 360
+    assert summary["test_acc"] > 0.5  # ten classes: chance is 0.1
+    assert f"test accuracy {summary['test_acc']:.4f}" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_colour_images
 from PIL import Image
 
 from tlkit.augment import eval_transform, train_transform
@@ -17,8 +18,6 @@ from tlkit.data import (
     scan_folder,
     split_train_val,
 )
-
-from conftest import write_colour_images
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
@@ -114,7 +113,8 @@ def test_csv_source(tmp_path: Path):
     write_colour_images(tmp_path / "images", per_class=2, seed=0)
     rows = ["path,label"] + [
         f"images/{colour}/{index:03d}{'.png' if index % 2 else '.jpg'},{colour}"
-        for colour in ("red", "green") for index in range(2)
+        for colour in ("red", "green")
+        for index in range(2)
     ]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     result = read_csv(tmp_path / "labels.csv")

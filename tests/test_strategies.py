@@ -63,8 +63,14 @@ def test_partial_strategy_trains_the_last_groups_and_the_head():
 def test_full_strategy_trains_everything_with_a_lower_backbone_lr():
     model = make_model("full", lr=1e-2, backbone_lr_scale=0.1)
     assert all(p.requires_grad for p in model.parameters())
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_train_batches=1, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_train_batches=1,
+        limit_val_batches=0,
+    )
     trainer.fit(model, *tiny_loaders())
     optimizer = trainer.optimizers[0]
     backbone_ids = {id(p) for p in model.backbone.parameters()}
@@ -77,8 +83,14 @@ def test_full_strategy_trains_everything_with_a_lower_backbone_lr():
 
 def test_only_trainable_parameters_reach_the_optimiser():
     model = make_model("features")
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_train_batches=1, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_train_batches=1,
+        limit_val_batches=0,
+    )
     trainer.fit(model, *tiny_loaders())
     optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert optimised == {id(p) for p in model.head.parameters()}
@@ -115,15 +127,23 @@ def test_frozen_batchnorm_statistics_survive_training(strategy: str):
         if isinstance(module, torch.nn.BatchNorm2d) and name not in frozen
     }
     check = AssertFrozenInEval()
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, callbacks=[check])
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[check],
+    )
     trainer.fit(model, *tiny_loaders())
     assert check.checked_steps == 4
     for name, bn in frozen_batchnorms(model).items():
         assert torch.equal(bn.running_mean, before[name]), name
     if strategy == "partial":  # the unfrozen stage's BatchNorm does adapt to the new data
-        changed = [n for n, m in model.backbone.named_modules()
-                   if n in trainable_bn and not torch.equal(m.running_mean, trainable_bn[n])]
+        changed = [
+            n
+            for n, m in model.backbone.named_modules()
+            if n in trainable_bn and not torch.equal(m.running_mean, trainable_bn[n])
+        ]
         assert changed
     model.train()
     assert all(not bn.training for bn in frozen_batchnorms(model).values())
@@ -131,7 +151,13 @@ def test_frozen_batchnorm_statistics_survive_training(strategy: str):
 
 def test_scratch_training_uses_the_full_learning_rate_everywhere():
     model = make_model("full", pretrained="none", lr=1e-2, backbone_lr_scale=0.1)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_train_batches=1, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_train_batches=1,
+        limit_val_batches=0,
+    )
     trainer.fit(model, *tiny_loaders())
     assert {g["initial_lr"] for g in trainer.optimizers[0].param_groups} == {1e-2}

@@ -49,14 +49,19 @@ def train_transform(
     if not size <= low <= high:
         raise ValueError(f"short side range {short_side_range} must satisfy 224 <= low <= high")
     transforms: list[A.BasicTransform] = [
-        A.SmallestMaxSize(max_size=list(range(low, high + 1)), interpolation=_interpolation(preprocessing)),
+        A.SmallestMaxSize(
+            max_size=list(range(low, high + 1)), interpolation=_interpolation(preprocessing)
+        ),
         A.RandomCrop(size, size),
         A.HorizontalFlip(p=hflip),
     ]
     if color_jitter > 0:
         transforms.append(
             A.ColorJitter(
-                brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0,
+                brightness=color_jitter,
+                contrast=color_jitter,
+                saturation=color_jitter,
+                hue=0.0,
                 p=1.0,
             )
         )

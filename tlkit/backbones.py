@@ -107,7 +107,9 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
             f"{package} holds {len(source)} tensors, timm's {name} has {len(target)}"
         )
     renamed = {}
-    for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items()):
+    for (source_key, tensor), (target_key, expected) in zip(
+        source.items(), target.items(), strict=True
+    ):
         if tensor.shape != expected.shape:
             raise WeightsUnavailableError(
                 f"{package}: {source_key} {tuple(tensor.shape)} does not fit "

@@ -29,7 +29,11 @@ from tlkit.data import DatasetError
 from tlkit.runfolder import RunFolderError
 
 USER_ERRORS = (
-    DatasetError, WeightsUnavailableError, RunFolderError, FileExistsError, FileNotFoundError,
+    DatasetError,
+    WeightsUnavailableError,
+    RunFolderError,
+    FileExistsError,
+    FileNotFoundError,
     ValueError,
 )
 
@@ -86,9 +90,7 @@ def _demo(arguments: argparse.Namespace) -> int:
     from tlkit.demo import demo_config, write_digits_folder
     from tlkit.finetune import finetune
 
-    overrides = {}
-    if arguments.epochs is not None:
-        overrides["epochs"] = arguments.epochs
+    overrides = {"epochs": arguments.epochs} if arguments.epochs is not None else {}
     config = demo_config(arguments.out, **overrides)
     data = write_digits_folder(config.data_dir)
     print(f"Demo: scikit-learn digits written to {data}; fine-tuning bundled {config.backbone}")
@@ -116,7 +118,10 @@ def _predict(arguments: argparse.Namespace) -> int:
     from tlkit.inference import predict
 
     rows, skipped = predict(
-        arguments.run, arguments.inputs, arguments.top_k, arguments.batch_size,
+        arguments.run,
+        arguments.inputs,
+        arguments.top_k,
+        arguments.batch_size,
         arguments.accelerator,
     )
     for path, reason in skipped:
@@ -153,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(finetune, skip=("data_dir",))
     finetune.set_defaults(handler=_finetune)
 
-    for name, helptext in (("evaluate", "metrics of a run on labelled data"),
-                           ("predict", "top-k predictions for images")):
+    for name, helptext in (
+        ("evaluate", "metrics of a run on labelled data"),
+        ("predict", "top-k predictions for images"),
+    ):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("run", help="run folder written by tlkit finetune")
         if name == "evaluate":

@@ -45,7 +45,7 @@ class FinetuneConfig:
     # Transfer strategy
     strategy: Strategy = _option(
         "partial",
-        "features: frozen backbone, new head; partial: last N stages trainable; full: all trainable",
+        "features: frozen backbone; partial: last N stages trainable; full: all trainable",
     )
     unfreeze_stages: int = _option(2, "stages (timm layer groups) trained by 'partial'")
     backbone_lr_scale: float = _option(

@@ -28,7 +28,17 @@ from tlkit.augment import eval_transform, seed_worker_transform, train_transform
 from tlkit.backbones import Preprocessing
 
 IMAGE_EXTENSIONS = {
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
 }
 SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
 
@@ -196,8 +206,12 @@ def _keep_decodable(
     source: Path,
 ) -> ScanResult:
     problems = find_decode_problems(paths)
-    samples = [(p, y) for p, y, problem in zip(paths, labels, problems) if problem is None]
-    skipped = skipped + [(p, problem) for p, problem in zip(paths, problems) if problem]
+    samples = [
+        (p, y) for p, y, problem in zip(paths, labels, problems, strict=True) if problem is None
+    ]
+    skipped = skipped + [
+        (p, problem) for p, problem in zip(paths, problems, strict=True) if problem
+    ]
     if not samples:
         raise DatasetError(f"{source}: no usable image ({len(skipped)} files skipped)")
     return ScanResult(samples, classes, skipped)
@@ -226,7 +240,7 @@ def write_image_folder(
 ) -> Path:
     """Write an array source (N x H x W [x 3] uint8, integer labels) as `root/<class>/<i>.png`."""
     root = Path(root)
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / class_names[int(label)]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{index:05d}.png")

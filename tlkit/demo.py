@@ -39,7 +39,7 @@ def write_digits_folder(root: str | Path, seed: int = 0) -> Path:
 def demo_config(out: str | Path = "runs/demo", **overrides) -> FinetuneConfig:
     """The demo's settings: bundled weights, 64px, a few epochs that fit 2 CPU cores."""
     values = {
-        "data_dir": str(Path(out) / "data"),
+        "data_dir": str(Path(out).parent / f"{Path(out).name}-digits"),
         "out": str(out),
         "backbone": "tf_efficientnet_lite0",
         "pretrained": "bundled",

@@ -137,8 +137,13 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
 
     summary_callback = EpochSummary()
     checkpoint = ModelCheckpoint(
-        dirpath=out, filename="best", monitor="val_acc", mode="max", save_last=True,
-        auto_insert_metric_name=False, enable_version_counter=False,
+        dirpath=out,
+        filename="best",
+        monitor="val_acc",
+        mode="max",
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
     )
     callbacks = [
         checkpoint,

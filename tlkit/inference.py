@@ -38,7 +38,10 @@ def _probabilities(
 ) -> torch.Tensor:
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
         enable_model_summary=False,
     )
     with contextlib.redirect_stdout(sys.stderr):  # the progress bar must not mix into the output
@@ -73,7 +76,7 @@ def evaluate(
         ),
         "per_class_accuracy": {
             name: float(accuracy) if has_images else None
-            for name, accuracy, has_images in zip(classes, per_class, present)
+            for name, accuracy, has_images in zip(classes, per_class, present, strict=True)
         },
         "classes": classes,
         "confusion_matrix": multiclass_confusion_matrix(
@@ -112,8 +115,8 @@ def predict(
     model = load_model(run_dir)
     paths = image_paths(inputs)
     problems = find_decode_problems(paths)
-    usable = [path for path, problem in zip(paths, problems) if problem is None]
-    skipped = [(path, problem) for path, problem in zip(paths, problems) if problem]
+    usable = [path for path, problem in zip(paths, problems, strict=True) if problem is None]
+    skipped = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
     if not usable:
         return [], skipped
     dataset = ImageDataset([(path, -1) for path in usable], eval_transform(model.preprocessing))
@@ -122,9 +125,11 @@ def predict(
     values, indices = probabilities.topk(k, dim=1)
     classes = model.class_names
     rows = []
-    for path, top_values, top_indices in zip(usable, values.tolist(), indices.tolist()):
+    for path, top_values, top_indices in zip(
+        usable, values.tolist(), indices.tolist(), strict=True
+    ):
         row: dict[str, Any] = {"path": path}
-        for rank, (value, index) in enumerate(zip(top_values, top_indices), start=1):
+        for rank, (value, index) in enumerate(zip(top_values, top_indices, strict=True), start=1):
             row[f"label_{rank}"] = classes[index]
             row[f"prob_{rank}"] = round(value, 6)
         rows.append(row)

@@ -1,4 +1,4 @@
-"""`TransferClassifier`: a timm backbone, a new head and a transfer strategy as a LightningModule."""
+"""`TransferClassifier`: backbone, new head and transfer strategy as one LightningModule."""
 
 from __future__ import annotations
 
@@ -103,13 +103,15 @@ class TransferClassifier(pl.LightningModule):
         smoothing = self.hparams.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         on_step = split == "train"
-        self.log(f"{split}_loss", loss, on_step=on_step, on_epoch=True, sync_dist=True,
-                 prog_bar=True)
+        self.log(
+            f"{split}_loss", loss, on_step=on_step, on_epoch=True, sync_dist=True, prog_bar=True
+        )
         for name in ("acc", "acc_top5"):
             metric = self.metrics[f"{split}_{name}"]
             metric(logits, labels)
-            self.log(f"{split}_{name}", metric, on_step=False, on_epoch=True,
-                     prog_bar=name == "acc")
+            self.log(
+                f"{split}_{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
+            )
         return loss
 
     def training_step(self, batch, batch_index: int) -> torch.Tensor:
@@ -128,9 +130,7 @@ class TransferClassifier(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
-        groups = optimizer_parameter_groups(
-            self.backbone, self.head, hp.lr, hp.weight_decay, scale
-        )
+        groups = optimizer_parameter_groups(self.backbone, self.head, hp.lr, hp.weight_decay, scale)
         if hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups)
         elif hp.optimizer == "sgd":

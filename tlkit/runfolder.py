@@ -1,11 +1,11 @@
 """The run folder: what a fine-tuning run leaves behind, written atomically, read back safely.
 
-    best.ckpt      best-on-validation checkpoint (the model `evaluate` and `predict` use)
-    last.ckpt      the latest checkpoint
-    metrics.csv    per-epoch metrics (Lightning's CSVLogger)
-    config.yaml    the configuration, re-runnable with `tlkit finetune --config`
-    summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
-    skipped.csv    files that could not be used, with the reason
+best.ckpt      best-on-validation checkpoint (the model `evaluate` and `predict` use)
+last.ckpt      the latest checkpoint
+metrics.csv    per-epoch metrics (Lightning's CSVLogger)
+config.yaml    the configuration, re-runnable with `tlkit finetune --config`
+summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
+skipped.csv    files that could not be used, with the reason
 """
 
 from __future__ import annotations

@@ -69,6 +69,4 @@ def optimizer_parameter_groups(
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(
-        p.numel() for p in module.parameters() if p.requires_grad or not trainable_only
-    )
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
