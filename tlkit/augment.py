@@ -25,7 +25,8 @@ INTERPOLATIONS = {
 REFERENCE_SIZE = 224  # the sizes of the ResNet recipe are given for 224px crops
 
 
-def _interpolation(preprocessing: Preprocessing) -> int:
+def interpolation_flag(preprocessing: Preprocessing) -> int:
+    """The OpenCV interpolation flag for the backbone's interpolation name."""
     return INTERPOLATIONS.get(preprocessing.interpolation, cv2.INTER_LINEAR)
 
 
@@ -50,7 +51,7 @@ def train_transform(
         raise ValueError(f"short side range {short_side_range} must satisfy 224 <= low <= high")
     transforms: list[A.BasicTransform] = [
         A.SmallestMaxSize(
-            max_size=list(range(low, high + 1)), interpolation=_interpolation(preprocessing)
+            max_size=list(range(low, high + 1)), interpolation=interpolation_flag(preprocessing)
         ),
         A.RandomCrop(size, size),
         A.HorizontalFlip(p=hflip),
@@ -75,7 +76,7 @@ def eval_transform(preprocessing: Preprocessing) -> A.Compose:
         [
             A.SmallestMaxSize(
                 max_size=round(size / preprocessing.crop_pct),
-                interpolation=_interpolation(preprocessing),
+                interpolation=interpolation_flag(preprocessing),
             ),
             A.CenterCrop(size, size),
             *_normalise_to_tensor(preprocessing),

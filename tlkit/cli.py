@@ -27,6 +27,7 @@ from tlkit.backbones import WeightsUnavailableError
 from tlkit.config import FinetuneConfig
 from tlkit.data import DatasetError
 from tlkit.runfolder import RunFolderError
+from tlkit.tta import PRESETS
 
 USER_ERRORS = (
     DatasetError,
@@ -106,7 +107,9 @@ def _demo(arguments: argparse.Namespace) -> int:
 def _evaluate(arguments: argparse.Namespace) -> int:
     from tlkit.inference import evaluate
 
-    results = evaluate(arguments.run, arguments.data, arguments.batch_size, arguments.accelerator)
+    results = evaluate(
+        arguments.run, arguments.data, arguments.batch_size, arguments.accelerator, arguments.tta
+    )
     text = json.dumps(results, indent=2)
     if arguments.out:
         Path(arguments.out).write_text(text + "\n")
@@ -123,6 +126,7 @@ def _predict(arguments: argparse.Namespace) -> int:
         arguments.top_k,
         arguments.batch_size,
         arguments.accelerator,
+        arguments.tta,
     )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -175,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.set_defaults(handler=_predict)
         sub.add_argument("--batch-size", type=int, default=64, help="images per batch")
         sub.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+        sub.add_argument(
+            "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
+        )
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ from torchmetrics.functional.classification import (
     multiclass_confusion_matrix,
 )
 
-from tlkit.augment import eval_transform
 from tlkit.data import (
     IMAGE_EXTENSIONS,
     ImageDataset,
@@ -26,6 +26,7 @@ from tlkit.data import (
 )
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import best_checkpoint
+from tlkit.tta import ScaleSquares, TTAModule, plan
 
 
 def load_model(run_dir: str | Path) -> TransferClassifier:
@@ -33,9 +34,18 @@ def load_model(run_dir: str | Path) -> TransferClassifier:
     return TransferClassifier.load_checkpoint(best_checkpoint(run_dir))
 
 
-def _probabilities(
-    model: TransferClassifier, dataset: ImageDataset, batch_size: int, accelerator: str
-) -> torch.Tensor:
+def predict_probabilities(
+    model: TransferClassifier,
+    samples: list[tuple[str, int]],
+    tta: str = "none",
+    batch_size: int = 64,
+    accelerator: str = "auto",
+    scales: tuple[float, ...] | None = None,
+    average: str = "probabilities",
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(N, K) class probabilities for `(path, label)` samples with a TTA preset, and its cost."""
+    tta_plan = plan(tta, model.preprocessing, scales, average)
+    dataset = ImageDataset(samples, ScaleSquares(tta_plan, model.preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
     trainer = pl.Trainer(
         accelerator=accelerator,
@@ -44,20 +54,38 @@ def _probabilities(
         enable_checkpointing=False,
         enable_model_summary=False,
     )
+    started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the progress bar must not mix into the output
-        batches = trainer.predict(model, dataloaders=loader)
-    return torch.cat(batches).float().cpu()
+        batches = trainer.predict(TTAModule(model, tta_plan), dataloaders=loader)
+    seconds = time.perf_counter() - started
+    images_per_second = len(samples) / seconds
+    cost = {
+        "preset": tta_plan.preset,
+        "average": tta_plan.average,
+        "scale_sizes": list(tta_plan.scale_sizes),
+        "views_per_image": tta_plan.views_per_image,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(images_per_second, 2),
+        "views_per_second": round(images_per_second * tta_plan.views_per_image, 2),
+    }
+    return torch.cat(batches).float().cpu(), cost
 
 
 def evaluate(
-    run_dir: str | Path, data: str | Path, batch_size: int = 64, accelerator: str = "auto"
+    run_dir: str | Path,
+    data: str | Path,
+    batch_size: int = 64,
+    accelerator: str = "auto",
+    tta: str = "none",
 ) -> dict[str, Any]:
-    """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV."""
+    """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV,
+    with the test-time averaging preset `tta` and its cost."""
     model = load_model(run_dir)
     classes = model.class_names
     scanned = scan(data, classes)
-    dataset = ImageDataset(scanned.samples, eval_transform(model.preprocessing))
-    probabilities = _probabilities(model, dataset, batch_size, accelerator)
+    probabilities, cost = predict_probabilities(
+        model, scanned.samples, tta, batch_size, accelerator
+    )
     labels = torch.tensor([label for _, label in scanned.samples])
     num_classes = len(classes)
     per_class = multiclass_accuracy(probabilities, labels, num_classes, average=None)
@@ -66,6 +94,7 @@ def evaluate(
         "run": str(run_dir),
         "data": str(data),
         "images": len(labels),
+        "tta": cost,
         "skipped_files": len(scanned.skipped),
         "skipped": [{"path": path, "reason": reason} for path, reason in scanned.skipped],
         "top1": float(multiclass_accuracy(probabilities, labels, num_classes, average="micro")),
@@ -110,6 +139,7 @@ def predict(
     top_k: int = 3,
     batch_size: int = 64,
     accelerator: str = "auto",
+    tta: str = "none",
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Top-k labels and probabilities per image; also the files that could not be decoded."""
     model = load_model(run_dir)
@@ -119,8 +149,8 @@ def predict(
     skipped = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
     if not usable:
         return [], skipped
-    dataset = ImageDataset([(path, -1) for path in usable], eval_transform(model.preprocessing))
-    probabilities = _probabilities(model, dataset, batch_size, accelerator)
+    samples = [(path, -1) for path in usable]
+    probabilities, _ = predict_probabilities(model, samples, tta, batch_size, accelerator)
     k = min(top_k, probabilities.shape[1])
     values, indices = probabilities.topk(k, dim=1)
     classes = model.class_names
