@@ -48,6 +48,13 @@ class FinetuneConfig:
         "features: frozen backbone; partial: last N stages trainable; full: all trainable",
     )
     unfreeze_stages: int = _option(2, "stages (timm layer groups) trained by 'partial'")
+    cache: bool = _option(
+        True, "features strategy: extract backbone features once and train the head on them"
+    )
+    cache_dir: str = _option("", "feature cache folder, shareable by runs (default: OUT/cache)")
+    cache_augmented_views: int = _option(
+        0, "features cached per training image from the train augmentation (0: one plain view)"
+    )
     backbone_lr_scale: float = _option(
         0.1, "learning rate of pretrained layers relative to --lr (partial and full)"
     )

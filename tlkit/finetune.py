@@ -25,6 +25,7 @@ from tlkit import __version__
 from tlkit.backbones import preprocessing
 from tlkit.config import FinetuneConfig
 from tlkit.data import ImageDataModule
+from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import (
     BEST_CHECKPOINT,
@@ -45,6 +46,10 @@ class EpochSummary(Callback):
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
+        self._epoch_started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
@@ -55,6 +60,7 @@ class EpochSummary(Callback):
             "train_acc": metrics.get("train_acc", float("nan")),
             "val_acc": metrics.get("val_acc", float("nan")),
             "lr": head_lr,
+            "seconds": round(time.perf_counter() - self._epoch_started, 3),
         }
         self.history.append(record)
         line = (
@@ -134,6 +140,19 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     model = build_model(config, datamodule.classes)
+    training_data: pl.LightningDataModule = datamodule
+    if config.strategy == "features" and config.cache:
+        training_data = CachedFeatureDataModule(
+            model,
+            datamodule,
+            config.cache_dir or out / "cache",
+            config.cache_augmented_views,
+            config.accelerator,
+            progress=trainer_options.get("enable_progress_bar", True),
+        )
+        extraction_started = time.perf_counter()
+        training_data.setup("fit")
+        training_data.report["extraction_s"] = round(time.perf_counter() - extraction_started, 2)
 
     summary_callback = EpochSummary()
     checkpoint = ModelCheckpoint(
@@ -165,11 +184,12 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
         **trainer_options,
     }
     trainer = pl.Trainer(**options)
-    trainer.fit(model, datamodule=datamodule)
+    pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
+    trainer.fit(model, datamodule=training_data)
 
     test_metrics: dict[str, float] = {}
     if datamodule.test_set is not None:
-        results = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
+        results = trainer.test(model, datamodule=training_data, ckpt_path="best", verbose=False)
         test_metrics = {key: float(value) for key, value in results[0].items()}
 
     history = summary_callback.history
@@ -193,6 +213,7 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
         "test_acc": test_metrics.get("test_acc"),
         "test_acc_top5": test_metrics.get("test_acc_top5"),
         "history": history,
+        "feature_cache": getattr(training_data, "report", None),
         "skipped_files": len(datamodule.skipped),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }

@@ -95,7 +95,10 @@ class TransferClassifier(pl.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        """Logits for an image batch (B, C, H, W), or for pooled backbone features (B, D), as
+        the cached-feature path (features.py) feeds them."""
+        features = images if images.ndim == 2 else self.backbone(images)
+        return self.head(features)
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, labels = batch
