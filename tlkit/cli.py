@@ -24,9 +24,10 @@ from typing import Any
 import yaml
 
 from tlkit.backbones import WeightsUnavailableError
+from tlkit.callbacks import TrainingDivergedError
 from tlkit.config import FinetuneConfig
 from tlkit.data import DatasetError
-from tlkit.runfolder import RunFolderError
+from tlkit.runfolder import CONFIG, RunFolderError
 from tlkit.tta import PRESETS
 
 USER_ERRORS = (
@@ -62,12 +63,18 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def config_from_arguments(arguments: argparse.Namespace) -> FinetuneConfig:
-    """Defaults, then the --config file, then the flags given on the command line."""
+    """Defaults, then the --config file (with --resume: the run's own config.yaml), then the
+    flags given on the command line."""
     values: dict[str, Any] = {}
-    if arguments.config:
-        loaded = yaml.safe_load(Path(arguments.config).read_text()) or {}
+    config_file = arguments.config
+    if getattr(arguments, "resume", False) and not config_file:
+        config_file = Path(getattr(arguments, "out", FinetuneConfig.out)) / CONFIG
+        if not config_file.is_file():
+            raise RunFolderError(f"nothing to resume: {config_file} does not exist")
+    if config_file:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{arguments.config}: expected a mapping of config keys")
+            raise ValueError(f"{config_file}: expected a mapping of config keys")
         values.update(loaded)
     field_names = {field.name for field in dataclasses.fields(FinetuneConfig)}
     values.update({k: v for k, v in vars(arguments).items() if k in field_names})
@@ -83,7 +90,7 @@ def _finetune(arguments: argparse.Namespace) -> int:
         return 0
     from tlkit.finetune import finetune
 
-    finetune(config)
+    finetune(config, resume=arguments.resume)
     return 0
 
 
@@ -159,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
+    finetune.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.ckpt, with its saved config.yaml",
+    )
     add_config_flags(finetune, skip=("data_dir",))
     finetune.set_defaults(handler=_finetune)
 
@@ -192,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"tlkit {arguments.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as error:
+        print(f"tlkit {arguments.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

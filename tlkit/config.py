@@ -83,6 +83,12 @@ class FinetuneConfig:
     hflip: float = _option(0.5, "probability of a horizontal flip (0 for text, digits)")
     color_jitter: float = _option(0.4, "brightness/contrast/saturation jitter strength (0: off)")
     val_fraction: float = _option(0.1, "share of the training images held out for validation")
+    max_image_pixels: int = _option(
+        89_478_485, "images with more pixels are skipped as decompression bombs (Pillow's limit)"
+    )
+    csv_paths_outside_root: bool = _option(
+        False, "allow CSV rows whose paths leave the CSV's folder"
+    )
     num_workers: int = _option(-1, "data loader processes (-1: one per CPU core, at most 8)")
 
     # Hardware and reproducibility

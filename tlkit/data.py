@@ -12,6 +12,7 @@ data-loader worker hours later. Layouts understood:
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ IMAGE_EXTENSIONS = {
     ".pbm",
 }
 SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold
 
 
 class DatasetError(ValueError):
@@ -56,13 +58,24 @@ class ScanResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> np.ndarray:
+def load_rgb(
+    path: str | Path,
+    draft: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
     """Decode an image file to an HxWx3 uint8 RGB array.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become 8-bit RGB;
     transparency is composited onto white. `draft` allows a faster reduced-size JPEG decode.
+    Images of more than `max_pixels` pixels are refused before they are decoded (a
+    decompression bomb: a small file that expands to gigabytes).
     """
     with Image.open(path) as image:
+        if image.width * image.height > max_pixels:
+            raise ValueError(
+                f"{image.width}x{image.height} = {image.width * image.height:,} pixels is above "
+                f"the limit of {max_pixels:,} (--max-image-pixels)"
+            )
         if draft is not None:
             image.draft("RGB", draft)
         image.load()
@@ -82,10 +95,10 @@ def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> np.ndarr
         return np.asarray(image.convert("RGB"))
 
 
-def _problem_decoding(path: str) -> str | None:
+def _problem_decoding(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
     """Why `path` cannot be used as an image, or None if it decodes."""
     try:
-        load_rgb(path, draft=SCAN_DRAFT_SIZE)
+        load_rgb(path, draft=SCAN_DRAFT_SIZE, max_pixels=max_pixels)
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
         return f"{type(error).__name__}: {error}"
     except (OSError, ValueError, SyntaxError) as error:  # truncated, unreadable, bad header
@@ -93,18 +106,25 @@ def _problem_decoding(path: str) -> str | None:
     return None
 
 
-def find_decode_problems(paths: list[str]) -> list[str | None]:
+def find_decode_problems(
+    paths: list[str], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> list[str | None]:
     """For each path, why it cannot be decoded, or None; decoded in parallel threads."""
     workers = min(8, os.cpu_count() or 1)
+    check = functools.partial(_problem_decoding, max_pixels=max_pixels)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        return list(pool.map(_problem_decoding, paths))
+        return list(pool.map(check, paths))
 
 
 def _walk_images(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files below `folder` (symlinks followed once, loops cut) and non-image files."""
     images, others = [], []
     seen_directories: set[str] = set()
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        others.append((error.filename, f"unreadable folder: {error.strerror}"))
+
+    for directory, subdirectories, files in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(directory)
         if real in seen_directories:
             subdirectories[:] = []
@@ -115,14 +135,20 @@ def _walk_images(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
             if name.startswith("."):
                 continue
             path = os.path.join(directory, name)
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if not os.path.isfile(path):  # never open a pipe or device: reading could hang
+                others.append((path, "not a regular file (dangling link, pipe or device)"))
+            elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(path)
             else:
                 others.append((path, "not an image file extension"))
     return images, others
 
 
-def scan_folder(root: str | Path, classes: list[str] | None = None) -> ScanResult:
+def scan_folder(
+    root: str | Path,
+    classes: list[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> ScanResult:
     """Scan `root/<class>/...`; with `classes` given, folder names must be among them."""
     root = Path(root)
     if not root.is_dir():
@@ -147,11 +173,17 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> ScanResul
         skipped += others
         paths += images
         labels += [classes.index(class_dir.name)] * len(images)
-    return _keep_decodable(paths, labels, classes, skipped, source=root)
+    return _keep_decodable(paths, labels, classes, skipped, root, max_pixels)
 
 
-def read_csv(csv_path: str | Path, classes: list[str] | None = None) -> ScanResult:
-    """Read `path,label` rows; paths are relative to the CSV's folder and must stay inside it."""
+def read_csv(
+    csv_path: str | Path,
+    classes: list[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_outside_root: bool = False,
+) -> ScanResult:
+    """Read `path,label` rows; paths are relative to the CSV's folder and must stay inside it
+    unless `allow_outside_root`."""
     csv_path = Path(csv_path)
     root = csv_path.parent.resolve()
     with open(csv_path, newline="", encoding="utf-8") as handle:
@@ -164,13 +196,16 @@ def read_csv(csv_path: str | Path, classes: list[str] | None = None) -> ScanResu
     missing, outside, paths = [], [], []
     for relative, _ in rows:
         path = (root / relative).resolve()
-        if not path.is_relative_to(root):
+        if not allow_outside_root and not path.is_relative_to(root):
             outside.append(relative)
         elif not path.is_file():
             missing.append(relative)
         paths.append(str(path))
     if outside:
-        raise DatasetError(f"{csv_path}: paths outside {root}: {outside[:5]}")
+        raise DatasetError(
+            f"{csv_path}: paths outside {root}: {outside[:5]} "
+            "(allow them explicitly with --csv-paths-outside-root)"
+        )
     if missing:
         raise DatasetError(
             f"{csv_path}: {len(missing)} listed files do not exist, e.g. {missing[:5]}"
@@ -185,17 +220,22 @@ def read_csv(csv_path: str | Path, classes: list[str] | None = None) -> ScanResu
                 f"{csv_path}: labels {unknown} were not in the training classes {classes}"
             )
     labels = [classes.index(label) for _, label in rows]
-    return _keep_decodable(paths, labels, classes, [], source=csv_path)
+    return _keep_decodable(paths, labels, classes, [], csv_path, max_pixels)
 
 
-def scan(source: str | Path, classes: list[str] | None = None) -> ScanResult:
+def scan(
+    source: str | Path,
+    classes: list[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_outside_root: bool = False,
+) -> ScanResult:
     """A CSV file or a class-folder tree."""
     source = Path(source)
     if source.suffix.lower() == ".csv" and source.is_file():
-        return read_csv(source, classes)
+        return read_csv(source, classes, max_pixels, allow_outside_root)
     if not source.exists():
         raise DatasetError(f"{source}: no such file or folder")
-    return scan_folder(source, classes)
+    return scan_folder(source, classes, max_pixels)
 
 
 def _keep_decodable(
@@ -204,8 +244,9 @@ def _keep_decodable(
     classes: list[str],
     skipped: list[tuple[str, str]],
     source: Path,
+    max_pixels: int,
 ) -> ScanResult:
-    problems = find_decode_problems(paths)
+    problems = find_decode_problems(paths, max_pixels)
     samples = [
         (p, y) for p, y, problem in zip(paths, labels, problems, strict=True) if problem is None
     ]
@@ -250,9 +291,15 @@ def write_image_folder(
 class ImageDataset(Dataset):
     """(image tensor, class index) pairs from scanned samples and an albumentations transform."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform) -> None:
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
         self.samples = samples
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -260,7 +307,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, max_pixels=self.max_pixels)
         except Exception as error:
             raise RuntimeError(f"{path} decoded at scan time but not now: {error}") from error
         return self.transform(image=image)["image"], label
@@ -286,6 +333,8 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 0,
         augment: bool = True,
         augmentation: dict | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        csv_paths_outside_root: bool = False,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -296,6 +345,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.augment = augment
         self.augmentation = augmentation or {}
+        self.max_image_pixels = max_image_pixels
+        self.csv_paths_outside_root = csv_paths_outside_root
         self.classes: list[str] = []
         self.skipped: list[tuple[str, str]] = []
         self.train_set: ImageDataset | None = None
@@ -306,7 +357,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         split_dir = self.data_dir / "train"
-        train_scan = scan(split_dir if split_dir.is_dir() else self.data_dir)
+        train_scan = self._scan(split_dir if split_dir.is_dir() else self.data_dir)
         self.classes = train_scan.classes
         if len(self.classes) < 2:
             raise DatasetError(
@@ -327,13 +378,17 @@ class ImageDataModule(pl.LightningDataModule):
             else eval_transform(self.preprocessing)
         )
         evaluation = eval_transform(self.preprocessing)
-        self.train_set = ImageDataset(train_samples, train_pipeline)
-        self.val_set = ImageDataset(val_samples, evaluation)
+        limit = self.max_image_pixels
+        self.train_set = ImageDataset(train_samples, train_pipeline, limit)
+        self.val_set = ImageDataset(val_samples, evaluation, limit)
         if split_dir.is_dir() and test_dir.is_dir():
-            self.test_set = ImageDataset(self._scan_split(test_dir).samples, evaluation)
+            self.test_set = ImageDataset(self._scan_split(test_dir).samples, evaluation, limit)
+
+    def _scan(self, source: Path, classes: list[str] | None = None) -> ScanResult:
+        return scan(source, classes, self.max_image_pixels, self.csv_paths_outside_root)
 
     def _scan_split(self, folder: Path) -> ScanResult:
-        result = scan(folder, self.classes)
+        result = self._scan(folder, self.classes)
         self.skipped += result.skipped
         return result
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import (
-    Callback,
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
@@ -23,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
 from tlkit.backbones import preprocessing
+from tlkit.callbacks import EpochSummary, StopOnNonFiniteLoss
 from tlkit.config import FinetuneConfig
 from tlkit.data import ImageDataModule
 from tlkit.features import CachedFeatureDataModule
@@ -32,45 +32,14 @@ from tlkit.runfolder import (
     CONFIG,
     LAST_CHECKPOINT,
     SKIPPED,
+    RunFolderError,
+    read_checkpoint,
+    read_metrics,
     write_atomic,
+    write_metrics,
     write_skipped,
     write_summary,
 )
-
-
-class EpochSummary(Callback):
-    """Prints one line per epoch, in the lecture's style, and keeps the history.
-
-    `Finished epoch 3 / 10: loss 0.4123, train 0.8812, val 0.8710, lr 1.00e-03`
-    """
-
-    def __init__(self) -> None:
-        self.history: list[dict[str, float]] = []
-        self._epoch_started = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._epoch_started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-        head_lr = trainer.optimizers[0].param_groups[-1]["lr"]
-        record = {
-            "epoch": trainer.current_epoch + 1,
-            "loss": metrics.get("train_loss_epoch", float("nan")),
-            "train_acc": metrics.get("train_acc", float("nan")),
-            "val_acc": metrics.get("val_acc", float("nan")),
-            "lr": head_lr,
-            "seconds": round(time.perf_counter() - self._epoch_started, 3),
-        }
-        self.history.append(record)
-        line = (
-            f"Finished epoch {record['epoch']} / {trainer.max_epochs}: "
-            f"loss {record['loss']:.4f}, train {record['train_acc']:.4f}, "
-            f"val {record['val_acc']:.4f}, lr {head_lr:.2e}"
-        )
-        if trainer.is_global_zero:
-            bar = trainer.progress_bar_callback
-            bar.print(line) if bar is not None else print(line, flush=True)
 
 
 def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClassifier:
@@ -110,6 +79,8 @@ def build_datamodule(config: FinetuneConfig) -> ImageDataModule:
             "hflip": config.hflip,
             "color_jitter": config.color_jitter,
         },
+        max_image_pixels=config.max_image_pixels,
+        csv_paths_outside_root=config.csv_paths_outside_root,
     )
 
 
@@ -121,56 +92,46 @@ def _devices(value: str) -> int | str | list[int]:
     return int(value)
 
 
-def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
+def finetune(
+    config: FinetuneConfig, resume: bool = False, **trainer_options: Any
+) -> dict[str, Any]:
     """Train as the config says; write and return the run summary.
 
-    `trainer_options` are passed to `pytorch_lightning.Trainer` on top of tlkit's own
-    (for example `limit_train_batches` or `enable_progress_bar=False`).
+    With `resume`, continue the run in `config.out` from its `last.ckpt` (model, optimiser,
+    schedule, epoch and callback states). `trainer_options` are passed to
+    `pytorch_lightning.Trainer` on top of tlkit's own (e.g. `enable_progress_bar=False`).
     """
     if not config.data_dir:
         raise ValueError("no data: give DATA_DIR (an image folder or a CSV file)")
     out = Path(config.out)
-    existing = [name for name in (BEST_CHECKPOINT, LAST_CHECKPOINT) if (out / name).exists()]
-    if existing:
-        raise FileExistsError(
-            f"{out} already holds a run ({', '.join(existing)}); choose another --out"
-        )
+    resume_from = _check_run_folder(out, resume)
+    earlier_metrics = read_metrics(out) if resume_from else []
     started = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
+    _write_at_start(out, config, datamodule.skipped)
     model = build_model(config, datamodule.classes)
-    training_data: pl.LightningDataModule = datamodule
-    if config.strategy == "features" and config.cache:
-        training_data = CachedFeatureDataModule(
-            model,
-            datamodule,
-            config.cache_dir or out / "cache",
-            config.cache_augmented_views,
-            config.accelerator,
-            progress=trainer_options.get("enable_progress_bar", True),
-        )
-        extraction_started = time.perf_counter()
-        training_data.setup("fit")
-        training_data.report["extraction_s"] = round(time.perf_counter() - extraction_started, 2)
+    progress = trainer_options.get("enable_progress_bar", True)
+    training_data = _training_data(config, model, datamodule, progress)
 
     summary_callback = EpochSummary()
-    checkpoint = ModelCheckpoint(
-        dirpath=out,
-        filename="best",
-        monitor="val_acc",
-        mode="max",
-        save_last=True,
-        auto_insert_metric_name=False,
-        enable_version_counter=False,
-    )
     callbacks = [
-        checkpoint,
+        ModelCheckpoint(
+            dirpath=out,
+            filename="best",
+            monitor="val_acc",
+            mode="max",
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
+        StopOnNonFiniteLoss(),
         summary_callback,
     ]
-    if trainer_options.get("enable_progress_bar", True):
+    if progress:
         callbacks.append(TQDMProgressBar(leave=True))
     steps_per_epoch = -(-len(datamodule.train_set) // config.batch_size)
     options = {
@@ -185,7 +146,9 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
     }
     trainer = pl.Trainer(**options)
     pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
-    trainer.fit(model, datamodule=training_data)
+    trainer.fit(model, datamodule=training_data, ckpt_path=resume_from, weights_only=True)
+    if resume_from:
+        _keep_earlier_metrics(out, earlier_metrics)
 
     test_metrics: dict[str, float] = {}
     if datamodule.test_set is not None:
@@ -213,21 +176,77 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
         "test_acc": test_metrics.get("test_acc"),
         "test_acc_top5": test_metrics.get("test_acc_top5"),
         "history": history,
+        "resumed": resume_from is not None,
         "feature_cache": getattr(training_data, "report", None),
         "skipped_files": len(datamodule.skipped),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    _write_run_files(out, config, summary, datamodule.skipped)
+    _write_at_end(out, summary)
     return summary
 
 
+def _check_run_folder(out: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from, after checking that the folder allows what is asked."""
+    last = out / LAST_CHECKPOINT
+    if resume:
+        if not last.is_file():
+            raise RunFolderError(f"{out}: nothing to resume ({LAST_CHECKPOINT} is missing)")
+        read_checkpoint(last)  # refuses anything but tensors and plain data, with a clear error
+        return str(last)
+    existing = [name for name in (BEST_CHECKPOINT, LAST_CHECKPOINT) if (out / name).exists()]
+    if existing:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
+            "or choose another --out"
+        )
+    return None
+
+
+def _training_data(
+    config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
+) -> pl.LightningDataModule:
+    """The image data module, or for a frozen backbone its cached features (unless --no-cache)."""
+    if config.strategy != "features" or not config.cache:
+        return images
+    features = CachedFeatureDataModule(
+        model,
+        images,
+        config.cache_dir or Path(config.out) / "cache",
+        config.cache_augmented_views,
+        config.accelerator,
+        progress,
+    )
+    extraction_started = time.perf_counter()
+    features.setup("fit")
+    features.report["extraction_s"] = round(time.perf_counter() - extraction_started, 2)
+    return features
+
+
 @rank_zero_only
-def _write_run_files(out: Path, config, summary, skipped) -> None:
-    write_atomic(out / CONFIG, config.to_yaml())
+def _write_at_start(out: Path, config: FinetuneConfig, skipped: list[tuple[str, str]]) -> None:
+    write_atomic(out / CONFIG, config.to_yaml())  # there from the start, for --resume
     write_skipped(out, skipped)
+
+
+@rank_zero_only
+def _keep_earlier_metrics(out: Path, earlier: list[dict[str, str]]) -> None:
+    """Lightning's CSVLogger starts metrics.csv afresh; put back the epochs before the resume."""
+    resumed = read_metrics(out)
+    first_resumed_epoch = min((_epoch(row) for row in resumed if row.get("epoch")), default=0)
+    kept = [row for row in earlier if row.get("epoch") and _epoch(row) < first_resumed_epoch]
+    write_metrics(out, kept + resumed)
+
+
+def _epoch(row: dict[str, str]) -> int:
+    return int(float(row["epoch"]))
+
+
+@rank_zero_only
+def _write_at_end(out: Path, summary: dict[str, Any]) -> None:
     write_summary(out, summary)
+    skipped = summary["skipped_files"]
     if skipped:
-        print(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
+        print(f"Skipped {skipped} unusable files, listed in {out / SKIPPED}")
     test = f", test {summary['test_acc']:.4f}" if summary["test_acc"] is not None else ""
     print(
         f"Best val {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}{test}; "

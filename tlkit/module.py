@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytorch_lightning as pl
@@ -12,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tlkit.backbones import Preprocessing, create_backbone, preprocessing
 from tlkit.heads import ClassifierHead
+from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
     count_parameters,
     keep_frozen_modules_in_eval,
@@ -70,9 +72,12 @@ class TransferClassifier(pl.LightningModule):
     @classmethod
     def load_checkpoint(cls, path, map_location="cpu") -> TransferClassifier:
         """Load a tlkit checkpoint safely (`weights_only=True`), without re-fetching weights."""
-        model = cls.load_from_checkpoint(
-            path, map_location=map_location, weights_only=True, pretrained="none"
-        )
+        try:
+            model = cls.load_from_checkpoint(
+                path, map_location=map_location, weights_only=True, pretrained="none"
+            )
+        except pickle.UnpicklingError as error:
+            raise unsafe_checkpoint(path, error) from error
         return model.eval()
 
     @property

@@ -14,9 +14,13 @@ import csv
 import io
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 BEST_CHECKPOINT = "best.ckpt"
 LAST_CHECKPOINT = "last.ckpt"
@@ -28,6 +32,10 @@ METRICS = "metrics.csv"
 
 class RunFolderError(FileNotFoundError):
     """A path given as a run folder is not one."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds more than tensors and plain data: it is refused, never unpickled."""
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -55,6 +63,43 @@ def write_skipped(run_dir: str | Path, skipped: list[tuple[str, str]]) -> None:
     writer.writerow(["path", "reason"])
     writer.writerows(skipped)
     write_atomic(Path(run_dir) / SKIPPED, buffer.getvalue())
+
+
+def unsafe_checkpoint(path: str | Path, error: Exception) -> UnsafeCheckpointError:
+    """The error for a checkpoint that `torch.load(weights_only=True)` refused."""
+    return UnsafeCheckpointError(
+        f"{path} holds objects other than tensors and plain data; tlkit never unpickles "
+        f"those (weights_only=True). Only load checkpoints you trust. ({error})"
+    )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint loaded with `weights_only=True`: objects that could run code are refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_checkpoint(path, error) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        raise RunFolderError(f"{path} is not a readable checkpoint: {error}") from error
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv (empty if there is none yet)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_metrics(run_dir: str | Path, rows: list[dict[str, str]]) -> None:
+    """Write metrics rows (columns: the union of their keys, sorted as Lightning does)."""
+    columns = sorted({key for row in rows for key in row})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(Path(run_dir) / METRICS, buffer.getvalue())
 
 
 def best_checkpoint(run_dir: str | Path) -> Path:
