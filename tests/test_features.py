@@ -14,16 +14,30 @@ from tlkit.runfolder import read_summary
 from conftest import write_colour_images
 
 SETTINGS = dict(
-    pretrained="bundled", img_size=32, epochs=2, batch_size=8, num_workers=0, val_fraction=0.3,
-    strategy="features", augment=False, lr=1e-2, seed=0,
+    pretrained="bundled",
+    img_size=32,
+    epochs=2,
+    batch_size=8,
+    num_workers=0,
+    val_fraction=0.3,
+    strategy="features",
+    augment=False,
+    lr=1e-2,
+    seed=0,
 )
 
 
 def test_cached_and_uncached_training_reach_the_same_head(colour_folder: Path, tmp_path: Path):
-    cached = finetune(FinetuneConfig(data_dir=str(colour_folder), out=str(tmp_path / "cached"),
-                                     **SETTINGS), enable_progress_bar=False)
-    plain = finetune(FinetuneConfig(data_dir=str(colour_folder), out=str(tmp_path / "plain"),
-                                    cache=False, **SETTINGS), enable_progress_bar=False)
+    cached = finetune(
+        FinetuneConfig(data_dir=str(colour_folder), out=str(tmp_path / "cached"), **SETTINGS),
+        enable_progress_bar=False,
+    )
+    plain = finetune(
+        FinetuneConfig(
+            data_dir=str(colour_folder), out=str(tmp_path / "plain"), cache=False, **SETTINGS
+        ),
+        enable_progress_bar=False,
+    )
     assert cached["feature_cache"]["train"]["reused"] is False and plain["feature_cache"] is None
     heads = [load_model(tmp_path / name).head for name in ("cached", "plain")]
     for first, second in zip(heads[0].parameters(), heads[1].parameters(), strict=True):
@@ -36,8 +50,9 @@ def test_cached_and_uncached_training_reach_the_same_head(colour_folder: Path, t
 
 
 def feature_data(folder: Path, cache: Path, model: TransferClassifier, views: int = 0):
-    images = ImageDataModule(folder, model.preprocessing, batch_size=8, num_workers=0, seed=0,
-                             val_fraction=0.3)
+    images = ImageDataModule(
+        folder, model.preprocessing, batch_size=8, num_workers=0, seed=0, val_fraction=0.3
+    )
     images.setup()
     features = CachedFeatureDataModule(model, images, cache, views, "cpu", progress=False)
     features.setup()
@@ -51,8 +66,9 @@ def own_folder(tmp_path: Path) -> Path:
 
 
 def frozen_model(backbone_weights: str = "bundled", img_size: int = 32) -> TransferClassifier:
-    return TransferClassifier(num_classes=3, pretrained=backbone_weights, strategy="features",
-                              img_size=img_size)
+    return TransferClassifier(
+        num_classes=3, pretrained=backbone_weights, strategy="features", img_size=img_size
+    )
 
 
 def test_cache_is_reused_and_invalidated_by_files_backbone_and_size(own_folder, tmp_path):
@@ -102,7 +118,13 @@ def test_augmented_views_are_cached_and_sampled(own_folder, tmp_path):
 
 def test_features_run_with_augmented_views_completes(colour_folder: Path, tmp_path: Path):
     out = tmp_path / "run"
-    finetune(FinetuneConfig(data_dir=str(colour_folder), out=str(out),
-                            **{**SETTINGS, "augment": True, "epochs": 1},
-                            cache_augmented_views=2), enable_progress_bar=False)
+    finetune(
+        FinetuneConfig(
+            data_dir=str(colour_folder),
+            out=str(out),
+            **{**SETTINGS, "augment": True, "epochs": 1},
+            cache_augmented_views=2,
+        ),
+        enable_progress_bar=False,
+    )
     assert read_summary(out)["feature_cache"]["train"]["views"] == 2

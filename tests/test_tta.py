@@ -40,8 +40,10 @@ def test_ten_crops_are_corners_centre_and_their_mirrors():
 
 
 def test_presets_resolve_views_and_scales():
-    counts = {name: plan(name, PREPROCESSING).views_per_image for name in
-              ("none", "flip", "ten-crop", "multi-scale", "dense")}
+    counts = {
+        name: plan(name, PREPROCESSING).views_per_image
+        for name in ("none", "flip", "ten-crop", "multi-scale", "dense")
+    }
     assert counts == {"none": 1, "flip": 2, "ten-crop": 10, "multi-scale": 50, "dense": 5}
     assert plan("ten-crop", PREPROCESSING).scale_sizes == (37,)  # 32 / 0.875
     assert plan("multi-scale", PREPROCESSING).scale_sizes == (32, 37, 55, 69, 91)
@@ -109,10 +111,12 @@ class MirrorSymmetric(nn.Module):
 def test_flip_invariant_model_gives_identical_none_and_flip(tiny_model, photos):
     model = MirrorSymmetric(tiny_model)
     with torch.no_grad():
-        none = TTAModule(model, plan("none", PREPROCESSING))(scale_batches(photos, plan(
-            "none", PREPROCESSING)))
-        flip = TTAModule(model, plan("flip", PREPROCESSING))(scale_batches(photos, plan(
-            "flip", PREPROCESSING)))
+        none = TTAModule(model, plan("none", PREPROCESSING))(
+            scale_batches(photos, plan("none", PREPROCESSING))
+        )
+        flip = TTAModule(model, plan("flip", PREPROCESSING))(
+            scale_batches(photos, plan("flip", PREPROCESSING))
+        )
     assert torch.allclose(none, flip, atol=1e-6)
 
 

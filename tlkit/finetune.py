@@ -139,7 +139,8 @@ def finetune(
         "accelerator": config.accelerator,
         "devices": _devices(config.devices),
         "callbacks": callbacks,
-        "logger": CSVLogger(save_dir=out, name="", version=""),
+        # flushed at every logging step, so a killed run keeps its metrics on disk
+        "logger": CSVLogger(save_dir=out, name="", version="", flush_logs_every_n_steps=1),
         "log_every_n_steps": max(1, min(50, steps_per_epoch)),
         "enable_model_summary": False,
         **trainer_options,
@@ -149,13 +150,13 @@ def finetune(
     trainer.fit(model, datamodule=training_data, ckpt_path=resume_from, weights_only=True)
     if resume_from:
         _keep_earlier_metrics(out, earlier_metrics)
+    history = list(summary_callback.history)  # testing the best checkpoint restores its state
 
     test_metrics: dict[str, float] = {}
     if datamodule.test_set is not None:
         results = trainer.test(model, datamodule=training_data, ckpt_path="best", verbose=False)
         test_metrics = {key: float(value) for key, value in results[0].items()}
 
-    history = summary_callback.history
     best = max(history, key=lambda record: record["val_acc"]) if history else {}
     summary = {
         "tlkit_version": __version__,

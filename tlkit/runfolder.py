@@ -46,6 +46,9 @@ def write_atomic(path: str | Path, text: str) -> None:
         tmp.write(text)
         tmp.flush()
         os.fsync(tmp.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)  # a plain file's permissions, not the temp file's 0600
     os.replace(tmp.name, path)
 
 
