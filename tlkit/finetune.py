@@ -6,6 +6,7 @@ The CLI's `tlkit finetune` and the recipes call this; users who want their own T
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
@@ -54,6 +55,7 @@ class EpochSummary(Callback):
             "loss": metrics.get("train_loss_epoch", float("nan")),
             "train_acc": metrics.get("train_acc", float("nan")),
             "val_acc": metrics.get("val_acc", float("nan")),
+            "val_loss": metrics.get("val_loss", float("nan")),
             "lr": head_lr,
         }
         self.history.append(record)
@@ -107,6 +109,18 @@ def build_datamodule(config: FinetuneConfig) -> ImageDataModule:
     )
 
 
+def build_logger(config: FinetuneConfig, out: Path) -> Logger:
+    """RUN_DIR/metrics.csv (csv), or event files in RUN_DIR/tensorboard/ (tensorboard)."""
+    if config.logger == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(
+                "--logger tensorboard needs the tensorboard package: "
+                "pip install tensorboard (or tlkit[tensorboard])"
+            )
+        return TensorBoardLogger(save_dir=out, name="tensorboard", version="")
+    return CSVLogger(save_dir=out, name="", version="")
+
+
 def _devices(value: str) -> int | str | list[int]:
     if value == "auto":
         return value
@@ -129,6 +143,7 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
         raise FileExistsError(
             f"{out} already holds a run ({', '.join(existing)}); choose another --out"
         )
+    logger = build_logger(config, out)
     started = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
@@ -159,7 +174,7 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
         "accelerator": config.accelerator,
         "devices": _devices(config.devices),
         "callbacks": callbacks,
-        "logger": CSVLogger(save_dir=out, name="", version=""),
+        "logger": logger,
         "log_every_n_steps": max(1, min(50, steps_per_epoch)),
         "enable_model_summary": False,
         **trainer_options,

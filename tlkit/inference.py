@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,42 @@ def _probabilities(
     return torch.cat(batches).float().cpu()
 
 
+@dataclass
+class LabelledPredictions:
+    """Class probabilities per image of a labelled folder or CSV, in the scanned order."""
+
+    paths: list[str]
+    labels: torch.Tensor  # (N,) true class indices
+    probabilities: torch.Tensor  # (N, C) softmax outputs
+    skipped: list[tuple[str, str]]  # (path, reason) of the files that could not be used
+
+
+def predict_labelled(
+    model: TransferClassifier,
+    data: str | Path,
+    batch_size: int = 64,
+    accelerator: str = "auto",
+) -> LabelledPredictions:
+    """Run `model` over labelled data (class folders or a path,label CSV) and keep every image."""
+    scanned = scan(data, model.class_names)
+    dataset = ImageDataset(scanned.samples, eval_transform(model.preprocessing))
+    probabilities = _probabilities(model, dataset, batch_size, accelerator)
+    return LabelledPredictions(
+        paths=[path for path, _ in scanned.samples],
+        labels=torch.tensor([label for _, label in scanned.samples]),
+        probabilities=probabilities,
+        skipped=scanned.skipped,
+    )
+
+
 def evaluate(
     run_dir: str | Path, data: str | Path, batch_size: int = 64, accelerator: str = "auto"
 ) -> dict[str, Any]:
     """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV."""
     model = load_model(run_dir)
     classes = model.class_names
-    scanned = scan(data, classes)
-    dataset = ImageDataset(scanned.samples, eval_transform(model.preprocessing))
-    probabilities = _probabilities(model, dataset, batch_size, accelerator)
-    labels = torch.tensor([label for _, label in scanned.samples])
+    predictions = predict_labelled(model, data, batch_size, accelerator)
+    probabilities, labels = predictions.probabilities, predictions.labels
     num_classes = len(classes)
     per_class = multiclass_accuracy(probabilities, labels, num_classes, average=None)
     present = torch.bincount(labels, minlength=num_classes) > 0
@@ -66,8 +93,8 @@ def evaluate(
         "run": str(run_dir),
         "data": str(data),
         "images": len(labels),
-        "skipped_files": len(scanned.skipped),
-        "skipped": [{"path": path, "reason": reason} for path, reason in scanned.skipped],
+        "skipped_files": len(predictions.skipped),
+        "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
         "top1": float(multiclass_accuracy(probabilities, labels, num_classes, average="micro")),
         "top5": float(
             multiclass_accuracy(
