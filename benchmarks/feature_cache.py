@@ -48,9 +48,15 @@ def main() -> None:
     results = {}
     for index, (name, options) in enumerate(ROWS.items()):
         config = FinetuneConfig(
-            data_dir=str(data), out=str(work / f"row{index}"), pretrained="bundled",
-            strategy="features", epochs=arguments.epochs, patience=arguments.epochs,
-            img_size=arguments.img_size, lr=arguments.lr, **options,
+            data_dir=str(data),
+            out=str(work / f"row{index}"),
+            pretrained="bundled",
+            strategy="features",
+            epochs=arguments.epochs,
+            patience=arguments.epochs,
+            img_size=arguments.img_size,
+            lr=arguments.lr,
+            **options,
         )
         results[name] = finetune(config, enable_progress_bar=False)
     (work / "results.json").write_text(json.dumps(results, indent=2))
@@ -59,19 +65,25 @@ def main() -> None:
         return statistics.median(record["seconds"] for record in summary["history"][1:])
 
     baseline = steady_epoch(next(iter(results.values())))
-    print(f"\nFashion-MNIST {arguments.train_images} train (10% held out) / "
-          f"{arguments.test_images} test, {arguments.img_size}px, {arguments.epochs} epochs, "
-          f"features strategy; {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print("| row | s/epoch after the first (median) | speed-up | extraction (s) | "
-          "total wall (s) | test top-1 |")
+    print(
+        f"\nFashion-MNIST {arguments.train_images} train (10% held out) / "
+        f"{arguments.test_images} test, {arguments.img_size}px, {arguments.epochs} epochs, "
+        f"features strategy; {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        "| row | s/epoch after the first (median) | speed-up | extraction (s) | "
+        "total wall (s) | test top-1 |"
+    )
     print("|---|---|---|---|---|---|")
     for name, summary in results.items():
         epoch = steady_epoch(summary)
         cache = summary["feature_cache"]
         extraction = f"{cache['extraction_s']:.1f}" if cache else "-"
-        print(f"| {name} | {epoch:.2f} | {baseline / epoch:.1f}x | {extraction} | "
-              f"{summary['wall_time_s']:.0f} | {summary['test_acc']:.4f} |")
+        print(
+            f"| {name} | {epoch:.2f} | {baseline / epoch:.1f}x | {extraction} | "
+            f"{summary['wall_time_s']:.0f} | {summary['test_acc']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -41,18 +41,23 @@ def main() -> None:
     Path(arguments.run, "tta_benchmark.json").write_text(json.dumps(results, indent=2))
 
     base = results.get("none")
-    print(f"\n{results[arguments.presets[0]]['images']} images of {arguments.data}, run "
-          f"{arguments.run}; {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print("| preset | top-1 | gain over none | views/image | images/s | views/s | "
-          "views/s vs none |")
+    print(
+        f"\n{results[arguments.presets[0]]['images']} images of {arguments.data}, run "
+        f"{arguments.run}; {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        "| preset | top-1 | gain over none | views/image | images/s | views/s | views/s vs none |"
+    )
     print("|---|---|---|---|---|---|---|")
     for preset, result in results.items():
         cost = result["tta"]
         gain = f"{100 * (result['top1'] - base['top1']):+.2f} pts" if base else "n/a"
         ratio = f"{cost['views_per_second'] / base['tta']['views_per_second']:.2f}x" if base else ""
-        print(f"| {preset} | {result['top1']:.4f} | {gain} | {cost['views_per_image']} | "
-              f"{cost['images_per_second']:.1f} | {cost['views_per_second']:.1f} | {ratio} |")
+        print(
+            f"| {preset} | {result['top1']:.4f} | {gain} | {cost['views_per_image']} | "
+            f"{cost['images_per_second']:.1f} | {cost['views_per_second']:.1f} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

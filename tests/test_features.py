@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_colour_images
 
 from tlkit import FinetuneConfig, finetune
 from tlkit.data import ImageDataModule
@@ -10,8 +11,6 @@ from tlkit.features import CachedFeatureDataModule, cache_key
 from tlkit.inference import evaluate, load_model
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import read_summary
-
-from conftest import write_colour_images
 
 SETTINGS = dict(
     pretrained="bundled",

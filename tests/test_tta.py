@@ -145,3 +145,10 @@ def test_cli_reports_the_preset_and_its_cost(tiny_run: Path, colour_folder: Path
         2 * results["tta"]["images_per_second"], rel=0.01
     )
     assert main(["evaluate", str(tiny_run), str(colour_folder / "test"), "--tta", "dense"]) == 0
+
+
+def test_report_names_the_tta_preset(tiny_run: Path, colour_folder: Path, tmp_path: Path):
+    from tlkit.report import build_report
+
+    build_report(tiny_run, colour_folder / "test", tmp_path / "report", tta="flip")
+    assert "flip: 2 views per image" in (tmp_path / "report" / "report.html").read_text()

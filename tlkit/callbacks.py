@@ -35,6 +35,7 @@ class EpochSummary(Callback):
             "loss": metrics.get("train_loss_epoch", float("nan")),
             "train_acc": metrics.get("train_acc", float("nan")),
             "val_acc": metrics.get("val_acc", float("nan")),
+            "val_loss": metrics.get("val_loss", float("nan")),
             "lr": head_lr,
             "seconds": round(time.perf_counter() - self._epoch_started, 3),
         }

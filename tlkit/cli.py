@@ -4,6 +4,7 @@
     tlkit finetune DATA_DIR [--config run.yaml] [--print-config] [flags of FinetuneConfig]
     tlkit evaluate RUN_DIR DATA [--out results.json]
     tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv]
+    tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16]
 
 The finetune flags are generated from `FinetuneConfig`'s fields (names, types, defaults, help),
 so the CLI, YAML files and the Python API cannot drift apart. Precedence: defaults < --config
@@ -151,6 +152,29 @@ def _predict(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _report(arguments: argparse.Namespace) -> int:
+    from tlkit.report import build_report
+
+    report = build_report(
+        arguments.run,
+        arguments.data,
+        arguments.out,
+        arguments.mistakes,
+        arguments.batch_size,
+        arguments.accelerator,
+        arguments.tta,
+    )
+    evaluation = report.evaluation
+    if evaluation is not None:
+        print(
+            f"top-1 {evaluation.top1:.4f} on {evaluation.images} images, "
+            f"{evaluation.wrong} wrong, {len(evaluation.skipped)} skipped",
+            file=sys.stderr,
+        )
+    print(f"wrote {report.page} and {len(report.figures)} figures beside it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlkit", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
         )
+
+    report = commands.add_parser(
+        "report", help="HTML page: learning curves, confusion matrix, worst mistakes, run card"
+    )
+    report.add_argument("run", help="run folder written by tlkit finetune")
+    report.add_argument(
+        "data",
+        nargs="?",
+        help="labelled image folder or path,label CSV (default: the run's DATA_DIR/test, if any)",
+    )
+    report.add_argument("--out", help="folder for report.html and its PNGs (default: RUN/report)")
+    report.add_argument(
+        "--mistakes", type=int, default=16, help="highest-loss wrong predictions shown (default 16)"
+    )
+    report.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    report.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    report.add_argument(
+        "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
+    )
+    report.set_defaults(handler=_report)
     return parser
 
 

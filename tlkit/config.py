@@ -17,6 +17,7 @@ import yaml
 
 Strategy = Literal["features", "partial", "full"]
 Optimizer = Literal["adamw", "sgd"]
+Logger = Literal["csv", "tensorboard"]
 
 
 def _option(default: Any, help: str, **metadata: Any) -> Any:
@@ -32,6 +33,11 @@ class FinetuneConfig:
         "", "image folder (class sub-folders, or train/ val/ test/ splits) or a path,label CSV"
     )
     out: str = _option("runs/exp", "run folder: checkpoints, metrics.csv, summary.json, config")
+    logger: Logger = _option(
+        "csv",
+        "training log in the run folder: csv (metrics.csv) or tensorboard (tensorboard/ event "
+        "files for `tensorboard --logdir`; needs the tensorboard package)",
+    )
 
     # Backbone and weights
     backbone: str = _option("tf_efficientnet_lite0", "any timm model name")
@@ -97,7 +103,7 @@ class FinetuneConfig:
     seed: int = _option(0, "seed for splits, initialisation, augmentation and data order")
 
     def __post_init__(self) -> None:
-        for name in ("strategy", "optimizer"):
+        for name in ("strategy", "optimizer", "logger"):
             allowed = typing.get_args(typing.get_type_hints(type(self))[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")

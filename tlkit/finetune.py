@@ -6,6 +6,7 @@ The CLI's `tlkit finetune` and the recipes call this; users who want their own T
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
@@ -84,6 +85,19 @@ def build_datamodule(config: FinetuneConfig) -> ImageDataModule:
     )
 
 
+def build_logger(config: FinetuneConfig, out: Path) -> Logger:
+    """RUN_DIR/metrics.csv (csv), or event files in RUN_DIR/tensorboard/ (tensorboard)."""
+    if config.logger == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(
+                "--logger tensorboard needs the tensorboard package: "
+                "pip install tensorboard (or tlkit[tensorboard])"
+            )
+        return TensorBoardLogger(save_dir=out, name="tensorboard", version="")
+    # flushed at every logging step, so a killed run keeps its metrics on disk
+    return CSVLogger(save_dir=out, name="", version="", flush_logs_every_n_steps=1)
+
+
 def _devices(value: str) -> int | str | list[int]:
     if value == "auto":
         return value
@@ -106,6 +120,7 @@ def finetune(
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
     earlier_metrics = read_metrics(out) if resume_from else []
+    logger = build_logger(config, out)
     started = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
@@ -139,8 +154,7 @@ def finetune(
         "accelerator": config.accelerator,
         "devices": _devices(config.devices),
         "callbacks": callbacks,
-        # flushed at every logging step, so a killed run keeps its metrics on disk
-        "logger": CSVLogger(save_dir=out, name="", version="", flush_logs_every_n_steps=1),
+        "logger": logger,
         "log_every_n_steps": max(1, min(50, steps_per_epoch)),
         "enable_model_summary": False,
         **trainer_options,

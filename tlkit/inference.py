@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,38 @@ def predict_probabilities(
     return torch.cat(batches).float().cpu(), cost
 
 
+@dataclass
+class LabelledPredictions:
+    """Class probabilities per image of a labelled folder or CSV, in the scanned order."""
+
+    paths: list[str]
+    labels: torch.Tensor  # (N,) true class indices
+    probabilities: torch.Tensor  # (N, C) softmax outputs
+    skipped: list[tuple[str, str]]  # (path, reason) of the files that could not be used
+    cost: dict[str, Any]  # the TTA preset, views per image, images/s and views/s
+
+
+def predict_labelled(
+    model: TransferClassifier,
+    data: str | Path,
+    batch_size: int = 64,
+    accelerator: str = "auto",
+    tta: str = "none",
+) -> LabelledPredictions:
+    """Run `model` over labelled data (class folders or a path,label CSV) and keep every image."""
+    scanned = scan(data, model.class_names)
+    probabilities, cost = predict_probabilities(
+        model, scanned.samples, tta, batch_size, accelerator
+    )
+    return LabelledPredictions(
+        paths=[path for path, _ in scanned.samples],
+        labels=torch.tensor([label for _, label in scanned.samples]),
+        probabilities=probabilities,
+        skipped=scanned.skipped,
+        cost=cost,
+    )
+
+
 def evaluate(
     run_dir: str | Path,
     data: str | Path,
@@ -82,11 +115,8 @@ def evaluate(
     with the test-time averaging preset `tta` and its cost."""
     model = load_model(run_dir)
     classes = model.class_names
-    scanned = scan(data, classes)
-    probabilities, cost = predict_probabilities(
-        model, scanned.samples, tta, batch_size, accelerator
-    )
-    labels = torch.tensor([label for _, label in scanned.samples])
+    predictions = predict_labelled(model, data, batch_size, accelerator, tta)
+    probabilities, labels = predictions.probabilities, predictions.labels
     num_classes = len(classes)
     per_class = multiclass_accuracy(probabilities, labels, num_classes, average=None)
     present = torch.bincount(labels, minlength=num_classes) > 0
@@ -94,9 +124,9 @@ def evaluate(
         "run": str(run_dir),
         "data": str(data),
         "images": len(labels),
-        "tta": cost,
-        "skipped_files": len(scanned.skipped),
-        "skipped": [{"path": path, "reason": reason} for path, reason in scanned.skipped],
+        "tta": predictions.cost,
+        "skipped_files": len(predictions.skipped),
+        "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
         "top1": float(multiclass_accuracy(probabilities, labels, num_classes, average="micro")),
         "top5": float(
             multiclass_accuracy(

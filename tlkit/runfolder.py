@@ -2,7 +2,7 @@
 
 best.ckpt      best-on-validation checkpoint (the model `evaluate` and `predict` use)
 last.ckpt      the latest checkpoint
-metrics.csv    per-epoch metrics (Lightning's CSVLogger)
+metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
 skipped.csv    files that could not be used, with the reason
