@@ -1,4 +1,9 @@
-"""Evaluate and predict with a finished run folder's best checkpoint."""
+"""Evaluate and predict with a run folder's best checkpoint or an exported model.
+
+Both are a `Predictor`: class names, the preprocessing they expect, and class probabilities of a
+preprocessed batch. Anything that changes how a batch becomes probabilities (test-time
+augmentation, for one) wraps `Predictor.predict_batch` and is then available to both.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
@@ -17,6 +22,7 @@ from torchmetrics.functional.classification import (
 )
 
 from tlkit.augment import eval_transform
+from tlkit.backbones import Preprocessing
 from tlkit.data import (
     IMAGE_EXTENSIONS,
     ImageDataset,
@@ -24,8 +30,24 @@ from tlkit.data import (
     find_decode_problems,
     scan,
 )
+from tlkit.export import is_export_folder, load_exported
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import best_checkpoint
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What evaluate and predict need from a model (`TransferClassifier`, `ExportedModel`)."""
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+    @property
+    def preprocessing(self) -> Preprocessing: ...
+
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, C) of a preprocessed batch (N, 3, S, S)."""
+        ...
 
 
 def load_model(run_dir: str | Path) -> TransferClassifier:
@@ -33,10 +55,18 @@ def load_model(run_dir: str | Path) -> TransferClassifier:
     return TransferClassifier.load_checkpoint(best_checkpoint(run_dir))
 
 
+def load_predictor(source: str | Path) -> Predictor:
+    """An exported model if `source` holds an export card, else the run folder's checkpoint."""
+    return load_exported(source) if is_export_folder(source) else load_model(source)
+
+
 def _probabilities(
-    model: TransferClassifier, dataset: ImageDataset, batch_size: int, accelerator: str
+    model: Predictor, dataset: ImageDataset, batch_size: int, accelerator: str
 ) -> torch.Tensor:
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
+    if not isinstance(model, pl.LightningModule):  # exported models run where their runtime does
+        with torch.inference_mode():
+            return torch.cat([model.predict_batch(images) for images, _ in loader]).float()
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -52,8 +82,11 @@ def _probabilities(
 def evaluate(
     run_dir: str | Path, data: str | Path, batch_size: int = 64, accelerator: str = "auto"
 ) -> dict[str, Any]:
-    """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV."""
-    model = load_model(run_dir)
+    """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV.
+
+    `run_dir` is a run folder or an export folder.
+    """
+    model = load_predictor(run_dir)
     classes = model.class_names
     scanned = scan(data, classes)
     dataset = ImageDataset(scanned.samples, eval_transform(model.preprocessing))
@@ -111,8 +144,11 @@ def predict(
     batch_size: int = 64,
     accelerator: str = "auto",
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Top-k labels and probabilities per image; also the files that could not be decoded."""
-    model = load_model(run_dir)
+    """Top-k labels and probabilities per image; also the files that could not be decoded.
+
+    `run_dir` is a run folder or an export folder.
+    """
+    model = load_predictor(run_dir)
     paths = image_paths(inputs)
     problems = find_decode_problems(paths)
     usable = [path for path, problem in zip(paths, problems, strict=True) if problem is None]
