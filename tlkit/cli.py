@@ -152,7 +152,7 @@ def _export(arguments: argparse.Namespace) -> int:
     print(
         f"exported {card['format']} model to {Path(arguments.out) / card['model_file']} "
         f"(card {Path(arguments.out) / CARD}); verified on {verification['inputs']}: "
-        f"max |logit difference| {verification['max_abs_logit_difference']:.2e} "
+        f"max |probability difference| {verification['max_abs_difference']:.2e} "
         f"(tolerance {verification['tolerance']:.0e})"
     )
     return 0
