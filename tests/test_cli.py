@@ -102,3 +102,14 @@ def test_demo_runs_the_embedded_default(tmp_path: Path, capsys):
     assert summary["weights"] == "bundled" and summary["test_images"] == 360
     assert summary["test_acc"] > 0.5  # ten classes: chance is 0.1
     assert f"test accuracy {summary['test_acc']:.4f}" in capsys.readouterr().out
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path: Path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-4\nepochs: '3'\n")  # YAML 1.1 reads 1e-4 as a string
+    assert main(["finetune", "--config", str(config), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lr"] == 1e-4 and printed["epochs"] == 3
+    config.write_text("lr: fast\n")
+    assert main(["finetune", "--config", str(config), "--print-config"]) == 2
+    assert "config key lr: 'fast' is not a float" in capsys.readouterr().err

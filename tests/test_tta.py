@@ -107,6 +107,9 @@ class MirrorSymmetric(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.inner(images) + self.inner(images.flip(-1))
 
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images).softmax(-1)
+
 
 def test_flip_invariant_model_gives_identical_none_and_flip(tiny_model, photos):
     model = MirrorSymmetric(tiny_model)
@@ -120,13 +123,17 @@ def test_flip_invariant_model_gives_identical_none_and_flip(tiny_model, photos):
     assert torch.allclose(none, flip, atol=1e-6)
 
 
-def test_averages_differ_but_are_distributions(tiny_model, photos):
+def test_geometric_average_is_the_softmax_of_mean_logits(tiny_model, photos):
     results = {}
-    for average in ("probabilities", "logits", "geometric"):
+    for average in ("probabilities", "geometric"):
         tta = plan("ten-crop", PREPROCESSING, average=average)
         with torch.no_grad():
             results[average] = TTAModule(tiny_model, tta)(scale_batches(photos, tta))
         assert torch.allclose(results[average].sum(-1), torch.ones(len(photos)), atol=1e-5)
+    views = make_views(scale_batches(photos, tta)[0], tta)
+    with torch.no_grad():
+        logits = tiny_model(views.flatten(0, 1)).unflatten(0, views.shape[:2])
+    assert torch.allclose(results["geometric"], logits.mean(1).softmax(-1), atol=1e-5)
     assert not torch.allclose(results["probabilities"], results["geometric"])
 
 

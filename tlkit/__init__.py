@@ -11,6 +11,7 @@ from tlkit.backbones import (  # noqa: E402
 )
 from tlkit.config import FinetuneConfig  # noqa: E402
 from tlkit.data import DatasetError, ImageDataModule, load_rgb, scan  # noqa: E402
+from tlkit.export import ExportedModel, ExportError, export_run, load_exported  # noqa: E402
 from tlkit.finetune import finetune  # noqa: E402
 from tlkit.heads import ClassifierHead  # noqa: E402
 from tlkit.module import TransferClassifier  # noqa: E402
@@ -18,6 +19,8 @@ from tlkit.module import TransferClassifier  # noqa: E402
 __all__ = [
     "ClassifierHead",
     "DatasetError",
+    "ExportError",
+    "ExportedModel",
     "FinetuneConfig",
     "ImageDataModule",
     "Preprocessing",
@@ -25,8 +28,10 @@ __all__ = [
     "WeightsUnavailableError",
     "__version__",
     "create_backbone",
+    "export_run",
     "finetune",
     "layer_groups",
+    "load_exported",
     "load_rgb",
     "preprocessing",
     "scan",

@@ -5,6 +5,9 @@
     tlkit evaluate RUN_DIR DATA [--out results.json]
     tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv]
     tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16]
+    tlkit export   RUN_DIR --format onnx|torchscript|safetensors --out EXPORT_DIR
+
+evaluate and predict also take an EXPORT_DIR in place of RUN_DIR.
 
 The finetune flags are generated from `FinetuneConfig`'s fields (names, types, defaults, help),
 so the CLI, YAML files and the Python API cannot drift apart. Precedence: defaults < --config
@@ -28,6 +31,7 @@ from tlkit.backbones import WeightsUnavailableError
 from tlkit.callbacks import TrainingDivergedError
 from tlkit.config import FinetuneConfig
 from tlkit.data import DatasetError
+from tlkit.export import CARD, FORMATS
 from tlkit.runfolder import CONFIG, RunFolderError
 from tlkit.tta import PRESETS
 
@@ -175,6 +179,20 @@ def _report(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _export(arguments: argparse.Namespace) -> int:
+    from tlkit.export import export_run
+
+    card = export_run(arguments.run, arguments.out, arguments.format)
+    verification = card["verification"]
+    print(
+        f"exported {card['format']} model to {Path(arguments.out) / card['model_file']} "
+        f"(card {Path(arguments.out) / CARD}); verified on {verification['inputs']}: "
+        f"max |probability difference| {verification['max_abs_difference']:.2e} "
+        f"(tolerance {verification['tolerance']:.0e})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlkit", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("predict", "top-k predictions for images"),
     ):
         sub = commands.add_parser(name, help=helptext)
-        sub.add_argument("run", help="run folder written by tlkit finetune")
+        sub.add_argument("run", help="run folder (tlkit finetune) or export folder (tlkit export)")
         if name == "evaluate":
             sub.add_argument("data", help="labelled image folder or path,label CSV")
             sub.add_argument("--out", help="also write the JSON to this file")
@@ -214,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", help="CSV file (default: standard output)")
             sub.set_defaults(handler=_predict)
         sub.add_argument("--batch-size", type=int, default=64, help="images per batch")
-        sub.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+        sub.add_argument(
+            "--accelerator", default="auto", help="auto, cpu or gpu (exported models: cpu)"
+        )
         sub.add_argument(
             "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
         )
@@ -238,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
     )
     report.set_defaults(handler=_report)
+
+    export = commands.add_parser("export", help="ONNX/TorchScript/safetensors model + card")
+    export.add_argument("run", help="run folder written by tlkit finetune")
+    export.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="onnx",
+        help="onnx (needs the [onnx] extra), torchscript or safetensors (default: onnx)",
+    )
+    export.add_argument("--out", required=True, help="new folder for the model and card.json")
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -20,6 +20,18 @@ Optimizer = Literal["adamw", "sgd"]
 Logger = Literal["csv", "tensorboard"]
 
 
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """YAML reads `1e-4` (no dot) as a string: convert numbers written so, reject the rest."""
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"config key {key}: {value!r} is not a {kind.__name__}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _option(default: Any, help: str, **metadata: Any) -> Any:
     """A dataclass field whose help text becomes the CLI flag's help."""
     return field(default=default, metadata={"help": help, **metadata})
@@ -137,7 +149,8 @@ class FinetuneConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FinetuneConfig:

@@ -1,4 +1,9 @@
-"""Evaluate and predict with a finished run folder's best checkpoint."""
+"""Evaluate and predict with a run folder's best checkpoint or an exported model.
+
+Both are a `Predictor`: class names, the preprocessing they expect, and class probabilities of a
+preprocessed batch. Anything that changes how a batch becomes probabilities (test-time
+augmentation, for one) wraps `Predictor.predict_batch` and is then available to both.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +23,7 @@ from torchmetrics.functional.classification import (
     multiclass_confusion_matrix,
 )
 
+from tlkit.backbones import Preprocessing
 from tlkit.data import (
     IMAGE_EXTENSIONS,
     ImageDataset,
@@ -25,9 +31,25 @@ from tlkit.data import (
     find_decode_problems,
     scan,
 )
+from tlkit.export import is_export_folder, load_exported
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import best_checkpoint
 from tlkit.tta import ScaleSquares, TTAModule, plan
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What evaluate and predict need from a model (`TransferClassifier`, `ExportedModel`)."""
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+    @property
+    def preprocessing(self) -> Preprocessing: ...
+
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, C) of a preprocessed batch (N, 3, S, S)."""
+        ...
 
 
 def load_model(run_dir: str | Path) -> TransferClassifier:
@@ -35,8 +57,13 @@ def load_model(run_dir: str | Path) -> TransferClassifier:
     return TransferClassifier.load_checkpoint(best_checkpoint(run_dir))
 
 
+def load_predictor(source: str | Path) -> Predictor:
+    """An exported model if `source` holds an export card, else the run folder's checkpoint."""
+    return load_exported(source) if is_export_folder(source) else load_model(source)
+
+
 def predict_probabilities(
-    model: TransferClassifier,
+    model: Predictor,
     samples: list[tuple[str, int]],
     tta: str = "none",
     batch_size: int = 64,
@@ -48,16 +75,21 @@ def predict_probabilities(
     tta_plan = plan(tta, model.preprocessing, scales, average)
     dataset = ImageDataset(samples, ScaleSquares(tta_plan, model.preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=default_num_workers())
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    averaging = TTAModule(model, tta_plan)
     started = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # the progress bar must not mix into the output
-        batches = trainer.predict(TTAModule(model, tta_plan), dataloaders=loader)
+    if isinstance(model, pl.LightningModule):
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+        with contextlib.redirect_stdout(sys.stderr):  # the progress bar must stay out of stdout
+            batches = trainer.predict(averaging, dataloaders=loader)
+    else:  # exported models run on the CPU, in their own runtime
+        with torch.inference_mode():
+            batches = [averaging(scales) for scales, _ in loader]
     seconds = time.perf_counter() - started
     images_per_second = len(samples) / seconds
     cost = {
@@ -80,7 +112,7 @@ class LabelledPredictions:
     labels: torch.Tensor  # (N,) true class indices
     probabilities: torch.Tensor  # (N, C) softmax outputs
     skipped: list[tuple[str, str]]  # (path, reason) of the files that could not be used
-    cost: dict[str, Any]  # the TTA preset, views per image, images/s and views/s
+    cost: dict[str, Any] = field(default_factory=dict)  # TTA preset, views/image, images/s
 
 
 def predict_labelled(
@@ -112,8 +144,11 @@ def evaluate(
     tta: str = "none",
 ) -> dict[str, Any]:
     """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV,
-    with the test-time averaging preset `tta` and its cost."""
-    model = load_model(run_dir)
+    with the test-time averaging preset `tta` and its cost.
+
+    `run_dir` is a run folder or an export folder.
+    """
+    model = load_predictor(run_dir)
     classes = model.class_names
     predictions = predict_labelled(model, data, batch_size, accelerator, tta)
     probabilities, labels = predictions.probabilities, predictions.labels
@@ -171,8 +206,11 @@ def predict(
     accelerator: str = "auto",
     tta: str = "none",
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Top-k labels and probabilities per image; also the files that could not be decoded."""
-    model = load_model(run_dir)
+    """Top-k labels and probabilities per image; also the files that could not be decoded.
+
+    `run_dir` is a run folder or an export folder.
+    """
+    model = load_predictor(run_dir)
     paths = image_paths(inputs)
     problems = find_decode_problems(paths)
     usable = [path for path, problem in zip(paths, problems, strict=True) if problem is None]

@@ -131,9 +131,13 @@ class TransferClassifier(pl.LightningModule):
     def test_step(self, batch, batch_index: int) -> None:
         self._step(batch, "test")
 
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of a preprocessed batch (`tlkit.inference.Predictor`)."""
+        return self(images).softmax(dim=-1)
+
     def predict_step(self, batch, batch_index: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).softmax(dim=-1)
+        return self.predict_batch(images)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -40,7 +40,7 @@ from tlkit.backbones import Preprocessing
 
 RESNET_SCALES = (224 / 224, 256 / 224, 384 / 224, 480 / 224, 640 / 224)
 PRESETS = ("none", "flip", "ten-crop", "multi-scale", "dense")
-AVERAGES = ("probabilities", "logits", "geometric")
+AVERAGES = ("probabilities", "geometric")
 
 
 @dataclass(frozen=True)
@@ -130,18 +130,25 @@ def make_views(squares: torch.Tensor, tta: TTAPlan) -> torch.Tensor:
     return ten_crops(squares, tta.input_size)
 
 
-def average_views(logits: torch.Tensor, average: str) -> torch.Tensor:
-    """(B, V, K) logits of every view -> (B, K) class probabilities."""
-    if average == "logits":
-        return logits.mean(dim=1).softmax(dim=-1)
-    log_probabilities = logits.log_softmax(dim=-1)
+def average_views(probabilities: torch.Tensor, average: str) -> torch.Tensor:
+    """(B, V, K) class probabilities of every view -> (B, K).
+
+    `probabilities`: their mean. `geometric`: the renormalised geometric mean, which equals the
+    softmax of the mean logits (each view's log-probabilities differ from its logits by a
+    constant per view).
+    """
     if average == "geometric":
-        return log_probabilities.mean(dim=1).softmax(dim=-1)  # renormalised geometric mean
-    return log_probabilities.exp().mean(dim=1)
+        return probabilities.clamp_min(1e-30).log().mean(dim=1).softmax(dim=-1)
+    return probabilities.mean(dim=1)
 
 
-def check_accepts_any_size(model: nn.Module, tta: TTAPlan) -> None:
+def check_accepts_any_size(model, tta: TTAPlan) -> None:
     """`dense` feeds whole images larger than the training size: refuse fixed-size models."""
+    if tta.views == "whole" and not isinstance(model, nn.Module):
+        raise ValueError(
+            "TTA preset 'dense' needs the PyTorch model of a run folder; an exported model "
+            "takes its fixed input size. Use 'multi-scale' (fixed-size crops) instead."
+        )
     backbone = getattr(model, "backbone", model)
     config = getattr(backbone, "pretrained_cfg", {})
     fixed = config.get("fixed_input_size", False) and not getattr(
@@ -156,9 +163,13 @@ def check_accepts_any_size(model: nn.Module, tta: TTAPlan) -> None:
 
 
 class TTAModule(pl.LightningModule):
-    """Wraps a classifier so that `Trainer.predict` returns TTA-averaged probabilities."""
+    """Wraps a classifier so that `Trainer.predict` returns TTA-averaged probabilities.
 
-    def __init__(self, model: nn.Module, tta: TTAPlan, max_views_per_forward: int = 256) -> None:
+    `model` is anything with `predict_batch(images) -> probabilities` (`tlkit.inference.
+    Predictor`): a `TransferClassifier`, or an exported model called directly.
+    """
+
+    def __init__(self, model, tta: TTAPlan, max_views_per_forward: int = 256) -> None:
         super().__init__()
         check_accepts_any_size(model, tta)
         self.model = model
@@ -167,14 +178,14 @@ class TTAModule(pl.LightningModule):
 
     def forward(self, scales: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Per-scale batches of squares -> (B, K) averaged probabilities."""
-        logits = torch.cat([self._view_logits(make_views(s, self.tta)) for s in scales], dim=1)
-        return average_views(logits.float(), self.tta.average)
+        views = [self._view_probabilities(make_views(s, self.tta)) for s in scales]
+        return average_views(torch.cat(views, dim=1).float(), self.tta.average)
 
-    def _view_logits(self, views: torch.Tensor) -> torch.Tensor:
-        batch, per_image = views.shape[:2]
+    def _view_probabilities(self, views: torch.Tensor) -> torch.Tensor:
+        per_image = views.shape[1]
         images_per_forward = max(1, self.max_views_per_forward // per_image)
         chunks = [
-            self.model(chunk.flatten(0, 1)).unflatten(0, (-1, per_image))
+            self.model.predict_batch(chunk.flatten(0, 1)).unflatten(0, (-1, per_image))
             for chunk in views.split(images_per_forward)
         ]
         return torch.cat(chunks)
