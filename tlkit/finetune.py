@@ -119,7 +119,8 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
     """Train as the config says; write and return the run summary.
 
     `trainer_options` are passed to `pytorch_lightning.Trainer` on top of tlkit's own
-    (for example `limit_train_batches` or `enable_progress_bar=False`).
+    (for example `limit_train_batches` or `enable_progress_bar=False`); `callbacks` given there
+    are added to tlkit's own, and `limit_test_batches=0` skips the test-split evaluation.
     """
     if not config.data_dir:
         raise ValueError("no data: give DATA_DIR (an image folder or a CSV file)")
@@ -153,6 +154,7 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
     ]
     if trainer_options.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(leave=True))
+    callbacks += trainer_options.pop("callbacks", [])
     steps_per_epoch = -(-len(datamodule.train_set) // config.batch_size)
     options = {
         "max_epochs": config.epochs,
@@ -168,7 +170,7 @@ def finetune(config: FinetuneConfig, **trainer_options: Any) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule)
 
     test_metrics: dict[str, float] = {}
-    if datamodule.test_set is not None:
+    if datamodule.test_set is not None and trainer.limit_test_batches != 0:
         results = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
         test_metrics = {key: float(value) for key, value in results[0].items()}
 
