@@ -177,6 +177,7 @@ def test_space_yaml_overrides_the_default_space(tmp_path: Path, colour_folder: P
         "label_smoothing: null\n"
         "strategy: {choices: [features, partial]}\n"
         "head_hidden: {low: 0, high: 256}\n"
+        "weight_decay: 1e-5\n"
     )
     base = base_config(colour_folder, tmp_path / "out")
     space, fixed = load_space(space_file, base)
@@ -185,7 +186,8 @@ def test_space_yaml_overrides_the_default_space(tmp_path: Path, colour_folder: P
     assert space["strategy"] == CategoricalDistribution(["features", "partial"])
     assert "dropout" not in space and fixed.dropout == 0.2
     assert "label_smoothing" not in space and fixed.label_smoothing == base.label_smoothing
-    assert "weight_decay" in space  # defaults stay unless overridden
+    assert "weight_decay" not in space and fixed.weight_decay == 1e-5
+    assert space["backbone_lr_scale"] == FloatDistribution(0.01, 1.0, log=True)  # a default
 
 
 @pytest.mark.parametrize(

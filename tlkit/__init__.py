@@ -14,6 +14,8 @@ from tlkit.data import DatasetError, ImageDataModule, load_rgb, scan  # noqa: E4
 from tlkit.finetune import finetune  # noqa: E402
 from tlkit.heads import ClassifierHead  # noqa: E402
 from tlkit.module import TransferClassifier  # noqa: E402
+from tlkit.sanity import run_sanity_checks  # noqa: E402
+from tlkit.search import run_search  # noqa: E402
 
 __all__ = [
     "ClassifierHead",
@@ -29,5 +31,7 @@ __all__ = [
     "layer_groups",
     "load_rgb",
     "preprocessing",
+    "run_sanity_checks",
+    "run_search",
     "scan",
 ]

@@ -446,6 +446,10 @@ def run_sanity_checks(
     The overfit check trains a second, fresh model with augmentation and regularisation off
     (dropout, weight decay, label smoothing and drop-path 0); nothing is written to disk.
     """
+    if per_class < 1 or overfit_steps < 1:
+        raise ValueError(
+            f"--per-class and --overfit-steps must be at least 1, got {per_class}, {overfit_steps}"
+        )
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
@@ -476,7 +480,7 @@ def run_sanity_checks(
             target,
             config.accelerator,
             config.seed,
-            max(0, datamodule.num_workers),
+            datamodule.num_workers,
         )
     )
     results.append(check_activations(model, images))

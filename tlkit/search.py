@@ -101,19 +101,18 @@ def parse_space(
         if entry is None:
             continue
         if not isinstance(entry, (dict, list)):
-            fixed[name] = entry
+            fixed[name] = _number(hints[name], name, entry)
             continue
         if isinstance(entry, dict) and set(entry) == {"choices"}:
             space[name] = CategoricalDistribution(list(entry["choices"]))
             candidates = list(entry["choices"])
         elif isinstance(entry, dict) and {"low", "high"} <= set(entry) <= {"low", "high", "log"}:
-            kind = int if hints[name] is int else float
             if hints[name] not in (int, float):
-                raise ValueError(f"search space: '{name}' is not numeric; give choices")
-            low, high, log = kind(float(entry["low"])), kind(float(entry["high"])), entry.get("log")
-            distribution = IntDistribution if kind is int else FloatDistribution
+                raise ValueError(f"search space: '{name}' is not numeric; give {{choices: [...]}}")
+            low, high = (_number(hints[name], name, entry[key]) for key in ("low", "high"))
+            distribution = IntDistribution if hints[name] is int else FloatDistribution
             try:
-                space[name] = distribution(low, high, log=bool(log))
+                space[name] = distribution(low, high, log=bool(entry.get("log")))
             except ValueError as error:
                 raise ValueError(f"search space: '{name}': {error}") from error
             candidates = [low, high]
@@ -127,6 +126,16 @@ def parse_space(
     for name, value in fixed.items():
         _check_value(base, name, value)
     return space, dataclasses.replace(base, **fixed)
+
+
+def _number(kind: type, name: str, value: Any) -> Any:
+    """Numbers of numeric fields as their type; YAML 1.1 reads `1e-4` as a string."""
+    if kind not in (int, float) or isinstance(value, bool):
+        return value
+    try:
+        return kind(float(value))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"search space: '{name}' needs a number, got {value!r}") from error
 
 
 def _check_value(base: FinetuneConfig, name: str, value: Any) -> None:
@@ -370,7 +379,8 @@ def run_search(
     folder.mkdir(parents=True, exist_ok=True)
     pruner = pruner or optuna.pruners.MedianPruner(n_warmup_steps=PRUNE_AFTER_EPOCHS)
     studies = [_open_study(folder, ROUNDS[0], pruner)]
-    _check_same_search(studies[0], "base_config", base.to_yaml(), folder)
+    searched = dataclasses.replace(base, out="")  # the same folder may be named differently
+    _check_same_search(studies[0], "base_config", searched.to_yaml(), folder)
     _check_same_search(studies[0], "search_space", _space_json(space), folder)
     print(f"Search space ({ROUNDS[0]}): {json.dumps(space_to_entries(space))}")
     _run_round(studies[0], 0, space, base, folder, trials, sampler)
