@@ -70,3 +70,35 @@ def test_fashion_mnist_reader_and_subset(tmp_path: Path):
     assert sorted(read_labels[subset]) == list(range(10))
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist.load_split("train", tmp_path / "absent")
+
+
+def test_init_statistics_recipe_shows_the_lecture_results(tmp_path: Path, monkeypatch, capsys):
+    sys.path.insert(0, str(RECIPES))
+    try:
+        import init_statistics
+    finally:
+        sys.path.remove(str(RECIPES))
+
+    def layers(activation: str, initialisation: str):
+        inputs, layers = init_statistics.statistics(
+            *init_statistics.layer_outputs(activation, initialisation)
+        )
+        return inputs.std, layers
+
+    for activation in ("tanh", "relu"):  # small weights: the activations vanish
+        input_std, small = layers(activation, "small")
+        assert small[-1].std < 1e-3 * input_std and small[-1].vanishing
+    for activation, initialisation in (("tanh", "xavier"), ("relu", "he")):  # scale kept
+        _, kept = layers(activation, initialisation)
+        stds = [layer.std for layer in kept]
+        assert max(stds) < 10 * min(stds) and not any(layer.flags for layer in kept)
+    _, relu_xavier = layers("relu", "xavier")  # Xavier halves the variance at every ReLU
+    assert relu_xavier[-1].std < relu_xavier[0].std / 10
+    _, saturated = layers("tanh", "large")
+    assert all(layer.saturating for layer in saturated)
+
+    out = tmp_path / "init.png"
+    run_recipe("init_statistics.py", ["--out", str(out)], monkeypatch)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    printed = capsys.readouterr().out
+    assert "relu, he initialisation" in printed and "hidden layer 10 had mean" in printed

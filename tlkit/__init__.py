@@ -15,6 +15,8 @@ from tlkit.export import ExportedModel, ExportError, export_run, load_exported  
 from tlkit.finetune import finetune  # noqa: E402
 from tlkit.heads import ClassifierHead  # noqa: E402
 from tlkit.module import TransferClassifier  # noqa: E402
+from tlkit.sanity import run_sanity_checks  # noqa: E402
+from tlkit.search import run_search  # noqa: E402
 
 __all__ = [
     "ClassifierHead",
@@ -34,5 +36,7 @@ __all__ = [
     "load_exported",
     "load_rgb",
     "preprocessing",
+    "run_sanity_checks",
+    "run_search",
     "scan",
 ]

@@ -1,7 +1,9 @@
 """`tlkit`: the command line, a thin shell over the Python API.
 
     tlkit demo
-    tlkit finetune DATA_DIR [--config run.yaml] [--print-config] [flags of FinetuneConfig]
+    tlkit finetune DATA_DIR [--config run.yaml] [--print-config] [--sanity] [FinetuneConfig flags]
+    tlkit sanity DATA_DIR [--config run.yaml] [flags of FinetuneConfig]
+    tlkit search DATA_DIR --out DIR [--trials N] [--sampler random|tpe] [--refine] [--space FILE]
     tlkit evaluate RUN_DIR DATA [--out results.json]
     tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv]
     tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16]
@@ -33,6 +35,7 @@ from tlkit.config import FinetuneConfig
 from tlkit.data import DatasetError
 from tlkit.export import CARD, FORMATS
 from tlkit.runfolder import CONFIG, RunFolderError
+from tlkit.sanity import OVERFIT_STEPS, SAMPLES_PER_CLASS
 from tlkit.tta import PRESETS
 
 USER_ERRORS = (
@@ -95,7 +98,30 @@ def _finetune(arguments: argparse.Namespace) -> int:
         return 0
     from tlkit.finetune import finetune
 
+    if arguments.sanity and _sanity_checks_fail(config):
+        print("tlkit finetune: a sanity check failed; not training", file=sys.stderr)
+        return 1
     finetune(config, resume=arguments.resume)
+    return 0
+
+
+def _sanity_checks_fail(config, **options) -> bool:
+    from tlkit.sanity import run_sanity_checks
+
+    return not all(result.passed for result in run_sanity_checks(config, **options))
+
+
+def _sanity(arguments: argparse.Namespace) -> int:
+    config = config_from_arguments(arguments)
+    options = {"per_class": arguments.per_class, "overfit_steps": arguments.overfit_steps}
+    return 1 if _sanity_checks_fail(config, **options) else 0
+
+
+def _search(arguments: argparse.Namespace) -> int:
+    from tlkit.search import load_space, run_search
+
+    space, base = load_space(arguments.space, config_from_arguments(arguments))
+    run_search(base, arguments.trials, arguments.sampler, arguments.refine, space)
     return 0
 
 
@@ -213,8 +239,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its last.ckpt, with its saved config.yaml",
     )
+    finetune.add_argument(
+        "--sanity", action="store_true", help="run `tlkit sanity` first; stop if a check fails"
+    )
     add_config_flags(finetune, skip=("data_dir",))
     finetune.set_defaults(handler=_finetune)
+
+    sanity = commands.add_parser(
+        "sanity",
+        help="checks before training: loss at init, overfit a tiny subset, activations, gradients",
+    )
+    sanity.add_argument("data", nargs="?", help="image folder or path,label CSV")
+    sanity.add_argument("--config", help="YAML file of config keys; flags override it")
+    sanity.add_argument(
+        "--per-class",
+        type=int,
+        default=SAMPLES_PER_CLASS,
+        help=f"images per class for the checks (default {SAMPLES_PER_CLASS})",
+    )
+    sanity.add_argument(
+        "--overfit-steps",
+        type=int,
+        default=OVERFIT_STEPS,
+        help=f"step budget to fit the subset to 99%% train accuracy (default {OVERFIT_STEPS})",
+    )
+    add_config_flags(sanity, skip=("data_dir", "out"))
+    sanity.set_defaults(handler=_sanity)
+
+    search = commands.add_parser("search", help="random hyperparameter search (Optuna)")
+    search.add_argument("data", nargs="?", help="image folder or path,label CSV")
+    search.add_argument("--config", help="YAML file of base config keys; flags override it")
+    search.add_argument(
+        "--out", required=True, help="search folder: study.db, trials/, trials.csv, best.yaml"
+    )
+    search.add_argument("--trials", type=int, default=20, help="trials per round (default 20)")
+    search.add_argument(
+        "--sampler", choices=("random", "tpe"), default="random", help="default: random"
+    )
+    search.add_argument(
+        "--refine", action="store_true", help="a second round narrowed around the best trials"
+    )
+    search.add_argument("--space", help="YAML file overriding the default search space")
+    add_config_flags(search, skip=("data_dir", "out"))
+    search.set_defaults(handler=_search)
 
     for name, helptext in (
         ("evaluate", "metrics of a run on labelled data"),

@@ -113,7 +113,9 @@ def finetune(
 
     With `resume`, continue the run in `config.out` from its `last.ckpt` (model, optimiser,
     schedule, epoch and callback states). `trainer_options` are passed to
-    `pytorch_lightning.Trainer` on top of tlkit's own (e.g. `enable_progress_bar=False`).
+    `pytorch_lightning.Trainer` on top of tlkit's own (e.g. `enable_progress_bar=False`);
+    `callbacks` given there are added to tlkit's own, and `limit_test_batches=0` skips the
+    test-split evaluation.
     """
     if not config.data_dir:
         raise ValueError("no data: give DATA_DIR (an image folder or a CSV file)")
@@ -148,6 +150,7 @@ def finetune(
     ]
     if progress:
         callbacks.append(TQDMProgressBar(leave=True))
+    callbacks += trainer_options.pop("callbacks", [])
     steps_per_epoch = -(-len(datamodule.train_set) // config.batch_size)
     options = {
         "max_epochs": config.epochs,
@@ -167,7 +170,7 @@ def finetune(
     history = list(summary_callback.history)  # testing the best checkpoint restores its state
 
     test_metrics: dict[str, float] = {}
-    if datamodule.test_set is not None:
+    if datamodule.test_set is not None and trainer.limit_test_batches != 0:
         results = trainer.test(model, datamodule=training_data, ckpt_path="best", verbose=False)
         test_metrics = {key: float(value) for key, value in results[0].items()}
 

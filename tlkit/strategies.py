@@ -22,6 +22,15 @@ STRATEGIES = ("features", "partial", "full")
 
 def set_trainable(backbone: nn.Module, strategy: str, unfreeze_stages: int = 1) -> None:
     """Set `requires_grad` on the backbone's parameters according to the strategy."""
+    trainable = trainable_parameter_names(backbone, strategy, unfreeze_stages)
+    for name, parameter in backbone.named_parameters():
+        parameter.requires_grad = name in trainable
+
+
+def trainable_parameter_names(
+    backbone: nn.Module, strategy: str, unfreeze_stages: int = 1
+) -> set[str]:
+    """Names of the backbone parameters the strategy trains (all others are frozen)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
     groups = layer_groups(backbone)
@@ -36,8 +45,7 @@ def set_trainable(backbone: nn.Module, strategy: str, unfreeze_stages: int = 1) 
         trainable = {name for group in groups[-unfreeze_stages:] for name in group}
     else:
         trainable = {name for group in groups for name in group}
-    for name, parameter in backbone.named_parameters():
-        parameter.requires_grad = name in trainable
+    return trainable
 
 
 def keep_frozen_modules_in_eval(module: nn.Module) -> None:

@@ -1,0 +1,186 @@
+"""Sanity checks: a healthy tiny set-up passes all four; each broken set-up fails its own check."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tlkit.cli import main
+from tlkit.config import FinetuneConfig
+from tlkit.finetune import build_datamodule, build_model
+from tlkit.sanity import (
+    balanced_subset,
+    check_activations,
+    check_gradient_flow,
+    check_loss_at_init,
+    check_overfit,
+    run_sanity_checks,
+    stage_modules,
+    subset_loader,
+)
+
+# Noisy one-colour images: real labels are fitted in a few steps by a linear head on frozen
+# features, while shuffled labels would have to be memorised from the noise.
+OVERFIT_BUDGET = 45  # real labels are fitted after 27 steps
+
+
+@pytest.fixture(scope="module")
+def config(colour_folder: Path) -> FinetuneConfig:
+    return FinetuneConfig(
+        data_dir=str(colour_folder),
+        pretrained="bundled",
+        img_size=32,
+        batch_size=8,
+        num_workers=0,
+        val_fraction=0.3,
+        strategy="features",
+        lr=1e-2,
+        dropout=0.0,
+        weight_decay=0.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def data(config: FinetuneConfig):
+    datamodule = build_datamodule(config)
+    datamodule.setup("fit")
+    subset = balanced_subset(datamodule.train_set.samples, 20, seed=0)
+    images, labels = next(iter(subset_loader(subset, datamodule.preprocessing, 8)))
+    return datamodule, subset, images, labels
+
+
+def overfit(model, data, samples=None, steps=OVERFIT_BUDGET):
+    datamodule, subset, _, _ = data
+    return check_overfit(model, samples or subset, datamodule.preprocessing, 8, steps=steps)
+
+
+def test_balanced_subset_takes_up_to_n_per_class_seeded():
+    samples = [(f"{label}-{i}", label) for label in range(3) for i in range(5 + 20 * label)]
+    subset = balanced_subset(samples, 20, seed=0)
+    counts = np.bincount([label for _, label in subset])
+    assert list(counts) == [5, 20, 20]
+    assert subset == balanced_subset(samples, 20, seed=0) != balanced_subset(samples, 20, seed=1)
+
+
+def test_healthy_tiny_setup_passes_every_check(config, capsys):
+    results = run_sanity_checks(config, overfit_steps=OVERFIT_BUDGET)
+    assert [result.name for result in results] == [
+        "loss at init",
+        "overfit a tiny subset",
+        "activation statistics",
+        "gradient flow",
+    ]
+    assert all(result.passed for result in results), [str(r) for r in results]
+    out = capsys.readouterr().out
+    assert "PASS loss at init: 1.09" in out  # ln 3 = 1.0986
+    assert "Overfit epoch 1: step 3 / 45, loss " in out
+    assert "hidden layer 3 (backbone.blocks.1) had mean " in out
+    assert "Sanity checks: 4 of 4 passed" in out
+
+
+def test_learning_rate_zero_fails_the_overfit_check_only(config, data):
+    model = build_model(config, data[0].classes)
+    model.hparams.lr = 0.0  # FinetuneConfig refuses lr 0; the module uses what it is given
+    _, _, images, labels = data
+    assert check_loss_at_init(model, subset_loader(data[1], data[0].preprocessing, 8)).passed
+    assert check_gradient_flow(model, images, labels).passed
+    result = overfit(model, data, steps=9)
+    assert not result.passed
+    assert "after 9 steps (budget 9)" in result.summary
+
+
+def test_shuffled_labels_fail_the_overfit_check(config, data):
+    datamodule, subset, _, _ = data
+    labels = np.random.default_rng(0).permutation([label for _, label in subset])
+    shuffled = [(path, int(label)) for (path, _), label in zip(subset, labels, strict=True)]
+    # The healthy set-up fits the real labels within the same budget (the test above).
+    assert not overfit(build_model(config, datamodule.classes), data, shuffled).passed
+
+
+def test_head_weights_scaled_up_fail_the_loss_at_init_check_only(config, data):
+    datamodule, subset, images, labels = data
+    model = build_model(config, datamodule.classes)
+    with torch.no_grad():
+        model.head.classifier.weight.mul_(1e3)
+    result = check_loss_at_init(model, subset_loader(subset, datamodule.preprocessing, 8))
+    assert not result.passed
+    assert "expected (ln 3)" in result.summary and "head's initial scale" in result.summary
+    assert check_activations(model, images).passed
+    assert check_gradient_flow(model, images, labels).passed
+
+
+def test_stages_are_the_backbone_layer_groups(config, data):
+    model = build_model(config, data[0].classes)
+    names = list(stage_modules(model.backbone))
+    assert names == ["bn1", "blocks.0.0", *(f"blocks.{i}" for i in range(1, 6)), "bn2"]
+
+
+def test_a_dead_stage_is_flagged_vanishing(config, data):
+    model = build_model(config, data[0].classes)
+    with torch.no_grad():
+        for block in model.backbone.blocks[2]:  # zero the last norm of each block: no output
+            block.bn3.weight.zero_()
+            block.bn3.bias.zero_()
+    result = check_activations(model, data[2])
+    assert not result.passed
+    assert "layer 4 (backbone.blocks.2) vanishing" in result.summary
+
+
+def test_gradient_flow_catches_a_leaking_freeze_and_a_dead_parameter(data):
+    datamodule, _, images, labels = data
+    partial = FinetuneConfig(
+        data_dir=str(datamodule.data_dir), pretrained="bundled", img_size=32, strategy="partial"
+    )
+    model = build_model(partial, datamodule.classes)
+    assert check_gradient_flow(model, images, labels).passed
+    model.backbone.conv_stem.weight.requires_grad = True  # frozen by the strategy
+    model.head.unused = nn.Parameter(torch.zeros(3))  # trainable, never used
+    result = check_gradient_flow(model, images, labels)
+    assert not result.passed
+    assert "backbone.conv_stem.weight: frozen by the strategy but received a gradient" in (
+        result.summary
+    )
+    assert "head.unused: trainable but received no gradient" in result.summary
+
+
+def test_sanity_command_exits_1_when_a_check_fails(colour_folder, capsys):
+    flags = ["--pretrained", "bundled", "--img-size", "32", "--batch-size", "8"]
+    flags += ["--num-workers", "0", "--val-fraction", "0.3", "--strategy", "features"]
+    assert main(["sanity", str(colour_folder), *flags, "--overfit-steps", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "PASS loss at init" in out and "FAIL overfit a tiny subset" in out
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_finetune_sanity_trains_only_if_the_checks_pass(
+    passed, colour_folder, tmp_path, monkeypatch, capsys
+):
+    from conftest import TINY_RUN_FLAGS
+
+    from tlkit import sanity
+    from tlkit.sanity import CheckResult
+
+    def checks(config, **options):
+        return [CheckResult("overfit a tiny subset", passed, "stand-in")]
+
+    monkeypatch.setattr(sanity, "run_sanity_checks", checks)
+    out = tmp_path / "run"
+    arguments = ["finetune", str(colour_folder), "--sanity", "--out", str(out)]
+    assert main([*arguments, *TINY_RUN_FLAGS, "--epochs", "1"]) == (0 if passed else 1)
+    assert (out / "best.ckpt").is_file() == passed
+    if not passed:
+        assert "a sanity check failed; not training" in capsys.readouterr().err
+
+
+def test_tlkit_head_initialisation_is_the_documented_one():
+    """He (randn / sqrt(fan_in / 2)) for the hidden ReLU layer, 0.01 * randn for the logits."""
+    from tlkit.heads import ClassifierHead
+
+    torch.manual_seed(0)
+    head = ClassifierHead(1280, 10, dropout=0.0, hidden=512)
+    hidden, classifier = head.layers[1], head.classifier
+    assert hidden.weight.std().item() == pytest.approx((2 / 1280) ** 0.5, rel=0.02)
+    assert classifier.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert not hidden.bias.any() and not classifier.bias.any()
