@@ -170,7 +170,7 @@ def test_diverging_training_stops_with_a_clear_message(colour_folder, tmp_path, 
         num_workers=0,
     )
     with pytest.raises(
-        TrainingDivergedError, match=r"epoch 2, step 5 \(batch 1 of the epoch\), learning rate"
+        TrainingDivergedError, match=r"epoch 2, step 4 \(batch 1 of the epoch\), learning rate"
     ) as error:
         finetune(config, enable_progress_bar=False)
     assert "tlkit sanity" in str(error.value)

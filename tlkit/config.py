@@ -17,6 +17,8 @@ import yaml
 
 Strategy = Literal["features", "partial", "full"]
 Optimizer = Literal["adamw", "sgd"]
+DistStrategy = Literal["auto", "ddp", "ddp_spawn", "fsdp"]
+Precision = Literal["32", "16-mixed", "bf16-mixed"]
 Logger = Literal["csv", "tensorboard"]
 
 
@@ -109,15 +111,26 @@ class FinetuneConfig:
     )
     num_workers: int = _option(-1, "data loader processes (-1: one per CPU core, at most 8)")
 
-    # Hardware and reproducibility
+    # Hardware, distribution and reproducibility
     accelerator: str = _option("auto", "auto, cpu or gpu")
-    devices: str = _option("1", "devices to use: a number, 'auto' or a list such as '0,1'")
+    devices: str = _option("1", "devices per node: a number, 'auto' or a list such as '0,1'")
+    num_nodes: int = _option(1, "machines (nodes) taking part; launch with torchrun or SLURM")
+    dist_strategy: DistStrategy = _option(
+        "auto", "Lightning strategy: auto, ddp, ddp_spawn or fsdp (with several devices)"
+    )
+    precision: Precision = _option("32", "32, 16-mixed (GPU) or bf16-mixed")
+    sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
+    channels_last: bool = _option(False, "channels-last memory format (faster convs on GPUs)")
+    accumulate_grad_batches: int = _option(1, "batches whose gradients make one optimiser step")
+    scale_lr: bool = _option(
+        False, "multiply --lr by processes x accumulation (linear scaling rule for big batches)"
+    )
     seed: int = _option(0, "seed for splits, initialisation, augmentation and data order")
 
     def __post_init__(self) -> None:
-        for name in ("strategy", "optimizer", "logger"):
-            allowed = typing.get_args(typing.get_type_hints(type(self))[name])
-            if getattr(self, name) not in allowed:
+        for name, kind in typing.get_type_hints(type(self)).items():
+            allowed = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+            if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")
         checks = {
             "epochs": self.epochs >= 1,
@@ -129,6 +142,8 @@ class FinetuneConfig:
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "hflip": 0 <= self.hflip <= 1,
             "unfreeze_stages": self.unfreeze_stages >= 1,
+            "num_nodes": self.num_nodes >= 1,
+            "accumulate_grad_batches": self.accumulate_grad_batches >= 1,
         }
         invalid = [name for name, valid in checks.items() if not valid]
         if invalid:

@@ -156,15 +156,8 @@ def scan_folder(
     class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir())
     if not class_dirs:
         raise DatasetError(f"{root}: no class sub-folders (expected {root}/<class name>/<images>)")
-    names = [entry.name for entry in class_dirs]
-    if classes is None:
-        classes = names
-    else:
-        unknown = [name for name in names if name not in classes]
-        if unknown:
-            raise DatasetError(
-                f"{root}: classes {unknown} were not in the training classes {classes}"
-            )
+    classes = _known_classes([entry.name for entry in class_dirs], classes, root, "classes")
+    index_of = {name: index for index, name in enumerate(classes)}
     paths, labels, skipped = [], [], []
     for class_dir in class_dirs:
         images, others = _walk_images(class_dir)
@@ -172,7 +165,7 @@ def scan_folder(
             raise DatasetError(f"{class_dir}: class '{class_dir.name}' has no image files")
         skipped += others
         paths += images
-        labels += [classes.index(class_dir.name)] * len(images)
+        labels += [index_of[class_dir.name]] * len(images)
     return _keep_decodable(paths, labels, classes, skipped, root, max_pixels)
 
 
@@ -210,17 +203,23 @@ def read_csv(
         raise DatasetError(
             f"{csv_path}: {len(missing)} listed files do not exist, e.g. {missing[:5]}"
         )
-    names = sorted({label for _, label in rows})
-    if classes is None:
-        classes = names
-    else:
-        unknown = [name for name in names if name not in classes]
-        if unknown:
-            raise DatasetError(
-                f"{csv_path}: labels {unknown} were not in the training classes {classes}"
-            )
-    labels = [classes.index(label) for _, label in rows]
+    classes = _known_classes(sorted({label for _, label in rows}), classes, csv_path, "labels")
+    index_of = {name: index for index, name in enumerate(classes)}
+    labels = [index_of[label] for _, label in rows]
     return _keep_decodable(paths, labels, classes, [], csv_path, max_pixels)
+
+
+def _known_classes(
+    found: list[str], classes: list[str] | None, source: Path, what: str
+) -> list[str]:
+    """The class list: `found` for training data; for evaluation data, the training `classes`,
+    which must include every class found."""
+    if classes is None:
+        return found
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise DatasetError(f"{source}: {what} {unknown} were not in the training classes {classes}")
+    return classes
 
 
 def scan(
@@ -313,6 +312,12 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], label
 
 
+def drops_last_batch(images: int, batch_size: int) -> bool:
+    """Training drops an incomplete last batch (as timm does) when a full one exists: a batch
+    of one image breaks BatchNorm in train mode and adds a noisy step."""
+    return images > batch_size
+
+
 def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
@@ -320,7 +325,9 @@ def default_num_workers() -> int:
 class ImageDataModule(pl.LightningDataModule):
     """Train/validation/test loaders for an image folder or CSV, with the backbone's transforms.
 
-    `classes`, `skipped` and the datasets are available after `setup()`.
+    `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
+    jitter); `augment=False` trains on the evaluation transform. `classes`, `skipped` and the
+    datasets are available after `setup()`.
     """
 
     def __init__(
@@ -392,11 +399,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.skipped += result.skipped
         return result
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=train,
+            drop_last=train and drops_last_batch(len(dataset), self.batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -404,12 +412,12 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
             raise DatasetError(f"{self.data_dir}: no test/ split")
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, train=False)

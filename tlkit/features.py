@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tlkit.augment import eval_transform, seed_worker_transform
-from tlkit.data import ImageDataModule, ImageDataset
+from tlkit.data import ImageDataModule, ImageDataset, drops_last_batch
 from tlkit.module import TransferClassifier
 
 
@@ -100,9 +100,12 @@ def extract(
         num_workers=num_workers,
         worker_init_fn=seed_worker_transform,
     )
+    # Under DDP every process extracts (identical files, each written atomically); on GPUs each
+    # uses its own device.
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     trainer = pl.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=[local_rank] if accelerator in ("gpu", "cuda") else 1,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -221,14 +224,16 @@ class CachedFeatureDataModule(pl.LightningDataModule):
             return _AugmentedViews(features, labels)
         return TensorDataset(features[0], labels)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.images.batch_size, shuffle=shuffle)
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset, batch_size = self.splits[split], self.images.batch_size
+        drop_last = train and drops_last_batch(len(dataset), batch_size)  # as the image loader
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", train=False)

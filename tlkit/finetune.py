@@ -26,6 +26,8 @@ from tlkit.backbones import preprocessing
 from tlkit.callbacks import EpochSummary, StopOnNonFiniteLoss
 from tlkit.config import FinetuneConfig
 from tlkit.data import ImageDataModule
+from tlkit.distributed import effective_batch_size
+from tlkit.distributed import trainer_options as distributed_options
 from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import (
@@ -62,6 +64,7 @@ def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClass
         label_smoothing=config.label_smoothing,
         img_size=config.img_size,
         class_names=class_names,
+        channels_last=config.channels_last,
     )
 
 
@@ -96,14 +99,6 @@ def build_logger(config: FinetuneConfig, out: Path) -> Logger:
         return TensorBoardLogger(save_dir=out, name="tensorboard", version="")
     # flushed at every logging step, so a killed run keeps its metrics on disk
     return CSVLogger(save_dir=out, name="", version="", flush_logs_every_n_steps=1)
-
-
-def _devices(value: str) -> int | str | list[int]:
-    if value == "auto":
-        return value
-    if "," in value:
-        return [int(index) for index in value.split(",") if index.strip()]
-    return int(value)
 
 
 def finetune(
@@ -154,8 +149,7 @@ def finetune(
     steps_per_epoch = -(-len(datamodule.train_set) // config.batch_size)
     options = {
         "max_epochs": config.epochs,
-        "accelerator": config.accelerator,
-        "devices": _devices(config.devices),
+        **distributed_options(config),
         "callbacks": callbacks,
         "logger": logger,
         "log_every_n_steps": max(1, min(50, steps_per_epoch)),
@@ -163,6 +157,7 @@ def finetune(
         **trainer_options,
     }
     trainer = pl.Trainer(**options)
+    _report_batch_and_lr(trainer, config, model)
     pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
     trainer.fit(model, datamodule=training_data, ckpt_path=resume_from, weights_only=True)
     if resume_from:
@@ -201,6 +196,22 @@ def finetune(
     }
     _write_at_end(out, summary)
     return summary
+
+
+def _report_batch_and_lr(
+    trainer: pl.Trainer, config: FinetuneConfig, model: TransferClassifier
+) -> None:
+    """Print the effective batch size; with --scale-lr, scale the learning rate to it."""
+    effective = effective_batch_size(trainer, config)
+    if config.scale_lr:
+        model.hparams.lr = config.lr * effective / config.batch_size
+    if trainer.is_global_zero:
+        print(
+            f"Effective batch size {effective} ({config.batch_size} per device x "
+            f"{trainer.world_size} processes x {config.accumulate_grad_batches} accumulated); "
+            f"learning rate {model.hparams.lr:.2e}" + (" (scaled)" if config.scale_lr else ""),
+            flush=True,
+        )
 
 
 def _check_run_folder(out: Path, resume: bool) -> str | None:

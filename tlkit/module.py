@@ -51,6 +51,7 @@ class TransferClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         img_size: int | None = None,
         class_names: list[str] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -102,8 +103,15 @@ class TransferClassifier(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for an image batch (B, C, H, W), or for pooled backbone features (B, D), as
         the cached-feature path (features.py) feeds them."""
-        features = images if images.ndim == 2 else self.backbone(images)
-        return self.head(features)
+        if images.ndim == 2:
+            return self.head(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(images))
+
+    def on_fit_start(self) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, labels = batch
@@ -151,7 +159,9 @@ class TransferClassifier(pl.LightningModule):
             raise ValueError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
-        warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
+        # With any warm-up asked for, the schedule has the same structure however short the run,
+        # so a checkpoint's scheduler state always fits it on --resume.
+        warmup_steps = max(1, int(hp.warmup_epochs * steps_per_epoch)) if hp.warmup_epochs else 0
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, total_steps - warmup_steps)
         )

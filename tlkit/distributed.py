@@ -1,0 +1,70 @@
+"""Devices, nodes, precision and distributed strategy: Lightning's engine, configured for timm.
+
+Everything here is Lightning's own machinery (DDP, FSDP, torchrun and SLURM launchers, mixed
+precision); tlkit only chooses its settings from the config. Two things are tlkit's:
+
+- SyncBatchNorm goes through timm's `convert_sync_batchnorm`, because Lightning's default
+  (`torch.nn.SyncBatchNorm.convert_sync_batchnorm`) turns timm's `BatchNormAct2d` into a plain
+  SyncBatchNorm and silently drops the activation fused into it (EfficientNet's ReLU6/SiLU).
+- Frozen parameters never reach DDP's reducer (`requires_grad=False`), so DDP runs without
+  `find_unused_parameters`; FSDP gets `use_orig_params=True` so frozen and trainable
+  parameters can share a wrapped module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.plugins.layer_sync import LayerSync
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from timm.layers import convert_sync_batchnorm
+from torch import nn
+
+from tlkit.config import FinetuneConfig
+
+
+class TimmSyncBatchNorm(LayerSync):
+    """Lightning layer-sync plugin that converts BatchNorm the timm way (activations kept)."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        # timm has no inverse conversion; SyncBatchNorm in eval mode (evaluation, prediction,
+        # export after training) computes exactly what BatchNorm does.
+        return model
+
+
+def parse_devices(value: str) -> int | str | list[int]:
+    """'2' -> 2, '0,1' -> [0, 1], 'auto' -> 'auto' (Lightning's `devices`)."""
+    if value == "auto":
+        return value
+    if "," in value:
+        return [int(index) for index in value.split(",") if index.strip()]
+    return int(value)
+
+
+def trainer_options(config: FinetuneConfig) -> dict[str, Any]:
+    """The Trainer arguments for the config's hardware, precision and distribution."""
+    if config.sync_batchnorm and config.accelerator == "cpu":
+        raise ValueError("--sync-batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only)")
+    strategy: Any = config.dist_strategy
+    if strategy == "ddp":
+        strategy = DDPStrategy(find_unused_parameters=False)
+    elif strategy == "fsdp":
+        strategy = FSDPStrategy(use_orig_params=True)
+    return {
+        "accelerator": config.accelerator,
+        "devices": parse_devices(config.devices),
+        "num_nodes": config.num_nodes,
+        "strategy": strategy,
+        "precision": config.precision,
+        "accumulate_grad_batches": config.accumulate_grad_batches,
+        "plugins": [TimmSyncBatchNorm()] if config.sync_batchnorm else None,
+    }
+
+
+def effective_batch_size(trainer: pl.Trainer, config: FinetuneConfig) -> int:
+    """Images per optimiser step over all processes: per-device batch x processes x accumulation."""
+    return config.batch_size * trainer.world_size * config.accumulate_grad_batches
