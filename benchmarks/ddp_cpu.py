@@ -29,14 +29,30 @@ def main() -> None:
     arguments = parser.parse_args()
 
     common = [
-        "--pretrained", "bundled", "--strategy", "partial", "--epochs", str(arguments.epochs),
-        "--img-size", str(arguments.img_size), "--lr", "2e-3", "--accelerator", "cpu",
-        "--patience", str(arguments.epochs),
+        "--pretrained",
+        "bundled",
+        "--strategy",
+        "partial",
+        "--epochs",
+        str(arguments.epochs),
+        "--img-size",
+        str(arguments.img_size),
+        "--lr",
+        "2e-3",
+        "--accelerator",
+        "cpu",
+        "--patience",
+        str(arguments.epochs),
     ]
     rows = {
         "1 process, batch 64": ["--devices", "1", "--batch-size", "64"],
         "2 DDP processes, batch 32 each": [
-            "--devices", "2", "--dist-strategy", "ddp", "--batch-size", "32",
+            "--devices",
+            "2",
+            "--dist-strategy",
+            "ddp",
+            "--batch-size",
+            "32",
         ],
     }
     results = {}
@@ -44,16 +60,29 @@ def main() -> None:
         out = Path(arguments.work) / f"row{index}"
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "tlkit.cli", "finetune", arguments.data, "--out", str(out),
-             *common, *flags],
-            check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-m",
+                "tlkit.cli",
+                "finetune",
+                arguments.data,
+                "--out",
+                str(out),
+                *common,
+                *flags,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         summary = json.loads((out / "summary.json").read_text())
         results[name] = {"wall_s": time.perf_counter() - started, **summary}
 
-    print(f"\n{arguments.data}, partial (2 stages), {arguments.img_size}px, {arguments.epochs} "
-          f"epochs, effective batch 64; {platform.machine()}, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"\n{arguments.data}, partial (2 stages), {arguments.img_size}px, {arguments.epochs} "
+        f"epochs, effective batch 64; {platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     print("| run | wall time incl. start-up (s) | training epochs (s) | test top-1 |")
     print("|---|---|---|---|")
     for name, result in results.items():

@@ -6,6 +6,10 @@ import os
 # (huggingface_hub reads this when it is imported, so it is set before anything imports it.)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -69,3 +73,26 @@ def tiny_run(colour_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert main(["finetune", str(colour_folder), "--out", str(out), *TINY_RUN_FLAGS]) == 0
     return out
+
+
+def finetune_killed_after_first_checkpoint(data: Path, out: Path, flags: list[str]) -> int:
+    """Run `tlkit finetune` in a new process group and SIGKILL all of it (every DDP process)
+    as soon as its first last.ckpt exists; returns the epochs that checkpoint completed."""
+    import torch
+
+    command = [sys.executable, "-m", "tlkit.cli", "finetune", str(data), "--out", str(out)]
+    process = subprocess.Popen(
+        [*command, *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "last.ckpt").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # no chance to clean up: like a lost machine
+    process.wait()
+    assert not (out / "summary.json").exists()
+    return torch.load(out / "last.ckpt", weights_only=True)["epoch"] + 1

@@ -1,14 +1,13 @@
 """Distributed training through Lightning: two real processes on the CPU (gloo)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import finetune_killed_after_first_checkpoint
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from timm.layers import BatchNormAct2d
 
@@ -130,37 +129,8 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
 @pytest.mark.slow
 def test_killed_ddp_run_resumes_from_last_checkpoint(colour_folder: Path, tmp_path: Path):
     out = tmp_path / "killed"
-    command = [
-        sys.executable,
-        "-m",
-        "tlkit.cli",
-        "finetune",
-        str(colour_folder),
-        "--out",
-        str(out),
-        *DDP_FLAGS,
-        "--strategy",
-        "partial",
-        "--epochs",
-        "4",
-        "--patience",
-        "9",
-    ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (out / "last.ckpt").exists() and time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # both processes, as when a node is lost
-    process.wait()
-    completed = torch.load(out / "last.ckpt", weights_only=True)["epoch"] + 1
-    assert completed < 4 and not (out / "summary.json").exists()
+    flags = [*DDP_FLAGS, "--strategy", "partial", "--epochs", "4", "--patience", "9"]
+    assert finetune_killed_after_first_checkpoint(colour_folder, out, flags) < 4
 
     resumed = run_cli("finetune", "--resume", "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -3,16 +3,14 @@
 import csv
 import io
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN_FLAGS, write_colour_images
+from conftest import TINY_RUN_FLAGS, finetune_killed_after_first_checkpoint, write_colour_images
 from PIL import Image
 
 from tlkit.backbones import create_backbone
@@ -195,30 +193,7 @@ def frozen_batchnorm_means(state_dict: dict, prefix: str = "") -> dict[str, torc
 def test_killed_run_resumes_where_it_stopped(colour_folder: Path, tmp_path: Path):
     flags = [*TINY_RUN_FLAGS, "--epochs", "6", "--patience", "10"]
     killed = tmp_path / "killed"
-    command = [
-        sys.executable,
-        "-m",
-        "tlkit.cli",
-        "finetune",
-        str(colour_folder),
-        "--out",
-        str(killed),
-        *flags,
-    ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.monotonic() + 300
-    while not (killed / "last.ckpt").exists() and time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)  # no chance to clean up: like a lost machine
-    process.wait()
-    assert not (killed / "summary.json").exists()
-    completed_before = torch.load(killed / "last.ckpt", weights_only=True)["epoch"] + 1
+    completed_before = finetune_killed_after_first_checkpoint(colour_folder, killed, flags)
     assert completed_before < 6
     metrics_before = read_metrics(killed)
 

@@ -22,8 +22,9 @@ Precision = Literal["32", "16-mixed", "bf16-mixed"]
 Logger = Literal["csv", "tensorboard"]
 
 
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """YAML reads `1e-4` (no dot) as a string: convert numbers written so, reject the rest."""
+def coerce_value(key: str, value: Any, kind: Any) -> Any:
+    """A value for a field of type `kind`: YAML reads `1e-4` (no dot) as a string, so numbers
+    written so are converted; anything else that is not a number is rejected."""
     if kind in (int, float) and isinstance(value, str):
         try:
             return kind(value)
@@ -165,7 +166,7 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
-        return cls(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
+        return cls(**{key: coerce_value(key, value, hints[key]) for key, value in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FinetuneConfig:

@@ -45,7 +45,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from tlkit.config import FinetuneConfig
+from tlkit.config import FinetuneConfig, coerce_value
 from tlkit.finetune import finetune
 from tlkit.runfolder import write_atomic
 
@@ -101,7 +101,7 @@ def parse_space(
         if entry is None:
             continue
         if not isinstance(entry, (dict, list)):
-            fixed[name] = _number(hints[name], name, entry)
+            fixed[name] = coerce_value(name, entry, hints[name])
             continue
         if isinstance(entry, dict) and set(entry) == {"choices"}:
             space[name] = CategoricalDistribution(list(entry["choices"]))
@@ -109,7 +109,7 @@ def parse_space(
         elif isinstance(entry, dict) and {"low", "high"} <= set(entry) <= {"low", "high", "log"}:
             if hints[name] not in (int, float):
                 raise ValueError(f"search space: '{name}' is not numeric; give {{choices: [...]}}")
-            low, high = (_number(hints[name], name, entry[key]) for key in ("low", "high"))
+            low, high = (coerce_value(name, entry[key], hints[name]) for key in ("low", "high"))
             distribution = IntDistribution if hints[name] is int else FloatDistribution
             try:
                 space[name] = distribution(low, high, log=bool(entry.get("log")))
@@ -126,16 +126,6 @@ def parse_space(
     for name, value in fixed.items():
         _check_value(base, name, value)
     return space, dataclasses.replace(base, **fixed)
-
-
-def _number(kind: type, name: str, value: Any) -> Any:
-    """Numbers of numeric fields as their type; YAML 1.1 reads `1e-4` as a string."""
-    if kind not in (int, float) or isinstance(value, bool):
-        return value
-    try:
-        return kind(float(value))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"search space: '{name}' needs a number, got {value!r}") from error
 
 
 def _check_value(base: FinetuneConfig, name: str, value: Any) -> None:
