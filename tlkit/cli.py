@@ -59,7 +59,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         options: dict[str, Any] = {
             "default": argparse.SUPPRESS,
             "dest": field.name,
-            "help": f"{field.metadata['help']} (default: {field.default})",
+            "help": field.metadata["help"]
+            + (f" (default: {field.default})" if field.default != "" else ""),
         }
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction

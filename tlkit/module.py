@@ -148,6 +148,16 @@ class TransferClassifier(pl.LightningModule):
         return self.predict_batch(images)
 
     def configure_optimizers(self):
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        optimizer, schedule = self.optimizer_and_schedule(total_steps, steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_and_schedule(
+        self, total_steps: int, steps_per_epoch: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimiser over the trainable parameters (pretrained layers at the scaled learning
+        rate) and its per-step schedule: linear warm-up, then cosine decay to zero."""
         hp = self.hparams
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
         groups = optimizer_parameter_groups(self.backbone, self.head, hp.lr, hp.weight_decay, scale)
@@ -157,21 +167,18 @@ class TransferClassifier(pl.LightningModule):
             optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
         else:
             raise ValueError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
         # With any warm-up asked for, the schedule has the same structure however short the run,
         # so a checkpoint's scheduler state always fits it on --resume.
         warmup_steps = max(1, int(hp.warmup_epochs * steps_per_epoch)) if hp.warmup_epochs else 0
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, total_steps - warmup_steps)
         )
-        if warmup_steps > 0:
-            warmup = torch.optim.lr_scheduler.LinearLR(
-                optimizer, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps
-            )
-            schedule = torch.optim.lr_scheduler.SequentialLR(
-                optimizer, [warmup, cosine], milestones=[warmup_steps]
-            )
-        else:
-            schedule = cosine
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        if warmup_steps == 0:
+            return optimizer, cosine
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps
+        )
+        schedule = torch.optim.lr_scheduler.SequentialLR(
+            optimizer, [warmup, cosine], milestones=[warmup_steps]
+        )
+        return optimizer, schedule
