@@ -153,13 +153,14 @@ def plot_learning_curves(results: dict[str, dict[str, Any]], path: Path, title: 
                 [record["val_acc"] for record in history],
                 marker="o",
                 label=strategy,
+                color=f"C{list(STRATEGIES).index(strategy)}",  # one colour per strategy
             )
         axis.set_title(f"augmentation: {augmentation}")
+        axis.legend()
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("validation top-1")
-    axes[0].legend()
     figure.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

@@ -124,7 +124,7 @@ class TransferClassifier(pl.LightningModule):
         )
         for name in ("acc", "acc_top5"):
             metric = self.metrics[f"{split}_{name}"]
-            metric(logits, labels)
+            metric.update(logits, labels)  # epoch-level only: no per-batch value to compute
             self.log(
                 f"{split}_{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
             )
