@@ -41,6 +41,9 @@ def colour_folder(tmp_path_factory) -> Path:
     return root
 
 
+# The settings most tests train with: bundled weights, 32px, small batches, no worker processes.
+TINY_CONFIG = dict(pretrained="bundled", img_size=32, batch_size=8, num_workers=0, val_fraction=0.3)
+
 TINY_RUN_FLAGS = [
     "--pretrained",
     "bundled",

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_colour_images
+from conftest import TINY_CONFIG, write_colour_images
 
 from tlkit import FinetuneConfig, finetune
 from tlkit.data import ImageDataModule
@@ -13,12 +13,8 @@ from tlkit.module import TransferClassifier
 from tlkit.runfolder import read_summary
 
 SETTINGS = dict(
-    pretrained="bundled",
-    img_size=32,
+    **TINY_CONFIG,
     epochs=2,
-    batch_size=8,
-    num_workers=0,
-    val_fraction=0.3,
     strategy="features",
     augment=False,
     lr=1e-2,

@@ -5,6 +5,7 @@ import runpy
 from pathlib import Path
 
 import torch
+from conftest import TINY_CONFIG
 
 from tlkit import FinetuneConfig
 from tlkit.finetune import build_model
@@ -15,14 +16,10 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 def test_plain_loop_takes_the_same_steps_as_tlkit(colour_folder: Path, tmp_path: Path):
     overhead = runpy.run_path(str(BENCHMARK))
     options = {
+        **TINY_CONFIG,
         "data_dir": str(colour_folder),
-        "pretrained": "bundled",
         "strategy": "partial",
         "unfreeze_stages": 1,
-        "img_size": 32,
-        "batch_size": 8,
-        "val_fraction": 0.3,
-        "num_workers": 0,
         "lr": 3e-3,
         "epochs": 1,
         "channels_last": True,

@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN_FLAGS, finetune_killed_after_first_checkpoint, write_colour_images
+from conftest import (
+    TINY_CONFIG,
+    TINY_RUN_FLAGS,
+    finetune_killed_after_first_checkpoint,
+    write_colour_images,
+)
 from PIL import Image
 
 from tlkit.backbones import create_backbone
@@ -159,13 +164,7 @@ def test_diverging_training_stops_with_a_clear_message(colour_folder, tmp_path, 
     monkeypatch.setattr(TransferClassifier, "training_step", breaks_in_the_second_epoch)
     out = tmp_path / "run"
     config = FinetuneConfig(
-        data_dir=str(colour_folder),
-        out=str(out),
-        pretrained="bundled",
-        img_size=32,
-        epochs=3,
-        batch_size=8,
-        num_workers=0,
+        data_dir=str(colour_folder), out=str(out), **{**TINY_CONFIG, "val_fraction": 0.1}, epochs=3
     )
     with pytest.raises(
         TrainingDivergedError, match=r"epoch 2, step 4 \(batch 1 of the epoch\), learning rate"

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG
 from torch import nn
 
 from tlkit.cli import main
@@ -30,11 +31,7 @@ OVERFIT_BUDGET = 45  # real labels are fitted after 27 steps
 def config(colour_folder: Path) -> FinetuneConfig:
     return FinetuneConfig(
         data_dir=str(colour_folder),
-        pretrained="bundled",
-        img_size=32,
-        batch_size=8,
-        num_workers=0,
-        val_fraction=0.3,
+        **TINY_CONFIG,
         strategy="features",
         lr=1e-2,
         dropout=0.0,

@@ -6,6 +6,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import TINY_CONFIG
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -21,16 +22,7 @@ SEARCH_FLAGS += ["--batch-size", "8", "--num-workers", "0", "--val-fraction", "0
 
 
 def base_config(data: Path, out: Path) -> FinetuneConfig:
-    return FinetuneConfig(
-        data_dir=str(data),
-        out=str(out),
-        pretrained="bundled",
-        img_size=32,
-        epochs=2,
-        batch_size=8,
-        num_workers=0,
-        val_fraction=0.3,
-    )
+    return FinetuneConfig(data_dir=str(data), out=str(out), epochs=2, **TINY_CONFIG)
 
 
 def read_trials(folder: Path) -> list[dict[str, str]]:
