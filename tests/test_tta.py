@@ -1,9 +1,11 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN_FLAGS
 from torch import nn
 
 from tlkit.augment import eval_transform
@@ -12,7 +14,15 @@ from tlkit.cli import main
 from tlkit.data import load_rgb, scan
 from tlkit.inference import load_model, predict_probabilities
 from tlkit.module import TransferClassifier
-from tlkit.tta import ScaleSquares, TTAModule, make_views, plan, ten_crops
+from tlkit.tta import (
+    TTA_MEMORY_BUDGET,
+    ScaleSquares,
+    TTAModule,
+    TTAPlan,
+    loader_batch_size,
+    make_views,
+    plan,
+)
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
@@ -27,7 +37,7 @@ def coordinate_squares(batch: int, side: int) -> torch.Tensor:
 
 
 def test_ten_crops_are_corners_centre_and_their_mirrors():
-    crops = ten_crops(coordinate_squares(3, 10), size=4)
+    crops = make_views(coordinate_squares(3, 10), TTAPlan("ten-crop", 4, (10,), "crops", True))
     assert crops.shape == (3, 10, 3, 4, 4)
     expected_top_left = [(0, 0), (0, 6), (6, 0), (6, 6), (3, 3)]
     for view, (top, left) in enumerate(expected_top_left):
@@ -44,7 +54,7 @@ def test_presets_resolve_views_and_scales():
         name: plan(name, PREPROCESSING).views_per_image
         for name in ("none", "flip", "ten-crop", "multi-scale", "dense")
     }
-    assert counts == {"none": 1, "flip": 2, "ten-crop": 10, "multi-scale": 50, "dense": 5}
+    assert counts == {"none": 1, "flip": 2, "ten-crop": 10, "multi-scale": 42, "dense": 5}
     assert plan("ten-crop", PREPROCESSING).scale_sizes == (37,)  # 32 / 0.875
     assert plan("multi-scale", PREPROCESSING).scale_sizes == (32, 37, 55, 69, 91)
     assert plan("dense", PREPROCESSING, scales=(1.0, 1.5)).scale_sizes == (32, 48)
@@ -76,13 +86,17 @@ def test_batched_views_equal_a_naive_loop_over_views(tiny_model, photos, preset:
     with torch.no_grad():
         batched = TTAModule(tiny_model, tta, max_views_per_forward=7)(scales)
         naive = []
-        for index in range(len(photos)):
-            probabilities = [
-                tiny_model(view.unsqueeze(0)).softmax(-1)[0]
+        for index in range(len(photos)):  # each scale weighs the same
+            per_scale = [
+                torch.stack(
+                    [
+                        tiny_model(view.unsqueeze(0)).softmax(-1)[0]
+                        for view in make_views(squares[index : index + 1], tta)[0]
+                    ]
+                ).mean(0)
                 for squares in scales
-                for view in make_views(squares[index : index + 1], tta)[0]
             ]
-            naive.append(torch.stack(probabilities).mean(0))
+            naive.append(torch.stack(per_scale).mean(0))
     assert torch.allclose(batched, torch.stack(naive), atol=1e-5)
 
 
@@ -159,3 +173,125 @@ def test_report_names_the_tta_preset(tiny_run: Path, colour_folder: Path, tmp_pa
 
     build_report(tiny_run, colour_folder / "test", tmp_path / "report", tta="flip")
     assert "flip: 2 views per image" in (tmp_path / "report" / "report.html").read_text()
+
+
+def old_ten_crop_average(model, squares_per_scale, size: int) -> torch.Tensor:
+    """The computation before duplicates were dropped: ten crops at every scale, one mean."""
+    probabilities = []
+    for squares in squares_per_scale:
+        far = squares.shape[-1] - size
+        offsets = ((0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2))
+        crops = [squares[..., y : y + size, x : x + size] for y, x in offsets]
+        for view in crops + [crop.flip(-1) for crop in crops]:
+            probabilities.append(model(view).softmax(-1))
+    return torch.stack(probabilities, dim=1).mean(dim=1)
+
+
+def test_multi_scale_drops_the_duplicate_crops_at_the_input_size(tiny_model, photos):
+    tta = plan("multi-scale", PREPROCESSING)
+    assert tta.scale_sizes[0] == PREPROCESSING.input_size  # the square is the crop there
+    assert tta.views_per_image == 2 + 4 * 10  # one crop and its mirror, then ten per scale
+    unmirrored = plan("multi-scale", PREPROCESSING, mirrored=False)
+    assert unmirrored.views_per_image == 1 + 4 * 5
+    assert plan("ten-crop", replace(PREPROCESSING, crop_pct=1.0)).views_per_image == 2
+    scales = scale_batches(photos, tta)
+    assert make_views(scales[0], tta).shape[1] == 2
+    with torch.no_grad():
+        deduplicated = TTAModule(tiny_model, tta, max_views_per_forward=16)(scales)
+        old = old_ten_crop_average(tiny_model, scales, PREPROCESSING.input_size)
+    # each scale keeps the weight it had with its ten views: the result is the old average
+    assert torch.allclose(deduplicated, old, atol=1e-6)
+
+
+def test_large_plans_load_smaller_batches_with_the_same_result(tiny_model, colour_folder: Path):
+    at_224 = replace(PREPROCESSING, input_size=224)
+    multi_scale = plan("multi-scale", at_224)
+    assert loader_batch_size(multi_scale, 64) < 64 <= loader_batch_size(plan("none", at_224), 64)
+    assert loader_batch_size(multi_scale, 64) * multi_scale.bytes_per_image <= TTA_MEMORY_BUDGET
+    assert loader_batch_size(multi_scale, 1) == 1
+
+    samples = scan(colour_folder / "test", tiny_model.class_names).samples
+    full, full_cost = predict_probabilities(tiny_model, samples, "multi-scale", batch_size=12)
+    tiny_budget = 2 * plan("multi-scale", tiny_model.preprocessing).bytes_per_image
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("tlkit.tta.TTA_MEMORY_BUDGET", tiny_budget)
+        bounded, bounded_cost = predict_probabilities(
+            tiny_model, samples, "multi-scale", batch_size=12
+        )
+    assert (full_cost["loader_batch_size"], bounded_cost["loader_batch_size"]) == (12, 2)
+    assert torch.allclose(full, bounded, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def unflipped_run(colour_folder: Path, tmp_path_factory) -> Path:
+    """A finished run trained with `--hflip 0`, as the digits demo is."""
+    out = tmp_path_factory.mktemp("runs") / "no-flip"
+    flags = [*TINY_RUN_FLAGS, "--epochs", "1", "--hflip", "0"]
+    assert main(["finetune", str(colour_folder), "--out", str(out), *flags]) == 0
+    return out
+
+
+def test_runs_trained_without_flips_get_no_mirrored_views(unflipped_run: Path, colour_folder):
+    model = load_model(unflipped_run)
+    assert model.trained_with_hflip is False
+    samples = scan(colour_folder / "test", model.class_names).samples
+    probabilities, cost = predict_probabilities(model, samples, "ten-crop", batch_size=8)
+    assert cost["views_per_image"] == 5 and cost["mirrored"] is False
+    tta = plan("ten-crop", model.preprocessing)
+    squares = torch.stack(
+        [
+            ScaleSquares(tta, model.preprocessing)(image=load_rgb(path))["image"][0]
+            for path, _ in samples
+        ]
+    )
+    size = model.preprocessing.input_size
+    far = squares.shape[-1] - size
+    offsets = ((0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2))
+    with torch.no_grad():
+        five = torch.stack(
+            [model(squares[..., y : y + size, x : x + size]).softmax(-1) for y, x in offsets]
+        )
+    assert torch.allclose(probabilities, five.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="trained without horizontal flips"):
+        predict_probabilities(model, samples, "flip")
+
+
+def test_flipped_runs_keep_their_mirrored_views(tiny_model, colour_folder: Path):
+    assert tiny_model.trained_with_hflip is True  # the default --hflip 0.5
+    samples = scan(colour_folder / "test", tiny_model.class_names).samples
+    _, cost = predict_probabilities(tiny_model, samples, "ten-crop", batch_size=8)
+    assert cost["views_per_image"] == 10 and cost["mirrored"] is True
+
+
+def test_export_cards_carry_the_training_flips(unflipped_run: Path, colour_folder, tmp_path):
+    from tlkit.export import CARD, ExportedModel, export_run
+
+    card = export_run(unflipped_run, tmp_path / "export", format="torchscript")
+    assert card["model"]["trained_with_hflip"] is False
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "export"),
+            str(colour_folder / "test"),
+            "--tta",
+            "multi-scale",
+            "--out",
+            str(tmp_path / "results.json"),
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["tta"]["views_per_image"] == 1 + 4 * 5 and not results["tta"]["mirrored"]
+    # cards and checkpoints written before the field existed: flips, as those runs had
+    del card["model"]["trained_with_hflip"]
+    assert ExportedModel(card, lambda images: images).trained_with_hflip is True
+    assert (
+        json.loads((tmp_path / "export" / CARD).read_text())["model"]["trained_with_hflip"] is False
+    )
+
+
+def test_checkpoints_without_the_field_assume_flips(unflipped_run: Path, tmp_path: Path):
+    checkpoint = torch.load(unflipped_run / "best.ckpt", weights_only=True)
+    del checkpoint["hyper_parameters"]["trained_with_hflip"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert TransferClassifier.load_checkpoint(tmp_path / "old.ckpt").trained_with_hflip is True

@@ -333,6 +333,7 @@ def _card(
             "unfreeze_stages": hparams.unfreeze_stages if hparams.strategy == "partial" else None,
             "head_hidden": hparams.head_hidden,
             "head_dropout": hparams.dropout,
+            "trained_with_hflip": model.trained_with_hflip,
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
         },
         "metrics": {
@@ -452,6 +453,12 @@ class ExportedModel:
             interpolation=values["interpolation"],
             crop_pct=float(values["crop_pct"]),
         )
+
+    @property
+    def trained_with_hflip(self) -> bool:
+        """Whether training flipped images horizontally; cards from before the field was
+        recorded come from runs that did, unless told otherwise."""
+        return bool(self.card["model"].get("trained_with_hflip", True))
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, C) of a preprocessed batch (N, 3, S, S), computed on the CPU."""

@@ -65,7 +65,15 @@ def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClass
         img_size=config.img_size,
         class_names=class_names,
         channels_last=config.channels_last,
+        trained_with_hflip=trains_with_hflip(config),
     )
+
+
+def trains_with_hflip(config: FinetuneConfig) -> bool:
+    """Whether the model sees mirror images in training: the train augmentation flips, and the
+    `features` strategy's head trains on augmented views (cache_augmented_views) only."""
+    flips = config.augment and config.hflip > 0
+    return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
 
 
 def build_datamodule(config: FinetuneConfig) -> ImageDataModule:

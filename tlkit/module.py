@@ -30,7 +30,9 @@ class TransferClassifier(pl.LightningModule):
 
     Cross-entropy (optional label smoothing), AdamW or SGD, linear warm-up then cosine decay
     stepped every batch, top-1/top-5 accuracy from torchmetrics. Frozen parts of the backbone
-    stay in eval mode whenever the module is put in train mode.
+    stay in eval mode whenever the module is put in train mode. `trained_with_hflip` records
+    whether the training data is flipped horizontally: test-time averaging mirrors views only
+    then (checkpoints without it come from runs that flipped).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class TransferClassifier(pl.LightningModule):
         img_size: int | None = None,
         class_names: list[str] | None = None,
         channels_last: bool = False,
+        trained_with_hflip: bool = True,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -85,6 +88,10 @@ class TransferClassifier(pl.LightningModule):
     def preprocessing(self) -> Preprocessing:
         """Resize, crop and normalisation this model expects (the backbone's pretrained config)."""
         return preprocessing(self.backbone, self.hparams.img_size)
+
+    @property
+    def trained_with_hflip(self) -> bool:
+        return bool(self.hparams.trained_with_hflip)
 
     @property
     def class_names(self) -> list[str]:

@@ -11,8 +11,17 @@ Presets (views per image):
 | `none`        | 1       | the plain evaluation transform (resize to S/crop_pct, centre crop) |
 | `flip`        | 2       | that view and its mirror image                                     |
 | `ten-crop`    | 10      | corners + centre + flips at one scale, S/crop_pct                  |
-| `multi-scale` | 10 x n  | ten-crop at each of n scales (default the five above: 50 views)    |
+| `multi-scale` | 42      | ten-crop at each of n scales (default the five above)              |
 | `dense`       | n       | the whole square image at each scale through global pooling        |
+
+Only views the model was trained on: a model trained without horizontal flips (`--hflip 0`,
+`--no-augment`) gets no mirror images (ten-crop: the five crops; multi-scale: five per scale),
+and `flip`, which only adds the mirror image, is refused for it.
+
+No duplicate views: at a scale whose square is the crop size (multi-scale's first, ten-crop with
+crop_pct 1) the five crops are one and the same view, computed once (with its mirror). Each
+scale still weighs 1/n in the average, however many distinct views it has, so the result is
+the lecture's mean over ten views at every scale (50 for multi-scale), from 42 forward passes.
 
 Non-square images: the views are taken from the central square of the resized image (the same
 square the plain centre crop comes from), so every view of a batch has one shape.
@@ -41,6 +50,12 @@ from tlkit.backbones import Preprocessing
 RESNET_SCALES = (224 / 224, 256 / 224, 384 / 224, 480 / 224, 640 / 224)
 PRESETS = ("none", "flip", "ten-crop", "multi-scale", "dense")
 AVERAGES = ("probabilities", "geometric")
+# float32 bytes one loader batch may hold: the squares of every scale of its images, plus the
+# views made on the device from its largest scale (views are made one scale at a time). Each
+# loader worker prefetches 2 batches, so the loader holds at most (2 x workers + 1) of them.
+# 224px multi-scale needs 17 MB per image: batches of 15 instead of 64 (1.1 GB).
+TTA_MEMORY_BUDGET = 256 * 2**20
+FLOAT32_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -50,13 +65,29 @@ class TTAPlan:
     preset: str
     input_size: int
     scale_sizes: tuple[int, ...]  # short side (and square size) of each loaded scale
-    views: str  # "single", "flip", "ten", "whole"
+    views: str  # "single" (the square), "crops" (corners and centre), "whole" (the square)
+    mirrored: bool  # each view also mirrored
     average: str = "probabilities"
+
+    def views_at(self, side: int) -> int:
+        """Distinct views of a square of `side` pixels: corners and centre coincide when the
+        square is the crop."""
+        crops = 5 if self.views == "crops" and side > self.input_size else 1
+        return crops * (2 if self.mirrored else 1)
 
     @property
     def views_per_image(self) -> int:
-        per_scale = {"single": 1, "flip": 2, "ten": 10, "whole": 1}[self.views]
-        return per_scale * len(self.scale_sizes)
+        return sum(self.views_at(side) for side in self.scale_sizes)
+
+    @property
+    def bytes_per_image(self) -> int:
+        """float32 bytes of one image's squares plus the views of its largest scale."""
+        squares = sum(3 * side**2 for side in self.scale_sizes)
+        views = max(
+            self.views_at(side) * 3 * (side if self.views == "whole" else self.input_size) ** 2
+            for side in self.scale_sizes
+        )
+        return FLOAT32_BYTES * (squares + views)
 
 
 def plan(
@@ -64,24 +95,40 @@ def plan(
     preprocessing: Preprocessing,
     scales: tuple[float, ...] | None = None,
     average: str = "probabilities",
+    mirrored: bool = True,
 ) -> TTAPlan:
     """Resolve a preset name for the model's preprocessing; `scales` overrides the ResNet set
-    (relative to the input size) for `multi-scale` and `dense`."""
+    (relative to the input size) for `multi-scale` and `dense`. `mirrored=False` (a model
+    trained without horizontal flips) leaves the mirror images out."""
     if preset not in PRESETS:
         raise ValueError(f"unknown TTA preset '{preset}': choose one of {', '.join(PRESETS)}")
     if average not in AVERAGES:
         raise ValueError(f"unknown TTA average '{average}': choose one of {', '.join(AVERAGES)}")
+    if preset == "flip" and not mirrored:
+        # Refused rather than run as `none`: results labelled `flip` would silently be `none`'s.
+        raise ValueError(
+            "TTA preset 'flip' only adds the mirror image, and this model was trained without "
+            "horizontal flips (--hflip 0 or --no-augment): it never saw a mirror image. "
+            "Use 'none', or 'ten-crop' for five crops without mirror images."
+        )
     size = preprocessing.input_size
     resize = round(size / preprocessing.crop_pct)
     if preset in ("none", "flip"):
-        sizes, views = (size,), "single" if preset == "none" else "flip"
+        sizes, views, mirrored = (size,), "single", preset == "flip"
     elif preset == "ten-crop":
-        sizes, views = (resize,), "ten"
+        sizes, views = (resize,), "crops"
     else:
         relative = scales or RESNET_SCALES
         sizes = tuple(sorted({max(size, round(size * factor)) for factor in relative}))
-        views = "ten" if preset == "multi-scale" else "whole"
-    return TTAPlan(preset, size, sizes, views, average)
+        views = "crops" if preset == "multi-scale" else "whole"
+        mirrored = mirrored and preset == "multi-scale"
+    return TTAPlan(preset, size, sizes, views, mirrored, average)
+
+
+def loader_batch_size(tta: TTAPlan, batch_size: int) -> int:
+    """Images per loader batch: `batch_size`, fewer when their squares and views would take more
+    than `TTA_MEMORY_BUDGET` bytes, at least 1."""
+    return max(1, min(batch_size, TTA_MEMORY_BUDGET // tta.bytes_per_image))
 
 
 class ScaleSquares:
@@ -91,7 +138,7 @@ class ScaleSquares:
     """
 
     def __init__(self, tta: TTAPlan, preprocessing: Preprocessing) -> None:
-        if tta.views in ("single", "flip"):
+        if tta.views == "single":
             self.pipelines = [eval_transform(preprocessing)]
         else:
             self.pipelines = [
@@ -112,34 +159,39 @@ class ScaleSquares:
         return {"image": tuple(pipeline(image=image)["image"] for pipeline in self.pipelines)}
 
 
-def ten_crops(squares: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, L, L) -> (B, 10, C, size, size): corners, centre, then the same five mirrored."""
+def five_crops(squares: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, L, L) -> (B, 5, C, size, size): the four corners and the centre; (B, 1, C, L, L)
+    when L is `size`, where all five are the square itself."""
     side = squares.shape[-1]
+    if side == size:
+        return squares.unsqueeze(1)
     far, middle = side - size, (side - size) // 2
     offsets = ((0, 0), (0, far), (far, 0), (far, far), (middle, middle))
-    crops = torch.stack([squares[..., y : y + size, x : x + size] for y, x in offsets], dim=1)
-    return torch.cat([crops, crops.flip(-1)], dim=1)
+    return torch.stack([squares[..., y : y + size, x : x + size] for y, x in offsets], dim=1)
 
 
 def make_views(squares: torch.Tensor, tta: TTAPlan) -> torch.Tensor:
-    """All views of a batch at one scale: (B, V, C, H, W)."""
-    if tta.views == "single" or tta.views == "whole":
-        return squares.unsqueeze(1)
-    if tta.views == "flip":
-        return torch.stack([squares, squares.flip(-1)], dim=1)
-    return ten_crops(squares, tta.input_size)
+    """All views of a batch at one scale: (B, V, C, H, W), the mirrored ones last."""
+    views = five_crops(squares, tta.input_size) if tta.views == "crops" else squares.unsqueeze(1)
+    return torch.cat([views, views.flip(-1)], dim=1) if tta.mirrored else views
 
 
-def average_views(probabilities: torch.Tensor, average: str) -> torch.Tensor:
-    """(B, V, K) class probabilities of every view -> (B, K).
+def average_views(
+    probabilities: torch.Tensor, average: str, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, V, K) class probabilities of every view -> (B, K), each view weighted by `weights`
+    (V,), which sum to 1 (default: equal weights).
 
-    `probabilities`: their mean. `geometric`: the renormalised geometric mean, which equals the
-    softmax of the mean logits (each view's log-probabilities differ from its logits by a
-    constant per view).
+    `probabilities`: their weighted mean. `geometric`: the renormalised weighted geometric mean,
+    which equals the softmax of the weighted mean logits (each view's log-probabilities differ
+    from its logits by a constant per view).
     """
+    if weights is None:
+        weights = probabilities.new_full(probabilities.shape[1:2], 1 / probabilities.shape[1])
+    weights = weights.to(probabilities).view(1, -1, 1)
     if average == "geometric":
-        return probabilities.clamp_min(1e-30).log().mean(dim=1).softmax(dim=-1)
-    return probabilities.mean(dim=1)
+        return (probabilities.clamp_min(1e-30).log() * weights).sum(dim=1).softmax(dim=-1)
+    return (probabilities * weights).sum(dim=1)
 
 
 def check_accepts_any_size(model, tta: TTAPlan) -> None:
@@ -177,9 +229,13 @@ class TTAModule(pl.LightningModule):
         self.max_views_per_forward = max_views_per_forward
 
     def forward(self, scales: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Per-scale batches of squares -> (B, K) averaged probabilities."""
+        """Per-scale batches of squares -> (B, K) averaged probabilities; every scale weighs the
+        same, however many distinct views it has."""
         views = [self._view_probabilities(make_views(s, self.tta)) for s in scales]
-        return average_views(torch.cat(views, dim=1).float(), self.tta.average)
+        weights = torch.cat(
+            [torch.full((v.shape[1],), 1 / (v.shape[1] * len(views))) for v in views]
+        )
+        return average_views(torch.cat(views, dim=1).float(), self.tta.average, weights)
 
     def _view_probabilities(self, views: torch.Tensor) -> torch.Tensor:
         per_image = views.shape[1]
