@@ -9,7 +9,8 @@ two augmentations): random init (`--pretrained none`), features (cached; with au
 cached augmented views), partial (last 1 and last 2 stages), full; augmentation `default`
 (tlkit's: scale crops, flip, colour jitter), `none`, or `light` (flip and mild scale crops, no
 jitter: the gentler pipeline docs/augmentation.md recommends for small, centred images). Each
-run's best checkpoint is evaluated with TTA `none`, `flip` and `ten-crop`.
+run's best checkpoint is evaluated with TTA `none`, `flip` and `ten-crop` (runs trained without
+flips: no `flip`, and ten-crop's five crops without mirror images).
 
 Every row is an ordinary `tlkit.finetune` run in WORK/<row>; a finished row is reused when the
 study runs again (with the same config, else it stops), and the table (WORK/results.md, with the
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import write_fashion_mnist  # noqa: E402
 
 from tlkit import FinetuneConfig, finetune  # noqa: E402
+from tlkit.finetune import trains_with_hflip  # noqa: E402
 from tlkit.inference import evaluate  # noqa: E402
 
 STRATEGIES = {
@@ -99,6 +101,8 @@ def run_row(config: FinetuneConfig, test_dir: Path, batch_size: int) -> dict[str
     summary = finetune(config, enable_progress_bar=False, limit_test_batches=0)
     evaluations = {}
     for preset in PRESETS:
+        if preset == "flip" and not trains_with_hflip(config):
+            continue  # tlkit refuses it: the model never saw a mirror image
         result = evaluate(out, test_dir, batch_size, tta=preset)
         evaluations[preset] = {"top1": result["top1"], "seconds": result["tta"]["seconds"]}
         print(f"{out.name}: TTA {preset} top-1 {result['top1']:.4f}", flush=True)
@@ -119,14 +123,16 @@ def results_table(results: dict[str, dict[str, Any]], heading: str) -> str:
     for name, result in results.items():
         strategy, augmentation = name.split("/")
         summary, tta = result["summary"], result["tta"]
-        top1 = [f"{tta[preset]['top1']:.4f}" for preset in PRESETS]
-        seconds = " / ".join(f"{tta[preset]['seconds']:.0f}" for preset in PRESETS)
+        top1 = [f"{tta[preset]['top1']:.4f}" if preset in tta else "n/a" for preset in PRESETS]
+        seconds = " / ".join(
+            f"{tta[preset]['seconds']:.0f}" if preset in tta else "n/a" for preset in PRESETS
+        )
         lines.append(
             f"| {strategy} | {augmentation} | {summary['epochs_run']} | {' | '.join(top1)} | "
             f"{summary['wall_time_s']:.0f} | {seconds} | {summary['trainable_parameters']:,} |"
         )
     best_name, best_preset = max(
-        ((name, preset) for name in results for preset in PRESETS),
+        ((name, preset) for name in results for preset in results[name]["tta"]),
         key=lambda pair: results[pair[0]]["tta"][pair[1]]["top1"],
     )
     best = results[best_name]["tta"][best_preset]["top1"]

@@ -115,6 +115,7 @@ def test_the_five_minute_tour_runs_as_written(tmp_path: Path, monkeypatch, capsy
     assert features["strategy"] == "features" and features["test_acc"] > 0.7
     ten_crop = json.loads((tmp_path / "runs" / "demo" / "test-ten-crop.json").read_text())
     assert ten_crop["tta"]["preset"] == "ten-crop" and ten_crop["images"] == 360
+    assert ten_crop["tta"]["views_per_image"] == 5  # the demo trains without flips
     predictions = (tmp_path / "runs" / "demo" / "predictions.csv").read_text().splitlines()
     assert predictions[0].startswith("path,label_1,prob_1") and len(predictions) > 30
     assert (tmp_path / "runs" / "demo" / "report" / "report.html").is_file()
