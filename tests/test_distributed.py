@@ -216,6 +216,14 @@ def test_ddp_batches_augmentation_and_metrics_per_rank(identical_images: Path, t
     assert summary["epochs_run"] == 2 and (summary["val_images"], summary["test_images"]) == (5, 3)
     assert summary["best_val_acc"] == pytest.approx(evaluate(out, identical_images / "val")["top1"])
     assert summary["test_acc"] == pytest.approx(evaluate(out, identical_images / "test")["top1"])
+    model = load_model(out)
+    data = ImageDataModule(identical_images, model.preprocessing, num_workers=0)
+    data.setup()
+    probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
+    labels = torch.tensor([label for _, label in data.val_set.samples])
+    single_loss = torch.nn.functional.nll_loss(probabilities.log(), labels).item()
+    best = summary["history"][summary["best_epoch"] - 1]
+    assert best["val_loss"] == pytest.approx(single_loss, rel=1e-4)  # not a mean of means
 
 
 @pytest.mark.slow

@@ -179,12 +179,14 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         self.progress = progress
         self.report: dict[str, Any] = {}
         self.splits: dict[str, Dataset] = {}
+        self._keys: dict[str, str] = {}
 
     def prepare_data(self) -> None:
         started = time.perf_counter()
         for split in self._sources():
             self._features(split)
-        self.report["extraction_s"] = round(time.perf_counter() - started, 2)
+        # `trainer.test` prepares again (finding everything cached): keep the first time
+        self.report.setdefault("extraction_s", round(time.perf_counter() - started, 2))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -217,7 +219,9 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         )
         views = self.augmented_views if augmented else 1
         seed = self.images.seed if augmented else None
-        key = cache_key(self.model, samples, transform, views, seed)
+        if split not in self._keys:  # hashing the weights takes a while for large backbones
+            self._keys[split] = cache_key(self.model, samples, transform, views, seed)
+        key = self._keys[split]
         path = self.cache_dir / f"features-{split}-{key[:20]}.safetensors"
         device = self.trainer.strategy.root_device if self.trainer is not None else self.device
 
