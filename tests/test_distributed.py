@@ -223,7 +223,7 @@ def test_ddp_batches_augmentation_and_metrics_per_rank(identical_images: Path, t
     labels = torch.tensor([label for _, label in data.val_set.samples])
     single_loss = torch.nn.functional.nll_loss(probabilities.log(), labels).item()
     best = summary["history"][summary["best_epoch"] - 1]
-    assert best["val_loss"] == pytest.approx(single_loss, rel=1e-4)  # not a mean of means
+    assert best["val_loss"] == pytest.approx(single_loss, rel=1e-4)
 
 
 @pytest.mark.slow
