@@ -32,6 +32,17 @@ def write_colour_images(folder: Path, per_class: int, seed: int, size: int = 40)
             image.save(class_dir / f"{index:03d}{suffix}")
 
 
+def write_identical_images(folder: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """`folder/<class>/<i>.png`, every file the same image: whatever differs between two
+    training batches is the augmentation, and a model predicts one class for all of them."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    for name, count in counts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.fromarray(pixels).save(folder / name / f"{index:03d}.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def colour_folder(tmp_path_factory) -> Path:
     """DATA/train/<colour>/ (10 per class) and DATA/test/<colour>/ (4 per class)."""

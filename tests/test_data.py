@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_colour_images
+from conftest import write_colour_images, write_identical_images
+from lightning_fabric.utilities.data import _set_sampler_epoch
 from PIL import Image
 
 from tlkit.augment import eval_transform, train_transform
@@ -165,3 +166,31 @@ def test_transforms_scale_with_the_input_size_and_are_seeded():
     assert -1.0 <= float(evaluated.min()) and float(evaluated.max()) <= 1.0  # mean=std=0.5
     with pytest.raises(ValueError, match="short side range"):
         train_transform(PREPROCESSING, short_side_range=(100, 480))
+
+
+def test_augmentation_follows_seed_epoch_and_image_not_workers(tmp_path: Path):
+    """Each image's augmentation is drawn from (seed, epoch, image): a new draw every epoch,
+    persistent workers included, and the same draw with any number of workers (or after a
+    resume)."""
+    folder = write_identical_images(tmp_path / "data", {"a": 6, "b": 6})
+
+    def training_loader(workers: int):
+        module = ImageDataModule(
+            folder, PREPROCESSING, batch_size=4, num_workers=workers, val_fraction=0.25, seed=0
+        )
+        module.setup()
+        return module.train_dataloader()
+
+    def epoch_images(loader, epoch: int) -> torch.Tensor:
+        _set_sampler_epoch(loader, epoch)  # what Lightning's fit loop calls at each epoch start
+        return torch.cat([images for images, _ in loader])
+
+    def drawn(images: torch.Tensor) -> list[float]:
+        """The epoch's augmentations in any order (the same image in every file)."""
+        return sorted(image.sum().item() for image in images)
+
+    persistent = training_loader(workers=2)
+    assert persistent.persistent_workers
+    first, second = epoch_images(persistent, 0), epoch_images(persistent, 1)
+    assert drawn(first) != drawn(second)
+    assert torch.equal(epoch_images(training_loader(workers=0), 1), second)

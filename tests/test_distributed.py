@@ -1,5 +1,7 @@
 """Distributed training through Lightning: two real processes on the CPU (gloo)."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -7,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finetune_killed_after_first_checkpoint
+from conftest import finetune_killed_after_first_checkpoint, write_identical_images
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from timm.layers import BatchNormAct2d
 
 from tlkit.backbones import create_backbone
+from tlkit.cli import main
 from tlkit.config import FinetuneConfig
 from tlkit.data import ImageDataModule
 from tlkit.distributed import TimmSyncBatchNorm, trainer_options
-from tlkit.inference import load_model, predict_probabilities
+from tlkit.inference import evaluate, load_model, predict_probabilities
 from tlkit.runfolder import read_summary
 
 
@@ -59,6 +62,16 @@ def test_trainer_options_follow_the_config():
         FinetuneConfig(dist_strategy="horovod")
     with pytest.raises(ValueError, match="needs GPUs"):
         trainer_options(FinetuneConfig(accelerator="cpu", sync_batchnorm=True))
+
+
+def test_ddp_spawn_is_not_offered(capsys):
+    """Lightning's spawn launcher returns none of the spawned processes' state (epoch history,
+    feature-cache report), so its run folders would be incomplete; `ddp` does the same work."""
+    with pytest.raises(ValueError, match="dist_strategy must be one of auto, ddp, fsdp$"):
+        FinetuneConfig(dist_strategy="ddp_spawn")
+    with pytest.raises(SystemExit):
+        main(["finetune", "DATA", "--dist-strategy", "ddp_spawn"])
+    assert "invalid choice: 'ddp_spawn'" in capsys.readouterr().err
 
 
 DDP_FLAGS = [
@@ -136,3 +149,105 @@ def test_killed_ddp_run_resumes_from_last_checkpoint(colour_folder: Path, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = read_summary(out)
     assert summary["resumed"] and [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
+
+
+PROBE = Path(__file__).with_name("ddp_probe.py")
+
+
+@pytest.fixture(scope="module")
+def identical_images(tmp_path_factory) -> Path:
+    """train/ (10 + 10), val/ (3 + 2) and test/ (2 + 1) copies of one image: the model's
+    constant prediction makes any image counted twice show in the accuracy."""
+    root = tmp_path_factory.mktemp("identical")
+    for split, (a, b) in {"train": (10, 10), "val": (3, 2), "test": (2, 1)}.items():
+        write_identical_images(root / split, {"a": a, "b": b})
+    return root
+
+
+def run_probe(config: FinetuneConfig, probe: Path, launcher: list[str]) -> dict[int, dict]:
+    """`tests/ddp_probe.py` with two CPU processes; returns what each rank recorded."""
+    values = json.dumps(dataclasses.asdict(config))
+    result = subprocess.run(
+        [*launcher, str(PROBE), values, str(probe)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {rank: json.loads((probe / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+DDP_CONFIG = dict(
+    pretrained="bundled",
+    img_size=32,
+    seed=0,
+    lr=3e-3,
+    accelerator="cpu",
+    devices="2",
+    dist_strategy="ddp",
+)
+
+
+@pytest.mark.slow
+def test_ddp_batches_augmentation_and_metrics_per_rank(identical_images: Path, tmp_path: Path):
+    """20 training images, batch 16, 2 processes: 10 per rank, so no rank may drop its only
+    (incomplete) batch; each rank augments its own images; validation (5 images) and test (3)
+    count every image once."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    config = FinetuneConfig(
+        data_dir=str(identical_images),
+        out=str(out),
+        **DDP_CONFIG,
+        batch_size=16,
+        num_workers=1,
+        epochs=2,
+        patience=9,
+        strategy="partial",
+        unfreeze_stages=1,
+    )
+    ranks = run_probe(config, probe, [sys.executable])
+    assert ranks[0]["batches_per_epoch"] == ranks[1]["batches_per_epoch"] == [1, 1]
+    first = {rank: torch.load(probe / f"rank{rank}-epoch0.pt") for rank in (0, 1)}
+    assert first[0].shape == first[1].shape == (10, 3, 32, 32)
+    assert not torch.equal(first[0], first[1])
+
+    summary = read_summary(out)
+    assert summary["epochs_run"] == 2 and (summary["val_images"], summary["test_images"]) == (5, 3)
+    assert summary["best_val_acc"] == pytest.approx(evaluate(out, identical_images / "val")["top1"])
+    assert summary["test_acc"] == pytest.approx(evaluate(out, identical_images / "test")["top1"])
+    model = load_model(out)
+    data = ImageDataModule(identical_images, model.preprocessing, num_workers=0)
+    data.setup()
+    probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
+    labels = torch.tensor([label for _, label in data.val_set.samples])
+    single_loss = torch.nn.functional.nll_loss(probabilities.log(), labels).item()
+    best = summary["history"][summary["best_epoch"] - 1]
+    assert best["val_loss"] == pytest.approx(single_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_feature_cache_is_extracted_once(colour_folder: Path, tmp_path: Path):
+    """Under torchrun every process runs the whole script; the features are still extracted
+    once in total, and the run completes."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    config = FinetuneConfig(
+        data_dir=str(colour_folder),
+        out=str(out),
+        **DDP_CONFIG,
+        batch_size=8,
+        num_workers=0,
+        val_fraction=0.4,
+        epochs=1,
+        strategy="features",
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    ranks = run_probe(config, probe, [*torchrun, "--nproc-per-node", "2"])
+    extracted = ranks[0]["extracted_rows"] + ranks[1]["extracted_rows"]
+    assert sorted(extracted) == [12, 12, 18]  # validation, test, train: once each
+    summary = read_summary(out)
+    assert summary["epochs_run"] == 1 and summary["test_acc"] is not None
+    assert {summary["feature_cache"][split]["reused"] for split in ("train", "val", "test")} == {
+        False
+    }
+    assert (out / "best.ckpt").is_file()

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import TINY_CONFIG, write_colour_images
 
@@ -85,6 +86,18 @@ def test_cache_is_reused_and_invalidated_by_files_backbone_and_size(own_folder, 
     assert cache_key(frozen_model("none"), samples, "transform", 1, None) != key
     assert cache_key(frozen_model(img_size=40), samples, "transform", 1, None) != key
     assert cache_key(model, samples[1:], "transform", 1, None) != key
+
+
+def test_cache_key_follows_the_torch_and_timm_versions(own_folder: Path, monkeypatch):
+    """A new torch or timm can compute different features from the same weights."""
+    model = frozen_model()
+    samples = [(str(path), 0) for path in sorted(own_folder.rglob("*.png"))]
+    keys = [cache_key(model, samples, "transform", 1, None)]
+    monkeypatch.setattr(timm, "__version__", "0.0.1")
+    keys.append(cache_key(model, samples, "transform", 1, None))
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    keys.append(cache_key(model, samples, "transform", 1, None))
+    assert len(set(keys)) == 3
 
 
 def test_corrupt_cache_is_detected_and_rebuilt(own_folder, tmp_path, capsys):

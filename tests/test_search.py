@@ -1,6 +1,7 @@
 """Random search: seeded and repeatable, resumable without repeats, pruning, coarse to fine."""
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import optuna
@@ -236,3 +237,40 @@ def test_refine_narrows_around_the_best_trials():
     assert fine["unfreeze_stages"] == space["unfreeze_stages"]  # no best trial used it
     with pytest.raises(ValueError, match="no completed trial"):
         narrow_space(space, [])
+
+
+def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(
+    colour_folder: Path, tmp_path: Path, monkeypatch
+):
+    real_finetune = search_module.finetune
+
+    def first_trial_diverges(config, **options):
+        if config.out.endswith("coarse-000"):  # SGD at this rate overflows within a few steps
+            config = dataclasses.replace(config, optimizer="sgd", lr=1e30)
+        return real_finetune(config, **options)
+
+    monkeypatch.setattr(search_module, "finetune", first_trial_diverges)
+    out = tmp_path / "diverging"
+    result = run_search(base_config(colour_folder, out), trials=2)
+    rows = read_trials(out)
+    assert [row["state"] for row in rows] == ["fail", "complete"]
+    assert rows[0]["reason"].startswith("TrainingDivergedError: training diverged")
+    assert rows[0]["val_acc"] == "" and rows[1]["reason"] == ""
+    assert result["best_trial"] == "coarse-001"
+    assert yaml.safe_load((out / "best.yaml").read_text())["lr"] == pytest.approx(
+        float(rows[1]["lr"])
+    )
+
+
+def test_feature_trials_share_one_cache(colour_folder: Path, tmp_path: Path):
+    out = tmp_path / "features"
+    fixed = tmp_path / "space.yaml"
+    fixed.write_text("strategy: features\n")
+    space, base = load_space(fixed, base_config(colour_folder, out))
+    run_search(base, trials=2, space=space)
+    runs = [Path(row["run_dir"]) for row in read_trials(out)]
+    assert [read_summary(run)["feature_cache"]["train"]["reused"] for run in runs] == [False, True]
+    assert not [run for run in runs if (run / "cache").exists()]
+    assert {Path(read_summary(run)["feature_cache"]["train"]["path"]).parent for run in runs} == {
+        out / "cache"
+    }

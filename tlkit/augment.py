@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import albumentations as A
 import cv2
-import torch
 from albumentations.pytorch import ToTensorV2
 
 from tlkit.backbones import Preprocessing
@@ -82,16 +81,3 @@ def eval_transform(preprocessing: Preprocessing) -> A.Compose:
             *_normalise_to_tensor(preprocessing),
         ]
     )
-
-
-def seed_worker_transform(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: give each worker's augmentation its own seeded stream.
-
-    albumentations 2.0 does not reseed per worker by itself; without this, workers would either
-    repeat one another's crops (fixed seed) or be unrepeatable (no seed). `torch.initial_seed()`
-    differs per worker and per epoch and follows the run's seed.
-    """
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if isinstance(transform, A.Compose):
-        transform.set_random_seed(torch.initial_seed() % 2**32)

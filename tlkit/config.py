@@ -17,7 +17,10 @@ import yaml
 
 Strategy = Literal["features", "partial", "full"]
 Optimizer = Literal["adamw", "sgd"]
-DistStrategy = Literal["auto", "ddp", "ddp_spawn", "fsdp"]
+# No ddp_spawn: Lightning's spawn launcher returns none of the spawned processes' state (the
+# epoch history, the feature-cache report), so its run folders would be incomplete; ddp runs
+# the same training from the CLI and from scripts.
+DistStrategy = Literal["auto", "ddp", "fsdp"]
 Precision = Literal["32", "16-mixed", "bf16-mixed"]
 Logger = Literal["csv", "tensorboard"]
 
@@ -117,7 +120,7 @@ class FinetuneConfig:
     devices: str = _option("1", "devices per node: a number, 'auto' or a list such as '0,1'")
     num_nodes: int = _option(1, "machines (nodes) taking part; launch with torchrun or SLURM")
     dist_strategy: DistStrategy = _option(
-        "auto", "Lightning strategy: auto, ddp, ddp_spawn or fsdp (with several devices)"
+        "auto", "Lightning strategy: auto, ddp or fsdp (with several devices)"
     )
     precision: Precision = _option("32", "32, 16-mixed (GPU) or bf16-mixed")
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")

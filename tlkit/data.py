@@ -22,10 +22,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from tlkit.augment import eval_transform, seed_worker_transform, train_transform
+from tlkit.augment import eval_transform, train_transform
 from tlkit.backbones import Preprocessing
 
 IMAGE_EXTENSIONS = {
@@ -288,17 +289,30 @@ def write_image_folder(
 
 
 class ImageDataset(Dataset):
-    """(image tensor, class index) pairs from scanned samples and an albumentations transform."""
+    """(image tensor, class index) pairs from scanned samples and an albumentations transform.
+
+    With an `augmentation_seed`, the (random) transform is reseeded for every image from (seed,
+    epoch, image index): each image's augmentation is the same whichever process, worker or
+    batch draws it, so a run repeats exactly and a resumed run continues the same stream, and it
+    changes every epoch. `set_epoch` writes the epoch to shared memory, so data-loader workers
+    started in an earlier epoch (persistent workers) see it too.
+    """
 
     def __init__(
         self,
         samples: list[tuple[str, int]],
         transform,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        augmentation_seed: int | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.max_pixels = max_pixels
+        self.augmentation_seed = augmentation_seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -309,13 +323,61 @@ class ImageDataset(Dataset):
             image = load_rgb(path, max_pixels=self.max_pixels)
         except Exception as error:
             raise RuntimeError(f"{path} decoded at scan time but not now: {error}") from error
+        if self.augmentation_seed is not None:
+            self.transform.set_random_seed(self._image_seed(index))
         return self.transform(image=image)["image"], label
 
+    def _image_seed(self, index: int) -> int:
+        entropy = [self.augmentation_seed, int(self._epoch), index]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
-def drops_last_batch(images: int, batch_size: int) -> bool:
+
+class EpochSampler(DistributedSampler):
+    """The training sampler: torch's DistributedSampler (this process's share of the images,
+    reshuffled every epoch from the seed), which also passes the epoch that Lightning sets on
+    it at the start of every epoch on to the dataset's augmentation (`ImageDataset.set_epoch`).
+
+    Lightning would put its own DistributedSampler in place of a plain one and keep the epoch
+    to itself; it leaves a DistributedSampler given by the data module as it is.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        set_dataset_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_dataset_epoch is not None:
+            set_dataset_epoch(epoch)
+
+
+def process_sampler(
+    dataset: Dataset, train: bool, seed: int, trainer: pl.Trainer | None
+) -> Sampler | None:
+    """The sampler of one process's loader, from Lightning's process count and rank.
+
+    Training: an `EpochSampler` (shuffled; padded to equal shares, as DDP's gradient averaging
+    needs). Validation and test under several processes: Lightning's
+    `UnrepeatedDistributedSampler`, which hands every image to exactly one process where
+    Lightning's default sampler pads the shares with repeated images, so that the synchronised
+    metrics count every image once. None (in order) for one process.
+    """
+    shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+    processes, rank = shard.get("num_replicas", 1), shard.get("rank", 0)
+    if train:
+        return EpochSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=seed)
+    if processes == 1:
+        return None
+    if len(dataset) < processes:
+        raise DatasetError(
+            f"{len(dataset)} evaluation images for {processes} processes: every process needs "
+            "at least one; use fewer devices or more validation/test images"
+        )
+    return UnrepeatedDistributedSampler(dataset, num_replicas=processes, rank=rank, shuffle=False)
+
+
+def drops_last_batch(images_per_process: int, batch_size: int) -> bool:
     """Training drops an incomplete last batch (as timm does) when a full one exists: a batch
-    of one image breaks BatchNorm in train mode and adds a noisy step."""
-    return images > batch_size
+    of one image breaks BatchNorm in train mode and adds a noisy step. Decided on the images
+    of one process (its sampler's length), not of the whole dataset."""
+    return images_per_process > batch_size
 
 
 def default_num_workers() -> int:
@@ -379,14 +441,13 @@ class ImageDataModule(pl.LightningDataModule):
             train_samples, val_samples = split_train_val(
                 train_scan.samples, self.val_fraction, self.seed
             )
-        train_pipeline = (
-            train_transform(self.preprocessing, seed=self.seed, **self.augmentation)
-            if self.augment
-            else eval_transform(self.preprocessing)
-        )
         evaluation = eval_transform(self.preprocessing)
         limit = self.max_image_pixels
-        self.train_set = ImageDataset(train_samples, train_pipeline, limit)
+        if self.augment:
+            augmentation = train_transform(self.preprocessing, **self.augmentation)
+            self.train_set = ImageDataset(train_samples, augmentation, limit, self.seed)
+        else:
+            self.train_set = ImageDataset(train_samples, evaluation, limit)
         self.val_set = ImageDataset(val_samples, evaluation, limit)
         if split_dir.is_dir() and test_dir.is_dir():
             self.test_set = ImageDataset(self._scan_split(test_dir).samples, evaluation, limit)
@@ -400,15 +461,15 @@ class ImageDataModule(pl.LightningDataModule):
         return result
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = process_sampler(dataset, train, self.seed, self.trainer)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and drops_last_batch(len(dataset), self.batch_size),
+            sampler=sampler,
+            drop_last=train and drops_last_batch(len(sampler), self.batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_worker_transform,
         )
 
     def train_dataloader(self) -> DataLoader:

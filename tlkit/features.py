@@ -2,52 +2,50 @@
 
 With a frozen backbone in eval mode, an image's features never change, yet the usual loop runs
 the whole backbone on every image in every epoch. Here the backbone runs once per image (per
-cached view) through `Trainer.predict`, the pooled features are stored in a safetensors file,
-and the head trains on them through the same Lightning Trainer, callbacks and run folder; the
-checkpoint is an ordinary `TransferClassifier` (the backbone's weights included), so evaluate,
-predict, TTA and export use it unchanged.
+cached view), the pooled features are stored in a safetensors file, and the head trains on them
+through the same Lightning Trainer, callbacks and run folder; the checkpoint is an ordinary
+`TransferClassifier` (the backbone's weights included), so evaluate, predict, TTA and export
+use it unchanged.
+
+Extraction happens in the data module's `prepare_data`, which Lightning runs inside
+`trainer.fit` on one process (on that process's device) while the others wait; every process
+then loads the files in `setup`. So under DDP the features are extracted once, not once per
+process.
 
 A cache file is keyed by everything its features depend on: backbone, weights (a SHA-256 of
 the backbone's tensors, whatever their source), input size and preprocessing, the transform (and
-augmented view count), and the exact file list with each file's size and modification time. Any
-change gives a new key and a new file; a file whose key, shapes or contents do not check out is
-rebuilt, never used.
+augmented view count), the exact file list with each file's size and modification time, and the
+torch, timm and tlkit versions (a new implementation can compute other features from the same
+weights). Any change gives a new key and a new file; a file whose key, shapes or contents do not
+check out is rebuilt, never used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import timm
 import torch
+from pytorch_lightning.utilities.seed import isolate_rng
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm import tqdm
 
-from tlkit.augment import eval_transform, seed_worker_transform
-from tlkit.data import ImageDataModule, ImageDataset, drops_last_batch
+from tlkit import __version__
+from tlkit.augment import eval_transform
+from tlkit.data import ImageDataModule, ImageDataset, drops_last_batch, process_sampler
 from tlkit.module import TransferClassifier
-
-
-class _BackboneFeatures(pl.LightningModule):
-    """`Trainer.predict` adapter: pooled backbone features of an image batch."""
-
-    def __init__(self, backbone: torch.nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def predict_step(self, batch, batch_index: int) -> torch.Tensor:
-        images, _labels = batch
-        return self.backbone(images)
 
 
 def _weights_digest(backbone: torch.nn.Module) -> str:
@@ -69,6 +67,7 @@ def cache_key(
     """SHA-256 of everything the cached features depend on (`seed`: of random augmentation)."""
     files = [(path, label, *_size_and_mtime(path)) for path, label in samples]
     description = {
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "tlkit": __version__},
         "backbone": model.hparams.backbone,
         "weights": _weights_digest(model.backbone),
         "augmentation_seed": seed,
@@ -85,36 +84,29 @@ def _size_and_mtime(path: str) -> tuple[int, int]:
     return status.st_size, status.st_mtime_ns
 
 
+@torch.no_grad()
 def extract(
     backbone: torch.nn.Module,
     dataset: Dataset,
     batch_size: int,
-    accelerator: str,
+    device: torch.device,
     num_workers: int,
     progress: bool = True,
+    description: str = "features",
 ) -> torch.Tensor:
-    """(N, D) pooled features of a dataset, computed on the chosen device in eval mode."""
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        worker_init_fn=seed_worker_transform,
-    )
-    # Under DDP every process extracts (identical files, each written atomically); on GPUs each
-    # uses its own device.
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=[local_rank] if accelerator in ("gpu", "cuda") else 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-    )
-    backbone.eval()
-    with contextlib.redirect_stdout(sys.stderr):
-        batches = trainer.predict(_BackboneFeatures(backbone), dataloaders=loader)
-    return torch.cat(batches).float().cpu()
+    """(N, D) pooled float32 features of a dataset, computed on `device` in eval mode.
+
+    A plain inference loop, not `Trainer.predict`: it runs inside `trainer.fit`
+    (`CachedFeatureDataModule.prepare_data`), where the fitting Trainer cannot also predict.
+    The random state is left as it was, so training draws the same numbers cached or not.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    backbone.eval().to(device)
+    batches = []
+    with isolate_rng():
+        for images, _labels in tqdm(loader, desc=description, disable=not progress, leave=False):
+            batches.append(backbone(images.to(device)).float().cpu())
+    return torch.cat(batches)
 
 
 def load_or_extract(
@@ -160,7 +152,13 @@ class _AugmentedViews(Dataset):
 
 
 class CachedFeatureDataModule(pl.LightningDataModule):
-    """Train/validation/test loaders of cached backbone features for `TransferClassifier`."""
+    """Train/validation/test loaders of cached backbone features for `TransferClassifier`.
+
+    Attached to a Trainer, `prepare_data` extracts what the cache lacks on the first process
+    and its device (`prepare_data_per_node = False`: the cache folder, like the run folder, is
+    on storage every node sees) and `setup` loads the files on every process. Used on its own,
+    `setup` extracts on `device`.
+    """
 
     def __init__(
         self,
@@ -168,66 +166,97 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         images: ImageDataModule,
         cache_dir: str | Path,
         augmented_views: int = 0,
-        accelerator: str = "auto",
+        device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
         super().__init__()
+        self.prepare_data_per_node = False
         self.model = model
         self.images = images
         self.cache_dir = Path(cache_dir)
         self.augmented_views = augmented_views
-        self.accelerator = accelerator
+        self.device = torch.device(device)
         self.progress = progress
         self.report: dict[str, Any] = {}
         self.splits: dict[str, Dataset] = {}
+        self._keys: dict[str, str] = {}
+
+    def prepare_data(self) -> None:
+        started = time.perf_counter()
+        for split in self._sources():
+            self._features(split)
+        # `trainer.test` prepares again (finding everything cached): keep the first time
+        self.report.setdefault("extraction_s", round(time.perf_counter() - started, 2))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        evaluation = eval_transform(self.model.preprocessing)
+        for split, dataset in self._sources().items():
+            features = self._features(split)
+            labels = torch.tensor([label for _, label in dataset.samples])
+            if self._augmented(split):
+                self.splits[split] = _AugmentedViews(features, labels)
+            else:
+                self.splits[split] = TensorDataset(features[0], labels)
+
+    def _sources(self) -> dict[str, ImageDataset]:
         sources = {"train": self.images.train_set, "val": self.images.val_set}
         if self.images.test_set is not None:
             sources["test"] = self.images.test_set
-        for split, dataset in sources.items():
-            augmented = split == "train" and self.augmented_views > 0
-            self.splits[split] = self._cached(split, dataset.samples, evaluation, augmented)
+        return sources
 
-    def _cached(self, split: str, samples, evaluation, augmented: bool) -> Dataset:
-        transform = self.images.train_set.transform if augmented else evaluation
+    def _augmented(self, split: str) -> bool:
+        return split == "train" and self.augmented_views > 0
+
+    def _features(self, split: str) -> torch.Tensor:
+        """The split's (views, N, D) features from the cache, extracted first if needed."""
+        samples = self._sources()[split].samples
+        augmented = self._augmented(split)
+        transform = (
+            self.images.train_set.transform
+            if augmented
+            else eval_transform(self.model.preprocessing)
+        )
         views = self.augmented_views if augmented else 1
-        seed = self.images.seed
-        key = cache_key(self.model, samples, transform, views, seed if augmented else None)
+        seed = self.images.seed if augmented else None
+        if split not in self._keys:  # hashing the weights takes a while for large backbones
+            self._keys[split] = cache_key(self.model, samples, transform, views, seed)
+        key = self._keys[split]
         path = self.cache_dir / f"features-{split}-{key[:20]}.safetensors"
+        device = self.trainer.strategy.root_device if self.trainer is not None else self.device
 
         def make() -> torch.Tensor:
+            dataset = ImageDataset(samples, transform, augmentation_seed=seed)
             passes = []
             for view in range(views):
-                if augmented:
-                    transform.set_random_seed(seed + view)
-                dataset = ImageDataset(samples, transform)
+                dataset.set_epoch(view)  # view k: the augmentation of epoch k without the cache
                 passes.append(
                     extract(
                         self.model.backbone,
                         dataset,
                         self.images.batch_size,
-                        self.accelerator,
+                        device,
                         self.images.num_workers,
                         self.progress,
+                        f"Extracting {split} features on {device}",
                     )
                 )
             return torch.stack(passes)
 
         features, reused = load_or_extract(path, key, make, len(samples))
-        self.report[split] = {"path": str(path), "reused": reused, "views": views}
-        labels = torch.tensor([label for _, label in samples])
-        if augmented:
-            return _AugmentedViews(features, labels)
-        return TensorDataset(features[0], labels)
+        # the first look decides: extracted in prepare_data, then loaded in setup, is not reused
+        self.report.setdefault(split, {"path": str(path), "reused": reused, "views": views})
+        return features
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset, batch_size = self.splits[split], self.images.batch_size
-        drop_last = train and drops_last_batch(len(dataset), batch_size)  # as the image loader
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last)
+        sampler = process_sampler(dataset, train, self.images.seed, self.trainer)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=train and drops_last_batch(len(sampler), batch_size),  # as for images
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

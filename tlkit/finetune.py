@@ -242,21 +242,17 @@ def _check_run_folder(out: Path, resume: bool) -> str | None:
 def _training_data(
     config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
 ) -> pl.LightningDataModule:
-    """The image data module, or for a frozen backbone its cached features (unless --no-cache)."""
+    """The image data module, or for a frozen backbone its cached features (unless --no-cache),
+    extracted inside `trainer.fit` on each process's own device."""
     if config.strategy != "features" or not config.cache:
         return images
-    features = CachedFeatureDataModule(
+    return CachedFeatureDataModule(
         model,
         images,
         config.cache_dir or Path(config.out) / "cache",
         config.cache_augmented_views,
-        config.accelerator,
-        progress,
+        progress=progress,
     )
-    extraction_started = time.perf_counter()
-    features.setup("fit")
-    features.report["extraction_s"] = round(time.perf_counter() - extraction_started, 2)
-    return features
 
 
 @rank_zero_only

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlkit.backbones import Preprocessing, create_backbone, preprocessing
@@ -72,6 +73,10 @@ class TransferClassifier(pl.LightningModule):
                 for name, k in (("acc", 1), ("acc_top5", top_k))
             }
         )
+        # Validation and test loss as torchmetrics means (sums of loss x images and of images,
+        # synchronised across processes): exact with uneven shares of the split, where
+        # Lightning's `sync_dist` mean truncates the averaged (integer) image counts.
+        self.mean_losses = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
 
     @classmethod
     def load_checkpoint(cls, path, map_location="cpu") -> TransferClassifier:
@@ -125,10 +130,11 @@ class TransferClassifier(pl.LightningModule):
         logits = self(images)
         smoothing = self.hparams.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        on_step = split == "train"
-        self.log(
-            f"{split}_loss", loss, on_step=on_step, on_epoch=True, sync_dist=True, prog_bar=True
-        )
+        if split == "train":
+            self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True, prog_bar=True)
+        else:
+            self.mean_losses[split].update(loss, weight=len(labels))
+            self.log(f"{split}_loss", self.mean_losses[split], on_epoch=True, prog_bar=True)
         for name in ("acc", "acc_top5"):
             metric = self.metrics[f"{split}_{name}"]
             metric.update(logits, labels)  # epoch-level only: no per-batch value to compute

@@ -7,6 +7,9 @@ every one (Bergstra & Bengio 2012). Learning rate and weight decay are drawn log
 - Each trial is an ordinary `tlkit.finetune` run (short: `--epochs`), in its own folder under
   `OUT/trials/`; validation accuracy is reported to Optuna after every epoch and Optuna's
   `MedianPruner` stops trials that fall below the median of earlier trials at the same epoch.
+  Trials of the `features` strategy share one feature cache, `OUT/cache/`.
+- A trial that its values make fail (training diverged: a learning rate too high) is recorded
+  as failed, with the reason, and the search goes on; other errors stop the search.
 - The studies live in SQLite (`OUT/study.db`): run the same command again after an interruption
   and the search continues; finished trials are kept, never repeated.
 - `refine=True` runs a second round ("fine") in ranges narrowed around the best trials of the
@@ -45,6 +48,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
+from tlkit.callbacks import TrainingDivergedError
 from tlkit.config import FinetuneConfig, coerce_value
 from tlkit.finetune import finetune
 from tlkit.runfolder import write_atomic
@@ -70,8 +74,11 @@ ROUNDS = ("coarse", "fine")
 REFINE_TOP_FRACTION = 0.25  # the fine round narrows around the best quarter of coarse trials
 REFINE_MARGIN = 0.1  # ... widened by this share of the coarse range on each side
 PRUNE_AFTER_EPOCHS = 1  # no pruning on the first epoch: the learning rate is still warming up
+# Errors that a trial's values cause: the trial fails, the search goes on.
+TRIAL_FAILURES = (TrainingDivergedError,)
 
 STUDY_FILE = "study.db"
+FEATURE_CACHE = "cache"
 TRIALS_CSV = "trials.csv"
 BEST_CONFIG = "best.yaml"
 PLOT = "search.png"
@@ -255,12 +262,19 @@ def trial_seed(seed: int, round_index: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, position]).generate_state(1)[0])
 
 
+def _is_finished(trial: FrozenTrial) -> bool:
+    """Complete, pruned, or failed by its own values: counts towards --trials."""
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or trial.user_attrs.get(
+        "failed_by_its_values", False
+    )
+
+
 def _counts_for_seeding(trial: FrozenTrial) -> bool:
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or "error" in trial.user_attrs
+    return _is_finished(trial) or "error" in trial.user_attrs
 
 
 def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return sum(_is_finished(trial) for trial in study.get_trials(deepcopy=False))
 
 
 def _objective(
@@ -268,11 +282,14 @@ def _objective(
 ):
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, space, base)
-        run_dir = folder / "trials" / f"{round_name}-{trial.number:03d}"
-        config = dataclasses.replace(base, **values, out=str(run_dir))
+        trial_name = f"{round_name}-{trial.number:03d}"
+        run_dir = folder / "trials" / trial_name
+        # one feature cache for all trials: its key covers everything the features depend on
+        cache_dir = base.cache_dir or str(folder / FEATURE_CACHE)
+        config = dataclasses.replace(base, **values, out=str(run_dir), cache_dir=cache_dir)
         shown = ", ".join(f"{name} {_format(value)}" for name, value in values.items())
         position = f"{_finished(trial.study) + 1} / {trials}"
-        print(f"Trial {round_name}-{trial.number:03d} ({position}): {shown}", flush=True)
+        print(f"Trial {trial_name} ({position}): {shown}", flush=True)
         trial.set_user_attr("run_dir", str(run_dir))
         report = ReportValidationAccuracy(trial)
         try:
@@ -281,6 +298,9 @@ def _objective(
             )
         except Exception as error:  # recorded so a resumed search draws new values
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
+            if isinstance(error, TRIAL_FAILURES):
+                trial.set_user_attr("failed_by_its_values", True)
+                print(f"Trial {trial_name} failed: {error}", flush=True)
             raise
         finally:
             for checkpoint in run_dir.glob("*.ckpt"):  # trials keep metrics, not weights
@@ -340,7 +360,7 @@ def _run_round(
     while _finished(study) < trials:
         position = sum(_counts_for_seeding(t) for t in study.get_trials(deepcopy=False))
         study.sampler = make_sampler(sampler, trial_seed(base.seed, round_index, position))
-        study.optimize(objective, n_trials=1)
+        study.optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +454,7 @@ def _write_trials_csv(path: Path, rows: list[tuple[str, FrozenTrial]]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
-        ["round", "trial", "state", "val_acc", *names, "epochs_run", "seconds", "run_dir"]
+        ["round", "trial", "state", "val_acc", *names, "epochs_run", "seconds", "run_dir", "reason"]
     )
     for round_name, trial in rows:
         seconds = trial.duration.total_seconds() if trial.duration else None
@@ -448,6 +468,7 @@ def _write_trials_csv(path: Path, rows: list[tuple[str, FrozenTrial]]) -> None:
                 trial.user_attrs.get("epochs_run"),
                 None if seconds is None else round(seconds, 1),
                 trial.user_attrs.get("run_dir"),
+                trial.user_attrs.get("error"),
             ]
         )
     write_atomic(path, buffer.getvalue())
