@@ -204,7 +204,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
             for view in range(views):
                 if augmented:
                     transform.set_random_seed(seed + view)
-                dataset = ImageDataset(samples, transform)
+                dataset = ImageDataset(samples, transform, self.images.max_image_pixels)
                 passes.append(
                     extract(
                         self.model.backbone,
