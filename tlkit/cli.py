@@ -4,12 +4,15 @@
     tlkit finetune DATA_DIR [--config run.yaml] [--print-config] [--sanity] [FinetuneConfig flags]
     tlkit sanity DATA_DIR [--config run.yaml] [flags of FinetuneConfig]
     tlkit search DATA_DIR --out DIR [--trials N] [--sampler random|tpe] [--refine] [--space FILE]
-    tlkit evaluate RUN_DIR DATA [--out results.json]
-    tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv]
-    tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16]
+    tlkit evaluate RUN_DIR DATA [--out results.json] [--max-image-pixels N]
+                   [--csv-paths-outside-root]
+    tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv] [--max-image-pixels N]
+    tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16] [--max-image-pixels N]
+                   [--csv-paths-outside-root]
     tlkit export   RUN_DIR --format onnx|torchscript|safetensors --out EXPORT_DIR
 
-evaluate and predict also take an EXPORT_DIR in place of RUN_DIR.
+evaluate and predict also take an EXPORT_DIR in place of RUN_DIR. --max-image-pixels and
+--csv-paths-outside-root default to the run's own (its config.yaml).
 
 The finetune flags are generated from `FinetuneConfig`'s fields (names, types, defaults, help),
 so the CLI, YAML files and the Python API cannot drift apart. Precedence: defaults < --config
@@ -147,7 +150,13 @@ def _evaluate(arguments: argparse.Namespace) -> int:
     from tlkit.inference import evaluate
 
     results = evaluate(
-        arguments.run, arguments.data, arguments.batch_size, arguments.accelerator, arguments.tta
+        arguments.run,
+        arguments.data,
+        arguments.batch_size,
+        arguments.accelerator,
+        arguments.tta,
+        arguments.max_image_pixels,
+        arguments.csv_paths_outside_root,
     )
     text = json.dumps(results, indent=2)
     if arguments.out:
@@ -166,6 +175,7 @@ def _predict(arguments: argparse.Namespace) -> int:
         arguments.batch_size,
         arguments.accelerator,
         arguments.tta,
+        arguments.max_image_pixels,
     )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -194,6 +204,8 @@ def _report(arguments: argparse.Namespace) -> int:
         arguments.batch_size,
         arguments.accelerator,
         arguments.tta,
+        arguments.max_image_pixels,
+        arguments.csv_paths_outside_root,
     )
     evaluation = report.evaluation
     if evaluation is not None:
@@ -218,6 +230,35 @@ def _export(arguments: argparse.Namespace) -> int:
         f"(tolerance {verification['tolerance']:.0e})"
     )
     return 0
+
+
+def positive_integer(text: str) -> int:
+    """argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def add_image_limit_flags(parser: argparse.ArgumentParser, csv_input: bool = True) -> None:
+    """--max-image-pixels (and for labelled CSV input --csv-paths-outside-root); unset, the
+    run's own values apply."""
+    parser.add_argument(
+        "--max-image-pixels",
+        type=positive_integer,
+        default=None,
+        help="images with more pixels are skipped as decompression bombs (default: the run's)",
+    )
+    if csv_input:
+        parser.add_argument(
+            "--csv-paths-outside-root",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="allow CSV rows whose paths leave the CSV's folder (default: the run's)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,9 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.set_defaults(handler=_evaluate)
         else:
             sub.add_argument("inputs", nargs="+", help="image files or folders")
-            sub.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
+            sub.add_argument(
+                "--top-k",
+                type=positive_integer,
+                default=3,
+                help="labels per image, at most the number of classes (default 3)",
+            )
             sub.add_argument("--out", help="CSV file (default: standard output)")
             sub.set_defaults(handler=_predict)
+        add_image_limit_flags(sub, csv_input=name == "evaluate")
         sub.add_argument("--batch-size", type=int, default=64, help="images per batch")
         sub.add_argument(
             "--accelerator", default="auto", help="auto, cpu or gpu (exported models: cpu)"
@@ -325,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
     )
+    add_image_limit_flags(report)
     report.set_defaults(handler=_report)
 
     export = commands.add_parser("export", help="ONNX/TorchScript/safetensors model + card")

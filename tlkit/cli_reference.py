@@ -42,7 +42,8 @@ def _values(action: argparse.Action) -> str:
     if action.nargs == 0:
         return "flag"
     kind = getattr(action.type, "__name__", "text") if action.type else "text"
-    return {"str": "text", "int": "integer", "float": "number"}.get(kind, kind)
+    names = {"str": "text", "int": "integer", "float": "number", "positive_integer": "integer >= 1"}
+    return names.get(kind, kind)
 
 
 def _command_section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[str]:

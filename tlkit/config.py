@@ -145,6 +145,7 @@ class FinetuneConfig:
             "dropout": 0 <= self.dropout < 1,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "hflip": 0 <= self.hflip <= 1,
+            "max_image_pixels": self.max_image_pixels >= 1,
             "unfreeze_stages": self.unfreeze_stages >= 1,
             "num_nodes": self.num_nodes >= 1,
             "accumulate_grad_batches": self.accumulate_grad_batches >= 1,

@@ -5,15 +5,23 @@ training starts: it is skipped, counted and listed (`ScanResult.skipped`), never
 data-loader worker hours later. Layouts understood:
 
 - ``DATA/train/<class>/...`` with optional ``DATA/val/`` and ``DATA/test/``;
-- ``DATA/<class>/...``: one folder, split into train/validation (stratified, seeded);
+- ``DATA/<class>/...``: one folder, split into train/validation (`split_train_val`: stable
+  under added and removed files, about the same fraction of every class, seeded);
 - ``labels.csv`` with columns ``path,label`` (paths relative to the CSV's folder).
+
+Hidden entries (dot-files and dot-folders such as ``.ipynb_checkpoints``, and macOS archives'
+``__MACOSX``) are never classes or images. A file that breaks after the scan is skipped when it
+is loaded and recorded (`ImageDataset`), so training finishes.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
+import io
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from sklearn.model_selection import train_test_split
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tlkit.augment import eval_transform, train_transform
@@ -44,6 +52,8 @@ IMAGE_EXTENSIONS = {
 }
 SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold
+# What decoding a broken, vanished, oversized or unreadable file raises (Pillow, the OS, numpy)
+LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):
@@ -59,6 +69,23 @@ class ScanResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+def is_hidden(name: str) -> bool:
+    """Dot-files and dot-folders (`.DS_Store`, `.ipynb_checkpoints`, AppleDouble `._x.jpg`) and
+    the `__MACOSX` folder of zip files made on macOS: skipped as timm's and fastai's folder
+    readers skip them, never a class or an image."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _allow_in_pillow(max_pixels: int) -> None:
+    """Let Pillow open images up to `max_pixels`.
+
+    Pillow refuses an image above twice its process-wide `Image.MAX_IMAGE_PIXELS` when opening
+    it, before tlkit's own check could accept it; a user's higher limit therefore raises
+    Pillow's (it is never lowered: tlkit's own check enforces a lower user limit)."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def load_rgb(
     path: str | Path,
     draft: tuple[int, int] | None = None,
@@ -69,8 +96,9 @@ def load_rgb(
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become 8-bit RGB;
     transparency is composited onto white. `draft` allows a faster reduced-size JPEG decode.
     Images of more than `max_pixels` pixels are refused before they are decoded (a
-    decompression bomb: a small file that expands to gigabytes).
+    decompression bomb: a small file that expands to gigabytes), whatever Pillow's own limit.
     """
+    _allow_in_pillow(max_pixels)
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
             raise ValueError(
@@ -100,9 +128,7 @@ def _problem_decoding(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     """Why `path` cannot be used as an image, or None if it decodes."""
     try:
         load_rgb(path, draft=SCAN_DRAFT_SIZE, max_pixels=max_pixels)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        return f"{type(error).__name__}: {error}"
-    except (OSError, ValueError, SyntaxError) as error:  # truncated, unreadable, bad header
+    except LOAD_ERRORS as error:  # truncated, unreadable, bad header, too large
         return f"{type(error).__name__}: {error}"
     return None
 
@@ -131,9 +157,9 @@ def _walk_images(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
             subdirectories[:] = []
             continue
         seen_directories.add(real)
-        subdirectories.sort()
+        subdirectories[:] = sorted(name for name in subdirectories if not is_hidden(name))
         for name in sorted(files):
-            if name.startswith("."):
+            if is_hidden(name):
                 continue
             path = os.path.join(directory, name)
             if not os.path.isfile(path):  # never open a pipe or device: reading could hang
@@ -154,7 +180,9 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
-    class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir())
+    class_dirs = sorted(
+        entry for entry in root.iterdir() if entry.is_dir() and not is_hidden(entry.name)
+    )
     if not class_dirs:
         raise DatasetError(f"{root}: no class sub-folders (expected {root}/<class name>/<images>)")
     classes = _known_classes([entry.name for entry in class_dirs], classes, root, "classes")
@@ -177,19 +205,22 @@ def read_csv(
     allow_outside_root: bool = False,
 ) -> ScanResult:
     """Read `path,label` rows; paths are relative to the CSV's folder and must stay inside it
-    unless `allow_outside_root`."""
+    unless `allow_outside_root`. A file listed twice is an error naming both lines."""
     csv_path = Path(csv_path)
     root = csv_path.parent.resolve()
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise DatasetError(f"{csv_path}: needs a header with columns 'path' and 'label'")
-        rows = [(row["path"], row["label"]) for row in reader]
+    rows = _csv_rows(csv_path)
     if not rows:
         raise DatasetError(f"{csv_path}: no rows")
     missing, outside, paths = [], [], []
-    for relative, _ in rows:
+    first_line: dict[Path, int] = {}
+    for line, relative, _ in rows:
         path = (root / relative).resolve()
+        if path in first_line:  # else it could be both trained on and validated on
+            raise DatasetError(
+                f"{csv_path}: {relative} is listed more than once: lines {first_line[path]} "
+                f"and {line}"
+            )
+        first_line[path] = line
         if not allow_outside_root and not path.is_relative_to(root):
             outside.append(relative)
         elif not path.is_file():
@@ -204,10 +235,43 @@ def read_csv(
         raise DatasetError(
             f"{csv_path}: {len(missing)} listed files do not exist, e.g. {missing[:5]}"
         )
-    classes = _known_classes(sorted({label for _, label in rows}), classes, csv_path, "labels")
+    classes = _known_classes(sorted({label for _, _, label in rows}), classes, csv_path, "labels")
     index_of = {name: index for index, name in enumerate(classes)}
-    labels = [index_of[label] for _, label in rows]
+    labels = [index_of[label] for _, _, label in rows]
     return _keep_decodable(paths, labels, classes, [], csv_path, max_pixels)
+
+
+def _csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
+    """(line number, path, label) of each row; a row with missing or extra fields or an empty
+    path or label is an error naming its line. A UTF-8 byte-order mark (Excel's "CSV UTF-8")
+    is accepted."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or not {"path", "label"} <= set(header):
+                raise DatasetError(f"{csv_path}: needs a header with columns 'path' and 'label'")
+            path_column, label_column = header.index("path"), header.index("label")
+            rows = []
+            for fields in reader:
+                where = f"{csv_path}, line {reader.line_num}"
+                if not fields:  # a blank line
+                    continue
+                if len(fields) != len(header):
+                    raise DatasetError(
+                        f"{where}: expected {len(header)} fields ({','.join(header)}), "
+                        f"found {len(fields)}"
+                    )
+                path, label = fields[path_column], fields[label_column]
+                for name, value in (("path", path), ("label", label)):
+                    if not value.strip():
+                        raise DatasetError(f"{where}: empty {name}")
+                rows.append((reader.line_num, path, label))
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{csv_path}: not UTF-8 text ({error}); save it as UTF-8 (Excel: 'CSV UTF-8')"
+        ) from error
+    return rows
 
 
 def _known_classes(
@@ -254,26 +318,61 @@ def _keep_decodable(
         (p, problem) for p, problem in zip(paths, problems, strict=True) if problem
     ]
     if not samples:
-        raise DatasetError(f"{source}: no usable image ({len(skipped)} files skipped)")
+        example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DatasetError(f"{source}: no usable image ({len(skipped)} files skipped{example})")
     return ScanResult(samples, classes, skipped)
 
 
+def data_root(source: str | Path) -> Path:
+    """The folder that split.csv's paths are relative to: a CSV's folder, or the data folder."""
+    source = Path(source)
+    return source.parent.resolve() if source.suffix.lower() == ".csv" else source
+
+
+def relative_path(path: str, root: str | Path) -> str:
+    """`path` relative to `root`, with forward slashes on every system."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def split_position(relative: str, seed: int) -> float:
+    """A file's place in [0, 1) for the train/validation split: a seeded SHA-256 of its path
+    relative to the data root, so it depends on that path and the seed alone."""
+    digest = hashlib.sha256(f"{seed}\n{relative}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_train_val(
-    samples: list[tuple[str, int]], val_fraction: float, seed: int
+    samples: list[tuple[str, int]], val_fraction: float, seed: int, root: str | Path
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Stratified, seeded split of training samples into train and validation."""
-    labels = [label for _, label in samples]
-    try:
-        train, val = train_test_split(
-            samples, test_size=val_fraction, stratify=labels, random_state=seed
-        )
-    except ValueError as error:
+    """Split training samples into train and validation, stably under added and removed files.
+
+    A file is held out when its `split_position` is below `val_fraction`; that depends on the
+    file alone, so adding or removing files never moves another file between train and
+    validation, and every class holds out about `val_fraction` of its images (a binomial
+    count). So that every class of two or more images is both validated and trained on, a
+    class with no position below the fraction holds out its lowest-position image, and one with
+    all of them below trains on its highest-position image; only these corrections can change
+    when files are added to such a small class. A class of one image is trained on.
+    """
+    positions = {path: split_position(relative_path(path, root), seed) for path, _ in samples}
+    by_class: dict[int, list[str]] = {}
+    for path, label in samples:
+        by_class.setdefault(label, []).append(path)
+    held_out: set[str] = set()
+    for paths in by_class.values():
+        if len(paths) < 2:
+            continue
+        ranked = sorted(paths, key=positions.__getitem__)
+        below = sum(positions[path] < val_fraction for path in paths)
+        held_out.update(ranked[: min(max(below, 1), len(paths) - 1)])
+    if not held_out:
         raise DatasetError(
-            f"cannot split {len(samples)} images into train/validation with "
-            f"--val-fraction {val_fraction} ({error}); add images, change the fraction, "
-            "or provide a val/ folder"
-        ) from error
-    return list(train), list(val)
+            f"cannot split {len(samples)} images into train/validation: no class has two "
+            "images; add images or provide a val/ folder"
+        )
+    train = [sample for sample in samples if sample[0] not in held_out]
+    val = [sample for sample in samples if sample[0] in held_out]
+    return train, val
 
 
 def write_image_folder(
@@ -288,6 +387,32 @@ def write_image_folder(
     return root
 
 
+def record_load_failure(log: Path, path: str, reason: str) -> None:
+    """Append one `path,reason` row to `log`.
+
+    Data-loading worker processes share no memory with the main process, so failures are
+    collected in a file: one write() of a short row to a file opened with O_APPEND, which
+    concurrent processes' rows do not interleave with."""
+    row = io.StringIO()
+    csv.writer(row).writerow([path, reason])
+    descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, row.getvalue().encode())
+    finally:
+        os.close(descriptor)
+
+
+def read_load_failures(log: Path) -> list[tuple[str, str]]:
+    """The `(path, reason)` rows of a load-failure log, each path once (it fails every epoch)."""
+    if not log.is_file():
+        return []
+    failures: dict[str, str] = {}
+    with open(log, newline="", encoding="utf-8") as handle:
+        for path, reason in csv.reader(handle):
+            failures.setdefault(path, reason)
+    return list(failures.items())
+
+
 class ImageDataset(Dataset):
     """(image tensor, class index) pairs from scanned samples and an albumentations transform.
 
@@ -296,6 +421,10 @@ class ImageDataset(Dataset):
     batch draws it, so a run repeats exactly and a resumed run continues the same stream, and it
     changes every epoch. `set_epoch` writes the epoch to shared memory, so data-loader workers
     started in an earlier epoch (persistent workers) see it too.
+
+    A file that cannot be loaded any more (deleted, rewritten or grown since the scan) is an
+    error naming it; with a `failure_log` it is instead recorded there and replaced by the next
+    loadable sample, as timm's datasets do, so training goes on.
     """
 
     def __init__(
@@ -304,11 +433,13 @@ class ImageDataset(Dataset):
         transform,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         augmentation_seed: int | None = None,
+        failure_log: Path | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.max_pixels = max_pixels
         self.augmentation_seed = augmentation_seed
+        self.failure_log = failure_log
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -318,18 +449,30 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        try:
-            image = load_rgb(path, max_pixels=self.max_pixels)
-        except Exception as error:
-            raise RuntimeError(f"{path} decoded at scan time but not now: {error}") from error
-        if self.augmentation_seed is not None:
-            self.transform.set_random_seed(self._image_seed(index))
-        return self.transform(image=image)["image"], label
+        for offset in range(len(self.samples)):
+            position = (index + offset) % len(self.samples)
+            path, label = self.samples[position]
+            try:
+                image = load_rgb(path, max_pixels=self.max_pixels)
+            except LOAD_ERRORS as error:
+                reason = f"failed to load after the scan: {type(error).__name__}: {error}"
+                if self.failure_log is None:
+                    raise DatasetError(f"{path} {reason}") from error
+                record_load_failure(self.failure_log, path, reason)
+                continue
+            if self.augmentation_seed is not None:
+                self.transform.set_random_seed(self._image_seed(position))
+            return self.transform(image=image)["image"], label
+        raise DatasetError(f"none of the {len(self.samples)} images can be loaded any more")
 
     def _image_seed(self, index: int) -> int:
         entropy = [self.augmentation_seed, int(self._epoch), index]
         return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+@rank_zero_only
+def _tell(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class EpochSampler(DistributedSampler):
@@ -390,6 +533,12 @@ class ImageDataModule(pl.LightningDataModule):
     `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
     jitter); `augment=False` trains on the evaluation transform. `classes`, `skipped` and the
     datasets are available after `setup()`.
+
+    `recorded_split` ({path relative to the data root: train | val | test}, a run's split.csv)
+    replaces the computed split: recorded images that are gone are skipped, and images not in
+    it are left out, so a resumed run trains and validates on exactly the images it started
+    with. With `load_failure_log`, files that fail to load during training are recorded there
+    (`load_failures()`) and skipped instead of stopping the run.
     """
 
     def __init__(
@@ -404,6 +553,8 @@ class ImageDataModule(pl.LightningDataModule):
         augmentation: dict | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         csv_paths_outside_root: bool = False,
+        recorded_split: dict[str, str] | None = None,
+        load_failure_log: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -416,6 +567,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.augmentation = augmentation or {}
         self.max_image_pixels = max_image_pixels
         self.csv_paths_outside_root = csv_paths_outside_root
+        self.recorded_split = recorded_split
+        self.load_failure_log = Path(load_failure_log) if load_failure_log else None
+        self.root = data_root(self.data_dir)
         self.classes: list[str] = []
         self.skipped: list[tuple[str, str]] = []
         self.train_set: ImageDataset | None = None
@@ -434,23 +588,71 @@ class ImageDataModule(pl.LightningDataModule):
             )
         self.skipped = list(train_scan.skipped)
         val_dir, test_dir = self.data_dir / "val", self.data_dir / "test"
+        splits: dict[str, list[tuple[str, int]]] = {}
         if split_dir.is_dir() and val_dir.is_dir():
-            train_samples = train_scan.samples
-            val_samples = self._scan_split(val_dir).samples
+            splits["train"] = train_scan.samples
+            splits["val"] = self._scan_split(val_dir).samples
         else:
-            train_samples, val_samples = split_train_val(
-                train_scan.samples, self.val_fraction, self.seed
+            splits["train"], splits["val"] = split_train_val(
+                train_scan.samples, self.val_fraction, self.seed, self.root
             )
+        if split_dir.is_dir() and test_dir.is_dir():
+            splits["test"] = self._scan_split(test_dir).samples
+        if self.recorded_split is not None:
+            splits = self._follow_recorded_split(splits, self.recorded_split)
         evaluation = eval_transform(self.preprocessing)
-        limit = self.max_image_pixels
+        options = {"max_pixels": self.max_image_pixels, "failure_log": self.load_failure_log}
         if self.augment:
             augmentation = train_transform(self.preprocessing, **self.augmentation)
-            self.train_set = ImageDataset(train_samples, augmentation, limit, self.seed)
+            self.train_set = ImageDataset(
+                splits["train"], augmentation, augmentation_seed=self.seed, **options
+            )
         else:
-            self.train_set = ImageDataset(train_samples, evaluation, limit)
-        self.val_set = ImageDataset(val_samples, evaluation, limit)
-        if split_dir.is_dir() and test_dir.is_dir():
-            self.test_set = ImageDataset(self._scan_split(test_dir).samples, evaluation, limit)
+            self.train_set = ImageDataset(splits["train"], evaluation, **options)
+        self.val_set = ImageDataset(splits["val"], evaluation, **options)
+        if splits.get("test"):
+            self.test_set = ImageDataset(splits["test"], evaluation, **options)
+
+    def _follow_recorded_split(
+        self, scanned: dict[str, list[tuple[str, int]]], recorded: dict[str, str]
+    ) -> dict[str, list[tuple[str, int]]]:
+        """The scanned samples regrouped as `recorded` says; recorded files no longer found
+        are added to `skipped`, files found but not recorded are left out (and counted)."""
+        by_path = {
+            relative_path(path, self.root): (path, label)
+            for samples in scanned.values()
+            for path, label in samples
+        }
+        already_skipped = {relative_path(path, self.root) for path, _ in self.skipped}
+        splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+        for relative, split in recorded.items():
+            if relative in by_path:
+                splits[split].append(by_path[relative])
+            elif relative not in already_skipped:
+                reason = "in the run's recorded split.csv but no longer found"
+                self.skipped.append((str(self.root / relative), reason))
+        left_out = len(by_path.keys() - recorded.keys())
+        if left_out:
+            _tell(
+                f"{self.data_dir}: {left_out} image{'s' if left_out > 1 else ''} not in the "
+                "recorded split left out; a resumed run trains on exactly the split it started "
+                "with (start a new run to use them)"
+            )
+        return splits
+
+    def split_rows(self) -> list[tuple[str, str]]:
+        """(path relative to the data root, train | val | test) of every image used: split.csv."""
+        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        return [
+            (relative_path(path, self.root), split)
+            for split, dataset in datasets.items()
+            if dataset is not None
+            for path, _ in dataset.samples
+        ]
+
+    def load_failures(self) -> list[tuple[str, str]]:
+        """`(path, reason)` of the files that failed to load during training, each once."""
+        return read_load_failures(self.load_failure_log) if self.load_failure_log else []
 
     def _scan(self, source: Path, classes: list[str] | None = None) -> ScanResult:
         return scan(source, classes, self.max_image_pixels, self.csv_paths_outside_root)

@@ -42,7 +42,7 @@ from tlkit import __version__
 from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, create_backbone
 from tlkit.config import FinetuneConfig
-from tlkit.data import IMAGE_EXTENSIONS, find_decode_problems, load_rgb
+from tlkit.data import IMAGE_EXTENSIONS, find_decode_problems, is_hidden, load_rgb
 from tlkit.heads import ClassifierHead
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import (
@@ -363,13 +363,20 @@ def verification_images(
     """Up to `count` preprocessed images of the run's data, taken in turn from its classes, or
     seeded random tensors if the data is no longer there; also what was used, for the card."""
     config_path = Path(run_dir) / CONFIG
-    data = Path(FinetuneConfig.from_yaml(config_path).data_dir) if config_path.is_file() else None
-    candidates = _images_by_class(data, count)[: 4 * count] if data else []  # room for bad files
-    problems = find_decode_problems(candidates)
+    config = FinetuneConfig.from_yaml(config_path) if config_path.is_file() else FinetuneConfig()
+    data = Path(config.data_dir) if config.data_dir else None
+    candidates = (  # room for bad files
+        _images_by_class(data, count, config.csv_paths_outside_root)[: 4 * count] if data else []
+    )
+    max_pixels = config.max_image_pixels
+    problems = find_decode_problems(candidates, max_pixels)
     paths = [path for path, problem in zip(candidates, problems, strict=True) if not problem]
     if paths:
         transform = eval_transform(preprocessing)
-        images = [transform(image=load_rgb(path))["image"] for path in paths[:count]]
+        images = [
+            transform(image=load_rgb(path, max_pixels=max_pixels))["image"]
+            for path in paths[:count]
+        ]
         return torch.stack(images), f"{len(images)} images from {data}"
     size = preprocessing.input_size
     generator = torch.Generator().manual_seed(0)
@@ -377,25 +384,27 @@ def verification_images(
     return images, f"{count} seeded random tensors (no readable image found in the run's data)"
 
 
-def _images_by_class(data: Path, count: int) -> list[str]:
+def _images_by_class(data: Path, count: int, allow_outside_root: bool = False) -> list[str]:
     """Up to `count` image files from each class, interleaved across classes: the folders of a
-    class-folder tree (the first `count` of them) or the labels of a path,label CSV (paths
-    never outside the CSV's folder)."""
+    class-folder tree (the first `count` of them, hidden ones left out) or the labels of a
+    path,label CSV (paths outside the CSV's folder only if `allow_outside_root`)."""
     groups: dict[str, list[str]] = {}
     if data.is_file() and data.suffix.lower() == ".csv":
         root = data.parent.resolve()
-        with open(data, newline="", encoding="utf-8") as handle:
+        with open(data, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
             for row in csv.DictReader(handle):
                 group = groups.setdefault(row.get("label") or "", [])
                 if len(group) < count:
                     path = (root / (row.get("path") or "")).resolve()
-                    if path.is_relative_to(root) and path.is_file():
+                    if (allow_outside_root or path.is_relative_to(root)) and path.is_file():
                         group.append(str(path))
     else:
         for directory, subdirectories, files in os.walk(data):
-            subdirectories.sort()
+            subdirectories[:] = sorted(name for name in subdirectories if not is_hidden(name))
             names = [
-                name for name in sorted(files) if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                name
+                for name in sorted(files)
+                if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
             ]
             if names:
                 groups[directory] = [os.path.join(directory, name) for name in names[:count]]

@@ -226,7 +226,8 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else self.device
 
         def make() -> torch.Tensor:
-            dataset = ImageDataset(samples, transform, augmentation_seed=seed)
+            limit = self.images.max_image_pixels
+            dataset = ImageDataset(samples, transform, limit, augmentation_seed=seed)
             passes = []
             for view in range(views):
                 dataset.set_epoch(view)  # view k: the augmentation of epoch k without the cache

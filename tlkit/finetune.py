@@ -34,13 +34,16 @@ from tlkit.runfolder import (
     BEST_CHECKPOINT,
     CONFIG,
     LAST_CHECKPOINT,
+    LOAD_FAILURES,
     SKIPPED,
     RunFolderError,
     read_checkpoint,
     read_metrics,
+    read_split,
     write_atomic,
     write_metrics,
     write_skipped,
+    write_split,
     write_summary,
 )
 
@@ -76,8 +79,13 @@ def trains_with_hflip(config: FinetuneConfig) -> bool:
     return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
 
 
-def build_datamodule(config: FinetuneConfig) -> ImageDataModule:
-    """The data module a config describes, with the backbone's own preprocessing."""
+def build_datamodule(
+    config: FinetuneConfig,
+    recorded_split: dict[str, str] | None = None,
+    load_failure_log: Path | None = None,
+) -> ImageDataModule:
+    """The data module a config describes, with the backbone's own preprocessing (and the
+    `ImageDataModule` options `recorded_split` and `load_failure_log`)."""
     return ImageDataModule(
         config.data_dir,
         preprocessing(config.backbone, config.img_size),
@@ -93,6 +101,8 @@ def build_datamodule(config: FinetuneConfig) -> ImageDataModule:
         },
         max_image_pixels=config.max_image_pixels,
         csv_paths_outside_root=config.csv_paths_outside_root,
+        recorded_split=recorded_split,
+        load_failure_log=load_failure_log,
     )
 
 
@@ -115,7 +125,8 @@ def finetune(
     """Train as the config says; write and return the run summary.
 
     With `resume`, continue the run in `config.out` from its `last.ckpt` (model, optimiser,
-    schedule, epoch and callback states). `trainer_options` are passed to
+    schedule, epoch and callback states), on the images of its recorded split.csv.
+    `trainer_options` are passed to
     `pytorch_lightning.Trainer` on top of tlkit's own (e.g. `enable_progress_bar=False`);
     `callbacks` given there are added to tlkit's own, and `limit_test_batches=0` skips the
     test-split evaluation.
@@ -128,9 +139,12 @@ def finetune(
     logger = build_logger(config, out)
     started = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(config)
+    recorded_split = read_split(out) if resume_from else None
+    datamodule = build_datamodule(config, recorded_split, out / LOAD_FAILURES)
     datamodule.setup("fit")
-    _write_at_start(out, config, datamodule.skipped)
+    if resume_from:
+        _check_same_classes(resume_from, datamodule.classes)
+    _write_at_start(out, config, datamodule)
     model = build_model(config, datamodule.classes)
     progress = trainer_options.get("enable_progress_bar", True)
     training_data = _training_data(config, model, datamodule, progress)
@@ -177,6 +191,10 @@ def finetune(
         results = trainer.test(model, datamodule=training_data, ckpt_path="best", verbose=False)
         test_metrics = {key: float(value) for key, value in results[0].items()}
 
+    scanned = {path for path, _ in datamodule.skipped}
+    skipped = datamodule.skipped + [
+        failure for failure in datamodule.load_failures() if failure[0] not in scanned
+    ]
     best = max(history, key=lambda record: record["val_acc"]) if history else {}
     summary = {
         "tlkit_version": __version__,
@@ -199,10 +217,10 @@ def finetune(
         "history": history,
         "resumed": resume_from is not None,
         "feature_cache": getattr(training_data, "report", None),
-        "skipped_files": len(datamodule.skipped),
+        "skipped_files": len(skipped),
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    _write_at_end(out, summary)
+    _write_at_end(out, summary, skipped)
     return summary
 
 
@@ -239,6 +257,16 @@ def _check_run_folder(out: Path, resume: bool) -> str | None:
     return None
 
 
+def _check_same_classes(checkpoint: str, classes: list[str]) -> None:
+    """A resumed run must find the classes it was trained on."""
+    trained = read_checkpoint(checkpoint).get("hyper_parameters", {}).get("class_names")
+    if trained is not None and list(trained) != classes:
+        raise RunFolderError(
+            f"the data now has the classes {classes}, but the run was trained on {trained}; "
+            "a resumed run needs the same classes (start a new run)"
+        )
+
+
 def _training_data(
     config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
 ) -> pl.LightningDataModule:
@@ -256,9 +284,12 @@ def _training_data(
 
 
 @rank_zero_only
-def _write_at_start(out: Path, config: FinetuneConfig, skipped: list[tuple[str, str]]) -> None:
+def _write_at_start(out: Path, config: FinetuneConfig, datamodule: ImageDataModule) -> None:
     write_atomic(out / CONFIG, config.to_yaml())  # there from the start, for --resume
-    write_skipped(out, skipped)
+    write_split(out, datamodule.split_rows())
+    write_skipped(out, datamodule.skipped)
+    # The scan has just found every file that is broken now; older load failures are stale.
+    (out / LOAD_FAILURES).unlink(missing_ok=True)
 
 
 @rank_zero_only
@@ -275,11 +306,11 @@ def _epoch(row: dict[str, str]) -> int:
 
 
 @rank_zero_only
-def _write_at_end(out: Path, summary: dict[str, Any]) -> None:
+def _write_at_end(out: Path, summary: dict[str, Any], skipped: list[tuple[str, str]]) -> None:
+    write_skipped(out, skipped)  # with the files that failed to load during training
     write_summary(out, summary)
-    skipped = summary["skipped_files"]
     if skipped:
-        print(f"Skipped {skipped} unusable files, listed in {out / SKIPPED}")
+        print(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
     test = f", test {summary['test_acc']:.4f}" if summary["test_acc"] is not None else ""
     print(
         f"Best val {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}{test}; "

@@ -25,15 +25,17 @@ from torchmetrics.functional.classification import (
 
 from tlkit.backbones import Preprocessing
 from tlkit.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
     ImageDataset,
     default_num_workers,
     find_decode_problems,
+    is_hidden,
     scan,
 )
 from tlkit.export import is_export_folder, load_exported
 from tlkit.module import TransferClassifier
-from tlkit.runfolder import best_checkpoint
+from tlkit.runfolder import best_checkpoint, image_limits
 from tlkit.tta import ScaleSquares, TTAModule, loader_batch_size, plan
 
 
@@ -75,6 +77,7 @@ def predict_probabilities(
     accelerator: str = "auto",
     scales: tuple[float, ...] | None = None,
     average: str = "probabilities",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(N, K) class probabilities for `(path, label)` samples with a TTA preset, and its cost.
 
@@ -82,7 +85,7 @@ def predict_probabilities(
     smaller than `batch_size` where the plan's views would exceed `tta.TTA_MEMORY_BUDGET`.
     """
     tta_plan = plan(tta, model.preprocessing, scales, average, model.trained_with_hflip)
-    dataset = ImageDataset(samples, ScaleSquares(tta_plan, model.preprocessing))
+    dataset = ImageDataset(samples, ScaleSquares(tta_plan, model.preprocessing), max_pixels)
     images_per_batch = loader_batch_size(tta_plan, batch_size)
     loader = DataLoader(dataset, batch_size=images_per_batch, num_workers=default_num_workers())
     # At most one loader batch of views per forward pass: larger batches are slower per image
@@ -136,11 +139,13 @@ def predict_labelled(
     batch_size: int = 64,
     accelerator: str = "auto",
     tta: str = "none",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    csv_paths_outside_root: bool = False,
 ) -> LabelledPredictions:
     """Run `model` over labelled data (class folders or a path,label CSV) and keep every image."""
-    scanned = scan(data, model.class_names)
+    scanned = scan(data, model.class_names, max_pixels, csv_paths_outside_root)
     probabilities, cost = predict_probabilities(
-        model, scanned.samples, tta, batch_size, accelerator
+        model, scanned.samples, tta, batch_size, accelerator, max_pixels=max_pixels
     )
     return LabelledPredictions(
         paths=[path for path, _ in scanned.samples],
@@ -157,15 +162,19 @@ def evaluate(
     batch_size: int = 64,
     accelerator: str = "auto",
     tta: str = "none",
+    max_image_pixels: int | None = None,
+    csv_paths_outside_root: bool | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV,
     with the test-time averaging preset `tta` and its cost.
 
-    `run_dir` is a run folder or an export folder.
+    `run_dir` is a run folder or an export folder. `max_image_pixels` and
+    `csv_paths_outside_root` default to the run's own (`runfolder.image_limits`).
     """
     model = load_predictor(run_dir)
     classes = model.class_names
-    predictions = predict_labelled(model, data, batch_size, accelerator, tta)
+    limits = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
+    predictions = predict_labelled(model, data, batch_size, accelerator, tta, *limits)
     probabilities, labels = predictions.probabilities, predictions.labels
     num_classes = len(classes)
     per_class = multiclass_accuracy(probabilities, labels, num_classes, average=None)
@@ -195,16 +204,17 @@ def evaluate(
 
 
 def image_paths(inputs: list[str | Path]) -> list[str]:
-    """Files as given and image files found below folders, in a stable order."""
+    """Files as given and image files found below folders (hidden entries left out), in a
+    stable order."""
     paths: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():
             for directory, subdirectories, files in os.walk(item):
-                subdirectories.sort()
+                subdirectories[:] = sorted(name for name in subdirectories if not is_hidden(name))
                 paths += [
                     os.path.join(directory, name)
                     for name in sorted(files)
-                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                    if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
                 ]
         elif item.is_file():
             paths.append(str(item))
@@ -220,20 +230,26 @@ def predict(
     batch_size: int = 64,
     accelerator: str = "auto",
     tta: str = "none",
+    max_image_pixels: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Top-k labels and probabilities per image; also the files that could not be decoded.
 
-    `run_dir` is a run folder or an export folder.
+    `run_dir` is a run folder or an export folder; `max_image_pixels` defaults to the run's.
     """
+    if top_k < 1:
+        raise ValueError(f"top_k must be 1 or more, not {top_k}")
     model = load_predictor(run_dir)
+    max_pixels, _ = image_limits(run_dir, max_image_pixels)
     paths = image_paths(inputs)
-    problems = find_decode_problems(paths)
+    problems = find_decode_problems(paths, max_pixels)
     usable = [path for path, problem in zip(paths, problems, strict=True) if problem is None]
     skipped = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
     if not usable:
         return [], skipped
     samples = [(path, -1) for path in usable]
-    probabilities, _ = predict_probabilities(model, samples, tta, batch_size, accelerator)
+    probabilities, _ = predict_probabilities(
+        model, samples, tta, batch_size, accelerator, max_pixels=max_pixels
+    )
     k = min(top_k, probabilities.shape[1])
     values, indices = probabilities.topk(k, dim=1)
     classes = model.class_names

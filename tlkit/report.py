@@ -26,7 +26,6 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from jinja2 import Environment, StrictUndefined
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -41,14 +40,15 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from tlkit.data import load_rgb
+from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from tlkit.inference import LabelledPredictions, load_model, predict_labelled
 from tlkit.runfolder import (
-    CONFIG,
     SKIPPED,
     SUMMARY,
     RunFolderError,
     best_checkpoint,
+    image_limits,
+    read_config,
     read_summary,
 )
 
@@ -276,13 +276,17 @@ def confusion_matrix_figure(confusion: torch.Tensor, classes: list[str]) -> Figu
     return figure
 
 
-def _thumbnail(path: str) -> np.ndarray:
-    image = Image.fromarray(load_rgb(path))
+def _thumbnail(path: str, max_pixels: int) -> np.ndarray:
+    image = Image.fromarray(load_rgb(path, max_pixels=max_pixels))
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     return np.asarray(image)
 
 
-def worst_mistakes_figure(mistakes: list[Mistake], columns: int = MISTAKE_COLUMNS) -> Figure:
+def worst_mistakes_figure(
+    mistakes: list[Mistake],
+    columns: int = MISTAKE_COLUMNS,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Figure:
     """The images of `mistakes`, each titled with rank, true and predicted label, probability."""
     columns = min(columns, len(mistakes))
     rows = math.ceil(len(mistakes) / columns)
@@ -295,7 +299,7 @@ def worst_mistakes_figure(mistakes: list[Mistake], columns: int = MISTAKE_COLUMN
         axes.set_axis_off()
         if mistake is None:
             continue
-        axes.imshow(_thumbnail(mistake.path))
+        axes.imshow(_thumbnail(mistake.path, max_pixels))
         axes.set_title(
             f"#{rank} true: {mistake.true_label}\n"
             f"predicted: {mistake.predicted_label} ({mistake.predicted_probability:.2f})\n"
@@ -303,13 +307,6 @@ def worst_mistakes_figure(mistakes: list[Mistake], columns: int = MISTAKE_COLUMN
             fontsize=9,
         )
     return figure
-
-
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    """config.yaml as a plain mapping (keys from other tlkit versions are kept, not rejected)."""
-    path = run_dir / CONFIG
-    loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def _read_skipped(run_dir: Path) -> list[tuple[str, str]]:
@@ -458,13 +455,16 @@ def build_report(
     batch_size: int = 64,
     accelerator: str = "auto",
     tta: str = "none",
+    max_image_pixels: int | None = None,
+    csv_paths_outside_root: bool | None = None,
 ) -> Report:
     """Write `report.html` and its PNGs for a finished run folder into `out`.
 
     `data` is a labelled folder or CSV (default: the run's DATA_DIR/test, when it exists);
     without data the page holds the learning curves and the run card only. `out` defaults to
     RUN_DIR/report. `mistakes` is how many of the highest-loss wrong predictions to show;
-    `tta` is the test-time averaging preset used for the predictions.
+    `tta` is the test-time averaging preset used for the predictions. `max_image_pixels` and
+    `csv_paths_outside_root` default to the run's own.
     """
     run_dir = Path(run_dir)
     best_checkpoint(run_dir)  # a clear error before any work if this is not a run folder
@@ -473,7 +473,8 @@ def build_report(
     if mistakes < 0:
         raise ValueError(f"--mistakes must be 0 or more, not {mistakes}")
     summary = read_summary(run_dir)
-    config = _read_config(run_dir)
+    config = read_config(run_dir)
+    max_pixels, outside_root = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
     data = _default_data(config) if data is None else Path(data)
     out = Path(out) if out is not None else run_dir / "report"
 
@@ -481,7 +482,9 @@ def build_report(
     if data is not None:
         model = load_model(run_dir)
         started = time.perf_counter()
-        predictions = predict_labelled(model, data, batch_size, accelerator, tta)
+        predictions = predict_labelled(
+            model, data, batch_size, accelerator, tta, max_pixels, outside_root
+        )
         evaluation_seconds = time.perf_counter() - started
         tta_cost = predictions.cost
         evaluation = analyse(predictions, model.class_names, mistakes)
@@ -498,7 +501,9 @@ def build_report(
                 evaluation.confusion, evaluation.classes
             )
             if evaluation.mistakes:
-                figures[WORST_MISTAKES] = worst_mistakes_figure(evaluation.mistakes)
+                figures[WORST_MISTAKES] = worst_mistakes_figure(
+                    evaluation.mistakes, max_pixels=max_pixels
+                )
         pngs = {name: _png(figure) for name, figure in figures.items()}
 
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,11 @@ last.ckpt      the latest checkpoint
 metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
-skipped.csv    files that could not be used, with the reason
+split.csv      every image used and its split (train, val or test), paths relative to the data
+               root; `--resume` trains on exactly this split
+skipped.csv    files that could not be used, with the reason (at the scan, or while training)
+load_failures.csv  files that failed to load during training, appended by the data-loading
+               processes; merged into skipped.csv when the run ends
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+from tlkit.config import FinetuneConfig
 
 BEST_CHECKPOINT = "best.ckpt"
 LAST_CHECKPOINT = "last.ckpt"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 SKIPPED = "skipped.csv"
+SPLIT = "split.csv"
+LOAD_FAILURES = "load_failures.csv"
+SPLITS = ("train", "val", "test")
 METRICS = "metrics.csv"
 
 
@@ -52,6 +62,31 @@ def write_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp.name, path)
 
 
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """config.yaml as a plain mapping; keys from other tlkit versions are kept, not rejected,
+    and a folder without one (an export folder) gives an empty mapping."""
+    path = Path(run_dir) / CONFIG
+    loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def image_limits(
+    run_dir: str | Path,
+    max_image_pixels: int | None = None,
+    csv_paths_outside_root: bool | None = None,
+) -> tuple[int, bool]:
+    """`(max_image_pixels, csv_paths_outside_root)` for reading images with a run's model: the
+    values given here, else the run's own (config.yaml), else `FinetuneConfig`'s defaults."""
+    config, defaults = read_config(run_dir), FinetuneConfig()
+    if max_image_pixels is None:
+        max_image_pixels = int(config.get("max_image_pixels", defaults.max_image_pixels))
+    if csv_paths_outside_root is None:
+        csv_paths_outside_root = bool(
+            config.get("csv_paths_outside_root", defaults.csv_paths_outside_root)
+        )
+    return max_image_pixels, csv_paths_outside_root
+
+
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
     write_atomic(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
@@ -66,6 +101,38 @@ def write_skipped(run_dir: str | Path, skipped: list[tuple[str, str]]) -> None:
     writer.writerow(["path", "reason"])
     writer.writerows(skipped)
     write_atomic(Path(run_dir) / SKIPPED, buffer.getvalue())
+
+
+def write_split(run_dir: str | Path, rows: list[tuple[str, str]]) -> None:
+    """split.csv: one `path,split` row per image used (paths relative to the data root)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "split"])
+    writer.writerows(rows)
+    write_atomic(Path(run_dir) / SPLIT, buffer.getvalue())
+
+
+def read_split(run_dir: str | Path) -> dict[str, str]:
+    """The recorded split of a run: {path relative to the data root: train | val | test}."""
+    path = Path(run_dir) / SPLIT
+    if not path.is_file():
+        raise RunFolderError(
+            f"{path} is missing: the run's split is unknown, so it cannot be resumed on the same "
+            "images (runs started before tlkit recorded split.csv); start a new run"
+        )
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"path", "split"} <= set(reader.fieldnames):
+            raise RunFolderError(f"{path}: needs a header with columns 'path' and 'split'")
+        split = {}
+        for row in reader:
+            if row["split"] not in SPLITS:
+                raise RunFolderError(
+                    f"{path}, line {reader.line_num}: split {row['split']!r} is not one of "
+                    f"{', '.join(SPLITS)}"
+                )
+            split[row["path"]] = row["split"]
+    return split
 
 
 def unsafe_checkpoint(path: str | Path, error: Exception) -> UnsafeCheckpointError:
