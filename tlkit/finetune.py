@@ -126,10 +126,9 @@ def finetune(
 
     With `resume`, continue the run in `config.out` from its `last.ckpt` (model, optimiser,
     schedule, epoch and callback states), on the images of its recorded split.csv.
-    `trainer_options` are passed to
-    `pytorch_lightning.Trainer` on top of tlkit's own (e.g. `enable_progress_bar=False`);
-    `callbacks` given there are added to tlkit's own, and `limit_test_batches=0` skips the
-    test-split evaluation.
+    `trainer_options` are passed to `pytorch_lightning.Trainer` on top of tlkit's own (e.g.
+    `enable_progress_bar=False`); `callbacks` given there are added to tlkit's own, and
+    `limit_test_batches=0` skips the test-split evaluation.
     """
     if not config.data_dir:
         raise ValueError("no data: give DATA_DIR (an image folder or a CSV file)")
