@@ -90,7 +90,9 @@ class FinetuneConfig:
     lr: float = _option(1e-3, "learning rate of the new head")
     weight_decay: float = _option(1e-4, "weight decay (not applied to biases and norm layers)")
     optimizer: Optimizer = _option("adamw", "adamw, or sgd with Nesterov momentum 0.9")
-    warmup_epochs: float = _option(1.0, "linear warm-up before the cosine decay, in epochs")
+    warmup_epochs: float = _option(
+        1.0, "linear warm-up before the cosine decay, in epochs (at most 10%% of the run)"
+    )
     label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
     patience: int = _option(5, "early stopping: epochs without validation improvement")
 

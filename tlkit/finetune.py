@@ -134,9 +134,13 @@ def finetune(
             filename="best",
             monitor="val_acc",
             mode="max",
-            save_last=True,
             auto_insert_metric_name=False,
             enable_version_counter=False,
+        ),
+        # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
+        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
+        ModelCheckpoint(
+            dirpath=out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
         ),
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
