@@ -40,7 +40,7 @@ def test_warmup_is_capped_and_the_learning_rate_decays_within_the_run(
     factors = planned_factors(1.0, epochs, steps_per_epoch)
     peak = factors.index(max(factors))
     assert peak == warmup_steps and factors[peak] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(factors[:peak], factors[1:peak + 1], strict=True))
+    assert all(a < b for a, b in zip(factors[:peak], factors[1 : peak + 1], strict=True))
     decay = factors[peak:]
     assert all(later < earlier for earlier, later in zip(decay, decay[1:], strict=False))
     assert factors[-1] < 0.01
@@ -80,6 +80,6 @@ def test_resume_with_more_epochs_continues_the_longer_schedule(colour_folder, tm
     assert len(first) + len(resumed) == len(planned)
     # From the step it stopped at, the run follows the 4-epoch schedule: the decay goes on,
     # down to ~0 at the new last step, instead of the old cosine climbing back to its peak.
-    assert resumed == pytest.approx(planned[len(first):])
+    assert resumed == pytest.approx(planned[len(first) :])
     assert all(later < earlier for earlier, later in zip(resumed, resumed[1:], strict=False))
     assert resumed[-1] < 0.1 * max(planned)

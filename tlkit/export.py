@@ -40,7 +40,7 @@ from torch import nn
 
 from tlkit import __version__
 from tlkit.augment import eval_transform
-from tlkit.backbones import Preprocessing, create_backbone
+from tlkit.backbones import Preprocessing, create_backbone, pooled_feature_width
 from tlkit.config import FinetuneConfig
 from tlkit.data import IMAGE_EXTENSIONS, find_decode_problems, load_rgb
 from tlkit.heads import ClassifierHead
@@ -117,7 +117,10 @@ def build_network(card: dict[str, Any]) -> nn.Sequential:
     model = card["model"]
     backbone = create_backbone(model["backbone"], pretrained="none")
     head = ClassifierHead(
-        backbone.num_features, len(card["classes"]), model["head_dropout"], model["head_hidden"]
+        pooled_feature_width(backbone),
+        len(card["classes"]),
+        model["head_dropout"],
+        model["head_hidden"],
     )
     return inference_network(backbone, head)
 

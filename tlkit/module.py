@@ -13,7 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from tlkit.backbones import Preprocessing, create_backbone, preprocessing
+from tlkit.backbones import (
+    Preprocessing,
+    create_backbone,
+    pooled_feature_width,
+    preprocessing,
+)
 from tlkit.heads import ClassifierHead
 from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
@@ -60,7 +65,9 @@ class TransferClassifier(pl.LightningModule):
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
         self.backbone = create_backbone(backbone, pretrained, drop_path_rate)
-        self.head = ClassifierHead(self.backbone.num_features, num_classes, dropout, head_hidden)
+        self.head = ClassifierHead(
+            pooled_feature_width(self.backbone), num_classes, dropout, head_hidden
+        )
         set_trainable(self.backbone, strategy, unfreeze_stages)
         keep_frozen_modules_in_eval(self.backbone)
         top_k = min(5, num_classes)
