@@ -49,12 +49,22 @@ class Preprocessing:
     crop_pct: float
 
 
-def create_backbone(name: str, pretrained: str = "hub", drop_path_rate: float = 0.0) -> nn.Module:
-    """A timm feature extractor (`num_classes=0`: pooled features, no classifier) with weights."""
+def create_backbone(
+    name: str, pretrained: str = "hub", drop_path_rate: float = 0.0, img_size: int | None = None
+) -> nn.Module:
+    """A timm feature extractor (`num_classes=0`: pooled features, no classifier) with weights.
+
+    `img_size` reaches timm for models built for one input size (`fixed_input_size` in their
+    pretrained config: ViTs and other models with position embeddings or fixed windows), whose
+    pretrained weights timm resamples to it; other models take any size as they are.
+    """
     check_model_name(name)
     kwargs: dict = {"num_classes": 0}
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
+    pretrained_cfg = get_pretrained_cfg(name)
+    if img_size is not None and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
     if pretrained == "none":
         return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained == "hub":

@@ -115,7 +115,8 @@ def inference_network(backbone: nn.Module, head: nn.Module) -> nn.Sequential:
 def build_network(card: dict[str, Any]) -> nn.Sequential:
     """An untrained network of the card's architecture (timm backbone + tlkit head)."""
     model = card["model"]
-    backbone = create_backbone(model["backbone"], pretrained="none")
+    size = card["preprocessing"]["input_size"]
+    backbone = create_backbone(model["backbone"], pretrained="none", img_size=size)
     head = ClassifierHead(
         pooled_feature_width(backbone),
         len(card["classes"]),

@@ -64,7 +64,7 @@ class TransferClassifier(pl.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
-        self.backbone = create_backbone(backbone, pretrained, drop_path_rate)
+        self.backbone = create_backbone(backbone, pretrained, drop_path_rate, img_size)
         self.head = ClassifierHead(
             pooled_feature_width(self.backbone), num_classes, dropout, head_hidden
         )

@@ -38,7 +38,7 @@ from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, layer_groups
 from tlkit.config import FinetuneConfig
 from tlkit.data import ImageDataset
-from tlkit.finetune import build_datamodule, build_model
+from tlkit.finetune import build_datamodule, build_model, check_config
 from tlkit.module import TransferClassifier
 from tlkit.strategies import trainable_parameter_names
 
@@ -488,6 +488,7 @@ def run_sanity_checks(
         raise ValueError(
             f"--per-class and --overfit-steps must be at least 1, got {per_class}, {overfit_steps}"
         )
+    check_config(config)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
