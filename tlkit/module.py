@@ -196,10 +196,10 @@ class TransferClassifier(pl.LightningModule):
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# Warm-up takes at most this share of the run's steps. The default (1 warm-up epoch of 10) sits at
-# the cap, and 10% is the common ratio (Hugging Face's warmup_ratio examples, BiT's 500 of 5,000+
-# steps); without a cap a 1-epoch run would warm up for all of it and never decay, and a 3-epoch
-# search trial would spend a third of its steps warming up.
+# Warm-up takes at most this share of the run's steps (a warm-up ratio, as Hugging Face's
+# `warmup_ratio`). tlkit's default, 1 warm-up epoch of 10, sits at the cap, so only shorter runs
+# are affected: without it a 1-epoch run would warm up for all of it and never decay, and a
+# 3-epoch search trial would spend a third of its steps warming up.
 MAX_WARMUP_SHARE = 0.1
 
 
