@@ -15,7 +15,7 @@ Each layer's output mean and std are printed as in the lecture, with tlkit's van
 saturating flags (the same hooks and rules as `tlkit sanity`), and one PNG shows every layer's
 distribution. tlkit's own head follows this: its hidden layer (ReLU) gets He initialisation, and
 the final linear layer, which feeds a softmax rather than a nonlinearity to be kept in range,
-gets small weights (std 0.01) so the loss at initialisation is ln(C).
+starts at zero (BiT's head) so the loss at initialisation is exactly ln(C).
 """
 
 from __future__ import annotations

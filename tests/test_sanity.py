@@ -1,5 +1,7 @@
 """Sanity checks: a healthy tiny set-up passes all four; each broken set-up fails its own check."""
 
+import gzip
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,9 @@ from torch import nn
 
 from tlkit.cli import main
 from tlkit.config import FinetuneConfig
+from tlkit.data import write_image_folder
 from tlkit.finetune import build_datamodule, build_model
+from tlkit.module import TransferClassifier
 from tlkit.sanity import (
     balanced_subset,
     check_activations,
@@ -96,11 +100,11 @@ def test_shuffled_labels_fail_the_overfit_check(config, data):
     assert not overfit(build_model(config, datamodule.classes), data, shuffled).passed
 
 
-def test_head_weights_scaled_up_fail_the_loss_at_init_check_only(config, data):
+def test_large_head_weights_fail_the_loss_at_init_check_only(config, data):
     datamodule, subset, images, labels = data
     model = build_model(config, datamodule.classes)
     with torch.no_grad():
-        model.head.classifier.weight.mul_(1e3)
+        model.head.classifier.weight.normal_(std=1.0)  # randn: the lecture's "large" init
     result = check_loss_at_init(model, subset_loader(subset, datamodule.preprocessing, 8))
     assert not result.passed
     assert "expected (ln 3)" in result.summary and "head's initial scale" in result.summary
@@ -172,12 +176,74 @@ def test_finetune_sanity_trains_only_if_the_checks_pass(
 
 
 def test_tlkit_head_initialisation_is_the_documented_one():
-    """He (randn / sqrt(fan_in / 2)) for the hidden ReLU layer, 0.01 * randn for the logits."""
+    """He (randn / sqrt(fan_in / 2)) for the hidden ReLU layer, zeros for the logits (BiT)."""
     from tlkit.heads import ClassifierHead
 
     torch.manual_seed(0)
     head = ClassifierHead(1280, 10, dropout=0.0, hidden=512)
     hidden, classifier = head.layers[1], head.classifier
     assert hidden.weight.std().item() == pytest.approx((2 / 1280) ** 0.5, rel=0.02)
-    assert classifier.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert not classifier.weight.any()
     assert not hidden.bias.any() and not classifier.bias.any()
+
+
+def test_gradient_flow_leaves_the_zero_classifier_as_it_was(config, data):
+    _, _, images, labels = data
+    model = build_model(config, data[0].classes)
+    assert check_gradient_flow(model, images, labels).passed
+    assert not model.head.classifier.weight.any() and not model.head.classifier.bias.any()
+
+
+FASHION_MNIST_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+REAL_IMAGES = 40
+
+
+def read_idx_head(path: Path, count: int) -> np.ndarray:
+    """The first `count` items of a gzipped IDX file (MNIST's format: magic, sizes, uint8 data)."""
+    with gzip.open(path, "rb") as handle:
+        dimensions = handle.read(4)[3]
+        shape = [int.from_bytes(handle.read(4), "big") for _ in range(dimensions)]
+        shape[0] = count
+        return np.frombuffer(handle.read(math.prod(shape)), dtype=np.uint8).reshape(shape)
+
+
+def fashion_mnist_head(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first images of Fashion-MNIST's test split (Debian's dataset-fashion-mnist)."""
+    if not FASHION_MNIST_TEST_IMAGES.is_file():
+        pytest.skip(
+            f"Fashion-MNIST is not installed ({FASHION_MNIST_TEST_IMAGES} missing; "
+            "apt-get install dataset-fashion-mnist); the digits variant still runs"
+        )
+    labels_file = FASHION_MNIST_TEST_IMAGES.with_name("t10k-labels-idx1-ubyte.gz")
+    return read_idx_head(FASHION_MNIST_TEST_IMAGES, count), read_idx_head(labels_file, count)
+
+
+def digits_head(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first of scikit-learn's real 8x8 handwritten digits, as 0..255 images."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images[:count] * (255.0 / 16.0)).astype(np.uint8)
+    return images, digits.target[:count]
+
+
+@pytest.mark.parametrize("read_images", [fashion_mnist_head, digits_head])
+@pytest.mark.parametrize(
+    "backbone, pretrained",
+    # The real ImageNet weights (1,280 features of norm ~60 on Fashion-MNIST) and a second
+    # family, ConvNeXt, whose LayerNorm-ed features have another scale again.
+    [("tf_efficientnet_lite0", "bundled"), ("convnext_atto", "none")],
+)
+def test_loss_at_init_is_ln_c_on_real_images_for_every_backbone(
+    read_images, backbone, pretrained, tmp_path
+):
+    images, labels = read_images(REAL_IMAGES)
+    folder = write_image_folder(images, labels, [str(label) for label in range(10)], tmp_path)
+    samples = sorted((str(path), int(path.parent.name)) for path in folder.glob("*/*.png"))
+    torch.manual_seed(0)
+    model = TransferClassifier(10, backbone, pretrained, img_size=64)
+    loader = subset_loader(samples, model.preprocessing, batch_size=20)
+    result = check_loss_at_init(model, loader)
+    assert result.passed, result.summary
+    # Not just within the tolerance: the logits start at zero, whatever the features' scale.
+    assert result.summary.startswith(f"{math.log(10):.4f} measured on {REAL_IMAGES} images")

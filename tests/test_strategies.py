@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import pytorch_lightning as pl
@@ -161,3 +162,34 @@ def test_scratch_training_uses_the_full_learning_rate_everywhere():
     )
     trainer.fit(model, *tiny_loaders())
     assert {g["initial_lr"] for g in trainer.optimizers[0].param_groups} == {1e-2}
+
+
+LAST_STAGE = {
+    # family's tiny timm model -> what "the last stage" holds: its blocks and its output layers
+    "test_efficientnet": (r"blocks\.4\.", r"conv_head\.", r"bn2\."),
+    "mobilenetv3_small_050": (r"blocks\.4\.", r"blocks\.5\.", r"conv_head\."),
+    "test_resnet": (r"layer4\.",),
+    "regnetx_002": (r"s4\.",),
+    "test_convnext": (r"stages\.3\.", r"head\.norm\."),
+    "test_vit": (r"blocks\.5\.", r"norm\."),
+}
+
+
+@pytest.mark.parametrize("backbone", list(LAST_STAGE))
+def test_unfreeze_one_stage_trains_the_last_real_stage_of_every_family(backbone: str):
+    model = TransferClassifier(
+        num_classes=3,
+        backbone=backbone,
+        pretrained="none",
+        strategy="partial",
+        unfreeze_stages=1,
+    )
+    trainable = {name for name, p in model.backbone.named_parameters() if p.requires_grad}
+    expected = {
+        name
+        for name, _ in model.backbone.named_parameters()
+        if any(re.match(prefix, name) for prefix in LAST_STAGE[backbone])
+    }
+    assert trainable == expected
+    size = model.preprocessing.input_size  # the backbone's own (ViTs have a fixed one)
+    assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, 3)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, group_parameters
+from timm.models._efficientnet_blocks import ConvBnAct
 from torch import nn
 
 BUNDLED_PACKAGES = {
@@ -48,12 +49,22 @@ class Preprocessing:
     crop_pct: float
 
 
-def create_backbone(name: str, pretrained: str = "hub", drop_path_rate: float = 0.0) -> nn.Module:
-    """A timm feature extractor (`num_classes=0`: pooled features, no classifier) with weights."""
+def create_backbone(
+    name: str, pretrained: str = "hub", drop_path_rate: float = 0.0, img_size: int | None = None
+) -> nn.Module:
+    """A timm feature extractor (`num_classes=0`: pooled features, no classifier) with weights.
+
+    `img_size` reaches timm for models built for one input size (`fixed_input_size` in their
+    pretrained config: ViTs and other models with position embeddings or fixed windows), whose
+    pretrained weights timm resamples to it; other models take any size as they are.
+    """
     check_model_name(name)
     kwargs: dict = {"num_classes": 0}
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
+    pretrained_cfg = get_pretrained_cfg(name)
+    if img_size is not None and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
     if pretrained == "none":
         return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained == "hub":
@@ -164,9 +175,39 @@ def preprocessing(backbone: str | nn.Module, img_size: int | None = None) -> Pre
 def layer_groups(backbone: nn.Module) -> list[list[str]]:
     """Parameter names grouped by stage, stem first, from timm's coarse `group_matcher`.
 
-    The final feature layers (EfficientNet's conv_head, a ViT's last norm) belong to the last
-    group, so "the last N stages" means the same thing for ResNets, EfficientNets, ConvNeXts
-    and ViTs.
+    The layers after the last stage (ConvNeXt's head.norm, MobileNetV3's final 1x1 convs) are
+    the last stage's output layers and join its group, as timm's matcher already does for
+    EfficientNet's conv_head and a ViT's final norm (`MATCH_PREV_GROUP`): "the last N stages"
+    then means the same for every family.
     """
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
-    return [groups[index] for index in sorted(groups)]
+    ordered = [groups[index] for index in sorted(groups)]
+    last = _last_stage_group(backbone, ordered)
+    return ordered[:last] + [[name for group in ordered[last:] for name in group]]
+
+
+def _last_stage_group(backbone: nn.Module, groups: list[list[str]]) -> int:
+    """Index of the group holding the last stage: the one with the last of timm's
+    `feature_info` modules (the final stage output), or the group before it when that module
+    is only a 1x1 conv-norm-act (MobileNetV3's `cn` block, the counterpart of EfficientNet's
+    conv_head). Without feature_info, the last group."""
+    feature_info = getattr(backbone, "feature_info", None)
+    if not feature_info:
+        return len(groups) - 1
+    module_name = feature_info[-1]["module"]
+    prefix = module_name + "."
+    holding = [i for i, group in enumerate(groups) if any(n.startswith(prefix) for n in group)]
+    if not holding:  # a parameter-free output module (an activation): no stage to find
+        return len(groups) - 1
+    last = holding[-1]
+    return last - 1 if _is_conv_norm_act_only(backbone.get_submodule(module_name)) else last
+
+
+def _is_conv_norm_act_only(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and all(isinstance(m, ConvBnAct) for m in module)
+
+
+def pooled_feature_width(backbone: nn.Module) -> int:
+    """Width of the pooled features a `num_classes=0` timm model returns: its `head_hidden_size`
+    where a layer after the pooling widens them (MobileNetV3's conv_head), else `num_features`."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features

@@ -58,12 +58,14 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if field.name in skip:
             continue
         kind = hints[field.name]
+        if type(None) in typing.get_args(kind):  # `int | None`: the flag takes an int
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         flag = "--" + field.name.replace("_", "-")
         options: dict[str, Any] = {
             "default": argparse.SUPPRESS,
             "dest": field.name,
             "help": field.metadata["help"]
-            + (f" (default: {field.default})" if field.default != "" else ""),
+            + (f" (default: {field.default})" if field.default not in ("", None) else ""),
         }
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction

@@ -93,12 +93,18 @@ class FinetuneConfig:
     lr: float = _option(1e-3, "learning rate of the new head")
     weight_decay: float = _option(1e-4, "weight decay (not applied to biases and norm layers)")
     optimizer: Optimizer = _option("adamw", "adamw, or sgd with Nesterov momentum 0.9")
-    warmup_epochs: float = _option(1.0, "linear warm-up before the cosine decay, in epochs")
+    warmup_epochs: float = _option(
+        1.0, "linear warm-up before the cosine decay, in epochs (at most 10%% of the run)"
+    )
     label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
     patience: int = _option(5, "early stopping: epochs without validation improvement")
 
     # Data and augmentation
-    img_size: int = _option(224, "square input size S; augmentation sizes scale with it")
+    img_size: int | None = _option(
+        None,
+        "square input size S; augmentation sizes scale with it (default: the backbone's "
+        "pretrained input size, from timm's pretrained config)",
+    )
     augment: bool = _option(True, "train augmentation: scale crops, horizontal flip, jitter")
     short_side_min: int = _option(
         256, "scale augmentation: shortest resized side, given for 224px inputs (scales with S)"
@@ -132,6 +138,10 @@ class FinetuneConfig:
     seed: int = _option(0, "seed for splits, initialisation, augmentation and data order")
 
     def __post_init__(self) -> None:
+        if self.img_size is None:
+            from tlkit.backbones import preprocessing  # timm, only when a size is to be found
+
+            self.img_size = preprocessing(self.backbone).input_size
         for name, kind in typing.get_type_hints(type(self)).items():
             allowed = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
             if allowed and getattr(self, name) not in allowed:

@@ -40,7 +40,7 @@ from torch import nn
 
 from tlkit import __version__
 from tlkit.augment import eval_transform
-from tlkit.backbones import Preprocessing, create_backbone
+from tlkit.backbones import Preprocessing, create_backbone, pooled_feature_width
 from tlkit.config import FinetuneConfig
 from tlkit.data import IMAGE_EXTENSIONS, find_decode_problems, is_hidden, load_rgb
 from tlkit.heads import ClassifierHead
@@ -115,9 +115,13 @@ def inference_network(backbone: nn.Module, head: nn.Module) -> nn.Sequential:
 def build_network(card: dict[str, Any]) -> nn.Sequential:
     """An untrained network of the card's architecture (timm backbone + tlkit head)."""
     model = card["model"]
-    backbone = create_backbone(model["backbone"], pretrained="none")
+    size = card["preprocessing"]["input_size"]
+    backbone = create_backbone(model["backbone"], pretrained="none", img_size=size)
     head = ClassifierHead(
-        backbone.num_features, len(card["classes"]), model["head_dropout"], model["head_hidden"]
+        pooled_feature_width(backbone),
+        len(card["classes"]),
+        model["head_dropout"],
+        model["head_hidden"],
     )
     return inference_network(backbone, head)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
@@ -22,7 +23,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
-from tlkit.backbones import preprocessing
+from tlkit.augment import train_transform
+from tlkit.backbones import create_backbone, preprocessing
 from tlkit.callbacks import EpochSummary, StopOnNonFiniteLoss
 from tlkit.config import FinetuneConfig
 from tlkit.data import ImageDataModule
@@ -46,6 +48,7 @@ from tlkit.runfolder import (
     write_split,
     write_summary,
 )
+from tlkit.strategies import trainable_parameter_names
 
 
 def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClassifier:
@@ -77,6 +80,24 @@ def trains_with_hflip(config: FinetuneConfig) -> bool:
     `features` strategy's head trains on augmented views (cache_augmented_views) only."""
     flips = config.augment and config.hflip > 0
     return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
+
+
+def check_config(config: FinetuneConfig) -> None:
+    """Configuration errors that need the backbone but no data, raised before the data scan
+    (which can take minutes): the model at this size, the stage count, the scale range."""
+    try:
+        with torch.device("meta"):  # the architecture only: no memory, no weights
+            backbone = create_backbone(
+                config.backbone, "none", config.drop_path_rate, config.img_size
+            )
+    except TypeError as error:  # timm hands options a model does not take to its class
+        raise ValueError(f"{config.backbone} cannot be built as configured: {error}") from error
+    trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
+    if config.augment:
+        train_transform(
+            preprocessing(config.backbone, config.img_size),
+            (config.short_side_min, config.short_side_max),
+        )
 
 
 def build_datamodule(
@@ -132,6 +153,7 @@ def finetune(
     """
     if not config.data_dir:
         raise ValueError("no data: give DATA_DIR (an image folder or a CSV file)")
+    check_config(config)
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
     earlier_metrics = read_metrics(out) if resume_from else []
@@ -155,9 +177,13 @@ def finetune(
             filename="best",
             monitor="val_acc",
             mode="max",
-            save_last=True,
             auto_insert_metric_name=False,
             enable_version_counter=False,
+        ),
+        # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
+        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
+        ModelCheckpoint(
+            dirpath=out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
         ),
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -12,7 +14,12 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from tlkit.backbones import Preprocessing, create_backbone, preprocessing
+from tlkit.backbones import (
+    Preprocessing,
+    create_backbone,
+    pooled_feature_width,
+    preprocessing,
+)
 from tlkit.heads import ClassifierHead
 from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
@@ -61,8 +68,10 @@ class TransferClassifier(pl.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
-        self.backbone = create_backbone(backbone, pretrained, drop_path_rate)
-        self.head = ClassifierHead(self.backbone.num_features, num_classes, dropout, head_hidden)
+        self.backbone = create_backbone(backbone, pretrained, drop_path_rate, img_size)
+        self.head = ClassifierHead(
+            pooled_feature_width(self.backbone), num_classes, dropout, head_hidden
+        )
         set_trainable(self.backbone, strategy, unfreeze_stages)
         keep_frozen_modules_in_eval(self.backbone)
         top_k = min(5, num_classes)
@@ -166,6 +175,15 @@ class TransferClassifier(pl.LightningModule):
         optimizer, schedule = self.optimizer_and_schedule(total_steps, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # On --resume, Lightning restored the optimiser's learning rates of the saved step; the
+        # schedule may now be longer (more epochs), so take this step's rate from it.
+        schedule = self.lr_schedulers()
+        for group, base_lr, factor in zip(
+            schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True
+        ):
+            group["lr"] = base_lr * factor(schedule.last_epoch)
+
     def optimizer_and_schedule(
         self, total_steps: int, steps_per_epoch: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -180,18 +198,32 @@ class TransferClassifier(pl.LightningModule):
             optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
         else:
             raise ValueError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
-        # With any warm-up asked for, the schedule has the same structure however short the run,
-        # so a checkpoint's scheduler state always fits it on --resume.
-        warmup_steps = max(1, int(hp.warmup_epochs * steps_per_epoch)) if hp.warmup_epochs else 0
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, total_steps - warmup_steps)
+        warmup_steps = min(
+            int(hp.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps)
         )
-        if warmup_steps == 0:
-            return optimizer, cosine
-        warmup = torch.optim.lr_scheduler.LinearLR(
-            optimizer, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps
-        )
-        schedule = torch.optim.lr_scheduler.SequentialLR(
-            optimizer, [warmup, cosine], milestones=[warmup_steps]
-        )
-        return optimizer, schedule
+        factor = warmup_cosine(warmup_steps, total_steps)
+        # LambdaLR leaves a plain function out of its state_dict: --resume restores the step
+        # count, and the schedule is this run's, so more epochs continue a longer decay from the
+        # current step (as timm's train.py and Hugging Face's Trainer do), where the restored
+        # length of a CosineAnnealingLR would climb back towards the peak.
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# Warm-up takes at most this share of the run's steps (a warm-up ratio, as Hugging Face's
+# `warmup_ratio`). tlkit's default, 1 warm-up epoch of 10, sits at the cap, so only shorter runs
+# are affected: without it a 1-epoch run would warm up for all of it and never decay, and a
+# 3-epoch search trial would spend a third of its steps warming up.
+MAX_WARMUP_SHARE = 0.1
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of each optimiser step: linear warm-up from 1 / (warmup_steps + 1)
+    to 1 at `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

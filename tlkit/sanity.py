@@ -1,7 +1,7 @@
 """Sanity checks before spending compute: the lecture's checklist, run on the user's own data.
 
-1. Loss at initialisation: with the new head freshly initialised the logits are near zero, so the
-   mean cross-entropy is about ln(C) (2.30 for 10 classes). Far from it, the head's scale is off.
+1. Loss at initialisation: the new head's classifier starts at zero, so every logit is 0 and the
+   mean cross-entropy is ln(C) (2.30 for 10 classes). Far from it, the head's scale is off.
 2. Overfit a tiny subset: 20 images per class, augmentation and regularisation off (dropout,
    weight decay, label smoothing, drop-path 0); the model must fit them (>= 99% accuracy) within
    a step budget. If it cannot, something between data, labels, model and optimiser is broken.
@@ -10,7 +10,9 @@
    std ...`); layers whose std collapses towards 0 (vanishing), blows up (exploding) or whose
    values pile up at their extreme (saturating, like tanh at +-1 or ReLU6 at 6) are flagged.
 4. Gradient flow: one backward pass; every parameter the transfer strategy trains gets a finite,
-   non-zero gradient, and no parameter it freezes gets one.
+   non-zero gradient, and no parameter it freezes gets one. The head's classifier starts at zero
+   (heads.py), which passes no gradient below it before its first update, so the check measures
+   after one first-update-sized step of the classifier (then puts its weights back).
 
 `run_sanity_checks(config)` runs all four on a config's data and model; the single checks take a
 `TransferClassifier` and data, so they work on any model built by hand too.
@@ -36,7 +38,7 @@ from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, layer_groups
 from tlkit.config import FinetuneConfig
 from tlkit.data import ImageDataset
-from tlkit.finetune import build_datamodule, build_model
+from tlkit.finetune import build_datamodule, build_model, check_config
 from tlkit.module import TransferClassifier
 from tlkit.strategies import trainable_parameter_names
 
@@ -45,6 +47,9 @@ OVERFIT_STEPS = 300
 OVERFIT_TARGET = 0.99
 INIT_LOSS_TOLERANCE = 0.1  # relative to ln(C)
 INIT_LOSS_BATCHES = 4
+# The gradient-flow check first moves the zero-initialised classifier by this much per weight, in
+# the direction of its gradient's sign: AdamW's first update at the default learning rate.
+FIRST_UPDATE_SIZE = 1e-3
 # A layer is vanishing (exploding) when its std is below (above) this multiple of the network
 # input's std.
 VANISHING_STD_RATIO = 1e-2
@@ -146,7 +151,7 @@ def check_loss_at_init(
         f" tolerance {tolerance * expected:.4f}"
     )
     if not passed:
-        summary += "; the head's initial scale is off (logits should start near zero)"
+        summary += "; the head's initial scale is off (the logits should start at zero)"
     return _report(CheckResult("loss at init", passed, summary))
 
 
@@ -389,12 +394,55 @@ def check_gradient_flow(
     model: TransferClassifier, images: torch.Tensor, labels: torch.Tensor
 ) -> CheckResult:
     """One forward/backward pass in train mode: every parameter the strategy trains must get a
-    finite, non-zero gradient; every parameter it freezes must get none."""
+    finite, non-zero gradient; every parameter it freezes must get none.
+
+    Measured after the classifier's first update (`after_first_classifier_update`): a zero
+    classifier, as initialised, passes no gradient to the layers below it.
+    """
     device = _device_of(model)
+    images, labels = images.to(device), labels.to(device)
     trainable = intended_trainable(model)
     model.train()
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(images.to(device)), labels.to(device)).backward()
+    with after_first_classifier_update(model, images, labels):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        problems, norms, frozen = _gradient_problems(model, trainable)
+        model.zero_grad(set_to_none=True)
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        return _report(CheckResult("gradient flow", False, f"{len(problems)} problems: {shown}"))
+    summary = (
+        f"{len(norms)} trainable tensors got finite non-zero gradients (norms {min(norms):.2e} "
+        f"to {max(norms):.2e}); {frozen} frozen tensors got none"
+    )
+    return _report(CheckResult("gradient flow", True, summary))
+
+
+@contextmanager
+def after_first_classifier_update(
+    model: TransferClassifier, images: torch.Tensor, labels: torch.Tensor
+) -> Iterator[None]:
+    """The head's classifier moved as a first AdamW step moves it (FIRST_UPDATE_SIZE times the
+    sign of its gradient on the batch) while the block runs; its weights are restored after."""
+    classifier = model.head.classifier
+    saved = {name: value.clone() for name, value in classifier.state_dict().items()}
+    weights = list(classifier.parameters())
+    gradients = torch.autograd.grad(F.cross_entropy(model(images), labels), weights)
+    with torch.no_grad():
+        for weight, gradient in zip(weights, gradients, strict=True):
+            weight.sub_(FIRST_UPDATE_SIZE * gradient.sign())
+    try:
+        yield
+    finally:
+        classifier.load_state_dict(saved)
+
+
+def _gradient_problems(
+    model: TransferClassifier, trainable: set[str]
+) -> tuple[list[str], list[float], int]:
+    """Problems with the gradients now held, the trainable ones' norms, and the frozen count."""
     problems, norms = [], []
     frozen = 0
     for name, parameter in model.named_parameters():
@@ -411,17 +459,7 @@ def check_gradient_flow(
             problems.append(f"{name}: zero gradient")
         else:
             norms.append(gradient.norm().item())
-    model.zero_grad(set_to_none=True)
-    if problems:
-        shown = "; ".join(problems[:5]) + (
-            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        )
-        return _report(CheckResult("gradient flow", False, f"{len(problems)} problems: {shown}"))
-    summary = (
-        f"{len(norms)} trainable tensors got finite non-zero gradients (norms {min(norms):.2e} "
-        f"to {max(norms):.2e}); {frozen} frozen tensors got none"
-    )
-    return _report(CheckResult("gradient flow", True, summary))
+    return problems, norms, frozen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +488,7 @@ def run_sanity_checks(
         raise ValueError(
             f"--per-class and --overfit-steps must be at least 1, got {per_class}, {overfit_steps}"
         )
+    check_config(config)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
