@@ -68,18 +68,46 @@ def learning_rates(config: FinetuneConfig, resume: bool = False) -> list[float]:
     return recorder.rates
 
 
-def test_resume_with_more_epochs_continues_the_longer_schedule(colour_folder, tmp_path: Path):
-    def config(epochs: int, out: Path) -> FinetuneConfig:
-        return FinetuneConfig(
-            data_dir=str(colour_folder), out=str(out), epochs=epochs, lr=1e-2, **TINY_CONFIG
-        )
+class StopAfterEpochs(pl.Callback):
+    """Ends training after `epochs` epochs, as an interrupted run would have stopped."""
 
-    first = learning_rates(config(2, tmp_path / "run"))
-    resumed = learning_rates(config(4, tmp_path / "run"), resume=True)
-    planned = learning_rates(config(4, tmp_path / "planned"))  # 4 epochs from the start
-    assert len(first) + len(resumed) == len(planned)
-    # From the step it stopped at, the run follows the 4-epoch schedule: the decay goes on,
-    # down to ~0 at the new last step, instead of the old cosine climbing back to its peak.
-    assert resumed == pytest.approx(planned[len(first) :])
-    assert all(later < earlier for earlier, later in zip(resumed, resumed[1:], strict=False))
-    assert resumed[-1] < 0.1 * max(planned)
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def tiny_config(data: Path, out: Path, epochs: int) -> FinetuneConfig:
+    return FinetuneConfig(data_dir=str(data), out=str(out), epochs=epochs, lr=1e-2, **TINY_CONFIG)
+
+
+def test_resume_with_more_epochs_continues_the_decay(colour_folder, tmp_path: Path):
+    run = tmp_path / "run"
+    recorder = RecordHeadLearningRate()
+    finetune(
+        tiny_config(colour_folder, run, 4),
+        callbacks=[recorder, StopAfterEpochs(2)],
+        enable_progress_bar=False,
+        limit_test_batches=0,
+    )
+    before = recorder.rates
+    resumed = learning_rates(tiny_config(colour_folder, run, 6), resume=True)
+    steps_per_epoch = len(before) // 2
+    assert len(resumed) == 4 * steps_per_epoch
+    # The rate goes on from where the 4-epoch schedule had reached: no jump, no climb back
+    # towards the peak, a monotone decay to ~0 at the new last step.
+    rates = before + resumed
+    peak = rates.index(max(rates))
+    decay = rates[peak:]
+    assert all(later < earlier for earlier, later in zip(decay, decay[1:], strict=False))
+    assert resumed[0] < before[-1] and resumed[0] > 0.5 * before[-1]
+    assert resumed[-1] < 0.02 * max(rates)
+
+
+def test_resume_of_a_finished_schedule_with_more_epochs_is_refused(colour_folder, tmp_path):
+    run = tmp_path / "run"
+    learning_rates(tiny_config(colour_folder, run, 2))
+    with pytest.raises(ValueError, match="finished its schedule"):
+        learning_rates(tiny_config(colour_folder, run, 4), resume=True)

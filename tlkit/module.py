@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import warnings
-from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 import pytorch_lightning as pl
 import torch
@@ -68,6 +68,7 @@ class TransferClassifier(pl.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
+        self._resumed_schedule: tuple[SchedulePlan, int] | None = None  # set on --resume
         self.backbone = create_backbone(backbone, pretrained, drop_path_rate, img_size)
         self.head = ClassifierHead(
             pooled_feature_width(self.backbone), num_classes, dropout, head_hidden
@@ -172,23 +173,32 @@ class TransferClassifier(pl.LightningModule):
     def configure_optimizers(self):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
-        optimizer, schedule = self.optimizer_and_schedule(total_steps, steps_per_epoch)
+        optimizer, schedule = self.optimizer_and_schedule(
+            total_steps, steps_per_epoch, self._resumed_schedule
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def on_train_start(self) -> None:
-        # On --resume, Lightning restored the optimiser's learning rates of the saved step; the
-        # schedule may now be longer (more epochs), so take this step's rate from it.
-        schedule = self.lr_schedulers()
-        for group, base_lr, factor in zip(
-            schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True
-        ):
-            group["lr"] = base_lr * factor(schedule.last_epoch)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[SCHEDULE_KEY] = asdict(self.schedule_plan)  # plain numbers: weights_only-safe
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """On --resume, remember the schedule and step the run stopped at, so that a longer run
+        continues the decay from there (see `SchedulePlan.continued`)."""
+        if SCHEDULE_KEY in checkpoint:
+            plan = SchedulePlan(**checkpoint[SCHEDULE_KEY])
+            self._resumed_schedule = (plan, checkpoint["global_step"])
 
     def optimizer_and_schedule(
-        self, total_steps: int, steps_per_epoch: int
+        self,
+        total_steps: int,
+        steps_per_epoch: int,
+        resumed: tuple[SchedulePlan, int] | None = None,
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimiser over the trainable parameters (pretrained layers at the scaled learning
-        rate) and its per-step schedule: linear warm-up, then cosine decay to zero."""
+        rate) and its per-step schedule: linear warm-up, then cosine decay to zero.
+
+        `resumed`: the plan and step of the checkpoint a run resumes from; its schedule is kept,
+        and continued to `total_steps` where that changed."""
         hp = self.hparams
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
         groups = optimizer_parameter_groups(self.backbone, self.head, hp.lr, hp.weight_decay, scale)
@@ -198,15 +208,17 @@ class TransferClassifier(pl.LightningModule):
             optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
         else:
             raise ValueError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
-        warmup_steps = min(
-            int(hp.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps)
-        )
-        factor = warmup_cosine(warmup_steps, total_steps)
-        # LambdaLR leaves a plain function out of its state_dict: --resume restores the step
-        # count, and the schedule is this run's, so more epochs continue a longer decay from the
-        # current step (as timm's train.py and Hugging Face's Trainer do), where the restored
-        # length of a CosineAnnealingLR would climb back towards the peak.
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        if resumed is None:
+            warmup_steps = min(
+                int(hp.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps)
+            )
+            plan = SchedulePlan(warmup_steps, total_steps)
+        else:
+            plan = resumed[0].continued(resumed[1], total_steps)
+        self.schedule_plan = plan
+        # LambdaLR's state is the step count alone (a plain function is left out of its
+        # state_dict), so the restored step meets this plan, continued or not.
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)
 
 
 # Warm-up takes at most this share of the run's steps (a warm-up ratio, as Hugging Face's
@@ -216,14 +228,42 @@ class TransferClassifier(pl.LightningModule):
 MAX_WARMUP_SHARE = 0.1
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The learning-rate factor of each optimiser step: linear warm-up from 1 / (warmup_steps + 1)
-    to 1 at `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+SCHEDULE_KEY = "tlkit_lr_schedule"  # the SchedulePlan in every checkpoint
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return factor
+class ScheduleFinishedError(ValueError):
+    """A run whose learning rate has decayed to zero was resumed with more epochs."""
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """Linear warm-up from 1 / (warmup_steps + 1) to 1 at `warmup_steps`, then cosine decay from
+    `decay_factor` at `decay_start` (default: 1 at the end of warm-up) to 0 at `total_steps`."""
+
+    warmup_steps: int
+    total_steps: int
+    decay_start: int | None = None
+    decay_factor: float = 1.0
+
+    def factor(self, step: int) -> float:
+        """The learning rate of optimiser step `step`, over the configured rate."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        start = self.warmup_steps if self.decay_start is None else self.decay_start
+        progress = min(1.0, max(0.0, (step - start) / max(1, self.total_steps - start)))
+        return self.decay_factor * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def continued(self, step: int, total_steps: int) -> SchedulePlan:
+        """This plan, resumed at `step` in a run of `total_steps`: the decay goes on from the
+        rate it had reached down to 0 at the new end, so the rate never climbs back up."""
+        if total_steps == self.total_steps:
+            return self
+        if step >= self.total_steps:
+            raise ScheduleFinishedError(
+                f"this run finished its schedule at step {step}: its learning rate decayed to 0, "
+                "so more epochs would change nothing. Start a new run with the epochs you want "
+                "(another --out)."
+            )
+        if step <= self.warmup_steps:  # still warming up: the decay starts later anyway
+            return replace(self, total_steps=total_steps)
+        return SchedulePlan(self.warmup_steps, total_steps, step, self.factor(step))
