@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, layer_groups
 from tlkit.config import FinetuneConfig
-from tlkit.data import ImageDataset
+from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset
 from tlkit.finetune import build_datamodule, build_model, check_config
 from tlkit.module import TransferClassifier
 from tlkit.strategies import trainable_parameter_names
@@ -104,10 +104,11 @@ def subset_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> DataLoader:
     """Batches of the samples with the evaluation transform: no augmentation."""
     return DataLoader(
-        ImageDataset(samples, eval_transform(preprocessing)),
+        ImageDataset(samples, eval_transform(preprocessing), max_pixels),
         batch_size=min(batch_size, len(samples)),
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed),
@@ -198,6 +199,7 @@ def check_overfit(
     accelerator: str = "auto",
     seed: int = 0,
     num_workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> CheckResult:
     """Train `model` on `samples` alone (evaluation transform) for at most `steps` optimiser
     steps; pass when its accuracy on them reaches `target`.
@@ -206,8 +208,9 @@ def check_overfit(
     regularisation off, as `run_sanity_checks` does.
     """
     pl.seed_everything(seed, workers=True, verbose=False)
-    train_loader = subset_loader(samples, preprocessing, batch_size, True, seed, num_workers)
-    eval_loader = subset_loader(samples, preprocessing, batch_size, False, seed, num_workers)
+    options = {"seed": seed, "num_workers": num_workers, "max_pixels": max_pixels}
+    train_loader = subset_loader(samples, preprocessing, batch_size, True, **options)
+    eval_loader = subset_loader(samples, preprocessing, batch_size, False, **options)
     max_epochs = math.ceil(steps / len(train_loader))
     progress = _OverfitProgress(target, steps)
     trainer = pl.Trainer(
@@ -502,7 +505,14 @@ def run_sanity_checks(
     )
     device = _device(config.accelerator)
     model = build_model(config, classes).to(device)
-    loader = subset_loader(subset, datamodule.preprocessing, config.batch_size, True, config.seed)
+    loader = subset_loader(
+        subset,
+        datamodule.preprocessing,
+        config.batch_size,
+        True,
+        config.seed,
+        max_pixels=config.max_image_pixels,
+    )
     images, labels = next(iter(loader))
 
     results = [check_loss_at_init(model, loader, tolerance=tolerance)]
@@ -520,6 +530,7 @@ def run_sanity_checks(
             config.accelerator,
             config.seed,
             datamodule.num_workers,
+            config.max_image_pixels,
         )
     )
     results.append(check_activations(model, images))
