@@ -98,7 +98,7 @@ def run_row(config: FinetuneConfig, test_dir: Path, batch_size: int) -> dict[str
         return json.loads(result_file.read_text())
     if out.exists():  # an interrupted row of this study: start it again
         shutil.rmtree(out)
-    summary = finetune(config, enable_progress_bar=False, limit_test_batches=0)
+    summary = finetune(config, enable_progress_bar=False, limit_test_batches=0).to_dict()
     evaluations = {}
     for preset in PRESETS:
         if preset == "flip" and not trains_with_hflip(config):

@@ -58,7 +58,7 @@ def main() -> None:
             lr=arguments.lr,
             **options,
         )
-        results[name] = finetune(config, enable_progress_bar=False)
+        results[name] = finetune(config, enable_progress_bar=False).to_dict()
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
     def steady_epoch(summary: dict) -> float:

@@ -62,7 +62,7 @@ def main() -> None:
             batch_size=64,
             **ROWS[name],
         )
-        results[name] = finetune(config, enable_progress_bar=False)
+        results[name] = finetune(config, enable_progress_bar=False).to_dict()
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
     print(

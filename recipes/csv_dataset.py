@@ -32,8 +32,8 @@ def main() -> None:
     )
     summary = finetune(config)
     print(
-        f"best validation accuracy {summary['best_val_acc']:.4f} "
-        f"at epoch {summary['best_epoch']}; run folder {arguments.out}"
+        f"best validation accuracy {summary.best_val_acc:.4f} "
+        f"at epoch {summary.best_epoch}; run folder {arguments.out}"
     )
 
 

@@ -109,7 +109,7 @@ def main() -> None:
             seed=arguments.seed,
         )
     )
-    print(f"Fashion-MNIST test accuracy: {summary['test_acc']:.4f}")
+    print(f"Fashion-MNIST test accuracy: {summary.test_acc:.4f}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def main() -> None:
         channels_last=on_gpus,
     )
     summary = finetune(config)  # every process returns the same, synchronised summary
-    print(f"test accuracy {summary['test_acc']}; run folder {arguments.out}")
+    print(f"test accuracy {summary.test_acc}; run folder {arguments.out}")
 
 
 if __name__ == "__main__":

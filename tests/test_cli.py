@@ -24,14 +24,14 @@ def test_finetune_writes_a_complete_run_folder(tiny_run: Path):
     ):
         assert (tiny_run / name).is_file(), name
     summary = read_summary(tiny_run)
-    assert summary["backbone"] == "tf_efficientnet_lite0" and summary["weights"] == "bundled"
-    assert summary["strategy"] == "partial" and summary["classes"] == ["blue", "green", "red"]
-    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
-    assert summary["epochs_run"] == 2 and [h["epoch"] for h in summary["history"]] == [1, 2]
-    assert summary["test_images"] == 12 and 0.0 <= summary["test_acc"] <= 1.0
-    assert summary["best_val_acc"] == max(h["val_acc"] for h in summary["history"])
+    assert summary.backbone == "tf_efficientnet_lite0" and summary.weights == "bundled"
+    assert summary.strategy == "partial" and summary.classes == ["blue", "green", "red"]
+    assert 0 < summary.trainable_parameters < summary.total_parameters
+    assert summary.epochs_run == 2 and [h["epoch"] for h in summary.history] == [1, 2]
+    assert summary.test_images == 12 and 0.0 <= summary.test_acc <= 1.0
+    assert summary.best_val_acc == max(h["val_acc"] for h in summary.history)
     checkpoint = torch.load(tiny_run / "best.ckpt", weights_only=True, map_location="cpu")
-    assert checkpoint["epoch"] + 1 == summary["best_epoch"]
+    assert checkpoint["epoch"] + 1 == summary.best_epoch
 
 
 def test_evaluate_prints_metrics_as_json(tiny_run: Path, colour_folder: Path, capsys, tmp_path):
@@ -43,7 +43,7 @@ def test_evaluate_prints_metrics_as_json(tiny_run: Path, colour_folder: Path, ca
     assert sum(map(sum, results["confusion_matrix"])) == 12
     assert set(results["per_class_accuracy"]) == {"blue", "green", "red"}
     assert results["top5"] == 1.0  # three classes: the true one is always in the top 5
-    assert results["top1"] == pytest.approx(read_summary(tiny_run)["test_acc"])
+    assert results["top1"] == pytest.approx(read_summary(tiny_run).test_acc)
 
 
 def test_predict_writes_top_k_csv_and_reports_unreadable_files(
@@ -67,7 +67,7 @@ def test_seeded_runs_are_repeatable(colour_folder: Path, tiny_run: Path, tmp_pat
 
     def learning(summary: dict) -> list[dict]:
         return [
-            {k: v for k, v in record.items() if k != "seconds"} for record in summary["history"]
+            {k: v for k, v in record.items() if k != "seconds"} for record in summary.history
         ]
 
     assert learning(read_summary(again)) == learning(read_summary(tiny_run))
@@ -99,9 +99,9 @@ def test_demo_runs_the_embedded_default(tmp_path: Path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1"]) == 0
     summary = read_summary(out)
-    assert summary["weights"] == "bundled" and summary["test_images"] == 360
-    assert summary["test_acc"] > 0.5  # ten classes: chance is 0.1
-    assert f"test accuracy {summary['test_acc']:.4f}" in capsys.readouterr().out
+    assert summary.weights == "bundled" and summary.test_images == 360
+    assert summary.test_acc > 0.5  # ten classes: chance is 0.1
+    assert f"test accuracy {summary.test_acc:.4f}" in capsys.readouterr().out
 
 
 def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path: Path, capsys):

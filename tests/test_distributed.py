@@ -118,7 +118,7 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Effective batch size 16 (8 per device x 2 processes" in result.stdout
     summary = read_summary(out)
-    assert summary["epochs_run"] == 1 and summary["test_images"] == 12
+    assert summary.epochs_run == 1 and summary.test_images == 12
     assert {p.name for p in out.iterdir()} >= {
         "best.ckpt",
         "last.ckpt",
@@ -136,7 +136,7 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
     probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
     labels = torch.tensor([label for _, label in data.val_set.samples])
     single = (probabilities.argmax(1) == labels).float().mean().item()
-    assert summary["best_val_acc"] == pytest.approx(single)
+    assert summary.best_val_acc == pytest.approx(single)
 
 
 @pytest.mark.slow
@@ -148,7 +148,7 @@ def test_killed_ddp_run_resumes_from_last_checkpoint(colour_folder: Path, tmp_pa
     resumed = run_cli("finetune", "--resume", "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = read_summary(out)
-    assert summary["resumed"] and [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
+    assert summary.resumed and [h["epoch"] for h in summary.history] == [1, 2, 3, 4]
 
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
@@ -213,16 +213,16 @@ def test_ddp_batches_augmentation_and_metrics_per_rank(identical_images: Path, t
     assert not torch.equal(first[0], first[1])
 
     summary = read_summary(out)
-    assert summary["epochs_run"] == 2 and (summary["val_images"], summary["test_images"]) == (5, 3)
-    assert summary["best_val_acc"] == pytest.approx(evaluate(out, identical_images / "val")["top1"])
-    assert summary["test_acc"] == pytest.approx(evaluate(out, identical_images / "test")["top1"])
+    assert summary.epochs_run == 2 and (summary.val_images, summary.test_images) == (5, 3)
+    assert summary.best_val_acc == pytest.approx(evaluate(out, identical_images / "val")["top1"])
+    assert summary.test_acc == pytest.approx(evaluate(out, identical_images / "test")["top1"])
     model = load_model(out)
     data = ImageDataModule(identical_images, model.preprocessing, num_workers=0)
     data.setup()
     probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
     labels = torch.tensor([label for _, label in data.val_set.samples])
     single_loss = torch.nn.functional.nll_loss(probabilities.log(), labels).item()
-    best = summary["history"][summary["best_epoch"] - 1]
+    best = summary.history[summary.best_epoch - 1]
     assert best["val_loss"] == pytest.approx(single_loss, rel=1e-4)
 
 
@@ -246,8 +246,8 @@ def test_ddp_feature_cache_is_extracted_once(colour_folder: Path, tmp_path: Path
     extracted = ranks[0]["extracted_rows"] + ranks[1]["extracted_rows"]
     assert sorted(extracted) == [12, 12, 18]  # validation, test, train: once each
     summary = read_summary(out)
-    assert summary["epochs_run"] == 1 and summary["test_acc"] is not None
-    assert {summary["feature_cache"][split]["reused"] for split in ("train", "val", "test")} == {
+    assert summary.epochs_run == 1 and summary.test_acc is not None
+    assert {summary.feature_cache[split]["reused"] for split in ("train", "val", "test")} == {
         False
     }
     assert (out / "best.ckpt").is_file()

@@ -110,9 +110,9 @@ def test_the_five_minute_tour_runs_as_written(tmp_path: Path, monkeypatch, capsy
         assert main(arguments) == 0, command
 
     demo = read_summary(tmp_path / "runs" / "demo")
-    assert demo["test_images"] == 360 and demo["test_acc"] > 0.9
+    assert demo.test_images == 360 and demo.test_acc > 0.9
     features = read_summary(tmp_path / "runs" / "digits-features")
-    assert features["strategy"] == "features" and features["test_acc"] > 0.7
+    assert features.strategy == "features" and features.test_acc > 0.7
     ten_crop = json.loads((tmp_path / "runs" / "demo" / "test-ten-crop.json").read_text())
     assert ten_crop["tta"]["preset"] == "ten-crop" and ten_crop["images"] == 360
     assert ten_crop["tta"]["views_per_image"] == 5  # the demo trains without flips

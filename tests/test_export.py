@@ -15,7 +15,6 @@ import cv2
 import onnxruntime
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from tlkit import export as export_module
@@ -32,7 +31,7 @@ from tlkit.export import (
     verification_images,
 )
 from tlkit.inference import Predictor, evaluate, load_model, predict
-from tlkit.runfolder import read_summary
+from tlkit.runfolder import read_config, read_summary
 
 FORMATS = ["onnx", "torchscript", "safetensors"]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "export.md"
@@ -73,18 +72,18 @@ def test_export_writes_a_verified_model_and_its_card(export_folder, tiny_run: Pa
     assert card["format"] == format
     assert card["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
     summary = read_summary(tiny_run)
-    assert card["classes"] == summary["classes"] == ["blue", "green", "red"]
+    assert card["classes"] == summary.classes == ["blue", "green", "red"]
     preprocessing = card["preprocessing"]
     for key in ("input_size", "interpolation", "crop_pct", "mean", "std"):
-        assert preprocessing[key] == summary["preprocessing"][key]
+        assert preprocessing[key] == pytest.approx(getattr(summary.preprocessing, key))
     assert preprocessing["resize_short_side"] == round(32 / 0.875)
     assert card["input"]["shape"] == ["batch", 3, 32, 32]
     assert card["output"]["name"] == "probabilities" and "softmax" in card["output"]["semantics"]
     assert card["output"]["shape"] == ["batch", 3]
     assert card["model"]["backbone"] == "tf_efficientnet_lite0"
     assert card["model"]["weights"] == "bundled" and card["model"]["strategy"] == "partial"
-    assert card["metrics"]["test_acc"] == summary["test_acc"]
-    assert card["metrics"]["best_val_acc"] == summary["best_val_acc"]
+    assert card["metrics"]["test_acc"] == summary.test_acc
+    assert card["metrics"]["best_val_acc"] == summary.best_val_acc
     assert {"tlkit", "torch", "timm"} <= set(card["versions"])
     verification = card["verification"]
     assert verification["inputs"].startswith("8 images from")  # the run's real images
@@ -130,7 +129,7 @@ def test_predict_cli_gives_the_same_csv_for_an_export_folder(
 def test_evaluate_accepts_an_export_folder(export_folder, tiny_run: Path, colour_folder: Path):
     results = evaluate(export_folder("safetensors"), colour_folder / "test")
     assert results["images"] == 12
-    assert results["top1"] == pytest.approx(read_summary(tiny_run)["test_acc"])
+    assert results["top1"] == pytest.approx(read_summary(tiny_run).test_acc)
 
 
 def test_onnx_batch_axis_is_dynamic(export_folder, tiny_run: Path):
@@ -236,14 +235,11 @@ def test_verification_images_come_from_the_runs_data_or_a_seeded_generator(
     (data / "broken.jpg").write_text("not an image")
     labels = data / "labels.csv"
     labels.write_text("path,label\n../outside.jpg,red\nbroken.jpg,red\n000.jpg,red\n001.png,red\n")
-    run = tmp_path / "run"
-    run.mkdir()
-    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     for source, expected in ((labels, "2 images from"), (tmp_path / "gone", "8 seeded random")):
-        (run / "config.yaml").write_text(yaml.safe_dump({**config, "data_dir": str(source)}))
-        images, description = verification_images(run, preprocessing)
+        config = dataclasses.replace(read_config(tiny_run), data_dir=str(source))
+        images, description = verification_images(config, preprocessing)
         assert description.startswith(expected) and images.shape[1:] == (3, 32, 32)
-    again, _ = verification_images(run, preprocessing)
+    again, _ = verification_images(config, preprocessing)
     assert torch.equal(images, again)
     interleaved = export_module._images_by_class(colour_folder / "test", 8)
     assert [Path(path).parent.name for path in interleaved[:4]] == ["blue", "green", "red", "blue"]

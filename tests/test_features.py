@@ -135,4 +135,4 @@ def test_features_run_with_augmented_views_completes(colour_folder: Path, tmp_pa
         ),
         enable_progress_bar=False,
     )
-    assert read_summary(out)["feature_cache"]["train"]["views"] == 2
+    assert read_summary(out).feature_cache["train"]["views"] == 2

@@ -119,8 +119,8 @@ def test_a_file_that_breaks_after_the_scan_is_skipped_recorded_and_the_run_finis
     )
     breaker = BreakFilesAfterTheScan()
     summary = finetune(config, callbacks=[breaker], enable_progress_bar=False)
-    assert summary["epochs_run"] == 2
-    assert summary["skipped_files"] == 2
+    assert summary.epochs_run == 2
+    assert summary.skipped_files == 2
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_files"] == 2
     with open(tmp_path / "run" / "skipped.csv", newline="") as handle:
         skipped = {row["path"]: row["reason"] for row in csv.DictReader(handle)}

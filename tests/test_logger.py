@@ -22,7 +22,7 @@ def test_tensorboard_logger_writes_event_files_and_the_run_keeps_its_history(
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert {"train_loss_epoch", "train_acc", "val_acc", "val_loss"} <= set(events.Tags()["scalars"])
-    assert len(read_summary(out)["history"]) == 1  # what `tlkit report` draws its curves from
+    assert len(read_summary(out).history) == 1  # what `tlkit report` draws its curves from
 
 
 def test_tensorboard_logger_without_the_package_is_a_clear_error(

@@ -31,7 +31,7 @@ def test_csv_recipe(colour_folder: Path, tmp_path: Path, monkeypatch):
         [str(csv_file), "--out", str(out), "--epochs", "1", "--img-size", "32"],
         monkeypatch,
     )
-    assert read_summary(out)["train_images"] == 27
+    assert read_summary(out).train_images == 27
 
 
 def test_custom_imagefolder_recipe(colour_folder: Path, tmp_path: Path, monkeypatch, capsys):

@@ -97,10 +97,10 @@ def test_messy_folder_trains_with_every_bad_file_skipped_and_listed(tmp_path: Pa
     assert set(skipped) == {name for name, outcome in expected.items() if outcome == "skipped"}
     assert "above the limit of 10,000" in skipped["huge.png"]
     summary = read_summary(out)
-    assert summary["skipped_files"] == len(skipped)
-    assert summary["classes"] == ["blue", "rouge foncé", "緑"]
+    assert summary.skipped_files == len(skipped)
+    assert summary.classes == ["blue", "rouge foncé", "緑"]
     used = 3 * 6 + sum(outcome == "used" for outcome in expected.values())
-    assert summary["train_images"] + summary["val_images"] == used
+    assert summary.train_images + summary.val_images == used
 
 
 def test_permission_denied_file_is_skipped(tmp_path: Path):

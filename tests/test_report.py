@@ -120,6 +120,8 @@ def test_confusion_matrix_counts_every_evaluated_image(
     reference = evaluate(tiny_run, colour_folder / "test")
     assert evaluation.confusion.tolist() == reference["confusion_matrix"]
     assert evaluation.top1 == pytest.approx(reference["top1"])
+    assert evaluation.top_k_accuracy == pytest.approx(reference["top5"])
+    assert reference["per_class_accuracy"] == {row.name: row.recall for row in evaluation.per_class}
     assert sum(row.support for row in evaluation.per_class) == 12
 
 

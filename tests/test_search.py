@@ -62,7 +62,7 @@ def test_search_writes_trials_best_config_and_plot(coarse_to_fine: Path):
     assert len(set(lrs)) == 4 and all(1e-5 <= lr <= 1e-1 for lr in lrs)
     for row in rows:  # trials keep their metrics, not their weights
         run = Path(row["run_dir"])
-        assert read_summary(run)["epochs_run"] == 2 and not list(run.glob("*.ckpt"))
+        assert read_summary(run).epochs_run == 2 and not list(run.glob("*.ckpt"))
     assert (coarse_to_fine / "search.png").read_bytes().startswith(b"\x89PNG")
     fine = yaml.safe_load((coarse_to_fine / "fine_space.yaml").read_text())
     coarse_lrs = sorted(lrs[:2])
@@ -79,7 +79,7 @@ def test_best_yaml_is_accepted_by_finetune(coarse_to_fine: Path, tmp_path: Path)
     assert config["strategy"] == top["strategy"]
     out = tmp_path / "best-run"
     assert main(["finetune", "--config", str(best), "--out", str(out), "--epochs", "1"]) == 0
-    assert read_summary(out)["strategy"] == top["strategy"]
+    assert read_summary(out).strategy == top["strategy"]
 
 
 def test_seeded_search_is_repeatable_and_resumes_without_repeating(
@@ -269,8 +269,8 @@ def test_feature_trials_share_one_cache(colour_folder: Path, tmp_path: Path):
     space, base = load_space(fixed, base_config(colour_folder, out))
     run_search(base, trials=2, space=space)
     runs = [Path(row["run_dir"]) for row in read_trials(out)]
-    assert [read_summary(run)["feature_cache"]["train"]["reused"] for run in runs] == [False, True]
+    assert [read_summary(run).feature_cache["train"]["reused"] for run in runs] == [False, True]
     assert not [run for run in runs if (run / "cache").exists()]
-    assert {Path(read_summary(run)["feature_cache"]["train"]["path"]).parent for run in runs} == {
+    assert {Path(read_summary(run).feature_cache["train"]["path"]).parent for run in runs} == {
         out / "cache"
     }

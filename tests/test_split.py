@@ -109,16 +109,16 @@ def test_split_csv_is_written_and_resume_trains_on_the_recorded_split(
     capsys.readouterr()
     summary = finetune(config, resume=True, enable_progress_bar=False)
     counts = {split: sum(s == split for s in recorded.values()) for split in ("train", "val")}
-    assert summary["train_images"] == counts["train"] - 1  # the vanished one
-    assert summary["val_images"] == counts["val"]
-    assert summary["skipped_files"] == 1
+    assert summary.train_images == counts["train"] - 1  # the vanished one
+    assert summary.val_images == counts["val"]
+    assert summary.skipped_files == 1
     with open(out / "skipped.csv", newline="") as handle:
         skipped = {row["path"]: row["reason"] for row in csv.DictReader(handle)}
     assert list(skipped) == [str(data / vanished)]
     assert "split.csv" in skipped[str(data / vanished)]
     assert "train/red/new.png" not in read_split(out)
     assert "1 image not in the recorded split" in capsys.readouterr().err
-    assert read_summary(out)["resumed"] is True
+    assert read_summary(out).resumed is True
 
 
 def test_resume_without_a_recorded_split_is_a_clear_error(tmp_path: Path):

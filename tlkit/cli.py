@@ -141,8 +141,8 @@ def _demo(arguments: argparse.Namespace) -> int:
     print(f"Demo: scikit-learn digits written to {data}; fine-tuning bundled {config.backbone}")
     summary = finetune(config)
     print(
-        f"Demo finished in {summary['wall_time_s']:.0f} s: test accuracy "
-        f"{summary['test_acc']:.4f} on {summary['test_images']} held-out digits "
+        f"Demo finished in {summary.wall_time_s:.0f} s: test accuracy "
+        f"{summary.test_acc:.4f} on {summary.test_images} held-out digits "
         f"(run folder {config.out})"
     )
     return 0

@@ -45,15 +45,7 @@ from tlkit.config import FinetuneConfig
 from tlkit.data import IMAGE_EXTENSIONS, find_decode_problems, is_hidden, load_rgb
 from tlkit.heads import ClassifierHead
 from tlkit.module import TransferClassifier
-from tlkit.runfolder import (
-    BEST_CHECKPOINT,
-    CONFIG,
-    SUMMARY,
-    RunFolderError,
-    best_checkpoint,
-    read_summary,
-    write_atomic,
-)
+from tlkit.runfolder import BEST_CHECKPOINT, RunSummary, open_run, write_atomic
 
 CARD = "card.json"
 CARD_VERSION = 1
@@ -230,17 +222,14 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "onnx") -> di
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}': choose {', '.join(FORMATS)}")
-    run_dir, out = Path(run_dir), Path(out)
-    checkpoint = best_checkpoint(run_dir)
-    if not (run_dir / SUMMARY).is_file():
-        raise RunFolderError(f"{run_dir} is not a finished tlkit run folder: {SUMMARY} is missing")
+    run, out = open_run(run_dir), Path(out)
     for name, what in ((CARD, "an exported model"), (BEST_CHECKPOINT, "a run")):
         if (out / name).exists():
             raise FileExistsError(f"{out} already holds {what} ({name}); choose another --out")
-    model = TransferClassifier.load_checkpoint(checkpoint)
+    model = TransferClassifier.load_checkpoint(run.best_checkpoint)
     network = inference_network(model.backbone, model.head)
-    images, source = verification_images(run_dir, model.preprocessing)
-    card = _card(model, read_summary(run_dir), run_dir, format)
+    images, source = verification_images(run.config, model.preprocessing)
+    card = _card(model, run.summary, run.folder, format)
     out.mkdir(parents=True, exist_ok=True)
     data, difference = _write_verified(FORMATS[format], network, images, card, out)
     card["sha256"] = hashlib.sha256(data).hexdigest()
@@ -294,7 +283,7 @@ def _write_verified(
 
 
 def _card(
-    model: TransferClassifier, summary: dict[str, Any], run_dir: Path, format: str
+    model: TransferClassifier, summary: RunSummary, run_dir: Path, format: str
 ) -> dict[str, Any]:
     hparams = model.hparams
     preprocessing = model.preprocessing
@@ -332,7 +321,7 @@ def _card(
         },
         "model": {
             "backbone": hparams.backbone,
-            "weights": summary.get("weights", hparams.pretrained),
+            "weights": summary.weights,
             "strategy": hparams.strategy,
             "unfreeze_stages": hparams.unfreeze_stages if hparams.strategy == "partial" else None,
             "head_hidden": hparams.head_hidden,
@@ -341,7 +330,7 @@ def _card(
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
         },
         "metrics": {
-            key: summary.get(key)
+            key: getattr(summary, key)
             for key in (
                 "best_val_acc",
                 "best_epoch",
@@ -362,12 +351,11 @@ def _card(
 
 
 def verification_images(
-    run_dir: str | Path, preprocessing: Preprocessing, count: int = VERIFICATION_IMAGES
+    config: FinetuneConfig, preprocessing: Preprocessing, count: int = VERIFICATION_IMAGES
 ) -> tuple[torch.Tensor, str]:
-    """Up to `count` preprocessed images of the run's data, taken in turn from its classes, or
-    seeded random tensors if the data is no longer there; also what was used, for the card."""
-    config_path = Path(run_dir) / CONFIG
-    config = FinetuneConfig.from_yaml(config_path) if config_path.is_file() else FinetuneConfig()
+    """Up to `count` preprocessed images of the run's data (`config.data_dir`), taken in turn
+    from its classes, or seeded random tensors if the data is no longer there; also what was
+    used, for the card."""
     data = Path(config.data_dir) if config.data_dir else None
     candidates = (  # room for bad files
         _images_by_class(data, count, config.csv_paths_outside_root)[: 4 * count] if data else []

@@ -39,6 +39,7 @@ from tlkit.runfolder import (
     LOAD_FAILURES,
     SKIPPED,
     RunFolderError,
+    RunSummary,
     read_checkpoint,
     read_metrics,
     read_split,
@@ -140,10 +141,8 @@ def build_logger(config: FinetuneConfig, out: Path) -> Logger:
     return CSVLogger(save_dir=out, name="", version="", flush_logs_every_n_steps=1)
 
 
-def finetune(
-    config: FinetuneConfig, resume: bool = False, **trainer_options: Any
-) -> dict[str, Any]:
-    """Train as the config says; write and return the run summary.
+def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: Any) -> RunSummary:
+    """Train as the config says; write the run summary (summary.json) and return it.
 
     With `resume`, continue the run in `config.out` from its `last.ckpt` (model, optimiser,
     schedule, epoch and callback states), on the images of its recorded split.csv.
@@ -221,30 +220,30 @@ def finetune(
         failure for failure in datamodule.load_failures() if failure[0] not in scanned
     ]
     best = max(history, key=lambda record: record["val_acc"]) if history else {}
-    summary = {
-        "tlkit_version": __version__,
-        "backbone": config.backbone,
-        "weights": config.pretrained,
-        "strategy": config.strategy,
-        "unfreeze_stages": config.unfreeze_stages if config.strategy == "partial" else None,
-        "trainable_parameters": model.trainable_parameters(),
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-        "classes": datamodule.classes,
-        "preprocessing": vars(datamodule.preprocessing),
-        "train_images": len(datamodule.train_set),
-        "val_images": len(datamodule.val_set),
-        "test_images": len(datamodule.test_set) if datamodule.test_set is not None else 0,
-        "epochs_run": len(history),
-        "best_epoch": best.get("epoch"),
-        "best_val_acc": best.get("val_acc"),
-        "test_acc": test_metrics.get("test_acc"),
-        "test_acc_top5": test_metrics.get("test_acc_top5"),
-        "history": history,
-        "resumed": resume_from is not None,
-        "feature_cache": getattr(training_data, "report", None),
-        "skipped_files": len(skipped),
-        "wall_time_s": round(time.perf_counter() - started, 2),
-    }
+    summary = RunSummary(
+        tlkit_version=__version__,
+        backbone=config.backbone,
+        weights=config.pretrained,
+        strategy=config.strategy,
+        unfreeze_stages=config.unfreeze_stages if config.strategy == "partial" else None,
+        trainable_parameters=model.trainable_parameters(),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+        classes=datamodule.classes,
+        preprocessing=datamodule.preprocessing,
+        train_images=len(datamodule.train_set),
+        val_images=len(datamodule.val_set),
+        test_images=len(datamodule.test_set) if datamodule.test_set is not None else 0,
+        epochs_run=len(history),
+        best_epoch=best.get("epoch"),
+        best_val_acc=best.get("val_acc"),
+        test_acc=test_metrics.get("test_acc"),
+        test_acc_top5=test_metrics.get("test_acc_top5"),
+        history=history,
+        resumed=resume_from is not None,
+        feature_cache=getattr(training_data, "report", None),
+        skipped_files=len(skipped),
+        wall_time_s=round(time.perf_counter() - started, 2),
+    )
     _write_at_end(out, summary, skipped)
     return summary
 
@@ -331,14 +330,14 @@ def _epoch(row: dict[str, str]) -> int:
 
 
 @rank_zero_only
-def _write_at_end(out: Path, summary: dict[str, Any], skipped: list[tuple[str, str]]) -> None:
+def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]) -> None:
     write_skipped(out, skipped)  # with the files that failed to load during training
     write_summary(out, summary)
     if skipped:
         print(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
-    test = f", test {summary['test_acc']:.4f}" if summary["test_acc"] is not None else ""
+    test = f", test {summary.test_acc:.4f}" if summary.test_acc is not None else ""
     print(
-        f"Best val {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}{test}; "
+        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; "
         f"run folder {out}",
         flush=True,
     )

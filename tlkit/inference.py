@@ -18,10 +18,6 @@ from typing import Any, Protocol, runtime_checkable
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-)
 
 from tlkit.backbones import Preprocessing
 from tlkit.data import (
@@ -34,6 +30,7 @@ from tlkit.data import (
     scan,
 )
 from tlkit.export import is_export_folder, load_exported
+from tlkit.metrics import classification_metrics
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import best_checkpoint, image_limits
 from tlkit.tta import ScaleSquares, TTAModule, loader_batch_size, plan
@@ -172,34 +169,25 @@ def evaluate(
     `csv_paths_outside_root` default to the run's own (`runfolder.image_limits`).
     """
     model = load_predictor(run_dir)
-    classes = model.class_names
     limits = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
     predictions = predict_labelled(model, data, batch_size, accelerator, tta, *limits)
-    probabilities, labels = predictions.probabilities, predictions.labels
-    num_classes = len(classes)
-    per_class = multiclass_accuracy(probabilities, labels, num_classes, average=None)
-    present = torch.bincount(labels, minlength=num_classes) > 0
+    metrics = classification_metrics(
+        predictions.probabilities, predictions.labels, model.class_names
+    )
     return {
         "run": str(run_dir),
         "data": str(data),
-        "images": len(labels),
+        "images": metrics.images,
         "tta": predictions.cost,
         "skipped_files": len(predictions.skipped),
         "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
-        "top1": float(multiclass_accuracy(probabilities, labels, num_classes, average="micro")),
-        "top5": float(
-            multiclass_accuracy(
-                probabilities, labels, num_classes, top_k=min(5, num_classes), average="micro"
-            )
-        ),
-        "per_class_accuracy": {
-            name: float(accuracy) if has_images else None
-            for name, accuracy, has_images in zip(classes, per_class, present, strict=True)
+        "top1": metrics.top1,
+        "top5": metrics.top_k_accuracy,  # top-k with k = min(5, classes)
+        "per_class_accuracy": {  # a class's accuracy is its recall
+            row.name: row.recall if row.support else None for row in metrics.per_class
         },
-        "classes": classes,
-        "confusion_matrix": multiclass_confusion_matrix(
-            probabilities, labels, num_classes
-        ).tolist(),
+        "classes": metrics.classes,
+        "confusion_matrix": metrics.confusion.tolist(),
     }
 
 

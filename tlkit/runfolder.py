@@ -5,28 +5,36 @@ last.ckpt      the latest checkpoint
 metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
+               (`RunSummary`)
 split.csv      every image used and its split (train, val or test), paths relative to the data
                root; `--resume` trains on exactly this split
 skipped.csv    files that could not be used, with the reason (at the scan, or while training)
 load_failures.csv  files that failed to load during training, appended by the data-loading
                processes; merged into skipped.csv when the run ends
+
+A finished run has best.ckpt, summary.json and config.yaml; `open_run` is the one place that
+checks this and reads them back, typed.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import pickle
 import tempfile
+import types
+import typing
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
 
 BEST_CHECKPOINT = "best.ckpt"
@@ -62,12 +70,15 @@ def write_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp.name, path)
 
 
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """config.yaml as a plain mapping; keys from other tlkit versions are kept, not rejected,
-    and a folder without one (an export folder) gives an empty mapping."""
+def read_config(run_dir: str | Path) -> FinetuneConfig:
+    """A run's config.yaml, read strictly as `--config` reads it (unknown keys are an error)."""
     path = Path(run_dir) / CONFIG
-    loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return loaded if isinstance(loaded, dict) else {}
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} is not a tlkit run folder: {CONFIG} is missing")
+    try:
+        return FinetuneConfig.from_yaml(path)
+    except ValueError as error:
+        raise RunFolderError(f"{path}: {error}") from error
 
 
 def image_limits(
@@ -76,23 +87,114 @@ def image_limits(
     csv_paths_outside_root: bool | None = None,
 ) -> tuple[int, bool]:
     """`(max_image_pixels, csv_paths_outside_root)` for reading images with a run's model: the
-    values given here, else the run's own (config.yaml), else `FinetuneConfig`'s defaults."""
-    config, defaults = read_config(run_dir), FinetuneConfig()
+    values given here, else the run's own (config.yaml), else `FinetuneConfig`'s defaults (an
+    export folder has no config.yaml)."""
+    config = read_config(run_dir) if (Path(run_dir) / CONFIG).is_file() else FinetuneConfig()
     if max_image_pixels is None:
-        max_image_pixels = int(config.get("max_image_pixels", defaults.max_image_pixels))
+        max_image_pixels = config.max_image_pixels
     if csv_paths_outside_root is None:
-        csv_paths_outside_root = bool(
-            config.get("csv_paths_outside_root", defaults.csv_paths_outside_root)
-        )
+        csv_paths_outside_root = config.csv_paths_outside_root
     return max_image_pixels, csv_paths_outside_root
 
 
-def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
-    write_atomic(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2) + "\n")
+@dataclass
+class RunSummary:
+    """summary.json: what a finished run was and how it did.
+
+    Keys added after the first release have defaults, so older summaries still load. Keys this
+    version does not know (a newer tlkit wrote them) are kept in `extra` and written back, not
+    rejected: a summary is tlkit's own output, not user input where a typo must be caught, and
+    an older tlkit should still be able to report on a newer run.
+    """
+
+    tlkit_version: str
+    backbone: str
+    weights: str
+    strategy: str
+    unfreeze_stages: int | None  # partial only
+    trainable_parameters: int
+    total_parameters: int
+    classes: list[str]
+    preprocessing: Preprocessing
+    train_images: int
+    val_images: int
+    test_images: int
+    epochs_run: int
+    best_epoch: int | None  # None: no epoch finished
+    best_val_acc: float | None
+    test_acc: float | None  # None: no test split, or its evaluation was skipped
+    test_acc_top5: float | None
+    history: list[dict[str, float]]  # one record per epoch (callbacks.EpochSummary)
+    skipped_files: int
+    wall_time_s: float
+    # Added after the first release, so older summaries lack them:
+    resumed: bool = False
+    feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
+
+    extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of summary.json (unknown keys kept from reading included)."""
+        values = dataclasses.asdict(self)
+        return {**values.pop("extra"), **values}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = SUMMARY) -> RunSummary:
+        """A summary from its JSON object; `RunFolderError` naming `source` if it is not one."""
+        if not isinstance(values, dict):
+            raise RunFolderError(f"{source}: expected a JSON object, not {type(values).__name__}")
+        fields = {item.name: item for item in dataclasses.fields(cls) if item.name != "extra"}
+        missing = [
+            name
+            for name, item in fields.items()
+            if name not in values
+            and item.default is dataclasses.MISSING
+            and item.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise RunFolderError(
+                f"{source}: not a tlkit run summary, missing: {', '.join(missing)}"
+            )
+        hints = typing.get_type_hints(cls)
+        known = {name: value for name, value in values.items() if name in fields}
+        for name, value in known.items():
+            if name != "preprocessing" and not isinstance(value, _json_types(hints[name])):
+                raise RunFolderError(f"{source}: {name} is {value!r}, expected {hints[name]}")
+        try:
+            preprocessing = dict(values["preprocessing"])
+            for channels in ("mean", "std"):  # JSON arrays; Preprocessing holds tuples
+                preprocessing[channels] = tuple(preprocessing[channels])
+            known["preprocessing"] = Preprocessing(**preprocessing)
+        except (KeyError, TypeError, ValueError) as error:
+            raise RunFolderError(f"{source}: preprocessing is not valid ({error!r})") from error
+        extra = {name: value for name, value in values.items() if name not in fields}
+        return cls(**known, extra=extra)
 
 
-def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / SUMMARY).read_text())
+def _json_types(hint: Any) -> tuple[type, ...]:
+    """The Python types JSON gives for a field typed `hint` (an int is a valid float)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = tuple(typing.get_origin(option) or option for option in options)
+    return kinds + (int,) if float in kinds else kinds
+
+
+def write_summary(run_dir: str | Path, summary: RunSummary) -> None:
+    write_atomic(Path(run_dir) / SUMMARY, json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+def read_summary(run_dir: str | Path) -> RunSummary:
+    """A run's summary.json, checked against `RunSummary`."""
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        raise RunFolderError(
+            f"{run_dir} is not a finished tlkit run folder: {SUMMARY} is missing (a run "
+            "writes it when training ends)"
+        )
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFolderError(f"{path}: not valid JSON ({error})") from error
+    return RunSummary.from_dict(values, source=str(path))
 
 
 def write_skipped(run_dir: str | Path, skipped: list[tuple[str, str]]) -> None:
@@ -101,6 +203,15 @@ def write_skipped(run_dir: str | Path, skipped: list[tuple[str, str]]) -> None:
     writer.writerow(["path", "reason"])
     writer.writerows(skipped)
     write_atomic(Path(run_dir) / SKIPPED, buffer.getvalue())
+
+
+def read_skipped(run_dir: str | Path) -> list[tuple[str, str]]:
+    """The `(path, reason)` rows of a run's skipped.csv (none if there is no such file)."""
+    path = Path(run_dir) / SKIPPED
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [(row["path"], row["reason"]) for row in csv.DictReader(handle)]
 
 
 def write_split(run_dir: str | Path, rows: list[tuple[str, str]]) -> None:
@@ -181,3 +292,25 @@ def best_checkpoint(run_dir: str | Path) -> Path:
             f"{run_dir} is not a finished tlkit run folder: {BEST_CHECKPOINT} is missing"
         )
     return path
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run folder, read back: its summary, its config and the files it skipped."""
+
+    folder: Path
+    summary: RunSummary
+    config: FinetuneConfig
+    skipped: list[tuple[str, str]]
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.folder / BEST_CHECKPOINT
+
+
+def open_run(run_dir: str | Path) -> FinishedRun:
+    """A finished run folder (best.ckpt, summary.json, config.yaml), with a clear error naming
+    what is missing or malformed otherwise."""
+    run_dir = Path(run_dir)
+    best_checkpoint(run_dir)
+    return FinishedRun(run_dir, read_summary(run_dir), read_config(run_dir), read_skipped(run_dir))

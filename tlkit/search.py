@@ -305,10 +305,10 @@ def _objective(
         finally:
             for checkpoint in run_dir.glob("*.ckpt"):  # trials keep metrics, not weights
                 checkpoint.unlink()
-        trial.set_user_attr("epochs_run", summary["epochs_run"])
+        trial.set_user_attr("epochs_run", summary.epochs_run)
         if report.pruned_after_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {report.pruned_after_epoch}")
-        return summary["best_val_acc"]
+        return summary.best_val_acc
 
     return objective
 

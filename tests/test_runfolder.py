@@ -1,0 +1,118 @@
+"""The run folder's contract: the typed summary, and one way to open a finished run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tlkit.backbones import Preprocessing
+from tlkit.config import FinetuneConfig
+from tlkit.runfolder import (
+    SUMMARY,
+    FinishedRun,
+    RunFolderError,
+    RunSummary,
+    open_run,
+    read_skipped,
+    read_summary,
+    write_skipped,
+    write_summary,
+)
+
+# The keys of the first summary.json tlkit wrote; `resumed` and `feature_cache` came later.
+FIRST_SUMMARY = {
+    "tlkit_version": "0.1.0",
+    "backbone": "tf_efficientnet_lite0",
+    "weights": "bundled",
+    "strategy": "partial",
+    "unfreeze_stages": 1,
+    "trainable_parameters": 1_000,
+    "total_parameters": 4_000,
+    "classes": ["blue", "green", "red"],
+    "preprocessing": {
+        "input_size": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+    },
+    "train_images": 21,
+    "val_images": 9,
+    "test_images": 12,
+    "epochs_run": 1,
+    "best_epoch": 1,
+    "best_val_acc": 0.5,
+    "test_acc": None,
+    "test_acc_top5": None,
+    "history": [{"epoch": 1, "loss": 1.1, "train_acc": 0.4, "val_acc": 0.5, "lr": 0.001}],
+    "skipped_files": 0,
+    "wall_time_s": 3.5,
+}
+
+
+def test_summary_round_trips_through_json(tmp_path: Path):
+    values = {**FIRST_SUMMARY, "resumed": True, "feature_cache": {"train": {"reused": False}}}
+    summary = RunSummary.from_dict(values)
+    assert summary.preprocessing == Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
+    write_summary(tmp_path, summary)
+    assert read_summary(tmp_path) == summary
+    assert json.loads((tmp_path / SUMMARY).read_text()) == values
+
+
+def test_an_older_summary_loads_with_defaults_and_unknown_keys_are_kept(tmp_path: Path):
+    summary = RunSummary.from_dict(FIRST_SUMMARY)
+    assert summary.resumed is False and summary.feature_cache is None
+
+    newer = RunSummary.from_dict({**FIRST_SUMMARY, "written_by_a_newer_tlkit": [1, 2]})
+    assert newer.extra == {"written_by_a_newer_tlkit": [1, 2]}
+    assert newer.to_dict()["written_by_a_newer_tlkit"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (
+            json.dumps({k: v for k, v in FIRST_SUMMARY.items() if k != "classes"}),
+            "missing: classes",
+        ),
+        (json.dumps({**FIRST_SUMMARY, "epochs_run": "two"}), "epochs_run"),
+        (json.dumps({**FIRST_SUMMARY, "preprocessing": {"size": 3}}), "preprocessing"),
+    ],
+)
+def test_a_broken_summary_is_a_clear_error(tmp_path: Path, text: str, message: str):
+    (tmp_path / SUMMARY).write_text(text)
+    with pytest.raises(RunFolderError, match=message) as raised:
+        read_summary(tmp_path)
+    assert str(tmp_path / SUMMARY) in str(raised.value)
+
+
+def test_skipped_files_round_trip(tmp_path: Path):
+    assert read_skipped(tmp_path) == []  # no skipped.csv: nothing was skipped
+    skipped = [("a,b.jpg", "truncated"), ("緑/c.png", 'not an image: "x"')]
+    write_skipped(tmp_path, skipped)
+    assert read_skipped(tmp_path) == skipped
+
+
+def test_open_run_reads_a_finished_run(tiny_run: Path):
+    run = open_run(tiny_run)
+    assert isinstance(run, FinishedRun) and run.folder == tiny_run
+    assert run.best_checkpoint == tiny_run / "best.ckpt"
+    assert run.summary == read_summary(tiny_run) and run.summary.classes == ["blue", "green", "red"]
+    assert run.config == FinetuneConfig.from_yaml(tiny_run / "config.yaml")
+    assert run.skipped == []
+
+
+def test_open_run_refuses_what_is_not_a_finished_run(tiny_run: Path, tmp_path: Path):
+    with pytest.raises(RunFolderError, match="not a finished tlkit run folder: best.ckpt is"):
+        open_run(tmp_path)
+    unfinished = tmp_path / "unfinished"  # killed before the end: checkpoints, no summary
+    shutil.copytree(tiny_run, unfinished, ignore=shutil.ignore_patterns(SUMMARY, "report"))
+    with pytest.raises(RunFolderError, match="summary.json is missing"):
+        open_run(unfinished)
+    (unfinished / SUMMARY).write_bytes((tiny_run / SUMMARY).read_bytes())
+    (unfinished / "config.yaml").write_text("learning_rate: 0.1\n")
+    with pytest.raises(RunFolderError, match="config.yaml: unknown config keys: learning_rate"):
+        open_run(unfinished)
