@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tlkit.augment import eval_transform, train_transform
 from tlkit.backbones import Preprocessing
+from tlkit.config import FinetuneConfig
 
 IMAGE_EXTENSIONS = {
     ".jpg",
@@ -527,6 +528,9 @@ def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+_default = FinetuneConfig.field_default  # the data module's defaults are the config's
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Train/validation/test loaders for an image folder or CSV, with the backbone's transforms.
 
@@ -545,14 +549,14 @@ class ImageDataModule(pl.LightningDataModule):
         self,
         data_dir: str | Path,
         preprocessing: Preprocessing,
-        batch_size: int = 64,
-        num_workers: int = -1,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        augment: bool = True,
+        batch_size: int = _default("batch_size"),
+        num_workers: int = _default("num_workers"),
+        val_fraction: float = _default("val_fraction"),
+        seed: int = _default("seed"),
+        augment: bool = _default("augment"),
         augmentation: dict | None = None,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        csv_paths_outside_root: bool = False,
+        max_image_pixels: int = _default("max_image_pixels"),
+        csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
     ) -> None:

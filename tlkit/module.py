@@ -20,6 +20,7 @@ from tlkit.backbones import (
     pooled_feature_width,
     preprocessing,
 )
+from tlkit.config import FinetuneConfig
 from tlkit.heads import ClassifierHead
 from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
@@ -28,6 +29,10 @@ from tlkit.strategies import (
     optimizer_parameter_groups,
     set_trainable,
 )
+
+# Defaults are FinetuneConfig's, so that the API and the CLI cannot drift apart; the parameters
+# stay spelled out, as Lightning's `save_hyperparameters` records them in the checkpoint.
+_default = FinetuneConfig.field_default
 
 # Frozen parts of the backbone are in eval mode on purpose (see strategies.py).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -46,22 +51,22 @@ class TransferClassifier(pl.LightningModule):
     def __init__(
         self,
         num_classes: int,
-        backbone: str = "tf_efficientnet_lite0",
-        pretrained: str = "hub",
-        strategy: str = "partial",
-        unfreeze_stages: int = 2,
-        backbone_lr_scale: float = 0.1,
-        dropout: float = 0.5,
-        head_hidden: int = 0,
-        drop_path_rate: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        optimizer: str = "adamw",
-        warmup_epochs: float = 1.0,
-        label_smoothing: float = 0.0,
-        img_size: int | None = None,
+        backbone: str = _default("backbone"),
+        pretrained: str = _default("pretrained"),
+        strategy: str = _default("strategy"),
+        unfreeze_stages: int = _default("unfreeze_stages"),
+        backbone_lr_scale: float = _default("backbone_lr_scale"),
+        dropout: float = _default("dropout"),
+        head_hidden: int = _default("head_hidden"),
+        drop_path_rate: float = _default("drop_path_rate"),
+        lr: float = _default("lr"),
+        weight_decay: float = _default("weight_decay"),
+        optimizer: str = _default("optimizer"),
+        warmup_epochs: float = _default("warmup_epochs"),
+        label_smoothing: float = _default("label_smoothing"),
+        img_size: int | None = _default("img_size"),
         class_names: list[str] | None = None,
-        channels_last: bool = False,
+        channels_last: bool = _default("channels_last"),
         trained_with_hflip: bool = True,
     ) -> None:
         super().__init__()

@@ -1,0 +1,108 @@
+"""Each fact has one home: defaults in FinetuneConfig, named choices in one table each, image
+discovery and preprocessing in one function each."""
+
+import dataclasses
+import inspect
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from tlkit.augment import train_transform
+from tlkit.config import FinetuneConfig, config_kwargs
+from tlkit.data import ImageDataModule
+from tlkit.finetune import build_datamodule, build_model
+from tlkit.module import TransferClassifier
+
+CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(FinetuneConfig)}
+# The hyperparameters every tlkit checkpoint records (save_hyperparameters): loading an older
+# checkpoint passes them back to TransferClassifier by these names.
+CHECKPOINT_HPARAMS = {
+    "num_classes",
+    "backbone",
+    "pretrained",
+    "strategy",
+    "unfreeze_stages",
+    "backbone_lr_scale",
+    "dropout",
+    "head_hidden",
+    "drop_path_rate",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "warmup_epochs",
+    "label_smoothing",
+    "img_size",
+    "class_names",
+    "channels_last",
+    "trained_with_hflip",
+}
+
+
+# train_transform's `seed` seeds its albumentations pipeline, not the run: a different meaning
+@pytest.mark.parametrize(
+    "target, other_meaning",
+    [(TransferClassifier, ()), (ImageDataModule, ()), (train_transform, ("seed",))],
+)
+def test_parameters_named_like_config_fields_default_to_the_configs_values(target, other_meaning):
+    for name, parameter in inspect.signature(target).parameters.items():
+        if name in CONFIG_DEFAULTS and name not in other_meaning:
+            if parameter.default is not inspect.Parameter.empty:
+                assert parameter.default == CONFIG_DEFAULTS[name], name
+
+
+def test_scale_range_defaults_to_the_configs():
+    default = inspect.signature(train_transform).parameters["short_side_range"].default
+    assert default == (CONFIG_DEFAULTS["short_side_min"], CONFIG_DEFAULTS["short_side_max"])
+
+
+def test_config_kwargs_picks_the_fields_a_callable_names():
+    config = FinetuneConfig(backbone="test_resnet", img_size=32, lr=0.02, seed=3)
+
+    def target(lr, seed, unrelated=None): ...
+
+    assert config_kwargs(config, target) == {"lr": 0.02, "seed": 3}
+
+
+def test_build_model_and_datamodule_pass_every_config_field_they_take(tmp_path):
+    config = FinetuneConfig(
+        data_dir=str(tmp_path),
+        backbone="test_resnet",
+        pretrained="none",
+        img_size=32,
+        dropout=0.25,
+        lr=0.02,
+        optimizer="sgd",
+        warmup_epochs=0.5,
+        channels_last=True,
+        batch_size=5,
+        num_workers=0,
+        val_fraction=0.3,
+        seed=7,
+        max_image_pixels=1000,
+        hflip=0.0,
+    )
+    model = build_model(config, ["a", "b"])
+    assert set(model.hparams) == CHECKPOINT_HPARAMS
+    for name in CHECKPOINT_HPARAMS & CONFIG_DEFAULTS.keys():
+        assert model.hparams[name] == getattr(config, name), name
+    assert model.hparams.trained_with_hflip is False
+    data = build_datamodule(config)
+    assert (data.batch_size, data.num_workers, data.val_fraction, data.seed) == (5, 0, 0.3, 7)
+    assert data.max_image_pixels == 1000
+    assert data.augmentation == {"short_side_range": (256, 480), "hflip": 0.0, "color_jitter": 0.4}
+
+
+def test_a_checkpoint_holding_the_recorded_hyperparameters_loads_with_weights_only(tmp_path):
+    model = TransferClassifier(2, "test_resnet", "none", img_size=32, class_names=["a", "b"])
+    path = tmp_path / "old.ckpt"
+    hparams = {name: model.hparams[name] for name in CHECKPOINT_HPARAMS}
+    checkpoint = {
+        "pytorch-lightning_version": pl.__version__,
+        "state_dict": model.state_dict(),
+        "hyper_parameters": hparams,
+    }
+    torch.save(checkpoint, path)
+    loaded = TransferClassifier.load_checkpoint(path)
+    assert loaded.class_names == ["a", "b"]
+    assert torch.equal(loaded.head.classifier.weight, model.head.classifier.weight)
