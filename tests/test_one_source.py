@@ -3,16 +3,22 @@ discovery and preprocessing in one function each."""
 
 import dataclasses
 import inspect
+import typing
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from tlkit.augment import train_transform
-from tlkit.config import FinetuneConfig, config_kwargs
+from tlkit.cli import build_parser
+from tlkit.config import FinetuneConfig, Optimizer, Strategy, config_kwargs
 from tlkit.data import ImageDataModule
+from tlkit.export import FORMATS
 from tlkit.finetune import build_datamodule, build_model
-from tlkit.module import TransferClassifier
+from tlkit.module import OPTIMIZERS, TransferClassifier
+from tlkit.search import SAMPLERS
+from tlkit.strategies import STRATEGIES
+from tlkit.tta import PRESETS
 
 CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(FinetuneConfig)}
 # The hyperparameters every tlkit checkpoint records (save_hyperparameters): loading an older
@@ -106,3 +112,32 @@ def test_a_checkpoint_holding_the_recorded_hyperparameters_loads_with_weights_on
     loaded = TransferClassifier.load_checkpoint(path)
     assert loaded.class_names == ["a", "b"]
     assert torch.equal(loaded.head.classifier.weight, model.head.classifier.weight)
+
+
+def _choices(parser, command: str, flag: str) -> list[str]:
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    action = next(a for a in subparsers.choices[command]._actions if flag in a.option_strings)
+    return list(action.choices)
+
+
+def test_named_choices_come_from_their_tables():
+    """The config's Literal choices equal the tables' keys, and the CLI offers the keys."""
+    parser = build_parser()
+    assert list(STRATEGIES) == list(typing.get_args(Strategy))
+    assert list(OPTIMIZERS) == list(typing.get_args(Optimizer))
+    assert _choices(parser, "finetune", "--strategy") == list(STRATEGIES)
+    assert _choices(parser, "finetune", "--optimizer") == list(OPTIMIZERS)
+    assert _choices(parser, "search", "--sampler") == list(SAMPLERS)
+    assert _choices(parser, "export", "--format") == list(FORMATS)
+    for command in ("evaluate", "predict", "report"):
+        assert _choices(parser, command, "--tta") == list(PRESETS)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_of_the_table_builds(name):
+    model = TransferClassifier(2, "test_resnet", "none", img_size=32, optimizer=name)
+    optimizer, _ = model.optimizer_and_schedule(total_steps=10, steps_per_epoch=5)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    unknown = TransferClassifier(2, "test_resnet", "none", img_size=32, optimizer="lamb")
+    with pytest.raises(ValueError, match="choose one of adamw, sgd"):
+        unknown.optimizer_and_schedule(total_steps=10, steps_per_epoch=5)

@@ -20,7 +20,7 @@ from tlkit.backbones import (
     pooled_feature_width,
     preprocessing,
 )
-from tlkit.config import FinetuneConfig
+from tlkit.config import FinetuneConfig, Optimizer
 from tlkit.heads import ClassifierHead
 from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
@@ -36,6 +36,22 @@ _default = FinetuneConfig.field_default
 
 # Frozen parts of the backbone are in eval mode on purpose (see strategies.py).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+
+def _adamw(groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups)
+
+
+def _sgd(groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+
+
+# Each optimiser: parameter groups (each with its learning rate and weight decay) -> optimiser.
+# The keys are config.Optimizer's choices (a test checks it).
+OPTIMIZERS: dict[Optimizer, Callable[[list[dict]], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "sgd": _sgd,
+}
 
 
 class TransferClassifier(pl.LightningModule):
@@ -197,12 +213,11 @@ class TransferClassifier(pl.LightningModule):
         hp = self.hparams
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
         groups = optimizer_parameter_groups(self.backbone, self.head, hp.lr, hp.weight_decay, scale)
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups)
-        elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
-        else:
-            raise ValueError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
+        if hp.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer '{hp.optimizer}': choose one of {', '.join(OPTIMIZERS)}"
+            )
+        optimizer = OPTIMIZERS[hp.optimizer](groups)
         warmup_steps = min(
             int(hp.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps)
         )
