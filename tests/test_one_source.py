@@ -4,17 +4,23 @@ discovery and preprocessing in one function each."""
 import dataclasses
 import inspect
 import typing
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import write_colour_images
 
+from tlkit import export as export_module
 from tlkit.augment import train_transform
+from tlkit.backbones import Preprocessing
 from tlkit.cli import build_parser
 from tlkit.config import FinetuneConfig, Optimizer, Strategy, config_kwargs
-from tlkit.data import ImageDataModule
+from tlkit.data import ImageDataModule, find_images, scan_folder
+from tlkit.distributed import single_device_trainer
 from tlkit.export import FORMATS
 from tlkit.finetune import build_datamodule, build_model
+from tlkit.inference import image_paths
 from tlkit.module import OPTIMIZERS, TransferClassifier
 from tlkit.search import SAMPLERS
 from tlkit.strategies import STRATEGIES
@@ -141,3 +147,39 @@ def test_every_optimizer_of_the_table_builds(name):
     unknown = TransferClassifier(2, "test_resnet", "none", img_size=32, optimizer="lamb")
     with pytest.raises(ValueError, match="choose one of adamw, sgd"):
         unknown.optimizer_and_schedule(total_steps=10, steps_per_epoch=5)
+
+
+def test_training_prediction_and_export_find_the_same_images(tmp_path):
+    """One discovery (data.find_images): hidden entries and non-images left out, a linked
+    folder followed once, a link loop cut, in the same order for training, predict and export."""
+    data = tmp_path / "data"
+    write_colour_images(data, per_class=2, seed=0, size=16)
+    elsewhere = tmp_path / "elsewhere"
+    write_colour_images(elsewhere, per_class=1, seed=1, size=16)
+    (data / "red" / "more").symlink_to(elsewhere / "red", target_is_directory=True)
+    (data / "red" / "loop").symlink_to(data / "red", target_is_directory=True)
+    (data / "red" / "notes.txt").write_text("not an image")
+    (data / "red" / ".hidden.png").write_bytes(b"")
+
+    images, others = find_images(data / "red")
+    assert [Path(path).relative_to(data / "red").as_posix() for path in images] == [
+        "000.jpg",
+        "001.png",
+        "more/000.jpg",
+    ]
+    assert others == [(str(data / "red" / "notes.txt"), "not an image file extension")]
+    assert image_paths([data / "red"]) == images
+    assert [path for path, label in scan_folder(data).samples if label == 2] == images
+    assert sorted(export_module._images_by_class(data / "red", 8)) == sorted(images)
+
+
+def test_preprocessing_is_read_back_from_its_record():
+    preprocessing = Preprocessing(32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), "bicubic", 0.875)
+    card_entry = {**dataclasses.asdict(preprocessing), "resize_short_side": 37, "steps": "..."}
+    assert Preprocessing.from_dict(card_entry) == preprocessing
+
+
+def test_evaluation_trainer_runs_on_one_device_and_writes_nothing():
+    trainer = single_device_trainer("cpu", progress=False, max_steps=3)
+    assert (trainer.num_devices, trainer.logger, trainer.checkpoint_callback) == (1, None, None)
+    assert trainer.progress_bar_callback is None and trainer.max_steps == 3
