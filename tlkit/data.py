@@ -10,7 +10,9 @@ data-loader worker hours later. Layouts understood:
 - ``labels.csv`` with columns ``path,label`` (paths relative to the CSV's folder).
 
 Hidden entries (dot-files and dot-folders such as ``.ipynb_checkpoints``, and macOS archives'
-``__MACOSX``) are never classes or images. A file that breaks after the scan is skipped when it
+``__MACOSX``) are never classes or images. `find_images` (folder by folder: `walk_images`) is
+tlkit's one image discovery, used by training, `predict` and `export`; `csv_rows` its one CSV
+reader. A file that breaks after the scan is skipped when it
 is loaded and recorded (`ImageDataset`), so training finishes.
 """
 

@@ -12,6 +12,9 @@ Every export is verified before it is kept: the written file is loaded back exac
 tensors if the data is gone) must equal the checkpoint's within 1e-4, at the full batch and at
 batch size 1. Files are written to a temporary name and renamed, so a folder with a card always
 holds a complete, verified export.
+
+A format is one entry of the table `FORMATS` (name -> model file, writer, loader); the CLI's
+--format choices are its keys.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 The CLI's `tlkit finetune` and the recipes call this; users who want their own Trainer build
 `ImageDataModule` and `TransferClassifier` directly (see recipes/custom_imagefolder.py).
+`build_model` and `build_datamodule` pass the config's fields on by parameter name
+(`config.config_kwargs`), so neither copies a field by hand.
 """
 
 from __future__ import annotations

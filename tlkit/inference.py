@@ -2,7 +2,8 @@
 
 Both are a `Predictor`: class names, the preprocessing they expect, and class probabilities of a
 preprocessed batch. Anything that changes how a batch becomes probabilities (test-time
-augmentation, for one) wraps `Predictor.predict_batch` and is then available to both.
+augmentation, for one) wraps `Predictor.predict_batch` and is then available to both. Images
+are found by `data.find_images`, and checkpoints run on `distributed.single_device_trainer`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""`TransferClassifier`: backbone, new head and transfer strategy as one LightningModule."""
+"""`TransferClassifier`: backbone, new head and transfer strategy as one LightningModule.
+
+Its defaults are `FinetuneConfig`'s; its optimisers are the table `OPTIMIZERS` (name ->
+constructor), whose names are `config.Optimizer`'s.
+"""
 
 from __future__ import annotations
 

@@ -17,9 +17,10 @@ every one (Bergstra & Bengio 2012). Learning rate and weight decay are drawn log
 - Results: `trials.csv`, `best.yaml` (a config that `tlkit finetune --config best.yaml` runs)
   and `search.png` (validation accuracy against learning rate and weight decay).
 
-Seeding: the sampler of the k-th trial of a round is seeded from (seed, round, k), so the same
-seed gives the same trials, and a search interrupted and resumed gives the same trials as one
-that ran straight through. One search process per output folder.
+Samplers are the table `SAMPLERS` (name -> Optuna sampler class; random by default, TPE on
+request). Seeding: the sampler of the k-th trial of a round is seeded from (seed, round, k), so
+the same seed gives the same trials, and a search interrupted and resumed gives the same trials
+as one that ran straight through. One search process per output folder.
 """
 
 from __future__ import annotations
