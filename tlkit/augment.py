@@ -13,6 +13,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 
 from tlkit.backbones import Preprocessing
+from tlkit.config import FinetuneConfig
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
@@ -22,6 +23,7 @@ INTERPOLATIONS = {
     "lanczos": cv2.INTER_LANCZOS4,
 }
 REFERENCE_SIZE = 224  # the sizes of the ResNet recipe are given for 224px crops
+_default = FinetuneConfig.field_default  # the augmentation's defaults are the config's
 
 
 def interpolation_flag(preprocessing: Preprocessing) -> int:
@@ -38,9 +40,9 @@ def _normalise_to_tensor(preprocessing: Preprocessing) -> list[A.BasicTransform]
 
 def train_transform(
     preprocessing: Preprocessing,
-    short_side_range: tuple[int, int] = (256, 480),
-    hflip: float = 0.5,
-    color_jitter: float = 0.4,
+    short_side_range: tuple[int, int] = (_default("short_side_min"), _default("short_side_max")),
+    hflip: float = _default("hflip"),
+    color_jitter: float = _default("color_jitter"),
     seed: int | None = None,
 ) -> A.Compose:
     """Random scale crop, flip and colour jitter; `short_side_range` is given at 224px."""

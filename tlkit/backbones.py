@@ -13,8 +13,10 @@ dropping of the ImageNet classifier happen exactly as timm does them:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -47,6 +49,17 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str
     crop_pct: float
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        """From its JSON record (an export card's `preprocessing`); other keys are ignored."""
+        return cls(
+            input_size=int(values["input_size"]),
+            mean=tuple(float(v) for v in values["mean"]),
+            std=tuple(float(v) for v in values["std"]),
+            interpolation=str(values["interpolation"]),
+            crop_pct=float(values["crop_pct"]),
+        )
 
 
 def create_backbone(

@@ -39,6 +39,7 @@ from tlkit.data import DatasetError
 from tlkit.export import CARD, FORMATS
 from tlkit.runfolder import CONFIG, RunFolderError
 from tlkit.sanity import OVERFIT_STEPS, SAMPLES_PER_CLASS
+from tlkit.search import SAMPLERS
 from tlkit.tta import PRESETS
 
 USER_ERRORS = (
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--trials", type=int, default=20, help="trials per round (default 20)")
     search.add_argument(
-        "--sampler", choices=("random", "tpe"), default="random", help="default: random"
+        "--sampler", choices=list(SAMPLERS), default="random", help="default: random"
     )
     search.add_argument(
         "--refine", action="store_true", help="a second round narrowed around the best trials"
@@ -353,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--accelerator", default="auto", help="auto, cpu or gpu (exported models: cpu)"
         )
         sub.add_argument(
-            "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
+            "--tta", default="none", choices=list(PRESETS), help="test-time averaging preset (none)"
         )
 
     report = commands.add_parser(
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--batch-size", type=int, default=64, help="images per batch")
     report.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     report.add_argument(
-        "--tta", default="none", choices=PRESETS, help="test-time averaging preset (none)"
+        "--tta", default="none", choices=list(PRESETS), help="test-time averaging preset (none)"
     )
     add_image_limit_flags(report)
     report.set_defaults(handler=_report)

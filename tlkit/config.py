@@ -8,7 +8,9 @@ from its fields, never written out twice.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -173,6 +175,11 @@ class FinetuneConfig:
         Path(path).write_text(self.to_yaml())
 
     @classmethod
+    def field_default(cls, name: str) -> Any:
+        """The default of the field `name`: the one place a default is written."""
+        return cls.__dataclass_fields__[name].default
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
         """Build a config, rejecting unknown keys by name so a typo is never ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
@@ -188,3 +195,15 @@ class FinetuneConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
         return cls.from_dict(values)
+
+
+def config_kwargs(config: FinetuneConfig, target: Callable[..., Any]) -> dict[str, Any]:
+    """The config's values of the fields `target` takes a parameter of, by name (the idea of
+    fastai's `@delegates` and LightningCLI): a field added to both is passed on without being
+    copied by hand."""
+    parameters = inspect.signature(target).parameters
+    return {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(config)
+        if field.name in parameters
+    }

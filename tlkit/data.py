@@ -10,7 +10,9 @@ data-loader worker hours later. Layouts understood:
 - ``labels.csv`` with columns ``path,label`` (paths relative to the CSV's folder).
 
 Hidden entries (dot-files and dot-folders such as ``.ipynb_checkpoints``, and macOS archives'
-``__MACOSX``) are never classes or images. A file that breaks after the scan is skipped when it
+``__MACOSX``) are never classes or images. `find_images` (folder by folder: `walk_images`) is
+tlkit's one image discovery, used by training, `predict` and `export`; `csv_rows` its one CSV
+reader. A file that breaks after the scan is skipped when it
 is loaded and recorded (`ImageDataset`), so training finishes.
 """
 
@@ -22,6 +24,7 @@ import hashlib
 import io
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tlkit.augment import eval_transform, train_transform
 from tlkit.backbones import Preprocessing
+from tlkit.config import FinetuneConfig
 
 IMAGE_EXTENSIONS = {
     ".jpg",
@@ -143,21 +147,28 @@ def find_decode_problems(
         return list(pool.map(check, paths))
 
 
-def _walk_images(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files below `folder` (symlinks followed once, loops cut) and non-image files."""
-    images, others = [], []
+def walk_images(
+    folder: str | Path,
+) -> Iterator[tuple[list[str], list[tuple[str, str]]]]:
+    """Per folder below `folder` (itself first, then sub-folders in sorted order; hidden entries
+    left out; symbolic links followed once, loops cut): its image files, and its other files
+    with the reason each is not used. A caller may stop early (`export` takes a few folders)."""
+    unreadable: list[tuple[str, str]] = []
     seen_directories: set[str] = set()
 
-    def unreadable(error: OSError) -> None:
-        others.append((error.filename, f"unreadable folder: {error.strerror}"))
+    def note_unreadable(error: OSError) -> None:
+        unreadable.append((error.filename, f"unreadable folder: {error.strerror}"))
 
-    for directory, subdirectories, files in os.walk(folder, onerror=unreadable, followlinks=True):
+    walk = os.walk(folder, onerror=note_unreadable, followlinks=True)
+    for directory, subdirectories, files in walk:
         real = os.path.realpath(directory)
         if real in seen_directories:
             subdirectories[:] = []
             continue
         seen_directories.add(real)
         subdirectories[:] = sorted(name for name in subdirectories if not is_hidden(name))
+        images, others = [], unreadable[:]
+        unreadable.clear()
         for name in sorted(files):
             if is_hidden(name):
                 continue
@@ -168,6 +179,18 @@ def _walk_images(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
                 images.append(path)
             else:
                 others.append((path, "not an image file extension"))
+        yield images, others
+    if unreadable:
+        yield [], unreadable
+
+
+def find_images(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every image file below `folder` (`walk_images`), and the other files with reasons."""
+    images: list[str] = []
+    others: list[tuple[str, str]] = []
+    for folder_images, folder_others in walk_images(folder):
+        images += folder_images
+        others += folder_others
     return images, others
 
 
@@ -189,7 +212,7 @@ def scan_folder(
     index_of = {name: index for index, name in enumerate(classes)}
     paths, labels, skipped = [], [], []
     for class_dir in class_dirs:
-        images, others = _walk_images(class_dir)
+        images, others = find_images(class_dir)
         if not images:
             raise DatasetError(f"{class_dir}: class '{class_dir.name}' has no image files")
         skipped += others
@@ -208,7 +231,7 @@ def read_csv(
     unless `allow_outside_root`. A file listed twice is an error naming both lines."""
     csv_path = Path(csv_path)
     root = csv_path.parent.resolve()
-    rows = _csv_rows(csv_path)
+    rows = csv_rows(csv_path)
     if not rows:
         raise DatasetError(f"{csv_path}: no rows")
     missing, outside, paths = [], [], []
@@ -241,7 +264,7 @@ def read_csv(
     return _keep_decodable(paths, labels, classes, [], csv_path, max_pixels)
 
 
-def _csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
+def csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
     """(line number, path, label) of each row; a row with missing or extra fields or an empty
     path or label is an error naming its line. A UTF-8 byte-order mark (Excel's "CSV UTF-8")
     is accepted."""
@@ -527,6 +550,9 @@ def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+_default = FinetuneConfig.field_default  # the data module's defaults are the config's
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Train/validation/test loaders for an image folder or CSV, with the backbone's transforms.
 
@@ -545,14 +571,14 @@ class ImageDataModule(pl.LightningDataModule):
         self,
         data_dir: str | Path,
         preprocessing: Preprocessing,
-        batch_size: int = 64,
-        num_workers: int = -1,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        augment: bool = True,
+        batch_size: int = _default("batch_size"),
+        num_workers: int = _default("num_workers"),
+        val_fraction: float = _default("val_fraction"),
+        seed: int = _default("seed"),
+        augment: bool = _default("augment"),
         augmentation: dict | None = None,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        csv_paths_outside_root: bool = False,
+        max_image_pixels: int = _default("max_image_pixels"),
+        csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
     ) -> None:

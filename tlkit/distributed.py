@@ -1,7 +1,9 @@
 """Devices, nodes, precision and distributed strategy: Lightning's engine, configured for timm.
 
 Everything here is Lightning's own machinery (DDP, FSDP, torchrun and SLURM launchers, mixed
-precision); tlkit only chooses its settings from the config. Two things are tlkit's:
+precision); tlkit only chooses its settings from the config (`trainer_options`) and builds the
+one-device Trainer of evaluation, prediction and the sanity checks (`single_device_trainer`).
+Two things are tlkit's:
 
 - SyncBatchNorm goes through timm's `convert_sync_batchnorm`, because Lightning's default
   (`torch.nn.SyncBatchNorm.convert_sync_batchnorm`) turns timm's `BatchNormAct2d` into a plain
@@ -63,6 +65,23 @@ def trainer_options(config: FinetuneConfig) -> dict[str, Any]:
         "accumulate_grad_batches": config.accumulate_grad_batches,
         "plugins": [TimmSyncBatchNorm()] if config.sync_batchnorm else None,
     }
+
+
+def single_device_trainer(
+    accelerator: str = "auto", progress: bool = True, **options: Any
+) -> pl.Trainer:
+    """A Trainer on one device that writes nothing (no logger, checkpoints or model summary):
+    the Trainer of evaluate, predict and report, and of the sanity checks' overfit run.
+    `options` are further `pytorch_lightning.Trainer` arguments."""
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        **options,
+    )
 
 
 def effective_batch_size(trainer: pl.Trainer, config: FinetuneConfig) -> int:

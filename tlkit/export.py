@@ -12,11 +12,13 @@ Every export is verified before it is kept: the written file is loaded back exac
 tensors if the data is gone) must equal the checkpoint's within 1e-4, at the full batch and at
 batch size 1. Files are written to a temporary name and renamed, so a folder with a card always
 holds a complete, verified export.
+
+A format is one entry of the table `FORMATS` (name -> model file, writer, loader); the CLI's
+--format choices are its keys.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import io
@@ -42,7 +44,7 @@ from tlkit import __version__
 from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, create_backbone, pooled_feature_width
 from tlkit.config import FinetuneConfig
-from tlkit.data import IMAGE_EXTENSIONS, find_decode_problems, is_hidden, load_rgb
+from tlkit.data import DatasetError, csv_rows, find_decode_problems, load_rgb, walk_images
 from tlkit.heads import ClassifierHead
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import BEST_CHECKPOINT, RunSummary, open_run, write_atomic
@@ -378,31 +380,26 @@ def verification_images(
 
 def _images_by_class(data: Path, count: int, allow_outside_root: bool = False) -> list[str]:
     """Up to `count` image files from each class, interleaved across classes: the folders of a
-    class-folder tree (the first `count` of them, hidden ones left out) or the labels of a
-    path,label CSV (paths outside the CSV's folder only if `allow_outside_root`)."""
-    groups: dict[str, list[str]] = {}
+    class-folder tree (the first `count` of them holding images) or the labels of a path,label
+    CSV (paths outside the CSV's folder only if `allow_outside_root`)."""
     if data.is_file() and data.suffix.lower() == ".csv":
+        groups: dict[str, list[str]] = {}
         root = data.parent.resolve()
-        with open(data, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
-            for row in csv.DictReader(handle):
-                group = groups.setdefault(row.get("label") or "", [])
-                if len(group) < count:
-                    path = (root / (row.get("path") or "")).resolve()
-                    if (allow_outside_root or path.is_relative_to(root)) and path.is_file():
-                        group.append(str(path))
+        try:
+            rows = csv_rows(data)
+        except DatasetError:  # changed since training: verify on random tensors instead
+            rows = []
+        for _line, relative, label in rows:
+            group = groups.setdefault(label, [])
+            if len(group) < count:
+                path = (root / relative).resolve()
+                if (allow_outside_root or path.is_relative_to(root)) and path.is_file():
+                    group.append(str(path))
+        by_class = list(groups.values())
     else:
-        for directory, subdirectories, files in os.walk(data):
-            subdirectories[:] = sorted(name for name in subdirectories if not is_hidden(name))
-            names = [
-                name
-                for name in sorted(files)
-                if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-            ]
-            if names:
-                groups[directory] = [os.path.join(directory, name) for name in names[:count]]
-            if len(groups) >= count:  # one image from each of them would do
-                break
-    return [path for paths in itertools.zip_longest(*groups.values()) for path in paths if path]
+        folders = (images[:count] for images, _others in walk_images(data) if images)
+        by_class = list(itertools.islice(folders, count))  # one image from each would do
+    return [path for paths in itertools.zip_longest(*by_class) for path in paths if path]
 
 
 # Loading ------------------------------------------------------------------------------------
@@ -446,14 +443,7 @@ class ExportedModel:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        values = self.card["preprocessing"]
-        return Preprocessing(
-            input_size=int(values["input_size"]),
-            mean=tuple(float(v) for v in values["mean"]),
-            std=tuple(float(v) for v in values["std"]),
-            interpolation=values["interpolation"],
-            crop_pct=float(values["crop_pct"]),
-        )
+        return Preprocessing.from_dict(self.card["preprocessing"])
 
     @property
     def trained_with_hflip(self) -> bool:

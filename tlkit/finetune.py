@@ -2,6 +2,8 @@
 
 The CLI's `tlkit finetune` and the recipes call this; users who want their own Trainer build
 `ImageDataModule` and `TransferClassifier` directly (see recipes/custom_imagefolder.py).
+`build_model` and `build_datamodule` pass the config's fields on by parameter name
+(`config.config_kwargs`), so neither copies a field by hand.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tlkit import __version__
 from tlkit.augment import train_transform
 from tlkit.backbones import create_backbone, preprocessing
 from tlkit.callbacks import EpochSummary, StopOnNonFiniteLoss
-from tlkit.config import FinetuneConfig
+from tlkit.config import FinetuneConfig, config_kwargs
 from tlkit.data import ImageDataModule
 from tlkit.distributed import effective_batch_size
 from tlkit.distributed import trainer_options as distributed_options
@@ -56,24 +58,19 @@ def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClass
     """The LightningModule a config describes."""
     return TransferClassifier(
         num_classes=len(class_names),
-        backbone=config.backbone,
-        pretrained=config.pretrained,
-        strategy=config.strategy,
-        unfreeze_stages=config.unfreeze_stages,
-        backbone_lr_scale=config.backbone_lr_scale,
-        dropout=config.dropout,
-        head_hidden=config.head_hidden,
-        drop_path_rate=config.drop_path_rate,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        optimizer=config.optimizer,
-        warmup_epochs=config.warmup_epochs,
-        label_smoothing=config.label_smoothing,
-        img_size=config.img_size,
         class_names=class_names,
-        channels_last=config.channels_last,
         trained_with_hflip=trains_with_hflip(config),
+        **config_kwargs(config, TransferClassifier),
     )
+
+
+def augmentation_options(config: FinetuneConfig) -> dict[str, Any]:
+    """`augment.train_transform`'s keyword arguments (its scale range is two config fields)."""
+    return {
+        "short_side_range": (config.short_side_min, config.short_side_max),
+        "hflip": config.hflip,
+        "color_jitter": config.color_jitter,
+    }
 
 
 def trains_with_hflip(config: FinetuneConfig) -> bool:
@@ -96,8 +93,7 @@ def check_config(config: FinetuneConfig) -> None:
     trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
     if config.augment:
         train_transform(
-            preprocessing(config.backbone, config.img_size),
-            (config.short_side_min, config.short_side_max),
+            preprocessing(config.backbone, config.img_size), **augmentation_options(config)
         )
 
 
@@ -109,22 +105,11 @@ def build_datamodule(
     """The data module a config describes, with the backbone's own preprocessing (and the
     `ImageDataModule` options `recorded_split` and `load_failure_log`)."""
     return ImageDataModule(
-        config.data_dir,
-        preprocessing(config.backbone, config.img_size),
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-        augment=config.augment,
-        augmentation={
-            "short_side_range": (config.short_side_min, config.short_side_max),
-            "hflip": config.hflip,
-            "color_jitter": config.color_jitter,
-        },
-        max_image_pixels=config.max_image_pixels,
-        csv_paths_outside_root=config.csv_paths_outside_root,
+        preprocessing=preprocessing(config.backbone, config.img_size),
+        augmentation=augmentation_options(config),
         recorded_split=recorded_split,
         load_failure_log=load_failure_log,
+        **config_kwargs(config, ImageDataModule),
     )
 
 

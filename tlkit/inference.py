@@ -2,13 +2,13 @@
 
 Both are a `Predictor`: class names, the preprocessing they expect, and class probabilities of a
 preprocessed batch. Anything that changes how a batch becomes probabilities (test-time
-augmentation, for one) wraps `Predictor.predict_batch` and is then available to both.
+augmentation, for one) wraps `Predictor.predict_batch` and is then available to both. Images
+are found by `data.find_images`, and checkpoints run on `distributed.single_device_trainer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader
 from tlkit.backbones import Preprocessing
 from tlkit.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGE_EXTENSIONS,
     ImageDataset,
     default_num_workers,
     find_decode_problems,
-    is_hidden,
+    find_images,
     scan,
 )
+from tlkit.distributed import single_device_trainer
 from tlkit.export import is_export_folder, load_exported
 from tlkit.metrics import classification_metrics
 from tlkit.module import TransferClassifier
@@ -91,13 +91,7 @@ def predict_probabilities(
     averaging = TTAModule(model, tta_plan, max_views_per_forward=batch_size)
     started = time.perf_counter()
     if isinstance(model, pl.LightningModule):
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-        )
+        trainer = single_device_trainer(accelerator)
         with contextlib.redirect_stdout(sys.stderr):  # the progress bar must stay out of stdout
             batches = trainer.predict(averaging, dataloaders=loader)
     else:  # exported models run on the CPU, in their own runtime
@@ -192,18 +186,12 @@ def evaluate(
 
 
 def image_paths(inputs: list[str | Path]) -> list[str]:
-    """Files as given and image files found below folders (hidden entries left out), in a
-    stable order."""
+    """Files as given and the image files found below folders (`data.find_images`: hidden
+    entries left out, other files ignored), in a stable order."""
     paths: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            for directory, subdirectories, files in os.walk(item):
-                subdirectories[:] = sorted(name for name in subdirectories if not is_hidden(name))
-                paths += [
-                    os.path.join(directory, name)
-                    for name in sorted(files)
-                    if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-                ]
+            paths += find_images(item)[0]
         elif item.is_file():
             paths.append(str(item))
         else:

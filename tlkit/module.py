@@ -1,10 +1,15 @@
-"""`TransferClassifier`: backbone, new head and transfer strategy as one LightningModule."""
+"""`TransferClassifier`: backbone, new head and transfer strategy as one LightningModule.
+
+Its defaults are `FinetuneConfig`'s; its optimisers are the table `OPTIMIZERS` (name ->
+constructor), whose names are `config.Optimizer`'s.
+"""
 
 from __future__ import annotations
 
 import math
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import pytorch_lightning as pl
@@ -20,6 +25,7 @@ from tlkit.backbones import (
     pooled_feature_width,
     preprocessing,
 )
+from tlkit.config import FinetuneConfig, Optimizer
 from tlkit.heads import ClassifierHead
 from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
@@ -29,8 +35,28 @@ from tlkit.strategies import (
     set_trainable,
 )
 
+# Defaults are FinetuneConfig's, so that the API and the CLI cannot drift apart; the parameters
+# stay spelled out, as Lightning's `save_hyperparameters` records them in the checkpoint.
+_default = FinetuneConfig.field_default
+
 # Frozen parts of the backbone are in eval mode on purpose (see strategies.py).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+
+def _adamw(groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups)
+
+
+def _sgd(groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+
+
+# Each optimiser: parameter groups (each with its learning rate and weight decay) -> optimiser.
+# The keys are config.Optimizer's choices (a test checks it).
+OPTIMIZERS: dict[Optimizer, Callable[[list[dict]], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "sgd": _sgd,
+}
 
 
 class TransferClassifier(pl.LightningModule):
@@ -46,22 +72,22 @@ class TransferClassifier(pl.LightningModule):
     def __init__(
         self,
         num_classes: int,
-        backbone: str = "tf_efficientnet_lite0",
-        pretrained: str = "hub",
-        strategy: str = "partial",
-        unfreeze_stages: int = 2,
-        backbone_lr_scale: float = 0.1,
-        dropout: float = 0.5,
-        head_hidden: int = 0,
-        drop_path_rate: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        optimizer: str = "adamw",
-        warmup_epochs: float = 1.0,
-        label_smoothing: float = 0.0,
-        img_size: int | None = None,
+        backbone: str = _default("backbone"),
+        pretrained: str = _default("pretrained"),
+        strategy: str = _default("strategy"),
+        unfreeze_stages: int = _default("unfreeze_stages"),
+        backbone_lr_scale: float = _default("backbone_lr_scale"),
+        dropout: float = _default("dropout"),
+        head_hidden: int = _default("head_hidden"),
+        drop_path_rate: float = _default("drop_path_rate"),
+        lr: float = _default("lr"),
+        weight_decay: float = _default("weight_decay"),
+        optimizer: str = _default("optimizer"),
+        warmup_epochs: float = _default("warmup_epochs"),
+        label_smoothing: float = _default("label_smoothing"),
+        img_size: int | None = _default("img_size"),
         class_names: list[str] | None = None,
-        channels_last: bool = False,
+        channels_last: bool = _default("channels_last"),
         trained_with_hflip: bool = True,
     ) -> None:
         super().__init__()
@@ -202,12 +228,11 @@ class TransferClassifier(pl.LightningModule):
         hp = self.hparams
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
         groups = optimizer_parameter_groups(self.backbone, self.head, hp.lr, hp.weight_decay, scale)
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups)
-        elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
-        else:
-            raise ValueError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
+        if hp.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer '{hp.optimizer}': choose one of {', '.join(OPTIMIZERS)}"
+            )
+        optimizer = OPTIMIZERS[hp.optimizer](groups)
         if resumed is None:
             warmup_steps = min(
                 int(hp.warmup_epochs * steps_per_epoch), int(MAX_WARMUP_SHARE * total_steps)

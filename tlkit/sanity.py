@@ -38,6 +38,7 @@ from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, layer_groups
 from tlkit.config import FinetuneConfig
 from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset
+from tlkit.distributed import single_device_trainer
 from tlkit.finetune import build_datamodule, build_model, check_config
 from tlkit.module import TransferClassifier
 from tlkit.strategies import trainable_parameter_names
@@ -213,16 +214,12 @@ def check_overfit(
     eval_loader = subset_loader(samples, preprocessing, batch_size, False, **options)
     max_epochs = math.ceil(steps / len(train_loader))
     progress = _OverfitProgress(target, steps)
-    trainer = pl.Trainer(
+    trainer = single_device_trainer(
+        accelerator,
+        progress=False,
         max_steps=steps,
         max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=1,
         callbacks=[progress],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
     )
     trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=eval_loader)

@@ -17,9 +17,10 @@ every one (Bergstra & Bengio 2012). Learning rate and weight decay are drawn log
 - Results: `trials.csv`, `best.yaml` (a config that `tlkit finetune --config best.yaml` runs)
   and `search.png` (validation accuracy against learning rate and weight decay).
 
-Seeding: the sampler of the k-th trial of a round is seeded from (seed, round, k), so the same
-seed gives the same trials, and a search interrupted and resumed gives the same trials as one
-that ran straight through. One search process per output folder.
+Samplers are the table `SAMPLERS` (name -> Optuna sampler class; random by default, TPE on
+request). Seeding: the sampler of the k-th trial of a round is seeded from (seed, round, k), so
+the same seed gives the same trials, and a search interrupted and resumed gives the same trials
+as one that ran straight through. One search process per output folder.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import io
 import json
 import math
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ from tlkit.callbacks import TrainingDivergedError
 from tlkit.config import FinetuneConfig, coerce_value
 from tlkit.finetune import finetune
 from tlkit.runfolder import write_atomic
+from tlkit.strategies import STRATEGIES
 
 SearchSpace = dict[str, BaseDistribution]
 
@@ -60,7 +63,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "weight_decay": {"low": 1e-6, "high": 1e-1, "log": True},
     "dropout": {"low": 0.0, "high": 0.7},
     "label_smoothing": {"low": 0.0, "high": 0.2},
-    "strategy": {"choices": ["features", "partial", "full"]},
+    "strategy": {"choices": list(STRATEGIES)},
     "unfreeze_stages": {"low": 1, "high": 4},
     "backbone_lr_scale": {"low": 0.01, "high": 1.0, "log": True},
 }
@@ -248,13 +251,19 @@ class ReportValidationAccuracy(pl.Callback):
             trainer.should_stop = True
 
 
+# Each sampler: Optuna's sampler class, built with the trial's seed. The CLI's --sampler choices
+# are the keys.
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "random": optuna.samplers.RandomSampler,
+    "tpe": optuna.samplers.TPESampler,
+}
+
+
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Optuna's RandomSampler (default) or TPESampler, seeded."""
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    raise ValueError(f"unknown sampler '{kind}': choose random or tpe")
+    """The named Optuna sampler (`SAMPLERS`), seeded."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{kind}': choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[kind](seed=seed)
 
 
 def trial_seed(seed: int, round_index: int, position: int) -> int:

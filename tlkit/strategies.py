@@ -8,16 +8,46 @@ Frozen means frozen: ``requires_grad=False`` *and* the frozen modules in eval mo
 BatchNorm keeps its pretrained running statistics and frozen drop-path/dropout layers stay off.
 `keep_frozen_modules_in_eval` must run after every ``.train()`` call; `TransferClassifier.train`
 does that.
+
+A strategy is one entry of `STRATEGIES`: its name and the function choosing the trainable
+layer groups; a new one also needs its name in `config.Strategy` (the CLI's choices).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from tlkit.backbones import layer_groups
+from tlkit.config import Strategy
 
-STRATEGIES = ("features", "partial", "full")
+
+def _head_only(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
+    return set()
+
+
+def _last_stages(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
+    if not 1 <= unfreeze_stages <= len(groups):
+        raise ValueError(
+            f"--unfreeze-stages must be between 1 and {len(groups)} for this backbone "
+            f"(it has {len(groups)} layer groups, stem first), got {unfreeze_stages}"
+        )
+    return {name for group in groups[-unfreeze_stages:] for name in group}
+
+
+def _all_stages(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
+    return {name for group in groups for name in group}
+
+
+# Each strategy: (the backbone's layer groups, stem first; --unfreeze-stages) -> the names of
+# the backbone parameters it trains. The keys are config.Strategy's choices (a test checks it).
+STRATEGIES: dict[Strategy, Callable[[list[list[str]], int], set[str]]] = {
+    "features": _head_only,
+    "partial": _last_stages,
+    "full": _all_stages,
+}
 
 
 def set_trainable(backbone: nn.Module, strategy: str, unfreeze_stages: int = 1) -> None:
@@ -33,19 +63,7 @@ def trainable_parameter_names(
     """Names of the backbone parameters the strategy trains (all others are frozen)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
-    groups = layer_groups(backbone)
-    if strategy == "features":
-        trainable: set[str] = set()
-    elif strategy == "partial":
-        if not 1 <= unfreeze_stages <= len(groups):
-            raise ValueError(
-                f"--unfreeze-stages must be between 1 and {len(groups)} for this backbone "
-                f"(it has {len(groups)} layer groups, stem first), got {unfreeze_stages}"
-            )
-        trainable = {name for group in groups[-unfreeze_stages:] for name in group}
-    else:
-        trainable = {name for group in groups for name in group}
-    return trainable
+    return STRATEGIES[strategy](layer_groups(backbone), unfreeze_stages)
 
 
 def keep_frozen_modules_in_eval(module: nn.Module) -> None:

@@ -14,6 +14,9 @@ Presets (views per image):
 | `multi-scale` | 42      | ten-crop at each of n scales (default the five above)              |
 | `dense`       | n       | the whole square image at each scale through global pooling        |
 
+A preset is one entry of `PRESETS`: its name (the CLI's --tta choice) and the function that
+resolves it to the squares to load and the views to cut from them.
+
 Only views the model was trained on: a model trained without horizontal flips (`--hflip 0`,
 `--no-augment`) gets no mirror images (ten-crop: the five crops; multi-scale: five per scale),
 and `flip`, which only adds the mirror image, is refused for it.
@@ -36,6 +39,7 @@ corner crops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import albumentations as A
@@ -48,8 +52,6 @@ from tlkit.augment import eval_transform, interpolation_flag
 from tlkit.backbones import Preprocessing
 
 RESNET_SCALES = (224 / 224, 256 / 224, 384 / 224, 480 / 224, 640 / 224)
-PRESETS = ("none", "flip", "ten-crop", "multi-scale", "dense")
-AVERAGES = ("probabilities", "geometric")
 # float32 bytes one loader batch may hold: the squares of every scale of its images, plus the
 # views made on the device from its largest scale (views are made one scale at a time). Each
 # loader worker prefetches 2 batches, so the loader holds at most (2 x workers + 1) of them.
@@ -90,6 +92,53 @@ class TTAPlan:
         return FLOAT32_BYTES * (squares + views)
 
 
+# What a preset takes from an image: the square sizes to load, how views are cut from them,
+# and whether each view is also mirrored.
+Views = tuple[tuple[int, ...], str, bool]
+
+
+def _plain(preprocessing: Preprocessing, scales: tuple[float, ...], mirrored: bool) -> Views:
+    return (preprocessing.input_size,), "single", False
+
+
+def _flip(preprocessing: Preprocessing, scales: tuple[float, ...], mirrored: bool) -> Views:
+    if not mirrored:
+        # Refused rather than run as `none`: results labelled `flip` would silently be `none`'s.
+        raise ValueError(
+            "TTA preset 'flip' only adds the mirror image, and this model was trained without "
+            "horizontal flips (--hflip 0 or --no-augment): it never saw a mirror image. "
+            "Use 'none', or 'ten-crop' for five crops without mirror images."
+        )
+    return (preprocessing.input_size,), "single", True
+
+
+def _ten_crop(preprocessing: Preprocessing, scales: tuple[float, ...], mirrored: bool) -> Views:
+    return (round(preprocessing.input_size / preprocessing.crop_pct),), "crops", mirrored
+
+
+def _multi_scale(preprocessing: Preprocessing, scales: tuple[float, ...], mirrored: bool) -> Views:
+    return _scale_sizes(preprocessing.input_size, scales), "crops", mirrored
+
+
+def _dense(preprocessing: Preprocessing, scales: tuple[float, ...], mirrored: bool) -> Views:
+    return _scale_sizes(preprocessing.input_size, scales), "whole", False
+
+
+def _scale_sizes(size: int, scales: tuple[float, ...]) -> tuple[int, ...]:
+    return tuple(sorted({max(size, round(size * factor)) for factor in scales}))
+
+
+# Each preset: (the model's preprocessing, the scales relative to its input size, whether the
+# model was trained on mirror images) -> its views. The CLI's --tta choices are the keys.
+PRESETS: dict[str, Callable[[Preprocessing, tuple[float, ...], bool], Views]] = {
+    "none": _plain,
+    "flip": _flip,
+    "ten-crop": _ten_crop,
+    "multi-scale": _multi_scale,
+    "dense": _dense,
+}
+
+
 def plan(
     preset: str,
     preprocessing: Preprocessing,
@@ -104,25 +153,8 @@ def plan(
         raise ValueError(f"unknown TTA preset '{preset}': choose one of {', '.join(PRESETS)}")
     if average not in AVERAGES:
         raise ValueError(f"unknown TTA average '{average}': choose one of {', '.join(AVERAGES)}")
-    if preset == "flip" and not mirrored:
-        # Refused rather than run as `none`: results labelled `flip` would silently be `none`'s.
-        raise ValueError(
-            "TTA preset 'flip' only adds the mirror image, and this model was trained without "
-            "horizontal flips (--hflip 0 or --no-augment): it never saw a mirror image. "
-            "Use 'none', or 'ten-crop' for five crops without mirror images."
-        )
-    size = preprocessing.input_size
-    resize = round(size / preprocessing.crop_pct)
-    if preset in ("none", "flip"):
-        sizes, views, mirrored = (size,), "single", preset == "flip"
-    elif preset == "ten-crop":
-        sizes, views = (resize,), "crops"
-    else:
-        relative = scales or RESNET_SCALES
-        sizes = tuple(sorted({max(size, round(size * factor)) for factor in relative}))
-        views = "crops" if preset == "multi-scale" else "whole"
-        mirrored = mirrored and preset == "multi-scale"
-    return TTAPlan(preset, size, sizes, views, mirrored, average)
+    sizes, views, mirrored = PRESETS[preset](preprocessing, scales or RESNET_SCALES, mirrored)
+    return TTAPlan(preset, preprocessing.input_size, sizes, views, mirrored, average)
 
 
 def loader_batch_size(tta: TTAPlan, batch_size: int) -> int:
@@ -176,6 +208,21 @@ def make_views(squares: torch.Tensor, tta: TTAPlan) -> torch.Tensor:
     return torch.cat([views, views.flip(-1)], dim=1) if tta.mirrored else views
 
 
+def _mean(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (probabilities * weights).sum(dim=1)
+
+
+def _geometric_mean(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (probabilities.clamp_min(1e-30).log() * weights).sum(dim=1).softmax(dim=-1)
+
+
+# Each average: (B, V, K) probabilities of the views and their (1, V, 1) weights -> (B, K).
+AVERAGES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "probabilities": _mean,
+    "geometric": _geometric_mean,
+}
+
+
 def average_views(
     probabilities: torch.Tensor, average: str, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -188,10 +235,7 @@ def average_views(
     """
     if weights is None:
         weights = probabilities.new_full(probabilities.shape[1:2], 1 / probabilities.shape[1])
-    weights = weights.to(probabilities).view(1, -1, 1)
-    if average == "geometric":
-        return (probabilities.clamp_min(1e-30).log() * weights).sum(dim=1).softmax(dim=-1)
-    return (probabilities * weights).sum(dim=1)
+    return AVERAGES[average](probabilities, weights.to(probabilities).view(1, -1, 1))
 
 
 def check_accepts_any_size(model, tta: TTAPlan) -> None:
