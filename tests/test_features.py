@@ -34,14 +34,14 @@ def test_cached_and_uncached_training_reach_the_same_head(colour_folder: Path, t
         ),
         enable_progress_bar=False,
     )
-    assert cached["feature_cache"]["train"]["reused"] is False and plain["feature_cache"] is None
+    assert cached.feature_cache["train"]["reused"] is False and plain.feature_cache is None
     heads = [load_model(tmp_path / name).head for name in ("cached", "plain")]
     for first, second in zip(heads[0].parameters(), heads[1].parameters(), strict=True):
         assert torch.allclose(first, second, atol=1e-5)
-    assert cached["test_acc"] == pytest.approx(plain["test_acc"])
+    assert cached.test_acc == pytest.approx(plain.test_acc)
     # The checkpoint is an ordinary TransferClassifier: evaluation on images works unchanged.
     assert evaluate(tmp_path / "cached", colour_folder / "test")["top1"] == pytest.approx(
-        cached["test_acc"]
+        cached.test_acc
     )
 
 
