@@ -43,6 +43,7 @@ from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, create_backbone
 from tlkit.config import FinetuneConfig
 from tlkit.data import IMAGE_EXTENSIONS, find_decode_problems, is_hidden, load_rgb
+from tlkit.errors import ExportError, OutputExistsError
 from tlkit.heads import ClassifierHead
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import (
@@ -89,10 +90,6 @@ PREPROCESSING_STEPS = (
 )
 
 Runner = Callable[[torch.Tensor], torch.Tensor]  # preprocessed batch -> probabilities, on CPU
-
-
-class ExportError(ValueError):
-    """An export cannot be made, verified or loaded; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +229,7 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "onnx") -> di
         raise RunFolderError(f"{run_dir} is not a finished tlkit run folder: {SUMMARY} is missing")
     for name, what in ((CARD, "an exported model"), (BEST_CHECKPOINT, "a run")):
         if (out / name).exists():
-            raise FileExistsError(f"{out} already holds {what} ({name}); choose another --out")
+            raise OutputExistsError(f"{out} already holds {what} ({name}); choose another --out")
     model = TransferClassifier.load_checkpoint(checkpoint)
     network = inference_network(model.backbone, model.head)
     images, source = verification_images(run_dir, model.preprocessing)

@@ -24,6 +24,7 @@ from torchmetrics.functional.classification import (
 )
 
 from tlkit.backbones import Preprocessing
+from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
@@ -33,6 +34,7 @@ from tlkit.data import (
     is_hidden,
     scan,
 )
+from tlkit.errors import ConfigError, InputNotFoundError
 from tlkit.export import is_export_folder, load_exported
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import best_checkpoint, image_limits
@@ -101,7 +103,8 @@ def predict_probabilities(
             enable_checkpointing=False,
             enable_model_summary=False,
         )
-        with contextlib.redirect_stdout(sys.stderr):  # the progress bar must stay out of stdout
+        # the progress bar must stay out of stdout
+        with contextlib.redirect_stdout(sys.stderr), expected_lightning_warnings_hidden():
             batches = trainer.predict(averaging, dataloaders=loader)
     else:  # exported models run on the CPU, in their own runtime
         with torch.inference_mode():
@@ -219,7 +222,7 @@ def image_paths(inputs: list[str | Path]) -> list[str]:
         elif item.is_file():
             paths.append(str(item))
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            raise InputNotFoundError(f"{item}: no such file or folder")
     return paths
 
 
@@ -237,7 +240,7 @@ def predict(
     `run_dir` is a run folder or an export folder; `max_image_pixels` defaults to the run's.
     """
     if top_k < 1:
-        raise ValueError(f"top_k must be 1 or more, not {top_k}")
+        raise ConfigError(f"top_k must be 1 or more, not {top_k}")
     model = load_predictor(run_dir)
     max_pixels, _ = image_limits(run_dir, max_image_pixels)
     paths = image_paths(inputs)

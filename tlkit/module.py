@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -13,6 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlkit.backbones import Preprocessing, create_backbone, preprocessing
+from tlkit.errors import ConfigError
 from tlkit.heads import ClassifierHead
 from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
@@ -21,9 +21,6 @@ from tlkit.strategies import (
     optimizer_parameter_groups,
     set_trainable,
 )
-
-# Frozen parts of the backbone are in eval mode on purpose (see strategies.py).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 class TransferClassifier(pl.LightningModule):
@@ -179,7 +176,7 @@ class TransferClassifier(pl.LightningModule):
         elif hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
         else:
-            raise ValueError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
+            raise ConfigError(f"unknown optimizer '{hp.optimizer}': choose adamw or sgd")
         # With any warm-up asked for, the schedule has the same structure however short the run,
         # so a checkpoint's scheduler state always fits it on --resume.
         warmup_steps = max(1, int(hp.warmup_epochs * steps_per_epoch)) if hp.warmup_epochs else 0

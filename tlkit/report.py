@@ -41,6 +41,7 @@ from torchmetrics.functional.classification import (
 )
 
 from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
+from tlkit.errors import ConfigError
 from tlkit.inference import LabelledPredictions, load_model, predict_labelled
 from tlkit.runfolder import (
     SKIPPED,
@@ -471,7 +472,7 @@ def build_report(
     if not (run_dir / SUMMARY).is_file():
         raise RunFolderError(f"{run_dir} is not a finished tlkit run folder: {SUMMARY} is missing")
     if mistakes < 0:
-        raise ValueError(f"--mistakes must be 0 or more, not {mistakes}")
+        raise ConfigError(f"--mistakes must be 0 or more, not {mistakes}")
     summary = read_summary(run_dir)
     config = read_config(run_dir)
     max_pixels, outside_root = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from tlkit.config import FinetuneConfig
+from tlkit.errors import RunFolderError, UnsafeCheckpointError
 
 BEST_CHECKPOINT = "best.ckpt"
 LAST_CHECKPOINT = "last.ckpt"
@@ -38,14 +39,6 @@ SPLIT = "split.csv"
 LOAD_FAILURES = "load_failures.csv"
 SPLITS = ("train", "val", "test")
 METRICS = "metrics.csv"
-
-
-class RunFolderError(FileNotFoundError):
-    """A path given as a run folder is not one."""
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint holds more than tensors and plain data: it is refused, never unpickled."""
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -16,6 +16,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from tlkit.backbones import layer_groups
+from tlkit.errors import ConfigError
 
 STRATEGIES = ("features", "partial", "full")
 
@@ -32,13 +33,13 @@ def trainable_parameter_names(
 ) -> set[str]:
     """Names of the backbone parameters the strategy trains (all others are frozen)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
     groups = layer_groups(backbone)
     if strategy == "features":
         trainable: set[str] = set()
     elif strategy == "partial":
         if not 1 <= unfreeze_stages <= len(groups):
-            raise ValueError(
+            raise ConfigError(
                 f"--unfreeze-stages must be between 1 and {len(groups)} for this backbone "
                 f"(it has {len(groups)} layer groups, stem first), got {unfreeze_stages}"
             )
