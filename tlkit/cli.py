@@ -1,5 +1,6 @@
 """`tlkit`: the command line, a thin shell over the Python API.
 
+    tlkit [-v] COMMAND ...
     tlkit demo
     tlkit finetune DATA_DIR [--config run.yaml] [--print-config] [--sanity] [FinetuneConfig flags]
     tlkit sanity DATA_DIR [--config run.yaml] [flags of FinetuneConfig]
@@ -17,6 +18,10 @@ evaluate and predict also take an EXPORT_DIR in place of RUN_DIR. --max-image-pi
 The finetune flags are generated from `FinetuneConfig`'s fields (names, types, defaults, help),
 so the CLI, YAML files and the Python API cannot drift apart. Precedence: defaults < --config
 file < flags.
+
+A user's mistake (a `TlkitError`) ends the command with one line on standard error and exit
+status 2; any other exception is a bug and shows its traceback. Modules are imported by the
+command that needs them, so that building the parser (and `--help`) loads no torch.
 """
 
 from __future__ import annotations
@@ -30,26 +35,16 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tlkit.backbones import WeightsUnavailableError
-from tlkit.callbacks import TrainingDivergedError
-from tlkit.config import FinetuneConfig
-from tlkit.data import DatasetError
-from tlkit.export import CARD, FORMATS
-from tlkit.runfolder import CONFIG, RunFolderError
-from tlkit.sanity import OVERFIT_STEPS, SAMPLES_PER_CLASS
-from tlkit.search import SAMPLERS
-from tlkit.tta import PRESETS
-
-USER_ERRORS = (
-    DatasetError,
-    WeightsUnavailableError,
-    RunFolderError,
-    FileExistsError,
-    FileNotFoundError,
-    ValueError,
+from tlkit.choices import (
+    EXPORT_FORMATS,
+    SANITY_OVERFIT_STEPS,
+    SANITY_SAMPLES_PER_CLASS,
+    SEARCH_SAMPLERS,
+    TTA_PRESETS,
 )
+from tlkit.config import FinetuneConfig, read_yaml_mapping
+from tlkit.console import configure_logging
+from tlkit.errors import DatasetError, RunFolderError, TlkitError, TrainingDivergedError
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -83,14 +78,13 @@ def config_from_arguments(arguments: argparse.Namespace) -> FinetuneConfig:
     values: dict[str, Any] = {}
     config_file = arguments.config
     if getattr(arguments, "resume", False) and not config_file:
+        from tlkit.runfolder import CONFIG
+
         config_file = Path(getattr(arguments, "out", FinetuneConfig.out)) / CONFIG
         if not config_file.is_file():
             raise RunFolderError(f"nothing to resume: {config_file} does not exist")
     if config_file:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config_file}: expected a mapping of config keys")
-        values.update(loaded)
+        values.update(read_yaml_mapping(config_file, "config keys"))
     field_names = {field.name for field in dataclasses.fields(FinetuneConfig)}
     values.update({k: v for k, v in vars(arguments).items() if k in field_names})
     if getattr(arguments, "data", None):
@@ -112,10 +106,13 @@ def _finetune(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _sanity_checks_fail(config, **options) -> bool:
-    from tlkit.sanity import run_sanity_checks
+def _sanity_checks_fail(config: FinetuneConfig, **options: int) -> bool:
+    """Run the sanity checks and print their report; True if one failed."""
+    from tlkit.sanity import report_lines, run_sanity_checks
 
-    return not all(result.passed for result in run_sanity_checks(config, **options))
+    results = run_sanity_checks(config, **options)
+    print("\n".join(report_lines(results)), flush=True)
+    return not all(result.passed for result in results)
 
 
 def _sanity(arguments: argparse.Namespace) -> int:
@@ -185,7 +182,7 @@ def _predict(arguments: argparse.Namespace) -> int:
     if skipped:
         print(f"skipped {len(skipped)} unreadable files", file=sys.stderr)
     if not rows:
-        raise ValueError("no readable image among the inputs")
+        raise DatasetError("no readable image among the inputs")
     handle = open(arguments.out, "w", newline="") if arguments.out else sys.stdout
     writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -222,7 +219,7 @@ def _report(arguments: argparse.Namespace) -> int:
 
 
 def _export(arguments: argparse.Namespace) -> int:
-    from tlkit.export import export_run
+    from tlkit.export import CARD, export_run
 
     card = export_run(arguments.run, arguments.out, arguments.format)
     verification = card["verification"]
@@ -266,6 +263,13 @@ def add_image_limit_flags(parser: argparse.ArgumentParser, csv_input: bool = Tru
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlkit", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Lightning's notices and warnings, other libraries' INFO messages and "
+        "tlkit's debug lines",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="fine-tune bundled EfficientNet-Lite0 on digits")
@@ -299,14 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     sanity.add_argument(
         "--per-class",
         type=int,
-        default=SAMPLES_PER_CLASS,
-        help=f"images per class for the checks (default {SAMPLES_PER_CLASS})",
+        default=SANITY_SAMPLES_PER_CLASS,
+        help="images per class for the checks (default %(default)s)",
     )
     sanity.add_argument(
         "--overfit-steps",
         type=int,
-        default=OVERFIT_STEPS,
-        help=f"step budget to fit the subset to 99%% train accuracy (default {OVERFIT_STEPS})",
+        default=SANITY_OVERFIT_STEPS,
+        help="step budget to fit the subset to 99%% train accuracy (default %(default)s)",
     )
     add_config_flags(sanity, skip=("data_dir", "out"))
     sanity.set_defaults(handler=_sanity)
@@ -319,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--trials", type=int, default=20, help="trials per round (default 20)")
     search.add_argument(
-        "--sampler", choices=list(SAMPLERS), default="random", help="default: random"
+        "--sampler", choices=SEARCH_SAMPLERS, default="random", help="default: random"
     )
     search.add_argument(
         "--refine", action="store_true", help="a second round narrowed around the best trials"
@@ -354,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--accelerator", default="auto", help="auto, cpu or gpu (exported models: cpu)"
         )
         sub.add_argument(
-            "--tta", default="none", choices=list(PRESETS), help="test-time averaging preset (none)"
+            "--tta", default="none", choices=TTA_PRESETS, help="test-time averaging preset (none)"
         )
 
     report = commands.add_parser(
@@ -373,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--batch-size", type=int, default=64, help="images per batch")
     report.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     report.add_argument(
-        "--tta", default="none", choices=list(PRESETS), help="test-time averaging preset (none)"
+        "--tta", default="none", choices=TTA_PRESETS, help="test-time averaging preset (none)"
     )
     add_image_limit_flags(report)
     report.set_defaults(handler=_report)
@@ -382,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder written by tlkit finetune")
     export.add_argument(
         "--format",
-        choices=list(FORMATS),
+        choices=EXPORT_FORMATS,
         default="onnx",
         help="onnx (needs the [onnx] extra), torchscript or safetensors (default: onnx)",
     )
@@ -393,14 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    configure_logging(arguments.verbose)
     try:
         return arguments.handler(arguments)
-    except USER_ERRORS as error:
-        print(f"tlkit {arguments.command}: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDivergedError as error:
+    except TrainingDivergedError as error:  # the set-up ran as asked; its outcome failed
         print(f"tlkit {arguments.command}: {error}", file=sys.stderr)
         return 1
+    except TlkitError as error:
+        print(f"tlkit {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

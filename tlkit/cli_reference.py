@@ -72,6 +72,17 @@ def markdown() -> str:
     )
     summaries = {choice.dest: choice.help for choice in commands._choices_actions}
     lines = [HEADER]
+    top_level = [
+        action
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction)
+    ]
+    lines += [
+        f"Before the command (`tlkit {action.option_strings[0]} COMMAND ...`): "
+        f"{_argument_name(action)}, {action.help}."
+        for action in top_level
+    ]
+    lines.append("")
     lines += [f"- [`tlkit {name}`](#tlkit-{name}): {summaries[name]}" for name in commands.choices]
     lines.append("")
     for name, subparser in commands.choices.items():

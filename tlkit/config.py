@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tlkit.errors import ConfigError
+
 Strategy = Literal["features", "partial", "full"]
 Optimizer = Literal["adamw", "sgd"]
 # No ddp_spawn: Lightning's spawn launcher returns none of the spawned processes' state (the
@@ -34,7 +36,7 @@ def coerce_value(key: str, value: Any, kind: Any) -> Any:
         try:
             return kind(value)
         except ValueError:
-            raise ValueError(f"config key {key}: {value!r} is not a {kind.__name__}") from None
+            raise ConfigError(f"config key {key}: {value!r} is not a {kind.__name__}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
@@ -147,7 +149,7 @@ class FinetuneConfig:
         for name, kind in typing.get_type_hints(type(self)).items():
             allowed = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
             if allowed and getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
         checks = {
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
@@ -165,7 +167,7 @@ class FinetuneConfig:
         invalid = [name for name, valid in checks.items() if not valid]
         if invalid:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in invalid)
-            raise ValueError(f"invalid config values: {values}")
+            raise ConfigError(f"invalid config values: {values}")
 
     def to_yaml(self) -> str:
         """The configuration as YAML that `--config` reads back."""
@@ -185,16 +187,27 @@ class FinetuneConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
         return cls(**{key: coerce_value(key, value, hints[key]) for key, value in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FinetuneConfig:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        return cls.from_dict(values)
+        return cls.from_dict(read_yaml_mapping(path, "config keys"))
+
+
+def read_yaml_mapping(path: str | Path, of_what: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping (empty for an empty file); a missing file, invalid YAML
+    or another kind of document is a `ConfigError` naming the file."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of {of_what}")
+    return loaded
 
 
 def config_kwargs(config: FinetuneConfig, target: Callable[..., Any]) -> dict[str, Any]:

@@ -22,8 +22,8 @@ import csv
 import functools
 import hashlib
 import io
+import logging
 import os
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +40,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tlkit.augment import eval_transform, train_transform
 from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
+from tlkit.errors import DatasetError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {
     ".jpg",
@@ -58,10 +61,6 @@ SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold
 # What decoding a broken, vanished, oversized or unreadable file raises (Pillow, the OS, numpy)
 LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DatasetError(ValueError):
-    """The data cannot be used as given; the message names the problem and the path."""
 
 
 @dataclass
@@ -105,7 +104,7 @@ def load_rgb(
     _allow_in_pillow(max_pixels)
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
-            raise ValueError(
+            raise DatasetError(
                 f"{image.width}x{image.height} = {image.width * image.height:,} pixels is above "
                 f"the limit of {max_pixels:,} (--max-image-pixels)"
             )
@@ -118,7 +117,7 @@ def load_rgb(
             gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
             return np.repeat(gray[..., None], 3, axis=2)
         if image.mode == "F":
-            raise ValueError("floating-point images are not supported")
+            raise DatasetError("floating-point images are not supported")
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode in ("RGBA", "LA", "PA", "RGBa"):
@@ -495,7 +494,7 @@ class ImageDataset(Dataset):
 
 @rank_zero_only
 def _tell(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    logger.warning(message)
 
 
 class EpochSampler(DistributedSampler):

@@ -24,6 +24,7 @@ from timm.layers import convert_sync_batchnorm
 from torch import nn
 
 from tlkit.config import FinetuneConfig
+from tlkit.errors import ConfigError
 
 
 class TimmSyncBatchNorm(LayerSync):
@@ -50,7 +51,7 @@ def parse_devices(value: str) -> int | str | list[int]:
 def trainer_options(config: FinetuneConfig) -> dict[str, Any]:
     """The Trainer arguments for the config's hardware, precision and distribution."""
     if config.sync_batchnorm and config.accelerator == "cpu":
-        raise ValueError("--sync-batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only)")
+        raise ConfigError("--sync-batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only)")
     strategy: Any = config.dist_strategy
     if strategy == "ddp":
         strategy = DDPStrategy(find_unused_parameters=False)

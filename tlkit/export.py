@@ -44,7 +44,8 @@ from tlkit import __version__
 from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, create_backbone, pooled_feature_width
 from tlkit.config import FinetuneConfig
-from tlkit.data import DatasetError, csv_rows, find_decode_problems, load_rgb, walk_images
+from tlkit.data import csv_rows, find_decode_problems, load_rgb, walk_images
+from tlkit.errors import DatasetError, ExportError, OutputExistsError
 from tlkit.heads import ClassifierHead
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import BEST_CHECKPOINT, RunSummary, open_run, write_atomic
@@ -83,10 +84,6 @@ PREPROCESSING_STEPS = (
 )
 
 Runner = Callable[[torch.Tensor], torch.Tensor]  # preprocessed batch -> probabilities, on CPU
-
-
-class ExportError(ValueError):
-    """An export cannot be made, verified or loaded; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -227,7 +224,7 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "onnx") -> di
     run, out = open_run(run_dir), Path(out)
     for name, what in ((CARD, "an exported model"), (BEST_CHECKPOINT, "a run")):
         if (out / name).exists():
-            raise FileExistsError(f"{out} already holds {what} ({name}); choose another --out")
+            raise OutputExistsError(f"{out} already holds {what} ({name}); choose another --out")
     model = TransferClassifier.load_checkpoint(run.best_checkpoint)
     network = inference_network(model.backbone, model.head)
     images, source = verification_images(run.config, model.preprocessing)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +46,8 @@ from tlkit import __version__
 from tlkit.augment import eval_transform
 from tlkit.data import ImageDataModule, ImageDataset, drops_last_batch, process_sampler
 from tlkit.module import TransferClassifier
+
+logger = logging.getLogger(__name__)
 
 
 def _weights_digest(backbone: torch.nn.Module) -> str:
@@ -124,9 +126,9 @@ def load_or_extract(
                 features = handle.get_tensor("features")
             if stored_key == key and features.shape[-2] == expected_rows:
                 return features, True
-            print(f"feature cache {path} does not match; rebuilding", file=sys.stderr)
+            logger.warning(f"feature cache {path} does not match; rebuilding")
         except (SafetensorError, OSError, ValueError) as error:
-            print(f"feature cache {path} is unreadable ({error}); rebuilding", file=sys.stderr)
+            logger.warning(f"feature cache {path} is unreadable ({error}); rebuilding")
     features = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:

@@ -9,29 +9,27 @@ The CLI's `tlkit finetune` and the recipes call this; users who want their own T
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import (
-    EarlyStopping,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    TQDMProgressBar,
-)
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
 from tlkit.augment import train_transform
 from tlkit.backbones import create_backbone, preprocessing
-from tlkit.callbacks import EpochSummary, StopOnNonFiniteLoss
+from tlkit.callbacks import EpochProgressBar, EpochSummary, StopOnNonFiniteLoss
 from tlkit.config import FinetuneConfig, config_kwargs
-from tlkit.data import ImageDataModule
+from tlkit.console import expected_lightning_warnings_hidden
+from tlkit.data import ImageDataModule, drops_last_batch
 from tlkit.distributed import effective_batch_size
 from tlkit.distributed import trainer_options as distributed_options
+from tlkit.errors import ConfigError, OutputExistsError
 from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import (
@@ -52,6 +50,8 @@ from tlkit.runfolder import (
     write_summary,
 )
 from tlkit.strategies import trainable_parameter_names
+
+logger = logging.getLogger(__name__)
 
 
 def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClassifier:
@@ -89,7 +89,7 @@ def check_config(config: FinetuneConfig) -> None:
                 config.backbone, "none", config.drop_path_rate, config.img_size
             )
     except TypeError as error:  # timm hands options a model does not take to its class
-        raise ValueError(f"{config.backbone} cannot be built as configured: {error}") from error
+        raise ConfigError(f"{config.backbone} cannot be built as configured: {error}") from error
     trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
     if config.augment:
         train_transform(
@@ -117,7 +117,7 @@ def build_logger(config: FinetuneConfig, out: Path) -> Logger:
     """RUN_DIR/metrics.csv (csv), or event files in RUN_DIR/tensorboard/ (tensorboard)."""
     if config.logger == "tensorboard":
         if importlib.util.find_spec("tensorboard") is None:
-            raise ValueError(
+            raise ConfigError(
                 "--logger tensorboard needs the tensorboard package: "
                 "pip install tensorboard (or tlkit[tensorboard])"
             )
@@ -136,7 +136,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     `limit_test_batches=0` skips the test-split evaluation.
     """
     if not config.data_dir:
-        raise ValueError("no data: give DATA_DIR (an image folder or a CSV file)")
+        raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
     check_config(config)
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
@@ -175,9 +175,12 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         summary_callback,
     ]
     if progress:
-        callbacks.append(TQDMProgressBar(leave=True))
+        callbacks.append(EpochProgressBar())
     callbacks += trainer_options.pop("callbacks", [])
-    steps_per_epoch = -(-len(datamodule.train_set) // config.batch_size)
+    train_images = len(datamodule.train_set)
+    # as the training loader counts them (an incomplete last batch is dropped, data.py)
+    full_batches_only = drops_last_batch(train_images, config.batch_size)
+    steps_per_epoch = train_images // config.batch_size if full_batches_only else 1
     options = {
         "max_epochs": config.epochs,
         **distributed_options(config),
@@ -187,18 +190,19 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         "enable_model_summary": False,
         **trainer_options,
     }
-    trainer = pl.Trainer(**options)
-    _report_batch_and_lr(trainer, config, model)
-    pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
-    trainer.fit(model, datamodule=training_data, ckpt_path=resume_from, weights_only=True)
-    if resume_from:
-        _keep_earlier_metrics(out, earlier_metrics)
-    history = list(summary_callback.history)  # testing the best checkpoint restores its state
+    with expected_lightning_warnings_hidden():
+        trainer = pl.Trainer(**options)
+        _report_settings(trainer, config, model, datamodule)
+        pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
+        trainer.fit(model, datamodule=training_data, ckpt_path=resume_from, weights_only=True)
+        if resume_from:
+            _keep_earlier_metrics(out, earlier_metrics)
+        history = list(summary_callback.history)  # testing the best checkpoint restores its state
 
-    test_metrics: dict[str, float] = {}
-    if datamodule.test_set is not None and trainer.limit_test_batches != 0:
-        results = trainer.test(model, datamodule=training_data, ckpt_path="best", verbose=False)
-        test_metrics = {key: float(value) for key, value in results[0].items()}
+        test_metrics: dict[str, float] = {}
+        if datamodule.test_set is not None and trainer.limit_test_batches != 0:
+            results = trainer.test(model, datamodule=training_data, ckpt_path="best", verbose=False)
+            test_metrics = {key: float(value) for key, value in results[0].items()}
 
     scanned = {path for path, _ in datamodule.skipped}
     skipped = datamodule.skipped + [
@@ -233,20 +237,34 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     return summary
 
 
-def _report_batch_and_lr(
-    trainer: pl.Trainer, config: FinetuneConfig, model: TransferClassifier
+def _report_settings(
+    trainer: pl.Trainer,
+    config: FinetuneConfig,
+    model: TransferClassifier,
+    datamodule: ImageDataModule,
 ) -> None:
-    """Print the effective batch size; with --scale-lr, scale the learning rate to it."""
+    """Log the resolved settings once: model, data, batch size and learning rate; with
+    --scale-lr, first scale the learning rate to the effective batch size."""
     effective = effective_batch_size(trainer, config)
     if config.scale_lr:
         model.hparams.lr = config.lr * effective / config.batch_size
-    if trainer.is_global_zero:
-        print(
-            f"Effective batch size {effective} ({config.batch_size} per device x "
-            f"{trainer.world_size} processes x {config.accumulate_grad_batches} accumulated); "
-            f"learning rate {model.hparams.lr:.2e}" + (" (scaled)" if config.scale_lr else ""),
-            flush=True,
-        )
+    if not trainer.is_global_zero:
+        return
+    partial = config.strategy == "partial"
+    stages = f" (--unfreeze-stages {config.unfreeze_stages})" if partial else ""
+    test_images = len(datamodule.test_set) if datamodule.test_set is not None else 0
+    logger.info(
+        f"Settings: {config.backbone} ({config.pretrained} weights), strategy "
+        f"{config.strategy}{stages}, {len(datamodule.classes)} classes, "
+        f"{len(datamodule.train_set)} train / {len(datamodule.val_set)} val / {test_images} test "
+        f"images at {datamodule.preprocessing.input_size} px, up to {config.epochs} epochs; "
+        f"all settings in {Path(config.out) / CONFIG}"
+    )
+    logger.info(
+        f"Effective batch size {effective} ({config.batch_size} per device x "
+        f"{trainer.world_size} processes x {config.accumulate_grad_batches} accumulated); "
+        f"learning rate {model.hparams.lr:.2e}" + (" (scaled)" if config.scale_lr else "")
+    )
 
 
 def _check_run_folder(out: Path, resume: bool) -> str | None:
@@ -259,7 +277,7 @@ def _check_run_folder(out: Path, resume: bool) -> str | None:
         return str(last)
     existing = [name for name in (BEST_CHECKPOINT, LAST_CHECKPOINT) if (out / name).exists()]
     if existing:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out} already holds a run ({', '.join(existing)}); continue it with --resume "
             "or choose another --out"
         )
@@ -319,10 +337,9 @@ def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]
     write_skipped(out, skipped)  # with the files that failed to load during training
     write_summary(out, summary)
     if skipped:
-        print(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
+        logger.info(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
     test = f", test {summary.test_acc:.4f}" if summary.test_acc is not None else ""
-    print(
+    logger.info(
         f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; "
-        f"run folder {out}",
-        flush=True,
+        f"run folder {out}"
     )

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tlkit.backbones import Preprocessing
+from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageDataset,
@@ -29,6 +30,7 @@ from tlkit.data import (
     scan,
 )
 from tlkit.distributed import single_device_trainer
+from tlkit.errors import ConfigError, InputNotFoundError
 from tlkit.export import is_export_folder, load_exported
 from tlkit.metrics import classification_metrics
 from tlkit.module import TransferClassifier
@@ -92,7 +94,8 @@ def predict_probabilities(
     started = time.perf_counter()
     if isinstance(model, pl.LightningModule):
         trainer = single_device_trainer(accelerator)
-        with contextlib.redirect_stdout(sys.stderr):  # the progress bar must stay out of stdout
+        # the progress bar must stay out of stdout
+        with contextlib.redirect_stdout(sys.stderr), expected_lightning_warnings_hidden():
             batches = trainer.predict(averaging, dataloaders=loader)
     else:  # exported models run on the CPU, in their own runtime
         with torch.inference_mode():
@@ -195,7 +198,7 @@ def image_paths(inputs: list[str | Path]) -> list[str]:
         elif item.is_file():
             paths.append(str(item))
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            raise InputNotFoundError(f"{item}: no such file or folder")
     return paths
 
 
@@ -213,7 +216,7 @@ def predict(
     `run_dir` is a run folder or an export folder; `max_image_pixels` defaults to the run's.
     """
     if top_k < 1:
-        raise ValueError(f"top_k must be 1 or more, not {top_k}")
+        raise ConfigError(f"top_k must be 1 or more, not {top_k}")
     model = load_predictor(run_dir)
     max_pixels, _ = image_limits(run_dir, max_image_pixels)
     paths = image_paths(inputs)

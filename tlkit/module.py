@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -26,6 +25,7 @@ from tlkit.backbones import (
     preprocessing,
 )
 from tlkit.config import FinetuneConfig, Optimizer
+from tlkit.errors import ConfigError
 from tlkit.heads import ClassifierHead
 from tlkit.runfolder import unsafe_checkpoint
 from tlkit.strategies import (
@@ -38,9 +38,6 @@ from tlkit.strategies import (
 # Defaults are FinetuneConfig's, so that the API and the CLI cannot drift apart; the parameters
 # stay spelled out, as Lightning's `save_hyperparameters` records them in the checkpoint.
 _default = FinetuneConfig.field_default
-
-# Frozen parts of the backbone are in eval mode on purpose (see strategies.py).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def _adamw(groups: list[dict]) -> torch.optim.Optimizer:
@@ -92,7 +89,7 @@ class TransferClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
         self._resumed_schedule: tuple[SchedulePlan, int] | None = None  # set on --resume
         self.backbone = create_backbone(backbone, pretrained, drop_path_rate, img_size)
@@ -229,7 +226,7 @@ class TransferClassifier(pl.LightningModule):
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
         groups = optimizer_parameter_groups(self.backbone, self.head, hp.lr, hp.weight_decay, scale)
         if hp.optimizer not in OPTIMIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown optimizer '{hp.optimizer}': choose one of {', '.join(OPTIMIZERS)}"
             )
         optimizer = OPTIMIZERS[hp.optimizer](groups)
@@ -256,7 +253,7 @@ MAX_WARMUP_SHARE = 0.1
 SCHEDULE_KEY = "tlkit_lr_schedule"  # the SchedulePlan in every checkpoint
 
 
-class ScheduleFinishedError(ValueError):
+class ScheduleFinishedError(ConfigError):
     """A run whose learning rate has decayed to zero was resumed with more epochs."""
 
 

@@ -35,6 +35,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from tlkit.config import FinetuneConfig
 from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
+from tlkit.errors import ConfigError
 from tlkit.inference import LabelledPredictions, load_model, predict_labelled
 from tlkit.metrics import ClassificationMetrics, classification_metrics
 from tlkit.runfolder import SKIPPED, RunSummary, image_limits, open_run
@@ -403,7 +404,7 @@ def build_report(
     run = open_run(run_dir)  # a clear error before any work if this is not a finished run
     run_dir, summary, config = run.folder, run.summary, run.config
     if mistakes < 0:
-        raise ValueError(f"--mistakes must be 0 or more, not {mistakes}")
+        raise ConfigError(f"--mistakes must be 0 or more, not {mistakes}")
     max_pixels, outside_root = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
     data = _default_data(config) if data is None else Path(data)
     out = Path(out) if out is not None else run_dir / "report"

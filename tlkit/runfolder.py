@@ -36,6 +36,7 @@ import torch
 
 from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
+from tlkit.errors import RunFolderError, UnsafeCheckpointError
 
 BEST_CHECKPOINT = "best.ckpt"
 LAST_CHECKPOINT = "last.ckpt"
@@ -46,14 +47,6 @@ SPLIT = "split.csv"
 LOAD_FAILURES = "load_failures.csv"
 SPLITS = ("train", "val", "test")
 METRICS = "metrics.csv"
-
-
-class RunFolderError(FileNotFoundError):
-    """A path given as a run folder is not one."""
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint holds more than tensors and plain data: it is refused, never unpickled."""
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -6,7 +6,7 @@
    weight decay, label smoothing, drop-path 0); the model must fit them (>= 99% accuracy) within
    a step budget. If it cannot, something between data, labels, model and optimiser is broken.
 3. Activation statistics: mean and std of the output of every backbone stage and of the head,
-   recorded with forward hooks and printed like the lecture (`hidden layer 3 had mean ... and
+   recorded with forward hooks and reported like the lecture (`hidden layer 3 had mean ... and
    std ...`); layers whose std collapses towards 0 (vanishing), blows up (exploding) or whose
    values pile up at their extreme (saturating, like tanh at +-1 or ReLU6 at 6) are flagged.
 4. Gradient flow: one backward pass; every parameter the transfer strategy trains gets a finite,
@@ -21,10 +21,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
@@ -36,15 +37,20 @@ from torch.utils.data import DataLoader
 
 from tlkit.augment import eval_transform
 from tlkit.backbones import Preprocessing, layer_groups
+from tlkit.choices import SANITY_OVERFIT_STEPS, SANITY_SAMPLES_PER_CLASS
 from tlkit.config import FinetuneConfig
+from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset
 from tlkit.distributed import single_device_trainer
+from tlkit.errors import ConfigError
 from tlkit.finetune import build_datamodule, build_model, check_config
 from tlkit.module import TransferClassifier
 from tlkit.strategies import trainable_parameter_names
 
-SAMPLES_PER_CLASS = 20
-OVERFIT_STEPS = 300
+logger = logging.getLogger(__name__)
+
+SAMPLES_PER_CLASS = SANITY_SAMPLES_PER_CLASS
+OVERFIT_STEPS = SANITY_OVERFIT_STEPS
 OVERFIT_TARGET = 0.99
 INIT_LOSS_TOLERANCE = 0.1  # relative to ln(C)
 INIT_LOSS_BATCHES = 4
@@ -63,19 +69,24 @@ SATURATION_BAND = 0.01
 
 @dataclass
 class CheckResult:
-    """The outcome of one check: its name, PASS/FAIL, and the numbers behind it in one line."""
+    """The outcome of one check: its name, PASS/FAIL, the numbers behind it in one line, and
+    any lines of detail (the activation statistics' per-layer lines)."""
 
     name: str
     passed: bool
     summary: str
+    details: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.summary}"
 
 
-def _report(result: CheckResult) -> CheckResult:
-    print(result, flush=True)
-    return result
+def report_lines(results: list[CheckResult]) -> list[str]:
+    """The checks' report as `tlkit sanity` prints it: each check's details and its PASS/FAIL
+    line, then how many passed."""
+    lines = [line for result in results for line in (*result.details, str(result))]
+    passed = sum(result.passed for result in results)
+    return [*lines, f"Sanity checks: {passed} of {len(results)} passed"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +165,7 @@ def check_loss_at_init(
     )
     if not passed:
         summary += "; the head's initial scale is off (the logits should start at zero)"
-    return _report(CheckResult("loss at init", passed, summary))
+    return CheckResult("loss at init", passed, summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,10 +191,9 @@ class _OverfitProgress(pl.Callback):
         accuracy = float(metrics.get("val_acc", float("nan")))
         loss = float(metrics.get("train_loss_epoch", float("nan")))
         self.best_accuracy = max(self.best_accuracy, accuracy)
-        print(
+        logger.info(
             f"Overfit epoch {trainer.current_epoch + 1}: step {trainer.global_step} / "
-            f"{self.max_steps}, loss {loss:.4f}, train accuracy {accuracy:.4f}",
-            flush=True,
+            f"{self.max_steps}, loss {loss:.4f}, train accuracy {accuracy:.4f}"
         )
         if accuracy >= self.target and self.steps_to_target is None:
             self.steps_to_target = trainer.global_step
@@ -222,7 +232,8 @@ def check_overfit(
         callbacks=[progress],
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=eval_loader)
+    with expected_lightning_warnings_hidden():
+        trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=eval_loader)
     classes = len({label for _, label in samples})
     where = f"{len(samples)} images of {classes} classes"
     if progress.steps_to_target is not None:
@@ -230,12 +241,12 @@ def check_overfit(
             f"train accuracy {progress.best_accuracy:.4f} >= {target} after "
             f"{progress.steps_to_target} steps (budget {steps}) on {where}"
         )
-        return _report(CheckResult("overfit a tiny subset", True, summary))
+        return CheckResult("overfit a tiny subset", True, summary)
     summary = (
         f"train accuracy {progress.best_accuracy:.4f} < {target} after {trainer.global_step} "
         f"steps (budget {steps}) on {where}; check labels, learning rate and data"
     )
-    return _report(CheckResult("overfit a tiny subset", False, summary))
+    return CheckResult("overfit a tiny subset", False, summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +350,7 @@ def check_activations(model: TransferClassifier, images: torch.Tensor) -> CheckR
     """Mean/std of every backbone stage's output and of the head on a batch, in eval mode.
 
     Fails if a hidden layer (a backbone stage, the head's hidden activation) vanishes, explodes
-    or saturates. The logits are printed but not judged: near-zero logits at initialisation are
+    or saturates. The logits are reported but not judged: near-zero logits at initialisation are
     deliberate, and their scale is what the loss-at-init check tests.
     """
     hidden = {f"backbone.{name}": module for name, module in stage_modules(model.backbone).items()}
@@ -355,22 +366,23 @@ def check_activations(model: TransferClassifier, images: torch.Tensor) -> CheckR
     with torch.no_grad(), record_outputs({**hidden, "head": model.head}) as outputs:
         model(images)
     input_std = images.float().std().item()
-    print(describe("input", layer_statistics("input", images, input_std, flag=False)))
+    details = [describe("input", layer_statistics("input", images, input_std, flag=False))]
     flagged = []
     for index, name in enumerate(hidden, start=1):
         statistics = layer_statistics(name, outputs[name], input_std)
-        print(describe(f"hidden layer {index} ({name})", statistics))
+        details.append(describe(f"hidden layer {index} ({name})", statistics))
         if statistics.flags:
             flagged.append(f"layer {index} ({name}) {'/'.join(statistics.flags).lower()}")
-    print(describe("head logits", layer_statistics("logits", outputs["head"], 1.0, flag=False)))
+    logits = layer_statistics("logits", outputs["head"], 1.0, flag=False)
+    details.append(describe("head logits", logits))
     if flagged:
-        return _report(CheckResult("activation statistics", False, "; ".join(flagged)))
+        return CheckResult("activation statistics", False, "; ".join(flagged), details)
     summary = (
         f"{len(hidden)} hidden layers on {len(images)} images, none vanishing or exploding "
         f"(std below {VANISHING_STD_RATIO:g} or above {EXPLODING_STD_RATIO:g} x input std) or "
         f"saturating (over {SATURATED_SHARE:.0%} of values at the extreme)"
     )
-    return _report(CheckResult("activation statistics", True, summary))
+    return CheckResult("activation statistics", True, summary, details)
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -412,12 +424,12 @@ def check_gradient_flow(
         shown = "; ".join(problems[:5]) + (
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         )
-        return _report(CheckResult("gradient flow", False, f"{len(problems)} problems: {shown}"))
+        return CheckResult("gradient flow", False, f"{len(problems)} problems: {shown}")
     summary = (
         f"{len(norms)} trainable tensors got finite non-zero gradients (norms {min(norms):.2e} "
         f"to {max(norms):.2e}); {frozen} frozen tensors got none"
     )
-    return _report(CheckResult("gradient flow", True, summary))
+    return CheckResult("gradient flow", True, summary)
 
 
 @contextmanager
@@ -479,13 +491,14 @@ def run_sanity_checks(
     target: float = OVERFIT_TARGET,
     tolerance: float = INIT_LOSS_TOLERANCE,
 ) -> list[CheckResult]:
-    """The four checks on the config's training data and model; prints each and returns them.
+    """The four checks on the config's training data and model, returned (`report_lines` turns
+    them into the printed report).
 
     The overfit check trains a second, fresh model with augmentation and regularisation off
     (dropout, weight decay, label smoothing and drop-path 0); nothing is written to disk.
     """
     if per_class < 1 or overfit_steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"--per-class and --overfit-steps must be at least 1, got {per_class}, {overfit_steps}"
         )
     check_config(config)
@@ -494,11 +507,10 @@ def run_sanity_checks(
     datamodule.setup("fit")
     subset = balanced_subset(datamodule.train_set.samples, per_class, config.seed)
     classes = datamodule.classes
-    print(
+    logger.info(
         f"Sanity checks: {len(subset)} training images ({per_class} per class at most, "
         f"{len(classes)} classes) of {config.data_dir}; {config.backbone}, "
-        f"strategy {config.strategy}",
-        flush=True,
+        f"strategy {config.strategy}"
     )
     device = _device(config.accelerator)
     model = build_model(config, classes).to(device)
@@ -532,6 +544,4 @@ def run_sanity_checks(
     )
     results.append(check_activations(model, images))
     results.append(check_gradient_flow(model, images, labels))
-    passed = sum(result.passed for result in results)
-    print(f"Sanity checks: {passed} of {len(results)} passed", flush=True)
     return results

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import typing
 from collections.abc import Callable
@@ -51,10 +52,13 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from tlkit.callbacks import TrainingDivergedError
-from tlkit.config import FinetuneConfig, coerce_value
+from tlkit.config import FinetuneConfig, coerce_value, read_yaml_mapping
+from tlkit.errors import ConfigError, SearchError
 from tlkit.finetune import finetune
 from tlkit.runfolder import write_atomic
 from tlkit.strategies import STRATEGIES
+
+logger = logging.getLogger(__name__)
 
 SearchSpace = dict[str, BaseDistribution]
 
@@ -107,7 +111,7 @@ def parse_space(
     for name, entry in entries.items():
         if name not in hints or name in NOT_SEARCHABLE:
             allowed = sorted(set(hints) - set(NOT_SEARCHABLE))
-            raise ValueError(f"search space: '{name}' is not searchable; use one of {allowed}")
+            raise ConfigError(f"search space: '{name}' is not searchable; use one of {allowed}")
         if entry is None:
             continue
         if not isinstance(entry, (dict, list)):
@@ -118,16 +122,16 @@ def parse_space(
             candidates = list(entry["choices"])
         elif isinstance(entry, dict) and {"low", "high"} <= set(entry) <= {"low", "high", "log"}:
             if hints[name] not in (int, float):
-                raise ValueError(f"search space: '{name}' is not numeric; give {{choices: [...]}}")
+                raise ConfigError(f"search space: '{name}' is not numeric; give {{choices: [...]}}")
             low, high = (coerce_value(name, entry[key], hints[name]) for key in ("low", "high"))
             distribution = IntDistribution if hints[name] is int else FloatDistribution
             try:
                 space[name] = distribution(low, high, log=bool(entry.get("log")))
             except ValueError as error:
-                raise ValueError(f"search space: '{name}': {error}") from error
+                raise ConfigError(f"search space: '{name}': {error}") from error
             candidates = [low, high]
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"search space: '{name}' needs {{low, high[, log]}}, {{choices: [...]}}, "
                 f"a fixed value or null, got {entry!r}"
             )
@@ -142,17 +146,15 @@ def _check_value(base: FinetuneConfig, name: str, value: Any) -> None:
     try:
         FinetuneConfig.from_dict({**dataclasses.asdict(base), name: value})
     except (ValueError, TypeError) as error:
-        raise ValueError(f"search space: {name}={value!r} is not a valid value: {error}") from error
+        message = f"search space: {name}={value!r} is not a valid value: {error}"
+        raise ConfigError(message) from error
 
 
 def load_space(path: str | Path | None, base: FinetuneConfig) -> tuple[SearchSpace, FinetuneConfig]:
     """The default space, updated by the YAML file's entries (see `parse_space`)."""
     entries = dict(DEFAULT_SPACE)
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys to ranges")
-        entries.update(loaded)
+        entries.update(read_yaml_mapping(path, "config keys to ranges"))
     return parse_space(entries, base)
 
 
@@ -175,7 +177,7 @@ def narrow_space(space: SearchSpace, trials: list[FrozenTrial]) -> SearchSpace:
     kept inside it; for choices, those the best trials made."""
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     if not complete:
-        raise ValueError("no completed trial to refine around")
+        raise SearchError("no completed trial to refine around")
     complete.sort(key=lambda trial: trial.value, reverse=True)
     best = complete[: max(2, math.ceil(REFINE_TOP_FRACTION * len(complete)))]
     narrowed: SearchSpace = {}
@@ -262,7 +264,7 @@ SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     """The named Optuna sampler (`SAMPLERS`), seeded."""
     if kind not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{kind}': choose one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler '{kind}': choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[kind](seed=seed)
 
 
@@ -298,7 +300,7 @@ def _objective(
         config = dataclasses.replace(base, **values, out=str(run_dir), cache_dir=cache_dir)
         shown = ", ".join(f"{name} {_format(value)}" for name, value in values.items())
         position = f"{_finished(trial.study) + 1} / {trials}"
-        print(f"Trial {trial_name} ({position}): {shown}", flush=True)
+        logger.info(f"Trial {trial_name} ({position}): {shown}")
         trial.set_user_attr("run_dir", str(run_dir))
         report = ReportValidationAccuracy(trial)
         try:
@@ -309,7 +311,7 @@ def _objective(
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
             if isinstance(error, TRIAL_FAILURES):
                 trial.set_user_attr("failed_by_its_values", True)
-                print(f"Trial {trial_name} failed: {error}", flush=True)
+                logger.info(f"Trial {trial_name} failed: {error}")
             raise
         finally:
             for checkpoint in run_dir.glob("*.ckpt"):  # trials keep metrics, not weights
@@ -342,7 +344,7 @@ def _check_same_search(study: optuna.Study, key: str, value: str, folder: Path) 
     if stored is None:
         study.set_user_attr(key, value)
     elif stored != value:
-        raise ValueError(
+        raise SearchError(
             f"{folder} holds a search with a different {key.replace('_', ' ')}; "
             "resume it with the same settings or choose another --out"
         )
@@ -351,7 +353,7 @@ def _check_same_search(study: optuna.Study, key: str, value: str, folder: Path) 
 def _mark_interrupted(study: optuna.Study) -> None:
     """Trials left running by a killed process can never finish: mark them failed."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        print(f"Trial {study.study_name}-{trial.number:03d} was interrupted; marked failed")
+        logger.info(f"Trial {study.study_name}-{trial.number:03d} was interrupted; marked failed")
         study.tell(trial.number, state=TrialState.FAIL)
 
 
@@ -390,7 +392,7 @@ def run_search(
     `space` defaults to `load_space(None, base)[0]`; `pruner` to Optuna's MedianPruner.
     """
     if trials < 1:
-        raise ValueError(f"--trials must be at least 1, got {trials}")
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
     make_sampler(sampler, 0)  # reject an unknown sampler before any work
     if space is None:
         space, base = load_space(None, base)
@@ -401,7 +403,7 @@ def run_search(
     searched = dataclasses.replace(base, out="")  # the same folder may be named differently
     _check_same_search(studies[0], "base_config", searched.to_yaml(), folder)
     _check_same_search(studies[0], "search_space", _space_json(space), folder)
-    print(f"Search space ({ROUNDS[0]}): {json.dumps(space_to_entries(space))}")
+    logger.info(f"Search space ({ROUNDS[0]}): {json.dumps(space_to_entries(space))}")
     _run_round(studies[0], 0, space, base, folder, trials, sampler)
     if refine:
         fine = _open_study(folder, ROUNDS[1], pruner)
@@ -409,7 +411,7 @@ def run_search(
         fine_space = _space_from_json(stored) if stored else narrow_space(space, studies[0].trials)
         _check_same_search(fine, "search_space", _space_json(fine_space), folder)
         write_atomic(folder / FINE_SPACE, yaml.safe_dump(space_to_entries(fine_space)))
-        print(f"Search space ({ROUNDS[1]}): {json.dumps(space_to_entries(fine_space))}")
+        logger.info(f"Search space ({ROUNDS[1]}): {json.dumps(space_to_entries(fine_space))}")
         _run_round(fine, 1, fine_space, base, folder, trials, sampler)
         studies.append(fine)
     return write_results(folder, base, studies)
@@ -434,7 +436,7 @@ def write_results(folder: Path, base: FinetuneConfig, studies: list[optuna.Study
     _plot(folder / PLOT, base, rows)
     complete = [(name, t) for name, t in rows if t.state == TrialState.COMPLETE]
     if not complete:
-        raise ValueError(f"no trial of the search in {folder} completed")
+        raise SearchError(f"no trial of the search in {folder} completed")
     round_name, best = max(complete, key=lambda item: item[1].value)
     best_name = f"{round_name}-{best.number:03d}"
     config = dataclasses.replace(base, **best.params, out=str(folder / "best-run"))
@@ -444,10 +446,9 @@ def write_results(folder: Path, base: FinetuneConfig, studies: list[optuna.Study
         f"# Run it: tlkit finetune --config {folder / BEST_CONFIG} [--epochs N]\n"
     )
     write_atomic(folder / BEST_CONFIG, header + config.to_yaml())
-    print(
+    logger.info(
         f"Best trial {best_name}: validation accuracy {best.value:.4f}; wrote "
-        f"{folder / TRIALS_CSV}, {folder / BEST_CONFIG}, {folder / PLOT}",
-        flush=True,
+        f"{folder / TRIALS_CSV}, {folder / BEST_CONFIG}, {folder / PLOT}"
     )
     return {
         "best_trial": best_name,

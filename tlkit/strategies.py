@@ -22,6 +22,7 @@ from torch import nn
 
 from tlkit.backbones import layer_groups
 from tlkit.config import Strategy
+from tlkit.errors import ConfigError
 
 
 def _head_only(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
@@ -30,7 +31,7 @@ def _head_only(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
 
 def _last_stages(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
     if not 1 <= unfreeze_stages <= len(groups):
-        raise ValueError(
+        raise ConfigError(
             f"--unfreeze-stages must be between 1 and {len(groups)} for this backbone "
             f"(it has {len(groups)} layer groups, stem first), got {unfreeze_stages}"
         )
@@ -62,7 +63,7 @@ def trainable_parameter_names(
 ) -> set[str]:
     """Names of the backbone parameters the strategy trains (all others are frozen)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
     return STRATEGIES[strategy](layer_groups(backbone), unfreeze_stages)
 
 

@@ -50,6 +50,7 @@ from torch import nn
 
 from tlkit.augment import eval_transform, interpolation_flag
 from tlkit.backbones import Preprocessing
+from tlkit.errors import ConfigError
 
 RESNET_SCALES = (224 / 224, 256 / 224, 384 / 224, 480 / 224, 640 / 224)
 # float32 bytes one loader batch may hold: the squares of every scale of its images, plus the
@@ -104,7 +105,7 @@ def _plain(preprocessing: Preprocessing, scales: tuple[float, ...], mirrored: bo
 def _flip(preprocessing: Preprocessing, scales: tuple[float, ...], mirrored: bool) -> Views:
     if not mirrored:
         # Refused rather than run as `none`: results labelled `flip` would silently be `none`'s.
-        raise ValueError(
+        raise ConfigError(
             "TTA preset 'flip' only adds the mirror image, and this model was trained without "
             "horizontal flips (--hflip 0 or --no-augment): it never saw a mirror image. "
             "Use 'none', or 'ten-crop' for five crops without mirror images."
@@ -150,9 +151,9 @@ def plan(
     (relative to the input size) for `multi-scale` and `dense`. `mirrored=False` (a model
     trained without horizontal flips) leaves the mirror images out."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown TTA preset '{preset}': choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown TTA preset '{preset}': choose one of {', '.join(PRESETS)}")
     if average not in AVERAGES:
-        raise ValueError(f"unknown TTA average '{average}': choose one of {', '.join(AVERAGES)}")
+        raise ConfigError(f"unknown TTA average '{average}': choose one of {', '.join(AVERAGES)}")
     sizes, views, mirrored = PRESETS[preset](preprocessing, scales or RESNET_SCALES, mirrored)
     return TTAPlan(preset, preprocessing.input_size, sizes, views, mirrored, average)
 
@@ -241,7 +242,7 @@ def average_views(
 def check_accepts_any_size(model, tta: TTAPlan) -> None:
     """`dense` feeds whole images larger than the training size: refuse fixed-size models."""
     if tta.views == "whole" and not isinstance(model, nn.Module):
-        raise ValueError(
+        raise ConfigError(
             "TTA preset 'dense' needs the PyTorch model of a run folder; an exported model "
             "takes its fixed input size. Use 'multi-scale' (fixed-size crops) instead."
         )
@@ -251,7 +252,7 @@ def check_accepts_any_size(model, tta: TTAPlan) -> None:
         backbone, "dynamic_img_size", False
     )
     if tta.views == "whole" and fixed:
-        raise ValueError(
+        raise ConfigError(
             f"TTA preset 'dense' needs a backbone that accepts any input size; "
             f"{config.get('architecture')} has a fixed input size. "
             "Use 'multi-scale' (fixed-size crops) instead."
