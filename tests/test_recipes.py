@@ -1,6 +1,7 @@
 """The recipes run as users run them, on tiny data."""
 
 import gzip
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -31,7 +32,9 @@ def test_csv_recipe(colour_folder: Path, tmp_path: Path, monkeypatch):
         [str(csv_file), "--out", str(out), "--epochs", "1", "--img-size", "32"],
         monkeypatch,
     )
-    assert read_summary(out).train_images == 27
+    summary = read_summary(out)
+    # 30 images, 10% held out by the stable hashed split: at least one per class
+    assert summary.train_images + summary.val_images == 30 and summary.val_images >= 3
 
 
 def test_custom_imagefolder_recipe(colour_folder: Path, tmp_path: Path, monkeypatch, capsys):
@@ -41,7 +44,9 @@ def test_custom_imagefolder_recipe(colour_folder: Path, tmp_path: Path, monkeypa
         [str(colour_folder), "--out", str(out), "--epochs", "1", "--img-size", "32"],
         monkeypatch,
     )
-    assert "3 classes, 27 training images, 0 files skipped" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    printed = re.search(r"3 classes, (\d+) training images, 0 files skipped", output)
+    assert printed and 24 <= int(printed.group(1)) <= 27  # 30 images, at least 1 per class held out
     assert (out / "best.ckpt").is_file()
 
 
