@@ -40,9 +40,9 @@ def test_finetune_evaluate_predict_export(
     flags += ["--strategy", "partial", "--unfreeze-stages", "1", "--out", str(run)]
     assert main(["finetune", str(colour_folder), *flags]) == 0
     summary = read_summary(run)
-    assert summary["preprocessing"]["input_size"] == own_size
-    assert summary["epochs_run"] == 1 and summary["test_images"] == 12
-    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    assert summary.preprocessing.input_size == own_size
+    assert summary.epochs_run == 1 and summary.test_images == 12
+    assert 0 < summary.trainable_parameters < summary.total_parameters
 
     capsys.readouterr()
     assert main(["evaluate", str(run), str(colour_folder / "test"), "--accelerator", "cpu"]) == 0
