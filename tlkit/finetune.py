@@ -201,7 +201,10 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
 
         test_metrics: dict[str, float] = {}
         if datamodule.test_set is not None and trainer.limit_test_batches != 0:
-            results = trainer.test(model, datamodule=training_data, ckpt_path="best", verbose=False)
+            # The best-on-validation checkpoint, named (the first ModelCheckpoint tracks it):
+            # "best" would make Lightning warn that two checkpoint callbacks exist.
+            best = trainer.checkpoint_callback.best_model_path
+            results = trainer.test(model, datamodule=training_data, ckpt_path=best, verbose=False)
             test_metrics = {key: float(value) for key, value in results[0].items()}
 
     scanned = {path for path, _ in datamodule.skipped}
