@@ -128,11 +128,11 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
         "skipped.csv",
     }
     # Validation accuracy was synced across both processes: it equals a single-process
-    # evaluation of the same checkpoint on the same 12 validation images (no sampler padding).
+    # evaluation of the same checkpoint on the same validation images (no sampler padding).
     model = load_model(out)
     data = ImageDataModule(colour_folder, model.preprocessing, num_workers=0, val_fraction=0.4)
     data.setup()
-    assert len(data.val_set) == 12
+    assert len(data.val_set) == summary.val_images and summary.val_images % 2 == 1
     probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
     labels = torch.tensor([label for _, label in data.val_set.samples])
     single = (probabilities.argmax(1) == labels).float().mean().item()
@@ -244,8 +244,9 @@ def test_ddp_feature_cache_is_extracted_once(colour_folder: Path, tmp_path: Path
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     ranks = run_probe(config, probe, [*torchrun, "--nproc-per-node", "2"])
     extracted = ranks[0]["extracted_rows"] + ranks[1]["extracted_rows"]
-    assert sorted(extracted) == [12, 12, 18]  # validation, test, train: once each
     summary = read_summary(out)
+    # validation, test, train: once each
+    assert sorted(extracted) == sorted([summary.val_images, 12, summary.train_images])
     assert summary.epochs_run == 1 and summary.test_acc is not None
     assert {summary.feature_cache[split]["reused"] for split in ("train", "val", "test")} == {
         False
