@@ -136,7 +136,12 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
     probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
     labels = torch.tensor([label for _, label in data.val_set.samples])
     single = (probabilities.argmax(1) == labels).float().mean().item()
-    assert summary.best_val_acc == pytest.approx(single)
+    # Counted over exactly the split's images (padding would count k of n + 1: not a multiple
+    # of 1/n), and equal to the single-process evaluation up to one image: a barely trained
+    # model's near-tied logits can flip between 2 single-thread processes and 1 two-thread one.
+    count = summary.best_val_acc * summary.val_images
+    assert count == pytest.approx(round(count), abs=1e-4)
+    assert abs(summary.best_val_acc - single) <= 1 / summary.val_images + 1e-6
 
 
 @pytest.mark.slow
