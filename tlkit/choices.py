@@ -1,8 +1,9 @@
 """The names and defaults the command line offers, free of heavy imports, so that building the
 parser (and `tlkit --help`) loads no torch. The modules that implement them take them from here:
-tta.py (presets), export.py (formats), search.py (samplers) and sanity.py; tests keep each
-module's table keys equal to these names."""
+tta.py (presets), export.py (formats), search.py (samplers), data.py (scan verify modes) and
+sanity.py; tests keep each module's table keys equal to these names."""
 
+VERIFY_MODES = ("full", "header", "none")
 TTA_PRESETS = ("none", "flip", "ten-crop", "multi-scale", "dense")
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 SEARCH_SAMPLERS = ("random", "tpe")

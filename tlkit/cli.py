@@ -6,14 +6,14 @@
     tlkit sanity DATA_DIR [--config run.yaml] [flags of FinetuneConfig]
     tlkit search DATA_DIR --out DIR [--trials N] [--sampler random|tpe] [--refine] [--space FILE]
     tlkit evaluate RUN_DIR DATA [--out results.json] [--max-image-pixels N]
-                   [--csv-paths-outside-root]
+                   [--csv-paths-outside-root] [--verify full|header|none] [--scan-cache DIR]
     tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv] [--max-image-pixels N]
     tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16] [--max-image-pixels N]
-                   [--csv-paths-outside-root]
+                   [--csv-paths-outside-root] [--verify full|header|none] [--scan-cache DIR]
     tlkit export   RUN_DIR --format onnx|torchscript|safetensors --out EXPORT_DIR
 
-evaluate and predict also take an EXPORT_DIR in place of RUN_DIR. --max-image-pixels and
---csv-paths-outside-root default to the run's own (its config.yaml).
+evaluate and predict also take an EXPORT_DIR in place of RUN_DIR. --max-image-pixels,
+--csv-paths-outside-root, --verify and --scan-cache default to the run's own (its config.yaml).
 
 The finetune flags are generated from `FinetuneConfig`'s fields (names, types, defaults, help),
 so the CLI, YAML files and the Python API cannot drift apart. Precedence: defaults < --config
@@ -41,6 +41,7 @@ from tlkit.choices import (
     SANITY_SAMPLES_PER_CLASS,
     SEARCH_SAMPLERS,
     TTA_PRESETS,
+    VERIFY_MODES,
 )
 from tlkit.config import FinetuneConfig, read_yaml_mapping
 from tlkit.console import configure_logging
@@ -157,6 +158,8 @@ def _evaluate(arguments: argparse.Namespace) -> int:
         arguments.tta,
         arguments.max_image_pixels,
         arguments.csv_paths_outside_root,
+        arguments.verify,
+        arguments.scan_cache,
     )
     text = json.dumps(results, indent=2)
     if arguments.out:
@@ -206,6 +209,8 @@ def _report(arguments: argparse.Namespace) -> int:
         arguments.tta,
         arguments.max_image_pixels,
         arguments.csv_paths_outside_root,
+        arguments.verify,
+        arguments.scan_cache,
     )
     evaluation = report.evaluation
     if evaluation is not None:
@@ -259,6 +264,20 @@ def add_image_limit_flags(parser: argparse.ArgumentParser, csv_input: bool = Tru
             default=None,
             help="allow CSV rows whose paths leave the CSV's folder (default: the run's)",
         )
+
+
+def add_scan_flags(parser: argparse.ArgumentParser) -> None:
+    """--verify and --scan-cache for commands that scan labelled data; unset, the run's own
+    values apply."""
+    parser.add_argument(
+        "--verify",
+        choices=VERIFY_MODES,
+        default=None,
+        help="what the scan checks of every image up front (default: the run's)",
+    )
+    parser.add_argument(
+        "--scan-cache", default=None, help="folder of the scan indexes (default: the run's)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", help="CSV file (default: standard output)")
             sub.set_defaults(handler=_predict)
         add_image_limit_flags(sub, csv_input=name == "evaluate")
+        if name == "evaluate":
+            add_scan_flags(sub)
         sub.add_argument("--batch-size", type=int, default=64, help="images per batch")
         sub.add_argument(
             "--accelerator", default="auto", help="auto, cpu or gpu (exported models: cpu)"
@@ -380,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta", default="none", choices=TTA_PRESETS, help="test-time averaging preset (none)"
     )
     add_image_limit_flags(report)
+    add_scan_flags(report)
     report.set_defaults(handler=_report)
 
     export = commands.add_parser("export", help="ONNX/TorchScript/safetensors model + card")

@@ -27,6 +27,7 @@ Optimizer = Literal["adamw", "sgd"]
 DistStrategy = Literal["auto", "ddp", "fsdp"]
 Precision = Literal["32", "16-mixed", "bf16-mixed"]
 Logger = Literal["csv", "tensorboard"]
+Verify = Literal["full", "header", "none"]
 
 
 def coerce_value(key: str, value: Any, kind: Any) -> Any:
@@ -119,6 +120,18 @@ class FinetuneConfig:
     val_fraction: float = _option(0.1, "share of the training images held out for validation")
     max_image_pixels: int = _option(
         89_478_485, "images with more pixels are skipped as decompression bombs (Pillow's limit)"
+    )
+    verify: Verify = _option(
+        "full",
+        "what the scan checks of every image before training, once per file (a cached index "
+        "remembers it): full (decode; finds every broken file), header (format, size and "
+        "--max-image-pixels only; a truncated file is skipped when it fails to load) or none "
+        "(list only; broken files are skipped when they fail to load)",
+    )
+    scan_cache: str = _option(
+        "",
+        "folder of the scan indexes, one per data folder or CSV (default: $TLKIT_CACHE/scan, "
+        "else $XDG_CACHE_HOME/tlkit/scan, else ~/.cache/tlkit/scan)",
     )
     csv_paths_outside_root: bool = _option(
         False, "allow CSV rows whose paths leave the CSV's folder"

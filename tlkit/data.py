@@ -1,8 +1,10 @@
 """Image sources (folders, CSV files), robust decoding to 8-bit RGB, and the LightningDataModule.
 
-Every file is decoded once when the dataset is scanned, so a broken file is found before
-training starts: it is skipped, counted and listed (`ScanResult.skipped`), never a crash in a
-data-loader worker hours later. Layouts understood:
+Every file is checked when the dataset is scanned (`--verify`: decoded, header read, or not at
+all), so a broken file is found before training starts: it is skipped, counted and listed
+(`ScanResult.skipped`), never a crash in a data-loader worker hours later. What the scan learns
+is kept in a cached index (`scan_index`), so each file is checked once, not once per command
+and per DDP rank. Layouts understood:
 
 - ``DATA/train/<class>/...`` with optional ``DATA/val/`` and ``DATA/test/``;
 - ``DATA/<class>/...``: one folder, split into train/validation (`split_train_val`: stable
@@ -24,6 +26,8 @@ import hashlib
 import io
 import logging
 import os
+import stat
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tlkit.augment import eval_transform, train_transform
 from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
-from tlkit.errors import DatasetError
+from tlkit.errors import ConfigError, DatasetError
+from tlkit.scan_index import FileCheck, ListedFile, ScanStatistics, checked_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +66,26 @@ SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold
 # What decoding a broken, vanished, oversized or unreadable file raises (Pillow, the OS, numpy)
 LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What the scan does with every image before training (--verify; docs/data.md measures them)
+VERIFY_MODES = {
+    "full": "decoded",  # as training will (JPEGs at reduced size): finds every broken file
+    "header": "header read",  # format, width and height, the pixel limit; no pixels decoded
+    "none": "listed",  # nothing opened: broken files are skipped when loaded, as timm does
+}
+_default = FinetuneConfig.field_default  # defaults shared with the config are the config's
 
 
 @dataclass
 class ScanResult:
-    """Usable samples `(path, class index)`, the class names, and what was skipped and why."""
+    """Usable samples `(path, class index)`, the class names, and what was skipped and why;
+    the stored width and height of each usable image whose header was read (not with verify
+    `none`), and how the scan went (`statistics`)."""
 
     samples: list[tuple[str, int]]
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    statistics: ScanStatistics | None = None
 
 
 def is_hidden(name: str) -> bool:
@@ -101,49 +117,73 @@ def load_rgb(
     Images of more than `max_pixels` pixels are refused before they are decoded (a
     decompression bomb: a small file that expands to gigabytes), whatever Pillow's own limit.
     """
+    with _open_image(path, max_pixels) as image:
+        return _to_rgb(image, draft)
+
+
+def _open_image(path: str | Path, max_pixels: int) -> Image.Image:
+    """The image at `path`, opened (its header read, no pixels decoded) and within the limit."""
     _allow_in_pillow(max_pixels)
-    with Image.open(path) as image:
-        if image.width * image.height > max_pixels:
-            raise DatasetError(
-                f"{image.width}x{image.height} = {image.width * image.height:,} pixels is above "
-                f"the limit of {max_pixels:,} (--max-image-pixels)"
-            )
-        if draft is not None:
-            image.draft("RGB", draft)
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            values = np.asarray(image, dtype=np.float64)
-            gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
-            return np.repeat(gray[..., None], 3, axis=2)
-        if image.mode == "F":
-            raise DatasetError("floating-point images are not supported")
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        return np.asarray(image.convert("RGB"))
+    image = Image.open(path)
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise DatasetError(
+            f"{image.width}x{image.height} = {image.width * image.height:,} pixels is above "
+            f"the limit of {max_pixels:,} (--max-image-pixels)"
+        )
+    return image
 
 
-def _problem_decoding(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
-    """Why `path` cannot be used as an image, or None if it decodes."""
+def _to_rgb(image: Image.Image, draft: tuple[int, int] | None) -> np.ndarray:
+    """Decode an opened image as `load_rgb` describes."""
+    if draft is not None:
+        image.draft("RGB", draft)
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise DatasetError("floating-point images are not supported")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"))
+
+
+def inspect_image(path: str, verify: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> FileCheck:
+    """Check `path` as `verify` says (`full` or `header`): its stored width and height, or why
+    it cannot be used as an image."""
     try:
-        load_rgb(path, draft=SCAN_DRAFT_SIZE, max_pixels=max_pixels)
+        with _open_image(path, max_pixels) as image:
+            width, height = image.size
+            if verify == "full":
+                _to_rgb(image, SCAN_DRAFT_SIZE)
     except LOAD_ERRORS as error:  # truncated, unreadable, bad header, too large
-        return f"{type(error).__name__}: {error}"
-    return None
+        return FileCheck(None, None, f"{type(error).__name__}: {error}")
+    return FileCheck(width, height, None)
+
+
+def inspect_images(
+    paths: list[str], verify: str = "full", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> list[FileCheck]:
+    """`inspect_image` of each path, in parallel threads (Pillow releases the GIL while it
+    decodes, and reading headers waits on the disk)."""
+    workers = min(8, os.cpu_count() or 1)
+    check = functools.partial(inspect_image, verify=verify, max_pixels=max_pixels)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check, paths))
 
 
 def find_decode_problems(
     paths: list[str], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> list[str | None]:
     """For each path, why it cannot be decoded, or None; decoded in parallel threads."""
-    workers = min(8, os.cpu_count() or 1)
-    check = functools.partial(_problem_decoding, max_pixels=max_pixels)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        return list(pool.map(check, paths))
+    return [check.problem for check in inspect_images(paths, "full", max_pixels)]
 
 
 def walk_images(
@@ -152,53 +192,66 @@ def walk_images(
     """Per folder below `folder` (itself first, then sub-folders in sorted order; hidden entries
     left out; symbolic links followed once, loops cut): its image files, and its other files
     with the reason each is not used. A caller may stop early (`export` takes a few folders)."""
-    unreadable: list[tuple[str, str]] = []
+    for images, others in walk_listed(folder):
+        yield [image.path for image in images], others
+
+
+def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tuple[str, str]]]]:
+    """`walk_images`, with each image's size and modification time (for the scan index).
+
+    Written on `os.scandir` rather than `os.walk`: its entries know their type from the
+    directory listing, so telling files from folders costs no system call, and one `stat` per
+    image gives its size and time; a warm scan of a large folder is mostly this listing."""
     seen_directories: set[str] = set()
 
-    def note_unreadable(error: OSError) -> None:
-        unreadable.append((error.filename, f"unreadable folder: {error.strerror}"))
-
-    walk = os.walk(folder, onerror=note_unreadable, followlinks=True)
-    for directory, subdirectories, files in walk:
+    def visit(directory: str) -> Iterator[tuple[list[ListedFile], list[tuple[str, str]]]]:
         real = os.path.realpath(directory)
         if real in seen_directories:
-            subdirectories[:] = []
-            continue
+            return
         seen_directories.add(real)
-        subdirectories[:] = sorted(name for name in subdirectories if not is_hidden(name))
-        images, others = [], unreadable[:]
-        unreadable.clear()
-        for name in sorted(files):
-            if is_hidden(name):
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            yield [], [(directory, f"unreadable folder: {error.strerror}")]
+            return
+        images: list[ListedFile] = []
+        others: list[tuple[str, str]] = []
+        subdirectories = []
+        for entry in entries:
+            if is_hidden(entry.name):
                 continue
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):  # never open a pipe or device: reading could hang
-                others.append((path, "not a regular file (dangling link, pipe or device)"))
-            elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                images.append(path)
+            if entry.is_dir():  # follows symbolic links, as is_file() does
+                subdirectories.append(entry.path)
+            elif not entry.is_file():  # never open a pipe or device: reading could hang
+                others.append((entry.path, "not a regular file (dangling link, pipe or device)"))
+            elif os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                others.append((entry.path, "not an image file extension"))
             else:
-                others.append((path, "not an image file extension"))
+                try:
+                    stat = entry.stat()
+                except OSError as error:  # gone since the listing
+                    others.append((entry.path, f"unreadable: {error.strerror}"))
+                    continue
+                images.append(ListedFile(entry.path, stat.st_size, stat.st_mtime_ns))
         yield images, others
-    if unreadable:
-        yield [], unreadable
+        for subdirectory in subdirectories:
+            yield from visit(subdirectory)
 
-
-def find_images(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Every image file below `folder` (`walk_images`), and the other files with reasons."""
-    images: list[str] = []
-    others: list[tuple[str, str]] = []
-    for folder_images, folder_others in walk_images(folder):
-        images += folder_images
-        others += folder_others
-    return images, others
+    yield from visit(os.fspath(folder))
 
 
 def scan_folder(
     root: str | Path,
     classes: list[str] | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    *,
+    verify: str = _default("verify"),
+    scan_cache: str = _default("scan_cache"),
+    use_index: bool = True,
 ) -> ScanResult:
-    """Scan `root/<class>/...`; with `classes` given, folder names must be among them."""
+    """Scan `root/<class>/...`; with `classes` given, folder names must be among them. The
+    other arguments are `scan`'s."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
@@ -209,15 +262,19 @@ def scan_folder(
         raise DatasetError(f"{root}: no class sub-folders (expected {root}/<class name>/<images>)")
     classes = _known_classes([entry.name for entry in class_dirs], classes, root, "classes")
     index_of = {name: index for index, name in enumerate(classes)}
-    paths, labels, skipped = [], [], []
+    listed: list[ListedFile] = []
+    labels: list[int] = []
+    skipped: list[tuple[str, str]] = []
     for class_dir in class_dirs:
-        images, others = find_images(class_dir)
-        if not images:
+        count = len(listed)
+        for images, others in walk_listed(class_dir):
+            listed += images
+            skipped += others
+        if len(listed) == count:
             raise DatasetError(f"{class_dir}: class '{class_dir.name}' has no image files")
-        skipped += others
-        paths += images
-        labels += [index_of[class_dir.name]] * len(images)
-    return _keep_decodable(paths, labels, classes, skipped, root, max_pixels)
+        labels += [index_of[class_dir.name]] * (len(listed) - count)
+    checks = _ScanChecks(verify, max_pixels, scan_cache, use_index)
+    return _keep_usable(listed, labels, classes, skipped, root, str(root), checks)
 
 
 def read_csv(
@@ -225,15 +282,20 @@ def read_csv(
     classes: list[str] | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     allow_outside_root: bool = False,
+    *,
+    verify: str = _default("verify"),
+    scan_cache: str = _default("scan_cache"),
+    use_index: bool = True,
 ) -> ScanResult:
     """Read `path,label` rows; paths are relative to the CSV's folder and must stay inside it
-    unless `allow_outside_root`. A file listed twice is an error naming both lines."""
+    unless `allow_outside_root`. A file listed twice is an error naming both lines. The other
+    arguments are `scan`'s."""
     csv_path = Path(csv_path)
     root = csv_path.parent.resolve()
     rows = csv_rows(csv_path)
     if not rows:
         raise DatasetError(f"{csv_path}: no rows")
-    missing, outside, paths = [], [], []
+    missing, outside, listed = [], [], []
     first_line: dict[Path, int] = {}
     for line, relative, _ in rows:
         path = (root / relative).resolve()
@@ -245,9 +307,15 @@ def read_csv(
         first_line[path] = line
         if not allow_outside_root and not path.is_relative_to(root):
             outside.append(relative)
-        elif not path.is_file():
-            missing.append(relative)
-        paths.append(str(path))
+        else:
+            try:
+                status = path.stat()
+            except OSError:
+                status = None
+            if status is None or not stat.S_ISREG(status.st_mode):
+                missing.append(relative)
+            else:
+                listed.append(ListedFile(str(path), status.st_size, status.st_mtime_ns))
     if outside:
         raise DatasetError(
             f"{csv_path}: paths outside {root}: {outside[:5]} "
@@ -260,7 +328,8 @@ def read_csv(
     classes = _known_classes(sorted({label for _, _, label in rows}), classes, csv_path, "labels")
     index_of = {name: index for index, name in enumerate(classes)}
     labels = [index_of[label] for _, _, label in rows]
-    return _keep_decodable(paths, labels, classes, [], csv_path, max_pixels)
+    checks = _ScanChecks(verify, max_pixels, scan_cache, use_index)
+    return _keep_usable(listed, labels, classes, [], csv_path, str(root), checks)
 
 
 def csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
@@ -314,35 +383,88 @@ def scan(
     classes: list[str] | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     allow_outside_root: bool = False,
+    *,
+    verify: str = _default("verify"),
+    scan_cache: str = _default("scan_cache"),
+    use_index: bool = True,
 ) -> ScanResult:
-    """A CSV file or a class-folder tree."""
+    """A CSV file or a class-folder tree, every image checked as `verify` says
+    (`VERIFY_MODES`). The outcome of each check is kept in the source's scan index in
+    `scan_cache` (default: `scan_index.default_cache_dir()`), so a file is checked again only
+    when it changed; `use_index=False` checks every file without the index."""
     source = Path(source)
+    options = {"verify": verify, "scan_cache": scan_cache, "use_index": use_index}
     if source.suffix.lower() == ".csv" and source.is_file():
-        return read_csv(source, classes, max_pixels, allow_outside_root)
+        return read_csv(source, classes, max_pixels, allow_outside_root, **options)
     if not source.exists():
         raise DatasetError(f"{source}: no such file or folder")
-    return scan_folder(source, classes, max_pixels)
+    return scan_folder(source, classes, max_pixels, **options)
 
 
-def _keep_decodable(
-    paths: list[str],
+@dataclass
+class _ScanChecks:
+    """How a scan checks its files (`scan`'s arguments)."""
+
+    verify: str
+    max_pixels: int
+    scan_cache: str
+    use_index: bool
+
+    def run(self, listed: list[ListedFile], source: Path, root: str) -> tuple[list, ScanStatistics]:
+        """The `FileCheck` of every listed file, and how the checking went."""
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"verify must be one of {', '.join(VERIFY_MODES)}")
+        started = time.perf_counter()
+        if self.verify == "none":
+            checks = [FileCheck(None, None, None)] * len(listed)
+            return checks, ScanStatistics(len(listed), 0, 0, None, time.perf_counter() - started)
+        check = functools.partial(inspect_images, verify=self.verify, max_pixels=self.max_pixels)
+        if not self.use_index:
+            checks = check([file.path for file in listed])
+            seconds = time.perf_counter() - started
+            return checks, ScanStatistics(len(listed), len(listed), 0, None, seconds)
+        settings = {"verify": self.verify, "max_image_pixels": self.max_pixels}
+        return checked_files(listed, source, root, settings, check, self.scan_cache or None)
+
+
+def _keep_usable(
+    listed: list[ListedFile],
     labels: list[int],
     classes: list[str],
     skipped: list[tuple[str, str]],
     source: Path,
-    max_pixels: int,
+    root: str,
+    checks: _ScanChecks,
 ) -> ScanResult:
-    problems = find_decode_problems(paths, max_pixels)
-    samples = [
-        (p, y) for p, y, problem in zip(paths, labels, problems, strict=True) if problem is None
-    ]
-    skipped = skipped + [
-        (p, problem) for p, problem in zip(paths, problems, strict=True) if problem
-    ]
+    """The scan's result: the files that passed their check, the others with the reason."""
+    outcomes, statistics = checks.run(listed, source, root)
+    samples: list[tuple[str, int]] = []
+    image_sizes: dict[str, tuple[int, int]] = {}
+    skipped = list(skipped)
+    for (path, _, _), label, (width, height, problem) in zip(
+        listed, labels, outcomes, strict=True
+    ):
+        if problem is not None:
+            skipped.append((path, problem))
+            continue
+        samples.append((path, label))
+        if width is not None:
+            image_sizes[path] = (width, height)
+    if checks.verify == "none":
+        logger.info(
+            f"Listed {source}: {statistics.files:,} images, none opened (--verify none: a "
+            "broken file is skipped when it fails to load)"
+        )
+    else:
+        logger.info(
+            f"Scanned {source}: {statistics.files:,} images, {statistics.checked:,} "
+            f"{VERIFY_MODES[checks.verify]} now, {statistics.reused:,} known from the scan index"
+            f" ({statistics.seconds:.2f} s)"
+        )
     if not samples:
         example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DatasetError(f"{source}: no usable image ({len(skipped)} files skipped{example})")
-    return ScanResult(samples, classes, skipped)
+    return ScanResult(samples, classes, skipped, image_sizes, statistics)
 
 
 def data_root(source: str | Path) -> Path:
@@ -549,9 +671,6 @@ def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-_default = FinetuneConfig.field_default  # the data module's defaults are the config's
-
-
 class ImageDataModule(pl.LightningDataModule):
     """Train/validation/test loaders for an image folder or CSV, with the backbone's transforms.
 
@@ -577,6 +696,8 @@ class ImageDataModule(pl.LightningDataModule):
         augment: bool = _default("augment"),
         augmentation: dict | None = None,
         max_image_pixels: int = _default("max_image_pixels"),
+        verify: str = _default("verify"),
+        scan_cache: str = _default("scan_cache"),
         csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
@@ -591,6 +712,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment = augment
         self.augmentation = augmentation or {}
         self.max_image_pixels = max_image_pixels
+        self.verify = verify
+        self.scan_cache = scan_cache
         self.csv_paths_outside_root = csv_paths_outside_root
         self.recorded_split = recorded_split
         self.load_failure_log = Path(load_failure_log) if load_failure_log else None
@@ -680,7 +803,14 @@ class ImageDataModule(pl.LightningDataModule):
         return read_load_failures(self.load_failure_log) if self.load_failure_log else []
 
     def _scan(self, source: Path, classes: list[str] | None = None) -> ScanResult:
-        return scan(source, classes, self.max_image_pixels, self.csv_paths_outside_root)
+        return scan(
+            source,
+            classes,
+            self.max_image_pixels,
+            self.csv_paths_outside_root,
+            verify=self.verify,
+            scan_cache=self.scan_cache,
+        )
 
     def _scan_split(self, folder: Path) -> ScanResult:
         result = self._scan(folder, self.classes)

@@ -34,7 +34,7 @@ from tlkit.errors import ConfigError, InputNotFoundError
 from tlkit.export import is_export_folder, load_exported
 from tlkit.metrics import classification_metrics
 from tlkit.module import TransferClassifier
-from tlkit.runfolder import best_checkpoint, image_limits
+from tlkit.runfolder import best_checkpoint, image_limits, scan_options
 from tlkit.tta import ScaleSquares, TTAModule, loader_batch_size, plan
 
 
@@ -135,9 +135,11 @@ def predict_labelled(
     tta: str = "none",
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     csv_paths_outside_root: bool = False,
+    **scan_options: str,
 ) -> LabelledPredictions:
-    """Run `model` over labelled data (class folders or a path,label CSV) and keep every image."""
-    scanned = scan(data, model.class_names, max_pixels, csv_paths_outside_root)
+    """Run `model` over labelled data (class folders or a path,label CSV) and keep every image;
+    `scan_options` are `data.scan`'s `verify` and `scan_cache`."""
+    scanned = scan(data, model.class_names, max_pixels, csv_paths_outside_root, **scan_options)
     probabilities, cost = predict_probabilities(
         model, scanned.samples, tta, batch_size, accelerator, max_pixels=max_pixels
     )
@@ -158,16 +160,20 @@ def evaluate(
     tta: str = "none",
     max_image_pixels: int | None = None,
     csv_paths_outside_root: bool | None = None,
+    verify: str | None = None,
+    scan_cache: str | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV,
     with the test-time averaging preset `tta` and its cost.
 
-    `run_dir` is a run folder or an export folder. `max_image_pixels` and
-    `csv_paths_outside_root` default to the run's own (`runfolder.image_limits`).
+    `run_dir` is a run folder or an export folder. `max_image_pixels`,
+    `csv_paths_outside_root`, `verify` and `scan_cache` default to the run's own
+    (`runfolder.image_limits`, `runfolder.scan_options`).
     """
     model = load_predictor(run_dir)
     limits = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
-    predictions = predict_labelled(model, data, batch_size, accelerator, tta, *limits)
+    options = scan_options(run_dir, verify, scan_cache)
+    predictions = predict_labelled(model, data, batch_size, accelerator, tta, *limits, **options)
     metrics = classification_metrics(
         predictions.probabilities, predictions.labels, model.class_names
     )

@@ -38,7 +38,7 @@ from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from tlkit.errors import ConfigError
 from tlkit.inference import LabelledPredictions, load_model, predict_labelled
 from tlkit.metrics import ClassificationMetrics, classification_metrics
-from tlkit.runfolder import SKIPPED, RunSummary, image_limits, open_run
+from tlkit.runfolder import SKIPPED, RunSummary, image_limits, open_run, scan_options
 
 REPORT_PAGE = "report.html"
 REPORT_TEMPLATE = "report.html.j2"  # in tlkit/templates/
@@ -392,14 +392,16 @@ def build_report(
     tta: str = "none",
     max_image_pixels: int | None = None,
     csv_paths_outside_root: bool | None = None,
+    verify: str | None = None,
+    scan_cache: str | None = None,
 ) -> Report:
     """Write `report.html` and its PNGs for a finished run folder into `out`.
 
     `data` is a labelled folder or CSV (default: the run's DATA_DIR/test, when it exists);
     without data the page holds the learning curves and the run card only. `out` defaults to
     RUN_DIR/report. `mistakes` is how many of the highest-loss wrong predictions to show;
-    `tta` is the test-time averaging preset used for the predictions. `max_image_pixels` and
-    `csv_paths_outside_root` default to the run's own.
+    `tta` is the test-time averaging preset used for the predictions. `max_image_pixels`,
+    `csv_paths_outside_root`, `verify` and `scan_cache` default to the run's own.
     """
     run = open_run(run_dir)  # a clear error before any work if this is not a finished run
     run_dir, summary, config = run.folder, run.summary, run.config
@@ -414,7 +416,14 @@ def build_report(
         model = load_model(run_dir)
         started = time.perf_counter()
         predictions = predict_labelled(
-            model, data, batch_size, accelerator, tta, max_pixels, outside_root
+            model,
+            data,
+            batch_size,
+            accelerator,
+            tta,
+            max_pixels,
+            outside_root,
+            **scan_options(run_dir, verify, scan_cache),
         )
         evaluation_seconds = time.perf_counter() - started
         tta_cost = predictions.cost

@@ -90,6 +90,18 @@ def image_limits(
     return max_image_pixels, csv_paths_outside_root
 
 
+def scan_options(
+    run_dir: str | Path, verify: str | None = None, scan_cache: str | None = None
+) -> dict[str, str]:
+    """`verify` and `scan_cache` for scanning data with a run's model (`data.scan`'s keyword
+    arguments): the values given here, else the run's own, else `FinetuneConfig`'s defaults."""
+    config = read_config(run_dir) if (Path(run_dir) / CONFIG).is_file() else FinetuneConfig()
+    return {
+        "verify": config.verify if verify is None else verify,
+        "scan_cache": config.scan_cache if scan_cache is None else scan_cache,
+    }
+
+
 @dataclass
 class RunSummary:
     """summary.json: what a finished run was and how it did.
