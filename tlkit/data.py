@@ -25,6 +25,7 @@ import functools
 import hashlib
 import io
 import logging
+import operator
 import os
 import stat
 import time
@@ -62,6 +63,7 @@ IMAGE_EXTENSIONS = {
     ".pgm",
     ".pbm",
 }
+IMAGE_SUFFIXES = tuple(IMAGE_EXTENSIONS)  # for str.endswith, faster than splitting names
 SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold
 # What decoding a broken, vanished, oversized or unreadable file raises (Pillow, the OS, numpy)
@@ -164,8 +166,8 @@ def inspect_image(path: str, verify: str, max_pixels: int = DEFAULT_MAX_IMAGE_PI
             if verify == "full":
                 _to_rgb(image, SCAN_DRAFT_SIZE)
     except LOAD_ERRORS as error:  # truncated, unreadable, bad header, too large
-        return FileCheck(None, None, f"{type(error).__name__}: {error}")
-    return FileCheck(width, height, None)
+        return None, None, f"{type(error).__name__}: {error}"
+    return width, height, None
 
 
 def inspect_images(
@@ -183,7 +185,7 @@ def find_decode_problems(
     paths: list[str], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> list[str | None]:
     """For each path, why it cannot be decoded, or None; decoded in parallel threads."""
-    return [check.problem for check in inspect_images(paths, "full", max_pixels)]
+    return [problem for _, _, problem in inspect_images(paths, "full", max_pixels)]
 
 
 def walk_images(
@@ -193,7 +195,7 @@ def walk_images(
     left out; symbolic links followed once, loops cut): its image files, and its other files
     with the reason each is not used. A caller may stop early (`export` takes a few folders)."""
     for images, others in walk_listed(folder):
-        yield [image.path for image in images], others
+        yield [path for path, _, _ in images], others
 
 
 def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tuple[str, str]]]]:
@@ -211,7 +213,7 @@ def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tup
         seen_directories.add(real)
         try:
             with os.scandir(directory) as listing:
-                entries = sorted(listing, key=lambda entry: entry.name)
+                entries = sorted(listing, key=operator.attrgetter("name"))
         except OSError as error:
             yield [], [(directory, f"unreadable folder: {error.strerror}")]
             return
@@ -225,15 +227,15 @@ def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tup
                 subdirectories.append(entry.path)
             elif not entry.is_file():  # never open a pipe or device: reading could hang
                 others.append((entry.path, "not a regular file (dangling link, pipe or device)"))
-            elif os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+            elif not entry.name.lower().endswith(IMAGE_SUFFIXES):
                 others.append((entry.path, "not an image file extension"))
             else:
                 try:
-                    stat = entry.stat()
+                    status = entry.stat()
                 except OSError as error:  # gone since the listing
                     others.append((entry.path, f"unreadable: {error.strerror}"))
                     continue
-                images.append(ListedFile(entry.path, stat.st_size, stat.st_mtime_ns))
+                images.append((entry.path, status.st_size, status.st_mtime_ns))
         yield images, others
         for subdirectory in subdirectories:
             yield from visit(subdirectory)
@@ -315,7 +317,7 @@ def read_csv(
             if status is None or not stat.S_ISREG(status.st_mode):
                 missing.append(relative)
             else:
-                listed.append(ListedFile(str(path), status.st_size, status.st_mtime_ns))
+                listed.append((str(path), status.st_size, status.st_mtime_ns))
     if outside:
         raise DatasetError(
             f"{csv_path}: paths outside {root}: {outside[:5]} "
@@ -416,11 +418,11 @@ class _ScanChecks:
             raise ConfigError(f"verify must be one of {', '.join(VERIFY_MODES)}")
         started = time.perf_counter()
         if self.verify == "none":
-            checks = [FileCheck(None, None, None)] * len(listed)
+            checks: list[FileCheck] = [(None, None, None)] * len(listed)
             return checks, ScanStatistics(len(listed), 0, 0, None, time.perf_counter() - started)
         check = functools.partial(inspect_images, verify=self.verify, max_pixels=self.max_pixels)
         if not self.use_index:
-            checks = check([file.path for file in listed])
+            checks = check([path for path, _, _ in listed])
             seconds = time.perf_counter() - started
             return checks, ScanStatistics(len(listed), len(listed), 0, None, seconds)
         settings = {"verify": self.verify, "max_image_pixels": self.max_pixels}

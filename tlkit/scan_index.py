@@ -21,6 +21,7 @@ once in total.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +31,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from filelock import FileLock, Timeout
 
@@ -55,21 +55,12 @@ LOCK_POLL_S = 5.0  # how often a process waiting for another's scan says it is s
 OTHER_SETTINGS = "made with other settings"
 
 
-class ListedFile(NamedTuple):
-    """A file found by the listing, with what identifies its content cheaply."""
-
-    path: str
-    size: int
-    mtime_ns: int
-
-
-class FileCheck(NamedTuple):
-    """The outcome of checking one file: its stored width and height (None if unknown, such as
-    for a file the header of which could not be read), and why it is unusable (None: usable)."""
-
-    width: int | None
-    height: int | None
-    problem: str | None
+# A file found by the listing: (path, size, modification time in ns), what identifies its
+# content cheaply. Plain tuples: a named tuple costs a Python call per file of a large listing.
+ListedFile = tuple[str, int, int]
+# The outcome of checking one file: (stored width, stored height, why it is unusable): width and
+# height are None where they are unknown (not read, or unreadable), the reason None if usable.
+FileCheck = tuple[int | None, int | None, str | None]
 
 
 @dataclass
@@ -101,46 +92,90 @@ def index_path(source: str | Path, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{digest}.index"
 
 
-# size, mtime_ns, width, height, problem
-Entry = tuple[int, int, int | None, int | None, str | None]
+@dataclass
+class IndexColumns:
+    """An index's content: one list per field, in the order of the listing it was made from,
+    and the problem of each unusable file by path. (Flat lists rather than one small record
+    per file: JSON decodes them several times faster, and a warm scan compares whole lists.)"""
+
+    paths: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    widths: list[int | None]
+    heights: list[int | None]
+    problems: dict[str, str]
+
+    @classmethod
+    def empty(cls) -> IndexColumns:
+        return cls([], [], [], [], [], {})
+
+    def selected(self, positions: list[int]) -> IndexColumns:
+        """The entries at `positions` only."""
+        paths = [self.paths[position] for position in positions]
+        return IndexColumns(
+            paths,
+            [self.sizes[position] for position in positions],
+            [self.mtimes[position] for position in positions],
+            [self.widths[position] for position in positions],
+            [self.heights[position] for position in positions],
+            {path: self.problems[path] for path in paths if path in self.problems},
+        )
+
+    def lists_the_same_files_as(self, other: IndexColumns) -> bool:
+        """Whether both hold the same paths with the same sizes and times, in the same order
+        (three list comparisons, done in C: the whole cost of a warm scan beside the listing)."""
+        return (
+            self.paths == other.paths
+            and self.sizes == other.sizes
+            and self.mtimes == other.mtimes
+        )
+
+    def checks(self) -> list[FileCheck]:
+        problem_of = self.problems.get
+        return list(zip(self.widths, self.heights, map(problem_of, self.paths), strict=True))
 
 
-def read_index(path: Path, source: str, settings: dict) -> tuple[dict[str, Entry], str | None]:
-    """The entries of the index at `path`, and why it cannot be used if it cannot (then no
-    entries): missing, damaged, another format or version, another source's, other settings."""
+def read_index(path: Path, source: str, settings: dict) -> tuple[IndexColumns, str | None]:
+    """The content of the index at `path`, and why it cannot be used if it cannot (then an
+    empty one): unreadable, damaged, another format or version, another source's, or made with
+    other settings."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return {}, None
+        return IndexColumns.empty(), None
     except OSError as error:
-        return {}, f"unreadable ({error.strerror})"
+        return IndexColumns.empty(), f"unreadable ({error.strerror})"
     header, _, rest = data.partition(b"\n")
     checksum, _, body = rest.partition(b"\n")
     name, _, version = header.decode("ascii", "replace").partition(" ")
+    reason = None
     if name != FORMAT_NAME:
-        return {}, "not a tlkit scan index"
-    if version != str(FORMAT_VERSION):
-        return {}, f"written in format version {version!r}, this tlkit reads {FORMAT_VERSION}"
-    if hashlib.sha256(body).hexdigest().encode() != checksum:
-        return {}, "damaged (its checksum does not match: truncated or overwritten)"
+        reason = "not a tlkit scan index"
+    elif version != str(FORMAT_VERSION):
+        reason = f"written in format version {version!r}; this tlkit reads {FORMAT_VERSION}"
+    elif hashlib.sha256(body).hexdigest().encode() != checksum:
+        reason = "damaged (its checksum does not match: truncated or overwritten)"
+    if reason:
+        return IndexColumns.empty(), reason
     try:  # the checksum matched, so tlkit wrote it; a damaged structure is still not trusted
         content = json.loads(body)
-        entries = {key: tuple(entry) for key, entry in content["files"].items()}
-        if any(len(entry) != len(Entry.__args__) for entry in entries.values()):
-            raise ValueError("an entry of another shape")
+        columns = IndexColumns(**content["columns"])
+        lengths = {len(getattr(columns, name)) for name in ("sizes", "mtimes", "widths", "heights")}
+        if lengths != {len(columns.paths)} or not isinstance(columns.problems, dict):
+            raise ValueError("columns of unequal lengths")
         indexed_source, indexed_settings = content["source"], content["settings"]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return {}, "not a valid index (its content has the wrong structure)"
+    except (ValueError, TypeError, KeyError):
+        return IndexColumns.empty(), "not a valid index (its content has the wrong structure)"
     if indexed_source != source:
-        return {}, f"the index of another source ({indexed_source!r})"
+        return IndexColumns.empty(), f"the index of another source ({indexed_source!r})"
     if indexed_settings != settings:
-        return {}, f"{OTHER_SETTINGS} ({indexed_settings}, now {settings})"
-    return entries, None
+        return IndexColumns.empty(), f"{OTHER_SETTINGS} ({indexed_settings}, now {settings})"
+    return columns, None
 
 
-def write_index(path: Path, source: str, settings: dict, entries: dict[str, Entry]) -> None:
+def write_index(path: Path, source: str, settings: dict, columns: IndexColumns) -> None:
     """Write the index atomically (`runfolder.write_atomic`: a temporary file, then a rename)."""
-    content = {"source": source, "settings": settings, "files": entries}
+    content = {"source": source, "settings": settings, "columns": dataclasses.asdict(columns)}
     body = json.dumps(content, separators=(",", ":"))
     checksum = hashlib.sha256(body.encode()).hexdigest()  # JSON escapes non-ASCII: text = bytes
     write_atomic(path, f"{FORMAT_NAME} {FORMAT_VERSION}\n{checksum}\n{body}")
@@ -165,78 +200,103 @@ def checked_files(
     started = time.perf_counter()
     source = str(Path(source).resolve())
     prefix = root.rstrip(os.sep) + os.sep
-    keys = [path[len(prefix) :] if path.startswith(prefix) else path for path, _, _ in files]
-    path = index_path(source, cache_dir)
-    entries, _ = read_index(path, source, settings)
-    to_check = _to_check(files, keys, entries)
+    listing = IndexColumns(
+        paths=[path[len(prefix) :] if path.startswith(prefix) else path for path, _, _ in files],
+        sizes=[size for _, size, _ in files],
+        mtimes=[mtime_ns for _, _, mtime_ns in files],
+        widths=[None] * len(files),
+        heights=[None] * len(files),
+        problems={},
+    )
+    path: Path | None = index_path(source, cache_dir)
+    index, _ = read_index(path, source, settings)
     rebuilt_because = None
-    if to_check or len(entries) != len(set(keys)):  # new or changed files, or removed ones
+    if index.lists_the_same_files_as(listing):  # the warm scan: nothing added, changed, removed
+        checks, checked = index.checks(), 0
+    else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(path, source):
                 # Read again: as the process that held the lock before (if one did) left it.
-                entries, rebuilt_because = read_index(path, source, settings)
+                index, rebuilt_because = read_index(path, source, settings)
                 if rebuilt_because:
                     level = logging.INFO if OTHER_SETTINGS in rebuilt_because else logging.WARNING
                     logger.log(level, f"Scan index {path} of {source} rebuilt: {rebuilt_because}")
-                to_check = _to_check(files, keys, entries)
-                entries = {key: entries[key] for key in keys if key in entries}
+                known = _reuse(index, listing)
+                checked = known.count(False)
 
                 def save() -> None:
-                    write_index(path, source, settings, entries)
+                    known_positions = [position for position, done in enumerate(known) if done]
+                    write_index(path, source, settings, listing.selected(known_positions))
 
-                _check_into(entries, to_check, files, keys, check, save)
-                save()
+                _check_into(listing, known, files, check, save)
+                write_index(path, source, settings, listing)
         except OSError as error:
             logger.warning(
                 f"Scan index of {source} not usable ({error}); checking every file without it "
                 "(choose a writable folder with --scan-cache)"
             )
-            entries, to_check, path = {}, list(range(len(files))), None
-            _check_into(entries, to_check, files, keys, check, None)
-    results = [FileCheck(*entries[key][2:]) for key in keys]
+            path, known = None, [False] * len(files)
+            checked = len(files)
+            _check_into(listing, known, files, check, None)
+        checks = listing.checks()
     statistics = ScanStatistics(
         files=len(files),
-        checked=len(to_check),
-        reused=len(files) - len(to_check),
+        checked=checked,
+        reused=len(files) - checked,
         index=str(path) if path else None,
         seconds=time.perf_counter() - started,
         rebuilt_because=rebuilt_because,
     )
-    return results, statistics
+    return checks, statistics
 
 
-def _to_check(files: list[ListedFile], keys: list[str], entries: dict[str, Entry]) -> list[int]:
-    """Positions of the files that the index has no entry for at their size and mtime."""
-    return [
-        position
-        for position, (key, (_, size, mtime_ns)) in enumerate(zip(keys, files, strict=True))
-        if (entry := entries.get(key)) is None or entry[0] != size or entry[1] != mtime_ns
-    ]
+def _reuse(index: IndexColumns, listing: IndexColumns) -> list[bool]:
+    """Copy into `listing` the index's outcome of every file whose size and modification time
+    are unchanged; whether each file's outcome is known."""
+    position_in_index = {path: position for position, path in enumerate(index.paths)}
+    known = []
+    for position, path in enumerate(listing.paths):
+        at = position_in_index.get(path)
+        same = (
+            at is not None
+            and index.sizes[at] == listing.sizes[position]
+            and index.mtimes[at] == listing.mtimes[position]
+        )
+        if same:
+            listing.widths[position] = index.widths[at]
+            listing.heights[position] = index.heights[at]
+            if path in index.problems:
+                listing.problems[path] = index.problems[path]
+        known.append(same)
+    return known
 
 
 def _check_into(
-    entries: dict[str, Entry],
-    positions: list[int],
+    listing: IndexColumns,
+    known: list[bool],
     files: list[ListedFile],
-    keys: list[str],
     check: Callable[[list[str]], list[FileCheck]],
     save: Callable[[], None] | None,
 ) -> None:
-    """Check the files at `positions` in chunks, putting each outcome into `entries`; with
-    `save`, save the entries every `SAVE_EVERY_S` seconds and say how far the scan is."""
+    """Check the files whose outcome is not `known` in chunks, putting each outcome into
+    `listing`; with `save`, save what is known every `SAVE_EVERY_S` seconds and say how far the
+    scan is."""
+    to_check = [position for position, done in enumerate(known) if not done]
     last_save = time.perf_counter()
-    for start in range(0, len(positions), CHECK_CHUNK):
-        chunk = positions[start : start + CHECK_CHUNK]
-        outcomes = check([files[position].path for position in chunk])
-        for position, outcome in zip(chunk, outcomes, strict=True):
-            _, size, mtime_ns = files[position]
-            entries[keys[position]] = (size, mtime_ns, *outcome)
+    for start in range(0, len(to_check), CHECK_CHUNK):
+        chunk = to_check[start : start + CHECK_CHUNK]
+        outcomes = check([files[position][0] for position in chunk])
+        for position, (width, height, problem) in zip(chunk, outcomes, strict=True):
+            listing.widths[position], listing.heights[position] = width, height
+            if problem is not None:
+                listing.problems[listing.paths[position]] = problem
+            known[position] = True
         if save is not None and time.perf_counter() - last_save > SAVE_EVERY_S:
             save()
             last_save = time.perf_counter()
             done = start + len(chunk)
-            logger.info(f"Scan: {done:,} of {len(positions):,} files checked (index saved)")
+            logger.info(f"Scan: {done:,} of {len(to_check):,} files checked (index saved)")
 
 
 @contextmanager
