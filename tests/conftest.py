@@ -43,6 +43,15 @@ def write_identical_images(folder: Path, counts: dict[str, int], seed: int = 0) 
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scan_index_folder(tmp_path_factory) -> Path:
+    """Scan indexes (tlkit.scan_index) go to the session's temporary folder, never to the
+    user's cache; set in the environment, so subprocesses (the CLI, DDP ranks) use it too."""
+    folder = tmp_path_factory.mktemp("tlkit-cache")
+    os.environ["TLKIT_CACHE"] = str(folder)
+    return folder / "scan"
+
+
 @pytest.fixture(scope="session")
 def colour_folder(tmp_path_factory) -> Path:
     """DATA/train/<colour>/ (10 per class) and DATA/test/<colour>/ (4 per class)."""

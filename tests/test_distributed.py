@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,14 +99,14 @@ DDP_FLAGS = [
 ]
 
 
-def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+def run_cli(*arguments: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`tlkit ...` in a fresh process: Lightning's DDP launcher starts the second one."""
     return subprocess.run(
         [sys.executable, "-m", "tlkit.cli", *arguments],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
 
 
@@ -114,9 +115,15 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess:
 def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_path: Path):
     out = tmp_path / strategy
     flags = [*DDP_FLAGS, "--strategy", strategy, "--unfreeze-stages", "1"]
-    result = run_cli("finetune", str(colour_folder), "--out", str(out), "--epochs", "1", *flags)
+    cache = {"TLKIT_CACHE": str(tmp_path / "cache")}  # a new scan index: a cold scan
+    result = run_cli(
+        "finetune", str(colour_folder), "--out", str(out), "--epochs", "1", *flags, env=cache
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Effective batch size 16 (8 per device x 2 processes" in result.stdout
+    # Each rank scans train/ and test/; the 42 images are decoded once in all (scan index).
+    decoded = re.findall(r"Scanned .*: \d+ images, (\d+) decoded now", result.stdout)
+    assert len(decoded) == 4 and sum(map(int, decoded)) == 42
     summary = read_summary(out)
     assert summary.epochs_run == 1 and summary.test_images == 12
     assert {p.name for p in out.iterdir()} >= {

@@ -15,8 +15,8 @@ from tlkit import export as export_module
 from tlkit.augment import train_transform
 from tlkit.backbones import Preprocessing
 from tlkit.cli import build_parser
-from tlkit.config import FinetuneConfig, Optimizer, Strategy, config_kwargs
-from tlkit.data import ImageDataModule, find_images, scan_folder
+from tlkit.config import FinetuneConfig, Optimizer, Strategy, Verify, config_kwargs
+from tlkit.data import VERIFY_MODES, ImageDataModule, find_images, scan_folder
 from tlkit.distributed import single_device_trainer
 from tlkit.export import FORMATS
 from tlkit.finetune import build_datamodule, build_model
@@ -137,6 +137,9 @@ def test_named_choices_come_from_their_tables():
     assert _choices(parser, "export", "--format") == list(FORMATS)
     for command in ("evaluate", "predict", "report"):
         assert _choices(parser, command, "--tta") == list(PRESETS)
+    assert list(VERIFY_MODES) == list(typing.get_args(Verify))
+    for command in ("finetune", "sanity", "search", "evaluate", "report"):
+        assert _choices(parser, command, "--verify") == list(VERIFY_MODES)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -243,6 +243,16 @@ def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tup
     yield from visit(os.fspath(folder))
 
 
+def find_images(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every image file below `folder` (`walk_images`), and the other files with reasons."""
+    images: list[str] = []
+    others: list[tuple[str, str]] = []
+    for folder_images, folder_others in walk_images(folder):
+        images += folder_images
+        others += folder_others
+    return images, others
+
+
 def scan_folder(
     root: str | Path,
     classes: list[str] | None = None,
