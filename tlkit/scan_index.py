@@ -50,9 +50,7 @@ FORMAT_VERSION = 1
 SAVE_EVERY_S = 60.0  # an interrupted cold scan of a large folder keeps what it had checked
 CHECK_CHUNK = 2_000  # files checked between looks at the clock (and progress lines)
 LOCK_POLL_S = 5.0  # how often a process waiting for another's scan says it is still waiting
-
-
-OTHER_SETTINGS = "made with other settings"
+OTHER_SETTINGS = "made with other settings"  # the reason logged (at INFO) for a re-check
 
 
 # A file found by the listing: (path, size, modification time in ns), what identifies its
