@@ -116,9 +116,8 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
     out = tmp_path / strategy
     flags = [*DDP_FLAGS, "--strategy", strategy, "--unfreeze-stages", "1"]
     cache = {"TLKIT_CACHE": str(tmp_path / "cache")}  # a new scan index: a cold scan
-    result = run_cli(
-        "finetune", str(colour_folder), "--out", str(out), "--epochs", "1", *flags, env=cache
-    )
+    arguments = ["-v", "finetune", str(colour_folder), "--out", str(out), "--epochs", "1"]
+    result = run_cli(*arguments, *flags, env=cache)  # -v: the scan's lines (DEBUG)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Effective batch size 16 (8 per device x 2 processes" in result.stdout
     # Each rank scans train/ and test/; the 42 images are decoded once in all (scan index).

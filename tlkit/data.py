@@ -462,13 +462,15 @@ def _keep_usable(
         samples.append((path, label))
         if width is not None:
             image_sizes[path] = (width, height)
+    # DEBUG (shown with `tlkit -v`): INFO lines go to standard output, which `evaluate` keeps
+    # for its JSON.
     if checks.verify == "none":
-        logger.info(
+        logger.debug(
             f"Listed {source}: {statistics.files:,} images, none opened (--verify none: a "
             "broken file is skipped when it fails to load)"
         )
     else:
-        logger.info(
+        logger.debug(
             f"Scanned {source}: {statistics.files:,} images, {statistics.checked:,} "
             f"{VERIFY_MODES[checks.verify]} now, {statistics.reused:,} known from the scan index"
             f" ({statistics.seconds:.2f} s)"

@@ -50,7 +50,7 @@ FORMAT_VERSION = 1
 SAVE_EVERY_S = 60.0  # an interrupted cold scan of a large folder keeps what it had checked
 CHECK_CHUNK = 2_000  # files checked between looks at the clock (and progress lines)
 LOCK_POLL_S = 5.0  # how often a process waiting for another's scan says it is still waiting
-OTHER_SETTINGS = "made with other settings"  # the reason logged (at INFO) for a re-check
+OTHER_SETTINGS = "made with other settings"  # the reason logged (at DEBUG) for a re-check
 
 
 # A file found by the listing: (path, size, modification time in ns), what identifies its
@@ -218,7 +218,7 @@ def checked_files(
                 # Read again: as the process that held the lock before (if one did) left it.
                 index, rebuilt_because = read_index(path, source, settings)
                 if rebuilt_because:
-                    level = logging.INFO if OTHER_SETTINGS in rebuilt_because else logging.WARNING
+                    level = logging.DEBUG if OTHER_SETTINGS in rebuilt_because else logging.WARNING
                     logger.log(level, f"Scan index {path} of {source} rebuilt: {rebuilt_because}")
                 known = _reuse(index, listing)
                 checked = known.count(False)
@@ -294,7 +294,7 @@ def _check_into(
             save()
             last_save = time.perf_counter()
             done = start + len(chunk)
-            logger.info(f"Scan: {done:,} of {len(to_check):,} files checked (index saved)")
+            logger.debug(f"Scan: {done:,} of {len(to_check):,} files checked (index saved)")
 
 
 @contextmanager
@@ -308,7 +308,7 @@ def _locked(path: Path, source: str) -> Iterator[None]:
             lock.acquire(timeout=timeout)
             break
         except Timeout:
-            logger.info(f"Waiting for another process scanning {source} (lock {lock.lock_file})")
+            logger.warning(f"Waiting for another process scanning {source} ({lock.lock_file})")
             timeout = LOCK_POLL_S
     try:
         yield
