@@ -1,7 +1,7 @@
 """Ablations of fine-tuning options, each row against the same run without it.
 
     apt-get install dataset-fashion-mnist
-    nice -n 10 python benchmarks/ablations.py --rows full full+layer-decay full+ema
+    nice -n 10 python benchmarks/ablations.py --rows partial partial+layer-decay partial+ema
 
 Fashion-MNIST from Debian's `dataset-fashion-mnist`: a stratified, seeded 5,000-image training
 set, 1,000 validation images (drawn from the official training split, disjoint from the 5,000)
@@ -52,7 +52,7 @@ def additions(arguments: argparse.Namespace) -> dict[str, dict[str, Any]]:
 # at 0.8 the stem trains at 0.8^16 = 2.8% of the last block's rate, the span of BEiT's and MAE's
 # 0.75 over a ViT-B's 12 blocks (0.75^12 = 3.2%); 0.7 would leave the stem at 0.33%.
 DEFAULT_LAYER_DECAY = 0.8
-DEFAULT_ROWS = ["full", "full+layer-decay", "full+ema"]
+DEFAULT_ROWS = ["partial", "partial+layer-decay", "partial+ema"]
 
 
 def write_data(folder: Path, train: int, val: int, test: int, seed: int = 0) -> Path:
