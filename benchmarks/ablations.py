@@ -8,7 +8,7 @@ set, 1,000 validation images (drawn from the official training split, disjoint f
 and 2,000 test images, upscaled to --img-size; bundled EfficientNet-Lite0, --epochs for every
 row, no augmentation. A row is a base run (`partial`: last 2 stages; `full`), optionally with
 additions joined by `+`: `layer-decay` (`--layer-decay`), `ema` (`--ema`). A new option is one
-entry of ADDITIONS. Every row is an ordinary `tlkit.finetune` run in WORK/<row>; the table of
+entry of `additions`. Every row is an ordinary `tlkit.finetune` run in WORK/<row>; the table of
 test top-1 and wall time (with the load average over each row: other work on shared cores slows
 a row) is printed and written to WORK/results.md, the raw summaries to WORK/results.json.
 """
