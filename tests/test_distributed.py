@@ -153,13 +153,17 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
 @pytest.mark.slow
 def test_killed_ddp_run_resumes_from_last_checkpoint(colour_folder: Path, tmp_path: Path):
     out = tmp_path / "killed"
-    flags = [*DDP_FLAGS, "--strategy", "partial", "--epochs", "4", "--patience", "9"]
+    flags = [*DDP_FLAGS, "--strategy", "partial", "--epochs", "4", "--patience", "9", "--ema"]
     assert finetune_killed_after_first_checkpoint(colour_folder, out, flags) < 4
 
     resumed = run_cli("finetune", "--resume", "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = read_summary(out)
     assert summary.resumed and [h["epoch"] for h in summary.history] == [1, 2, 3, 4]
+    # The weight average (--ema) went on from the checkpoint: one update per optimiser step of
+    # the whole run, none lost or repeated by the kill and the resume.
+    last = torch.load(out / "last.ckpt", weights_only=True)
+    assert last["averaging_state"]["n_averaged"] == last["global_step"] > 0
 
 
 PROBE = Path(__file__).with_name("ddp_probe.py")

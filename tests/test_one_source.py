@@ -44,6 +44,7 @@ CHECKPOINT_HPARAMS = {
     "optimizer",
     "warmup_epochs",
     "label_smoothing",
+    "layer_decay",
     "img_size",
     "class_names",
     "channels_last",

@@ -1,5 +1,5 @@
-"""Lightning callbacks of a tlkit run: the progress bar, the per-epoch summary line and the
-divergence stop."""
+"""Lightning callbacks of a tlkit run: the progress bar, the per-epoch summary line, the
+divergence stop and the exponential moving average of the weights."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+import torch
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar, WeightAveraging
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+from pytorch_lightning.trainer.states import TrainerFn
 
 from tlkit.errors import TrainingDivergedError
 
@@ -92,3 +94,65 @@ class StopOnNonFiniteLoss(Callback):
                 f"learning rate {learning_rate:.2e}. The last good checkpoints are kept in "
                 "the run folder. Try a lower --lr, and run `tlkit sanity` to check the set-up."
             )
+
+
+# Where Lightning's WeightAveraging keeps the training weights in a checkpoint whose
+# "state_dict" holds the averaged ones.
+TRAINING_WEIGHTS_KEY = "current_model_state"
+
+
+def ema_decay_at(updates_so_far: int, ceiling: float) -> float:
+    """The decay of the EMA update that follows `updates_so_far` updates: timm's ModelEmaV3
+    warm-up (`use_warmup=True`, gamma 1, power 2/3), 1 - (1 + t)^(-2/3), up to `ceiling`.
+    (Written out because ModelEmaV3 computes it on an instance holding a copy of the model.)"""
+    return min(ceiling, 1.0 - (1.0 + updates_so_far) ** (-2.0 / 3.0))
+
+
+class ExponentialMovingAverage(WeightAveraging):
+    """An exponential moving average of the weights and buffers (BatchNorm statistics too, as
+    timm's ModelEmaV3 does), updated after every optimiser step.
+
+    Lightning's `WeightAveraging` does the rest: validation runs on the averaged weights (so the
+    best checkpoint and early stopping follow them), every checkpoint's `state_dict` holds them
+    (so evaluate, predict and export use them as they are), the training weights and the update
+    count travel in the same checkpoint for --resume, and at the end of training the model
+    holds the average. Every DDP process keeps the same average of the same synchronised
+    weights. Frozen tensors are averaged too: a lerp towards an equal value leaves them exactly
+    as they were, at the cost of one element-wise pass over them per step.
+
+    Lightning's own `EMAWeightAveraging` has a fixed decay; in a short fine-tuning run the
+    weights of the first steps (the untrained head) would dominate the average, hence the
+    warm-up (`ema_decay_at`).
+    """
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(multi_avg_fn=self._update)
+        self.decay = decay
+
+    @torch.no_grad()
+    def _update(
+        self,
+        averaged: list[torch.Tensor],
+        current: list[torch.Tensor],
+        updates_so_far: torch.Tensor,
+    ) -> None:
+        """The foreach lerp of torch's `get_ema_multi_avg_fn` and timm's ModelEmaV3, at this
+        update's warmed-up decay, for one device's tensors of one dtype. Integer buffers
+        (BatchNorm's num_batches_tracked) are counters: copied, as ModelEmaV3 does (torch's
+        function would average and truncate them)."""
+        if averaged[0].is_floating_point():
+            decay = ema_decay_at(int(updates_so_far), self.decay)
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Restore the training weights and the average when a fit resumes, and only then.
+
+        Lightning calls this whenever its Trainer loads a checkpoint, testing included: after
+        fitting, `trainer.test(ckpt_path=...)` would otherwise swap the training weights in for
+        the averaged ones it is meant to test."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, module, checkpoint)

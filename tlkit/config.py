@@ -103,6 +103,23 @@ class FinetuneConfig:
     )
     label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
     patience: int = _option(5, "early stopping: epochs without validation improvement")
+    layer_decay: float = _option(
+        1.0,
+        "layer-wise learning-rate decay (timm's layer groups): the backbone's last group trains "
+        "at lr x backbone-lr-scale, each earlier group this factor lower (1: no decay)",
+    )
+    ema: bool = _option(
+        False,
+        "exponential moving average of the weights: validated, chosen and saved in their place",
+    )
+    # timm's train.py ceiling (--model-ema-decay 0.9998). tlkit's runs are short (a few hundred
+    # to ~10k optimiser steps), so the EMA warms up as timm's ModelEmaV3(use_warmup=True) does:
+    # decay 1 - (1 + t)^(-2/3) at update t, an averaging horizon of t^(2/3) updates (53 of a
+    # 390-step run, 413 of 8,400). A fixed 0.9998 would still hold 92% of the first steps'
+    # weights (the untrained head) after 400 steps; the ceiling binds only after 354k updates.
+    ema_decay: float = _option(
+        0.9998, "EMA decay ceiling, reached after a warm-up of (1 - decay)^-1.5 updates"
+    )
 
     # Data and augmentation
     img_size: int | None = _option(
@@ -176,11 +193,18 @@ class FinetuneConfig:
             "unfreeze_stages": self.unfreeze_stages >= 1,
             "num_nodes": self.num_nodes >= 1,
             "accumulate_grad_batches": self.accumulate_grad_batches >= 1,
+            "layer_decay": 0 < self.layer_decay <= 1,
+            "ema_decay": 0 < self.ema_decay < 1,
         }
         invalid = [name for name, valid in checks.items() if not valid]
         if invalid:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in invalid)
             raise ConfigError(f"invalid config values: {values}")
+        if self.ema and self.dist_strategy == "fsdp":
+            raise ConfigError(
+                "--ema keeps a full copy of the model on every process, which FSDP's sharding "
+                "rules out: use --dist-strategy ddp (or no --ema)"
+            )
 
     def to_yaml(self) -> str:
         """The configuration as YAML that `--config` reads back."""

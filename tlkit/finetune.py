@@ -23,7 +23,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from tlkit import __version__
 from tlkit.augment import train_transform
 from tlkit.backbones import create_backbone, preprocessing
-from tlkit.callbacks import EpochProgressBar, EpochSummary, StopOnNonFiniteLoss
+from tlkit.callbacks import (
+    TRAINING_WEIGHTS_KEY,
+    EpochProgressBar,
+    EpochSummary,
+    ExponentialMovingAverage,
+    StopOnNonFiniteLoss,
+)
 from tlkit.config import FinetuneConfig, config_kwargs
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data import ImageDataModule, drops_last_batch
@@ -140,6 +146,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     check_config(config)
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
+    if resume_from:
+        _check_same_averaging(resume_from, config.ema)
     earlier_metrics = read_metrics(out) if resume_from else []
     logger = build_logger(config, out)
     started = time.perf_counter()
@@ -174,6 +182,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         StopOnNonFiniteLoss(),
         summary_callback,
     ]
+    if config.ema:
+        callbacks.append(ExponentialMovingAverage(config.ema_decay))
     if progress:
         callbacks.append(EpochProgressBar())
     callbacks += trainer_options.pop("callbacks", [])
@@ -294,6 +304,18 @@ def _check_same_classes(checkpoint: str, classes: list[str]) -> None:
         raise RunFolderError(
             f"the data now has the classes {classes}, but the run was trained on {trained}; "
             "a resumed run needs the same classes (start a new run)"
+        )
+
+
+def _check_same_averaging(checkpoint: str, ema: bool) -> None:
+    """A run with --ema keeps its training weights beside the averaged ones; resumed without
+    --ema it would silently go on from the average (and with it, start one from scratch)."""
+    averaged = TRAINING_WEIGHTS_KEY in read_checkpoint(checkpoint)
+    if averaged != ema:
+        was, now = ("with", "without") if averaged else ("without", "with")
+        raise RunFolderError(
+            f"the run was trained {was} --ema and is resumed {now} it; resume it as it was "
+            "trained (its config.yaml) or start a new run"
         )
 
 

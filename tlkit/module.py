@@ -82,6 +82,7 @@ class TransferClassifier(pl.LightningModule):
         optimizer: str = _default("optimizer"),
         warmup_epochs: float = _default("warmup_epochs"),
         label_smoothing: float = _default("label_smoothing"),
+        layer_decay: float = _default("layer_decay"),
         img_size: int | None = _default("img_size"),
         class_names: list[str] | None = None,
         channels_last: bool = _default("channels_last"),
@@ -218,13 +219,16 @@ class TransferClassifier(pl.LightningModule):
         resumed: tuple[SchedulePlan, int] | None = None,
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimiser over the trainable parameters (pretrained layers at the scaled learning
-        rate) and its per-step schedule: linear warm-up, then cosine decay to zero.
+        rate, decayed layer by layer with `layer_decay`) and its per-step schedule: linear
+        warm-up, then cosine decay to zero, the same factor for every group's own rate.
 
         `resumed`: the plan and step of the checkpoint a run resumes from; its schedule is kept,
         and continued to `total_steps` where that changed."""
         hp = self.hparams
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
-        groups = optimizer_parameter_groups(self.backbone, self.head, hp.lr, hp.weight_decay, scale)
+        groups = optimizer_parameter_groups(
+            self.backbone, self.head, hp.lr, hp.weight_decay, scale, hp.layer_decay
+        )
         if hp.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"unknown optimizer '{hp.optimizer}': choose one of {', '.join(OPTIMIZERS)}"

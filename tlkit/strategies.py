@@ -4,6 +4,9 @@
 - ``partial``: the last N layer groups of the backbone train with the head (more data).
 - ``full``: everything trains; the pretrained backbone at ``lr * backbone_lr_scale`` (lots of data).
 
+With a layer decay, the backbone's earlier layer groups train at geometrically lower rates
+(`optimizer_parameter_groups`); frozen stages are the limit of that decay.
+
 Frozen means frozen: ``requires_grad=False`` *and* the frozen modules in eval mode, so that
 BatchNorm keeps its pretrained running statistics and frozen drop-path/dropout layers stay off.
 `keep_frozen_modules_in_eval` must run after every ``.train()`` call; `TransferClassifier.train`
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from tlkit.backbones import layer_groups
@@ -85,13 +88,30 @@ def optimizer_parameter_groups(
     lr: float,
     weight_decay: float,
     backbone_lr_scale: float,
+    layer_decay: float = 1.0,
 ) -> list[dict]:
-    """Optimiser groups for the trainable parameters only: the backbone at the scaled learning
-    rate, the head at `lr`; no weight decay on biases and norm layers (timm's convention)."""
+    """Optimiser groups for the trainable parameters only, the head's last; no weight decay on
+    biases and norm layers (timm's convention).
+
+    The head trains at `lr`, the backbone at `lr * backbone_lr_scale`. With `layer_decay` < 1,
+    that is the rate of the backbone's last layer group, and each earlier group's is
+    `layer_decay` times the next one's: timm's `param_groups_layer_decay` over the backbone's
+    fine `group_matcher` groups (stem, then each block), whose `lr_scale` becomes the group's
+    own `lr`, so every per-group schedule scales it. timm counts its classifier in the last
+    group; the backbone has none (`num_classes=0`), so that group is the backbone's own last
+    layers, and tlkit's head sits above it at the `1 / backbone_lr_scale` step. Frozen layers
+    (`requires_grad=False`) are in no group: the limit of the decay, a learning rate of zero.
+    """
+    if layer_decay < 1.0:
+        backbone_groups = param_groups_layer_decay(backbone, weight_decay, layer_decay=layer_decay)
+    else:
+        backbone_groups = param_groups_weight_decay(backbone, weight_decay)
     groups = []
-    for part, part_lr in ((backbone, lr * backbone_lr_scale), (head, lr)):
-        for group in param_groups_weight_decay(part, weight_decay):
-            groups.append({**group, "lr": part_lr})
+    for group in backbone_groups:
+        layer_scale = group.pop("lr_scale", 1.0)
+        groups.append({**group, "lr": lr * backbone_lr_scale * layer_scale})
+    for group in param_groups_weight_decay(head, weight_decay):
+        groups.append({**group, "lr": lr})
     return groups
 
 
