@@ -188,7 +188,7 @@ def demo_config(out: str | Path = "runs/demo", **overrides) -> FinetuneConfig:
     """The demo's settings: bundled weights, 64px patches, a head on cached frozen features.
 
     On these patches a linear probe of the frozen features already classifies every held-out
-    patch (measured: test 1.0000), so only the head is trained, in seconds."""
+    patch (measured: test 1.0000), so only the head is trained, on features extracted once."""
     values = {
         "data_dir": str(Path(out).parent / f"{Path(out).name}-textures"),
         "out": str(out),
@@ -206,7 +206,7 @@ def demo_config(out: str | Path = "runs/demo", **overrides) -> FinetuneConfig:
 
 def run_demo(config: FinetuneConfig, seed: int = 0) -> tuple[RunSummary, BaselineResult]:
     """Write the patch folder to `config.data_dir`, score the classic baseline on its split,
-    fine-tune as `config` says; the baseline is written to the run folder as baseline.json."""
+    train as `config` says; the baseline is written to the run folder as baseline.json."""
     patches = write_textures_folder(config.data_dir, seed)
     counts = ", ".join(f"{len(data.labels)} {split}" for split, data in patches.items())
     logger.info(
