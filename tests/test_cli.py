@@ -99,9 +99,12 @@ def test_demo_runs_the_embedded_default(tmp_path: Path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1"]) == 0
     summary = read_summary(out)
-    assert summary.weights == "bundled" and summary.test_images == 360
-    assert summary.test_acc > 0.5  # ten classes: chance is 0.1
-    assert f"test accuracy {summary.test_acc:.4f}" in capsys.readouterr().out
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert summary.weights == "bundled" and summary.test_images == baseline["test_images"] == 288
+    assert summary.test_acc > 0.5  # six classes: chance is 1/6
+    printed = capsys.readouterr().out
+    assert f"transfer learning, tf_efficientnet_lite0 (features): {summary.test_acc:.4f}" in printed
+    assert f"classic baseline, SVC on raw pixels (C={baseline['settings']['C']:.3g}" in printed
 
 
 def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path: Path, capsys):

@@ -236,7 +236,7 @@ def test_runs_record_whether_training_flipped_images():
 
 @pytest.fixture(scope="module")
 def unflipped_run(colour_folder: Path, tmp_path_factory) -> Path:
-    """A finished run trained with `--hflip 0`, as the digits demo is."""
+    """A finished run trained with `--hflip 0`, as for digits or text."""
     out = tmp_path_factory.mktemp("runs") / "no-flip"
     flags = [*TINY_RUN_FLAGS, "--epochs", "1", "--hflip", "0"]
     assert main(["finetune", str(colour_folder), "--out", str(out), *flags]) == 0
