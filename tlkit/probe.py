@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tlkit.data import ImageDataModule
-from tlkit.errors import DatasetError
+from tlkit.errors import ConfigError, DatasetError
 from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
 
@@ -51,6 +51,15 @@ class ProbeResult:
     weight: torch.Tensor  # (num_classes, feature_dim): the head's classifier weight
     bias: torch.Tensor  # (num_classes,)
     l2_penalty: float = 0.0  # the penalty chosen on validation
+
+    def copy_into(self, model: TransferClassifier) -> None:
+        """Make this probe the model's classifier (LP-FT's start); the head must have no hidden
+        layer, whose output the probe never saw."""
+        if model.hparams.head_hidden:
+            raise ConfigError("a linear probe can only start a head without a hidden layer")
+        with torch.no_grad():
+            model.head.classifier.weight.copy_(self.weight)
+            model.head.classifier.bias.copy_(self.bias)
 
     def summary(self) -> dict[str, float | int]:
         """The probe's numbers, for summary.json and the log."""

@@ -123,6 +123,7 @@ class RunSummary:
     # Added after the first release, so older summaries lack them:
     resumed: bool = False
     feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
+    linear_probe: dict[str, Any] | None = None  # --lp-ft: the probe the head started from
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
 
