@@ -23,7 +23,12 @@ from pytorch_lightning.utilities import rank_zero_only
 from tlkit import __version__
 from tlkit.augment import train_transform
 from tlkit.backbones import create_backbone, preprocessing
-from tlkit.callbacks import EpochProgressBar, EpochSummary, StopOnNonFiniteLoss
+from tlkit.callbacks import (
+    EpochProgressBar,
+    EpochSummary,
+    ResumeCheckpoint,
+    StopOnNonFiniteLoss,
+)
 from tlkit.config import FinetuneConfig, config_kwargs
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data import ImageDataModule, drops_last_batch
@@ -178,11 +183,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
-        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
-        ModelCheckpoint(
-            dirpath=out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
-        ),
+        ResumeCheckpoint(out / LAST_CHECKPOINT),  # last.ckpt, for --resume
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),
