@@ -20,7 +20,8 @@ from tlkit.runfolder import (
     write_summary,
 )
 
-# The keys of the first summary.json tlkit wrote; `resumed` and `feature_cache` came later.
+# The keys of the first summary.json tlkit wrote; `resumed`, `feature_cache` and `linear_probe`
+# came later.
 FIRST_SUMMARY = {
     "tlkit_version": "0.1.0",
     "backbone": "tf_efficientnet_lite0",
@@ -52,7 +53,12 @@ FIRST_SUMMARY = {
 
 
 def test_summary_round_trips_through_json(tmp_path: Path):
-    values = {**FIRST_SUMMARY, "resumed": True, "feature_cache": {"train": {"reused": False}}}
+    values = {
+        **FIRST_SUMMARY,
+        "resumed": True,
+        "feature_cache": {"train": {"reused": False}},
+        "linear_probe": {"linear_val_acc": 0.9, "knn_val_acc": 0.8, "knn_k": 20},
+    }
     summary = RunSummary.from_dict(values)
     assert summary.preprocessing == Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     write_summary(tmp_path, summary)

@@ -87,6 +87,11 @@ class FinetuneConfig:
     backbone_lr_scale: float = _option(
         0.1, "learning rate of pretrained layers relative to --lr (partial and full)"
     )
+    lp_ft: bool = _option(
+        False,
+        "partial and full: start from a linear probe's head, fitted on cached features (LP-FT, "
+        "Kumar et al. 2022), instead of a zero head",
+    )
 
     # Head
     dropout: float = _option(0.5, "dropout before the classifier")

@@ -28,6 +28,7 @@ from tlkit.callbacks import (
     EpochProgressBar,
     EpochSummary,
     ExponentialMovingAverage,
+    ResumeCheckpoint,
     StopOnNonFiniteLoss,
 )
 from tlkit.config import FinetuneConfig, config_kwargs
@@ -38,6 +39,7 @@ from tlkit.distributed import trainer_options as distributed_options
 from tlkit.errors import ConfigError, OutputExistsError
 from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
+from tlkit.probe import fit_probe, probe_features
 from tlkit.runfolder import (
     BEST_CHECKPOINT,
     CONFIG,
@@ -97,6 +99,16 @@ def check_config(config: FinetuneConfig) -> None:
     except TypeError as error:  # timm hands options a model does not take to its class
         raise ConfigError(f"{config.backbone} cannot be built as configured: {error}") from error
     trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
+    if config.lp_ft and config.strategy == "features":
+        raise ConfigError(
+            "--lp-ft starts partial or full fine-tuning from a linear probe; the features "
+            "strategy trains that linear head itself"
+        )
+    if config.lp_ft and config.head_hidden > 0:
+        raise ConfigError(
+            "--lp-ft initialises the classifier from a linear probe of the pooled features, "
+            "which a head with a hidden layer (--head-hidden) does not see: use one or the other"
+        )
     if config.augment:
         train_transform(
             preprocessing(config.backbone, config.img_size), **augmentation_options(config)
@@ -160,6 +172,9 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     _write_at_start(out, config, datamodule)
     model = build_model(config, datamodule.classes)
     progress = trainer_options.get("enable_progress_bar", True)
+    linear_probe = None
+    if config.lp_ft and not resume_from:  # resumed: the head comes from the checkpoint
+        linear_probe = start_from_linear_probe(config, model, datamodule, progress)
     training_data = _training_data(config, model, datamodule, progress)
 
     summary_callback = EpochSummary()
@@ -172,11 +187,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
-        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
-        ModelCheckpoint(
-            dirpath=out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
-        ),
+        ResumeCheckpoint(out / LAST_CHECKPOINT),  # last.ckpt, for --resume
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),
@@ -243,6 +254,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         history=history,
         resumed=resume_from is not None,
         feature_cache=getattr(training_data, "report", None),
+        linear_probe=linear_probe,
         skipped_files=len(skipped),
         wall_time_s=round(time.perf_counter() - started, 2),
     )
@@ -319,6 +331,40 @@ def _check_same_averaging(checkpoint: str, ema: bool) -> None:
         )
 
 
+def start_from_linear_probe(
+    config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
+) -> dict[str, Any]:
+    """LP-FT (Kumar et al. 2022): fit a linear probe on the cached features of the train split
+    (its L2 penalty chosen on validation) and make it the model's classifier, so fine-tuning
+    starts from a converged head instead of a zero one, and the early, large gradients of a
+    fresh head do not distort the pretrained features. Returns the probe's numbers.
+
+    Every DDP process runs this before the process group exists: one extracts the features (a
+    file lock), all fit the same probe from the same files (the fit is deterministic), and
+    DDP's start-up broadcast of rank 0's parameters leaves no room for a difference anyway.
+    """
+    started = time.perf_counter()
+    gpu = config.accelerator in ("auto", "gpu") and torch.cuda.is_available()
+    features = probe_features(
+        model,
+        images,
+        config.cache_dir or Path(config.out) / "cache",
+        progress,
+        device="cuda" if gpu else "cpu",
+    )
+    extraction_s = time.perf_counter() - started
+    probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed)
+    probe.copy_into(model)
+    if rank_zero_only.rank == 0:
+        logger.info(
+            f"LP-FT: linear probe on cached features: validation top-1 "
+            f"{probe.linear_val_acc:.4f} (k-NN {probe.knn_val_acc:.4f}, k={probe.knn_k}; L2 "
+            f"{probe.l2_penalty:g}), fitted in {probe.fit_seconds:.2f} s; fine-tuning starts "
+            "from its head"
+        )
+    return {**probe.summary(), "features_s": round(extraction_s, 2)}
+
+
 def _training_data(
     config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
 ) -> pl.LightningDataModule:
@@ -365,6 +411,5 @@ def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]
         logger.info(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
     test = f", test {summary.test_acc:.4f}" if summary.test_acc is not None else ""
     logger.info(
-        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; "
-        f"run folder {out}"
+        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; run folder {out}"
     )

@@ -1,7 +1,7 @@
 """The run folder: what a fine-tuning run leaves behind, written atomically, read back safely.
 
 best.ckpt      best-on-validation checkpoint (the model `evaluate` and `predict` use)
-last.ckpt      the latest checkpoint
+last.ckpt      the latest epoch's state, for --resume (callbacks.ResumeCheckpoint)
 metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
@@ -135,6 +135,7 @@ class RunSummary:
     # Added after the first release, so older summaries lack them:
     resumed: bool = False
     feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
+    linear_probe: dict[str, Any] | None = None  # --lp-ft: the probe the head started from
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
 
