@@ -469,6 +469,14 @@ class ImageDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
 
+    def with_transform(self, transform, augmentation_seed: int | None = None) -> ImageDataset:
+        """The same images with another transform (and augmentation seed)."""
+        return ImageDataset(self.samples, transform, self.max_pixels, augmentation_seed)
+
+    def images_of(self, samples: list[tuple[str, int]], transform) -> ImageDataset:
+        """Some of these images (`samples` taken from `self.samples`) with `transform`."""
+        return ImageDataset(samples, transform, self.max_pixels)
+
     def __len__(self) -> int:
         return len(self.samples)
 

@@ -29,6 +29,7 @@ own storage providers, with the same credentials (the environment's, e.g. AWS_* 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -462,13 +464,35 @@ class ShardImages(Dataset):
             self.positions,
         )
 
+    def images_of(self, samples: list[tuple[str, int]], transform) -> ShardImages:
+        """Some of these images (`samples` taken from `self.samples`) with `transform`."""
+        position_of = {path: position for position, (path, _) in enumerate(self.samples)}
+        chosen = [position_of[path] for path, _ in samples]
+        return self.subset(chosen).with_transform(transform)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the split's LitData index (its chunk files, their sizes and sample
+        counts): what identifies these images where files have sizes and modification times."""
+        index = _read_text(self.location, "index.json")
+        if index is None:
+            raise DatasetError(f"{join(self.location, 'index.json')} is missing")
+        return hashlib.sha256(index.encode()).hexdigest()
+
+    def rgb(self, index: int) -> np.ndarray:
+        """Image `index` decoded, untransformed (for display)."""
+        sample = self._sample(index)
+        return load_rgb(io.BytesIO(sample["image"]), max_pixels=self.max_pixels)
+
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _sample(self, index: int) -> dict[str, Any]:
         if self._streaming is None:
             self._streaming = StreamingDataset(self.location)
-        sample = self._streaming[self.positions[index]]
+        return self._streaming[self.positions[index]]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self._sample(index)
         return decode_sample(
             sample,
             self.transform,
@@ -511,6 +535,30 @@ class ShardTrainingDataset(StreamingDataset):
         return decode_sample(
             sample, self.image_transform, self.augment_seed, epoch, self.max_pixels, self.location
         )
+
+
+class TrainerEpochLoader(StreamingDataLoader):
+    """A `StreamingDataLoader` in step with the Trainer's epochs.
+
+    StreamingDataLoader counts epochs itself, one per iteration, from its creation; a run
+    resumed with `--resume` creates a new one, which would replay the first epoch's shuffle
+    and augmentation. (Lightning restores a loader's state from a checkpoint only when it
+    resumes mid-epoch; tlkit's last.ckpt is written at an epoch's end.) So every iteration
+    starts at the epoch Lightning gives samplers (`set_epoch`), as `EpochSampler` does for
+    image folders.
+    """
+
+    def __init__(self, dataset: StreamingDataset, trainer: pl.Trainer | None, **options) -> None:
+        super().__init__(dataset, **options)
+        self.trainer = trainer
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator, so this runs when the epoch's first batch is drawn, not when Lightning
+        # creates the iterator ahead of time (before a resumed run knows its epoch).
+        if self.trainer is not None and not self.restore:
+            # StreamingDataLoader.__iter__ adds one (LitData counts epochs from 1)
+            self.current_epoch = self.trainer.fit_loop.epoch_progress.current.processed
+        yield from super().__iter__()
 
 
 _default = FinetuneConfig.field_default
@@ -629,7 +677,7 @@ class ShardDataModule(pl.LightningDataModule):
         """None: the shards hold bytes that decoded at conversion, and cannot change since."""
         return []
 
-    def train_dataloader(self) -> StreamingDataLoader:
+    def train_dataloader(self) -> TrainerEpochLoader:
         processes = self.trainer.world_size if self.trainer is not None else 1
         images = len(self.train_set)
         per_process = images // processes
@@ -653,19 +701,14 @@ class ShardDataModule(pl.LightningDataModule):
             self.max_image_pixels,
             drop_last,
         )
-        loader = StreamingDataLoader(
+        return TrainerEpochLoader(
             dataset,
+            self.trainer,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
-        # The loader counts epochs itself from 0; a resumed run continues at the trainer's
-        # epoch, with that epoch's shuffle and augmentation. (Lightning also restores the
-        # loader's own state from the checkpoint, which agrees.)
-        if self.trainer is not None:
-            loader.current_epoch = self.trainer.current_epoch
-        return loader
 
     def _evaluation_loader(self, dataset: ShardImages) -> DataLoader:
         # By index, with Lightning's UnrepeatedDistributedSampler under several processes:
