@@ -49,6 +49,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
+
+# LitData's own S3/GCS client for a URL (private, but the one its readers and optimize use,
+# with the same credentials), for the few small files tlkit keeps beside the shards.
 from litdata.streaming.fs_provider import _get_fs_provider
 from torch.utils.data import DataLoader, Dataset
 
@@ -69,6 +72,7 @@ from tlkit.data import (
     relative_path,
 )
 from tlkit.errors import ConfigError, DatasetError, OutputExistsError, RunFolderError
+from tlkit.runfolder import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +128,6 @@ def _read_text(location: str, name: str) -> str | None:
 def _write_text(location: str, name: str, text: str) -> None:
     target = join(location, name)
     if not is_url(location):
-        from tlkit.runfolder import write_atomic
-
         write_atomic(target, text)
         return
     with tempfile.TemporaryDirectory() as folder:
@@ -455,6 +457,7 @@ class ShardImages(Dataset):
         )
 
     def with_transform(self, transform, augmentation_seed: int | None = None) -> ShardImages:
+        """The same images with another transform (and augmentation seed)."""
         return ShardImages(
             self.location,
             self._all_samples,
@@ -516,14 +519,14 @@ class ShardTrainingDataset(StreamingDataset):
         location: str,
         image_transform,
         seed: int,
-        augment_seed: int | None,
+        augmentation_seed: int | None,
         max_pixels: int,
         drop_last: bool,
     ) -> None:
         super().__init__(location, shuffle=True, seed=seed, drop_last=drop_last)
         # Not `self.transform`: StreamingDataset applies an attribute of that name to raw items.
         self.image_transform = image_transform
-        self.augment_seed = augment_seed
+        self.augmentation_seed = augmentation_seed
         self.max_pixels = max_pixels
         self.location = location
 
@@ -533,7 +536,12 @@ class ShardTrainingDataset(StreamingDataset):
         # advance it themselves); Lightning and ImageDataset count from 0.
         epoch = self.current_epoch - 1
         return decode_sample(
-            sample, self.image_transform, self.augment_seed, epoch, self.max_pixels, self.location
+            sample,
+            self.image_transform,
+            self.augmentation_seed,
+            epoch,
+            self.max_pixels,
+            self.location,
         )
 
 
