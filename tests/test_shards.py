@@ -21,18 +21,21 @@ from tlkit.augment import eval_transform
 from tlkit.backbones import preprocessing
 from tlkit.cli import main
 from tlkit.config import FinetuneConfig
-from tlkit.data import ImageDataModule
+from tlkit.data import ImageDataModule, ImageDataset
 from tlkit.errors import DatasetError, OutputExistsError
-from tlkit.features import CachedFeatureDataModule
+from tlkit.features import CachedFeatureDataModule, extract
 from tlkit.finetune import augmentation_options, build_datamodule, build_model, finetune
 from tlkit.inference import evaluate, predict
 from tlkit.report import build_report
 from tlkit.runfolder import read_split, read_summary
 from tlkit.sanity import subset_loader
-from tlkit.shards import MARKER, ShardDataModule, convert, open_converted
+from tlkit.shards import MARKER, ShardDataModule, convert, labelled_split, open_converted
 
 # As tiny_run (conftest.TINY_RUN_FLAGS) trains on the colour folder.
 RUN_CONFIG = dict(**TINY_CONFIG, epochs=2, seed=0, strategy="partial", unfreeze_stages=1, lr=3e-3)
+# One batch of all 20 training images per epoch and no dropout: runs that see the same augmented
+# images in another order train alike.
+FULL_BATCH = dict(RUN_CONFIG, batch_size=32, dropout=0.0, lr=1e-2, warmup_epochs=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +160,7 @@ def resumed_shard_run(converted: Path, tmp_path_factory) -> tuple[Path, list[lis
     """A shard run stopped after its first epoch and resumed; the images each part trained on."""
     out = tmp_path_factory.mktemp("shard-runs") / "resumed"
     probe = tmp_path_factory.mktemp("probe")
-    config = FinetuneConfig(data_dir=str(converted), out=str(out), **RUN_CONFIG)
+    config = FinetuneConfig(data_dir=str(converted), out=str(out), **FULL_BATCH)
     first, second = RecordBatches(probe), RecordBatches(probe)
     options = {"enable_progress_bar": False, "limit_test_batches": 0}
     finetune(config, callbacks=[first, StopAfterFirstEpoch()], **options)
@@ -170,22 +173,19 @@ def test_a_resumed_shard_run_sees_the_uninterrupted_order(resumed_shard_run, con
     expected = uninterrupted_order(FinetuneConfig.from_yaml(out / "config.yaml"), 2)
     assert trained == expected
     assert read_summary(out).resumed and read_summary(out).epochs_run == 2
-    assert len(trained[1]) == 16  # 20 images, batches of 8: the incomplete one is dropped
+    assert len(trained[1]) == 20
     assert trained[0] != trained[1]  # reshuffled and augmented anew every epoch
 
 
-def test_shard_and_folder_runs_agree(converted: Path, colour_folder: Path, tmp_path: Path):
-    """One batch of all 20 training images per epoch and no dropout: from shards and from the
-    folder, the same augmented images in another order, and so the same training."""
-    options = dict(RUN_CONFIG, batch_size=32, dropout=0.0, lr=1e-2, warmup_epochs=0.0)
-    runs = {}
-    for name, data in {"shards": converted, "folder": colour_folder}.items():
-        config = FinetuneConfig(data_dir=str(data), out=str(tmp_path / name), **options)
-        runs[name] = finetune(config, enable_progress_bar=False, limit_test_batches=0)
-    assert read_split(tmp_path / "shards") == read_split(tmp_path / "folder")
-    for shard_epoch, folder_epoch in zip(
-        runs["shards"].history, runs["folder"].history, strict=True
-    ):
+def test_shard_and_folder_runs_agree(resumed_shard_run, colour_folder: Path, tmp_path: Path):
+    """The interrupted and resumed shard run trains as an uninterrupted folder run: the same
+    augmented images in another order, in one batch."""
+    out, _ = resumed_shard_run
+    config = FinetuneConfig(data_dir=str(colour_folder), out=str(tmp_path / "folder"), **FULL_BATCH)
+    folder_run = finetune(config, enable_progress_bar=False, limit_test_batches=0)
+    shard_run = read_summary(out)
+    assert read_split(out) == read_split(tmp_path / "folder")
+    for shard_epoch, folder_epoch in zip(shard_run.history, folder_run.history, strict=True):
         assert shard_epoch["val_acc"] == folder_epoch["val_acc"]
         # equal but for the order of floating-point sums over the batch
         assert shard_epoch["val_loss"] == pytest.approx(folder_epoch["val_loss"], rel=1e-4)
@@ -194,24 +194,20 @@ def test_shard_and_folder_runs_agree(converted: Path, colour_folder: Path, tmp_p
 def test_the_feature_cache_reads_shards(converted: Path, colour_folder: Path, tmp_path: Path):
     """Features cached from shards (keyed by the shards' index, not file times) equal those
     of the image files, and are found again."""
-    config = FinetuneConfig(**dict(RUN_CONFIG, strategy="features"))
-    model = build_model(config, ["blue", "green", "red"])
-    features, reports = {}, []
-    for data in (converted, colour_folder, converted):
-        images = build_datamodule(dataclasses.replace(config, data_dir=str(data)))
-        images.setup()
-        cached = CachedFeatureDataModule(model, images, tmp_path / data.name, progress=False)
+    config = FinetuneConfig(**dict(RUN_CONFIG, strategy="features", data_dir=str(converted)))
+    images = build_datamodule(config)
+    images.setup()
+    model = build_model(config, images.classes)
+    reused = []
+    for _ in range(2):
+        cached = CachedFeatureDataModule(model, images, tmp_path, progress=False)
         cached.setup()
-        rows = cached.splits["val"].tensors[0]
-        paths = [
-            os.path.relpath(os.path.join(data, path), data) for path, _ in images.val_set.samples
-        ]
-        features[data] = dict(zip(paths, rows, strict=True))
-        reports.append(cached.report["val"]["reused"])
-    assert reports == [False, False, True]
-    assert features[converted].keys() == features[colour_folder].keys()
-    for path, row in features[converted].items():
-        assert torch.allclose(row, features[colour_folder][path], atol=1e-6)
+        reused.append(cached.report["val"]["reused"])
+    assert reused == [False, True]
+    files = [(str(colour_folder / path), label) for path, label in images.val_set.samples]
+    dataset = ImageDataset(files, eval_transform(images.preprocessing))
+    from_files = extract(model.backbone, dataset, 8, torch.device("cpu"), 0, progress=False)
+    assert torch.allclose(cached.splits["val"].tensors[0], from_files, atol=1e-6)
 
 
 def test_evaluate_predict_and_report_read_converted_splits(
@@ -221,16 +217,11 @@ def test_evaluate_predict_and_report_read_converted_splits(
     from_files = evaluate(tiny_run, colour_folder / "test", accelerator="cpu")
     assert from_shards["images"] == from_files["images"] == 12
     assert from_shards["confusion_matrix"] == from_files["confusion_matrix"]
-    assert evaluate(tiny_run, converted, accelerator="cpu")["top1"] == from_shards["top1"]
+    assert labelled_split(converted)[1] == labelled_split(converted / "test")[1] == "test"
 
     rows, skipped = predict(tiny_run, [converted / "test"], accelerator="cpu")
-    file_rows, _ = predict(tiny_run, [colour_folder / "test"], accelerator="cpu")
-    by_path = {os.path.relpath(row.pop("path"), colour_folder): row for row in file_rows}
-    assert not skipped and len(rows) == 12
-    for row in rows:
-        expected = by_path[row.pop("path")]
-        assert row["label_1"] == expected["label_1"]
-        assert row["prob_1"] == pytest.approx(expected["prob_1"], abs=1e-5)
+    test_paths = {path for path, split in read_split(tiny_run).items() if split == "test"}
+    assert not skipped and {row["path"] for row in rows} == test_paths
 
     out, _ = resumed_shard_run
     report = build_report(out, accelerator="cpu")  # its data: the converted test split
