@@ -23,6 +23,7 @@ from tlkit.finetune import build_datamodule, build_model
 from tlkit.inference import image_paths
 from tlkit.module import OPTIMIZERS, TransferClassifier
 from tlkit.search import SAMPLERS
+from tlkit.shards import ShardDataModule
 from tlkit.strategies import STRATEGIES
 from tlkit.tta import PRESETS
 
@@ -55,7 +56,12 @@ CHECKPOINT_HPARAMS = {
 # train_transform's `seed` seeds its albumentations pipeline, not the run: a different meaning
 @pytest.mark.parametrize(
     "target, other_meaning",
-    [(TransferClassifier, ()), (ImageDataModule, ()), (train_transform, ("seed",))],
+    [
+        (TransferClassifier, ()),
+        (ImageDataModule, ()),
+        (ShardDataModule, ()),
+        (train_transform, ("seed",)),
+    ],
 )
 def test_parameters_named_like_config_fields_default_to_the_configs_values(target, other_meaning):
     for name, parameter in inspect.signature(target).parameters.items():

@@ -1,7 +1,7 @@
 """The names and defaults the command line offers, free of heavy imports, so that building the
 parser (and `tlkit --help`) loads no torch. The modules that implement them take them from here:
-tta.py (presets), export.py (formats), search.py (samplers), data.py (scan verify modes) and
-sanity.py; tests keep each module's table keys equal to these names."""
+tta.py (presets), export.py (formats), search.py (samplers), data.py (scan verify modes),
+sanity.py and shards.py; tests keep each module's table keys equal to these names."""
 
 VERIFY_MODES = ("full", "header", "none")
 TTA_PRESETS = ("none", "flip", "ten-crop", "multi-scale", "dense")
@@ -9,3 +9,4 @@ EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 SEARCH_SAMPLERS = ("random", "tpe")
 SANITY_SAMPLES_PER_CLASS = 20
 SANITY_OVERFIT_STEPS = 300
+SHARD_CHUNK_BYTES = "64MB"  # tlkit convert: LitData's own default chunk size

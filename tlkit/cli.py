@@ -11,6 +11,10 @@
     tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16] [--max-image-pixels N]
                    [--csv-paths-outside-root] [--verify full|header|none] [--scan-cache DIR]
     tlkit export   RUN_DIR --format onnx|torchscript|safetensors --out EXPORT_DIR
+    tlkit convert  DATA OUT [--workers N] [--chunk-bytes SIZE] [--seed S] [--val-fraction F]
+
+A dataset written by `tlkit convert` (LitData shards; OUT may be an s3:// or gs:// URL) is
+accepted wherever DATA_DIR or DATA is: finetune, sanity, search, evaluate, predict, report.
 
 evaluate and predict also take an EXPORT_DIR in place of RUN_DIR. --max-image-pixels,
 --csv-paths-outside-root, --verify and --scan-cache default to the run's own (its config.yaml).
@@ -30,6 +34,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -40,6 +45,7 @@ from tlkit.choices import (
     SANITY_OVERFIT_STEPS,
     SANITY_SAMPLES_PER_CLASS,
     SEARCH_SAMPLERS,
+    SHARD_CHUNK_BYTES,
     TTA_PRESETS,
     VERIFY_MODES,
 )
@@ -48,11 +54,16 @@ from tlkit.console import configure_logging
 from tlkit.errors import DatasetError, RunFolderError, TlkitError, TrainingDivergedError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per FinetuneConfig field; unset flags stay out of the namespace."""
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    skip: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """One flag per FinetuneConfig field (or per field in `only`); unset flags stay out of the
+    namespace."""
     hints = typing.get_type_hints(FinetuneConfig)
     for field in dataclasses.fields(FinetuneConfig):
-        if field.name in skip:
+        if field.name in skip or (only is not None and field.name not in only):
             continue
         kind = hints[field.name]
         if type(None) in typing.get_args(kind):  # `int | None`: the flag takes an int
@@ -144,6 +155,30 @@ def _demo(arguments: argparse.Namespace) -> int:
         f"in {summary.wall_time_s:.0f} s\n"
         f"  classic baseline, {baseline.method} ({settings}): {baseline.test_acc:.4f} "
         f"in {baseline.seconds:.0f} s"
+    )
+    return 0
+
+
+def _convert(arguments: argparse.Namespace) -> int:
+    from tlkit.shards import convert
+
+    config = config_from_arguments(arguments)
+    converted = convert(
+        arguments.data,
+        arguments.out,
+        workers=arguments.workers or min(8, os.cpu_count() or 1),
+        chunk_bytes=arguments.chunk_bytes,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        max_image_pixels=config.max_image_pixels,
+        csv_paths_outside_root=config.csv_paths_outside_root,
+        overwrite=arguments.overwrite,
+    )
+    counts = ", ".join(f"{count} {split}" for split, count in converted.counts.items())
+    skipped = converted.metadata["skipped_files"]
+    print(
+        f"converted {arguments.data} to {arguments.out}: {counts} images of "
+        f"{len(converted.classes)} classes" + (f", {skipped} files skipped" if skipped else "")
     )
     return 0
 
@@ -355,6 +390,34 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--space", help="YAML file overriding the default search space")
     add_config_flags(search, skip=("data_dir", "out"))
     search.set_defaults(handler=_search)
+
+    convert = commands.add_parser(
+        "convert",
+        help="write an image folder or CSV as LitData shards, for streaming on many machines",
+    )
+    convert.add_argument("data", help="image folder or path,label CSV, split as finetune splits it")
+    convert.add_argument(
+        "out", help="new folder, or an s3:// or gs:// URL, for the train/, val/ (, test/) shards"
+    )
+    convert.add_argument("--config", help="YAML file of config keys (the split's seed, ...)")
+    convert.add_argument(
+        "--workers",
+        type=positive_integer,
+        default=None,
+        help="processes writing shards (default: one per CPU core, at most 8)",
+    )
+    convert.add_argument(
+        "--chunk-bytes",
+        default=SHARD_CHUNK_BYTES,
+        help="size of a shard chunk file (default: %(default)s, LitData's default)",
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace a finished conversion in OUT"
+    )
+    add_config_flags(
+        convert, only=("seed", "val_fraction", "max_image_pixels", "csv_paths_outside_root")
+    )
+    convert.set_defaults(handler=_convert)
 
     for name, helptext in (
         ("evaluate", "metrics of a run on labelled data"),

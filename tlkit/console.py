@@ -32,6 +32,9 @@ EXPECTED_LIGHTNING_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # A frozen backbone (strategy features or partial) stays in eval mode on purpose (module.py).
     r".*module\(s\) in eval mode at the start of training",
+    # Converted datasets (shards.py): LitData's StreamingDataset gives each process and loader
+    # worker its own share itself, so its length per process is right.
+    r"Your `IterableDataset` has `__len__` defined",
 )
 
 

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytorch_lightning as pl
@@ -108,11 +109,12 @@ def _allow_in_pillow(max_pixels: int) -> None:
 
 
 def load_rgb(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     draft: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
-    """Decode an image file to an HxWx3 uint8 RGB array.
+    """Decode an image file (a path, or a binary file object such as a shard's bytes in a
+    `BytesIO`) to an HxWx3 uint8 RGB array.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become 8-bit RGB;
     transparency is composited onto white. `draft` allows a faster reduced-size JPEG decode.
@@ -603,6 +605,14 @@ class ImageDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
 
+    def with_transform(self, transform, augmentation_seed: int | None = None) -> ImageDataset:
+        """The same images with another transform (and augmentation seed)."""
+        return ImageDataset(self.samples, transform, self.max_pixels, augmentation_seed)
+
+    def images_of(self, samples: list[tuple[str, int]], transform) -> ImageDataset:
+        """Some of these images (`samples` taken from `self.samples`) with `transform`."""
+        return ImageDataset(samples, transform, self.max_pixels)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -624,8 +634,14 @@ class ImageDataset(Dataset):
         raise DatasetError(f"none of the {len(self.samples)} images can be loaded any more")
 
     def _image_seed(self, index: int) -> int:
-        entropy = [self.augmentation_seed, int(self._epoch), index]
-        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        return augmentation_seed(self.augmentation_seed, int(self._epoch), index)
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch: from (run seed, epoch, the image's
+    index in its split) alone, so it is the same whichever process, worker or batch loads it,
+    and whether the image comes from a folder or from shards (`tlkit.shards`)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 @rank_zero_only
@@ -690,7 +706,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
     jitter); `augment=False` trains on the evaluation transform. `classes`, `skipped` and the
-    datasets are available after `setup()`.
+    datasets are available after `setup()`; `preprocessing` may be None where only
+    `scan_splits()` is used (`tlkit convert`).
 
     `recorded_split` ({path relative to the data root: train | val | test}, a run's split.csv)
     replaces the computed split: recorded images that are gone are skipped, and images not in
@@ -702,7 +719,7 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data_dir: str | Path,
-        preprocessing: Preprocessing,
+        preprocessing: Preprocessing | None,
         batch_size: int = _default("batch_size"),
         num_workers: int = _default("num_workers"),
         val_fraction: float = _default("val_fraction"),
@@ -741,6 +758,24 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        splits = self.scan_splits()
+        evaluation = eval_transform(self.preprocessing)
+        options = {"max_pixels": self.max_image_pixels, "failure_log": self.load_failure_log}
+        if self.augment:
+            augmentation = train_transform(self.preprocessing, **self.augmentation)
+            self.train_set = ImageDataset(
+                splits["train"], augmentation, augmentation_seed=self.seed, **options
+            )
+        else:
+            self.train_set = ImageDataset(splits["train"], evaluation, **options)
+        self.val_set = ImageDataset(splits["val"], evaluation, **options)
+        if splits.get("test"):
+            self.test_set = ImageDataset(splits["test"], evaluation, **options)
+
+    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
+        """Scan the data and split it: the `(path, class index)` samples of train, val and (with
+        a test/ folder) test. Sets `classes` and `skipped`. `setup` builds the datasets from it;
+        `tlkit convert` writes it into shards (and needs no `preprocessing`)."""
         split_dir = self.data_dir / "train"
         train_scan = self._scan(split_dir if split_dir.is_dir() else self.data_dir)
         self.classes = train_scan.classes
@@ -762,18 +797,7 @@ class ImageDataModule(pl.LightningDataModule):
             splits["test"] = self._scan_split(test_dir).samples
         if self.recorded_split is not None:
             splits = self._follow_recorded_split(splits, self.recorded_split)
-        evaluation = eval_transform(self.preprocessing)
-        options = {"max_pixels": self.max_image_pixels, "failure_log": self.load_failure_log}
-        if self.augment:
-            augmentation = train_transform(self.preprocessing, **self.augmentation)
-            self.train_set = ImageDataset(
-                splits["train"], augmentation, augmentation_seed=self.seed, **options
-            )
-        else:
-            self.train_set = ImageDataset(splits["train"], evaluation, **options)
-        self.val_set = ImageDataset(splits["val"], evaluation, **options)
-        if splits.get("test"):
-            self.test_set = ImageDataset(splits["test"], evaluation, **options)
+        return splits
 
     def _follow_recorded_split(
         self, scanned: dict[str, list[tuple[str, int]]], recorded: dict[str, str]

@@ -49,6 +49,7 @@ from tlkit import __version__
 from tlkit.augment import eval_transform
 from tlkit.data import ImageDataModule, ImageDataset, drops_last_batch, process_sampler
 from tlkit.module import TransferClassifier
+from tlkit.shards import ShardDataModule, ShardImages
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,17 @@ def cache_key(
     transform,
     views: int,
     seed: int | None,
+    shards: str | None = None,
 ) -> str:
-    """SHA-256 of everything the cached features depend on (`seed`: of random augmentation)."""
-    files = [(path, label, *_size_and_mtime(path)) for path, label in samples]
+    """SHA-256 of everything the cached features depend on (`seed`: of random augmentation).
+
+    Image files are keyed by path, label, size and modification time; images of a converted
+    dataset by path and label and `shards`, the fingerprint of the LitData split holding them
+    (`ShardImages.fingerprint`)."""
+    if shards is None:
+        files = [(path, label, *_size_and_mtime(path)) for path, label in samples]
+    else:
+        files = [(path, label) for path, label in samples]
     description = {
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "tlkit": __version__},
         "backbone": model.hparams.backbone,
@@ -81,6 +90,8 @@ def cache_key(
         "views": views,
         "files": files,
     }
+    if shards is not None:
+        description["shards"] = shards
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
@@ -178,7 +189,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     def __init__(
         self,
         model: TransferClassifier,
-        images: ImageDataModule,
+        images: ImageDataModule | ShardDataModule,
         cache_dir: str | Path,
         augmented_views: int = 0,
         device: str | torch.device = "cpu",
@@ -213,7 +224,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
             else:
                 self.splits[split] = TensorDataset(features[0], labels)
 
-    def _sources(self) -> dict[str, ImageDataset]:
+    def _sources(self) -> dict[str, ImageDataset | ShardImages]:
         sources = {"train": self.images.train_set, "val": self.images.val_set}
         if self.images.test_set is not None:
             sources["test"] = self.images.test_set
@@ -230,7 +241,8 @@ class CachedFeatureDataModule(pl.LightningDataModule):
 
     def _features(self, split: str) -> torch.Tensor:
         """The split's (views, N, D) features from the cache, extracted first if needed."""
-        samples = self._sources()[split].samples
+        source = self._sources()[split]
+        samples = source.samples
         augmented = self._augmented(split)
         transform = (
             self.images.train_set.transform
@@ -240,14 +252,14 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         views = self.augmented_views if augmented else 1
         seed = self.images.seed if augmented else None
         if split not in self._keys:  # hashing the weights takes a while for large backbones
-            self._keys[split] = cache_key(self.model, samples, transform, views, seed)
+            shards = source.fingerprint() if isinstance(source, ShardImages) else None
+            self._keys[split] = cache_key(self.model, samples, transform, views, seed, shards)
         key = self._keys[split]
         path = self.cache_dir / f"features-{split}-{key[:20]}.safetensors"
         device = self.trainer.strategy.root_device if self.trainer is not None else self.device
 
         def make() -> torch.Tensor:
-            limit = self.images.max_image_pixels
-            dataset = ImageDataset(samples, transform, limit, augmentation_seed=seed)
+            dataset = source.with_transform(transform, augmentation_seed=seed)
             passes = []
             for view in range(views):
                 dataset.set_epoch(view)  # view k: the augmentation of epoch k without the cache

@@ -57,6 +57,7 @@ from tlkit.runfolder import (
     write_split,
     write_summary,
 )
+from tlkit.shards import ShardDataModule, open_converted
 from tlkit.strategies import trainable_parameter_names
 
 logger = logging.getLogger(__name__)
@@ -119,15 +120,18 @@ def build_datamodule(
     config: FinetuneConfig,
     recorded_split: dict[str, str] | None = None,
     load_failure_log: Path | None = None,
-) -> ImageDataModule:
+) -> ImageDataModule | ShardDataModule:
     """The data module a config describes, with the backbone's own preprocessing (and the
-    `ImageDataModule` options `recorded_split` and `load_failure_log`)."""
-    return ImageDataModule(
+    `ImageDataModule` options `recorded_split` and `load_failure_log`): a `ShardDataModule`
+    for a dataset converted by `tlkit convert` (found by its marker file), else an
+    `ImageDataModule` for an image folder or CSV. The one place that tells them apart."""
+    kind = ShardDataModule if open_converted(config.data_dir) is not None else ImageDataModule
+    return kind(
         preprocessing=preprocessing(config.backbone, config.img_size),
         augmentation=augmentation_options(config),
         recorded_split=recorded_split,
         load_failure_log=load_failure_log,
-        **config_kwargs(config, ImageDataModule),
+        **config_kwargs(config, kind),
     )
 
 

@@ -9,6 +9,7 @@ are found by `data.find_images`, and checkpoints run on `distributed.single_devi
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,11 +31,12 @@ from tlkit.data import (
     scan,
 )
 from tlkit.distributed import single_device_trainer
-from tlkit.errors import ConfigError, InputNotFoundError
+from tlkit.errors import ConfigError, DatasetError, InputNotFoundError
 from tlkit.export import is_export_folder, load_exported
 from tlkit.metrics import classification_metrics
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import best_checkpoint, image_limits, scan_options
+from tlkit.shards import ConvertedDataset, ShardImages, labelled_split
 from tlkit.tta import ScaleSquares, TTAModule, loader_batch_size, plan
 
 
@@ -77,14 +79,20 @@ def predict_probabilities(
     scales: tuple[float, ...] | None = None,
     average: str = "probabilities",
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    source: ShardImages | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(N, K) class probabilities for `(path, label)` samples with a TTA preset, and its cost.
 
     Mirrored views only for models trained with horizontal flips; the loader's batches are
     smaller than `batch_size` where the plan's views would exceed `tta.TTA_MEMORY_BUDGET`.
+    The samples are image files, or with `source` images of that converted split.
     """
     tta_plan = plan(tta, model.preprocessing, scales, average, model.trained_with_hflip)
-    dataset = ImageDataset(samples, ScaleSquares(tta_plan, model.preprocessing), max_pixels)
+    views = ScaleSquares(tta_plan, model.preprocessing)
+    if source is not None:
+        dataset = source.images_of(samples, views)
+    else:
+        dataset = ImageDataset(samples, views, max_pixels)
     images_per_batch = loader_batch_size(tta_plan, batch_size)
     loader = DataLoader(dataset, batch_size=images_per_batch, num_workers=default_num_workers())
     # At most one loader batch of views per forward pass: larger batches are slower per image
@@ -125,6 +133,7 @@ class LabelledPredictions:
     probabilities: torch.Tensor  # (N, C) softmax outputs
     skipped: list[tuple[str, str]]  # (path, reason) of the files that could not be used
     cost: dict[str, Any] = field(default_factory=dict)  # TTA preset, views/image, images/s
+    shards: ShardImages | None = None  # the converted split the images come from, if any
 
 
 def predict_labelled(
@@ -137,8 +146,12 @@ def predict_labelled(
     csv_paths_outside_root: bool = False,
     **scan_options: str,
 ) -> LabelledPredictions:
-    """Run `model` over labelled data (class folders or a path,label CSV) and keep every image;
-    `scan_options` are `data.scan`'s `verify` and `scan_cache`."""
+    """Run `model` over labelled data (class folders, a path,label CSV, or a split of a
+    converted dataset: `shards.labelled_split`) and keep every image; `scan_options` are
+    `data.scan`'s `verify` and `scan_cache`."""
+    converted = labelled_split(data)
+    if converted is not None:
+        return _predict_converted(model, *converted, batch_size, accelerator, tta, max_pixels)
     scanned = scan(data, model.class_names, max_pixels, csv_paths_outside_root, **scan_options)
     probabilities, cost = predict_probabilities(
         model, scanned.samples, tta, batch_size, accelerator, max_pixels=max_pixels
@@ -149,6 +162,41 @@ def predict_labelled(
         probabilities=probabilities,
         skipped=scanned.skipped,
         cost=cost,
+    )
+
+
+def _predict_converted(
+    model: TransferClassifier,
+    converted: ConvertedDataset,
+    split: str,
+    batch_size: int,
+    accelerator: str,
+    tta: str,
+    max_pixels: int,
+) -> LabelledPredictions:
+    """`predict_labelled` on one split of a converted dataset, labels mapped to the model's
+    classes. Its skipped files are those the conversion skipped in that split's own folder
+    (DATA/test/...), as a scan of that folder would list them."""
+    unknown = [name for name in converted.classes if name not in model.class_names]
+    if unknown:
+        raise DatasetError(
+            f"{converted.location}: classes {unknown} were not in the training classes "
+            f"{model.class_names}"
+        )
+    model_label = [model.class_names.index(name) for name in converted.classes]
+    samples = converted.samples()[split]
+    images = ShardImages(converted.split_location(split), samples, None, max_pixels)
+    probabilities, cost = predict_probabilities(
+        model, samples, tta, batch_size, accelerator, max_pixels=max_pixels, source=images
+    )
+    split_folder = os.path.join(converted.metadata["source"], split) + os.sep
+    return LabelledPredictions(
+        paths=[path for path, _ in samples],
+        labels=torch.tensor([model_label[label] for _, label in samples]),
+        probabilities=probabilities,
+        skipped=[row for row in converted.skipped() if row[0].startswith(split_folder)],
+        cost=cost,
+        shards=images,
     )
 
 
@@ -218,6 +266,8 @@ def predict(
     max_image_pixels: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Top-k labels and probabilities per image; also the files that could not be decoded.
+    `inputs` are image files, folders of them, or splits of converted datasets (their images
+    follow the files', with the paths they had in the converted folder).
 
     `run_dir` is a run folder or an export folder; `max_image_pixels` defaults to the run's.
     """
@@ -225,16 +275,25 @@ def predict(
         raise ConfigError(f"top_k must be 1 or more, not {top_k}")
     model = load_predictor(run_dir)
     max_pixels, _ = image_limits(run_dir, max_image_pixels)
-    paths = image_paths(inputs)
+    converted = [labelled_split(item) for item in inputs]
+    paths = image_paths([item for item, found in zip(inputs, converted, strict=True) if not found])
     problems = find_decode_problems(paths, max_pixels)
     usable = [path for path, problem in zip(paths, problems, strict=True) if problem is None]
     skipped = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
+    predict_options = (tta, batch_size, accelerator)
+    batches = []
+    if usable:
+        samples = [(path, -1) for path in usable]
+        batches.append(
+            predict_probabilities(model, samples, *predict_options, max_pixels=max_pixels)[0]
+        )
+    for found in filter(None, converted):  # a converted split: the images in its shards
+        labelled = _predict_converted(model, *found, batch_size, accelerator, tta, max_pixels)
+        usable += labelled.paths
+        batches.append(labelled.probabilities)
     if not usable:
         return [], skipped
-    samples = [(path, -1) for path in usable]
-    probabilities, _ = predict_probabilities(
-        model, samples, tta, batch_size, accelerator, max_pixels=max_pixels
-    )
+    probabilities = torch.cat(batches)
     k = min(top_k, probabilities.shape[1])
     values, indices = probabilities.topk(k, dim=1)
     classes = model.class_names

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
 import time
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -39,6 +40,7 @@ from tlkit.errors import ConfigError
 from tlkit.inference import LabelledPredictions, load_model, predict_labelled
 from tlkit.metrics import ClassificationMetrics, classification_metrics
 from tlkit.runfolder import SKIPPED, RunSummary, image_limits, open_run, scan_options
+from tlkit.shards import find_converted
 
 REPORT_PAGE = "report.html"
 REPORT_TEMPLATE = "report.html.j2"  # in tlkit/templates/
@@ -62,6 +64,7 @@ class Mistake:
     predicted_probability: float
     true_probability: float
     loss: float  # cross-entropy, -ln p(true label)
+    image: np.ndarray | None = None  # decoded already (from shards); else read from `path`
 
 
 @dataclass
@@ -114,6 +117,7 @@ def analyse(predictions: LabelledPredictions, classes: list[str], mistakes: int 
             predicted_probability=float(probabilities[index, predicted[index]]),
             true_probability=float(probabilities[index, labels[index]]),
             loss=float(losses[index]),
+            image=predictions.shards.rgb(index) if predictions.shards is not None else None,
         )
         for index in worst_first[:mistakes].tolist()
     ]
@@ -224,8 +228,11 @@ def confusion_matrix_figure(confusion: torch.Tensor, classes: list[str]) -> Figu
     return figure
 
 
-def _thumbnail(path: str, max_pixels: int) -> np.ndarray:
-    image = Image.fromarray(load_rgb(path, max_pixels=max_pixels))
+def _thumbnail(mistake: Mistake, max_pixels: int) -> np.ndarray:
+    pixels = mistake.image
+    image = Image.fromarray(
+        pixels if pixels is not None else load_rgb(mistake.path, max_pixels=max_pixels)
+    )
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     return np.asarray(image)
 
@@ -247,7 +254,7 @@ def worst_mistakes_figure(
         axes.set_axis_off()
         if mistake is None:
             continue
-        axes.imshow(_thumbnail(mistake.path, max_pixels))
+        axes.imshow(_thumbnail(mistake, max_pixels))
         axes.set_title(
             f"#{rank} true: {mistake.true_label}\n"
             f"predicted: {mistake.predicted_label} ({mistake.predicted_probability:.2f})\n"
@@ -367,8 +374,12 @@ def _tta_description(cost: dict[str, Any] | None) -> str:
     )
 
 
-def _shown_path(path: str, data: Path) -> str:
-    """`path` relative to the evaluated folder (or the CSV's folder) when it lies inside."""
+def _shown_path(path: str, data: str | Path) -> str:
+    """`path` relative to the evaluated folder (or the CSV's folder) when it lies inside; a
+    converted dataset's paths are relative already."""
+    if not os.path.isabs(path):
+        return path
+    data = Path(data)
     root = (data.parent if data.is_file() else data).resolve()
     try:
         return str(Path(path).resolve().relative_to(root))
@@ -376,10 +387,16 @@ def _shown_path(path: str, data: Path) -> str:
         return path
 
 
-def _default_data(config: FinetuneConfig) -> Path | None:
-    """The run's own DATA_DIR/test, when it has one."""
+def _default_data(config: FinetuneConfig) -> str | Path | None:
+    """The run's own DATA_DIR/test, when it has one (of a converted dataset: its test split)."""
+    if not config.data_dir:
+        return None
+    converted = find_converted(config.data_dir)
+    if converted is not None:
+        dataset = converted[0]
+        return dataset.split_location("test") if "test" in dataset.counts else None
     test = Path(config.data_dir) / "test"
-    return test if config.data_dir and test.is_dir() else None
+    return test if test.is_dir() else None
 
 
 def build_report(
@@ -408,7 +425,7 @@ def build_report(
     if mistakes < 0:
         raise ConfigError(f"--mistakes must be 0 or more, not {mistakes}")
     max_pixels, outside_root = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
-    data = _default_data(config) if data is None else Path(data)
+    data = _default_data(config) if data is None else data
     out = Path(out) if out is not None else run_dir / "report"
 
     evaluation, evaluation_seconds, tta_cost = None, None, None

@@ -45,6 +45,7 @@ from tlkit.distributed import single_device_trainer
 from tlkit.errors import ConfigError
 from tlkit.finetune import build_datamodule, build_model, check_config
 from tlkit.module import TransferClassifier
+from tlkit.shards import ShardImages
 from tlkit.strategies import trainable_parameter_names
 
 logger = logging.getLogger(__name__)
@@ -117,10 +118,19 @@ def subset_loader(
     seed: int = 0,
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    source: ImageDataset | ShardImages | None = None,
 ) -> DataLoader:
-    """Batches of the samples with the evaluation transform: no augmentation."""
+    """Batches of the samples with the evaluation transform: no augmentation. `source` is the
+    dataset the samples were taken from, which reads them (a converted dataset's shards); by
+    default they are image files."""
+    transform = eval_transform(preprocessing)
+    images = (
+        source.images_of(samples, transform)
+        if source is not None
+        else ImageDataset(samples, transform, max_pixels)
+    )
     return DataLoader(
-        ImageDataset(samples, eval_transform(preprocessing), max_pixels),
+        images,
         batch_size=min(batch_size, len(samples)),
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed),
@@ -211,15 +221,16 @@ def check_overfit(
     seed: int = 0,
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    source: ImageDataset | ShardImages | None = None,
 ) -> CheckResult:
     """Train `model` on `samples` alone (evaluation transform) for at most `steps` optimiser
-    steps; pass when its accuracy on them reaches `target`.
+    steps; pass when its accuracy on them reaches `target`. `source`: as for `subset_loader`.
 
     The model is trained as configured (its optimiser, learning rate and schedule); build it with
     regularisation off, as `run_sanity_checks` does.
     """
     pl.seed_everything(seed, workers=True, verbose=False)
-    options = {"seed": seed, "num_workers": num_workers, "max_pixels": max_pixels}
+    options = {"seed": seed, "num_workers": num_workers, "max_pixels": max_pixels, "source": source}
     train_loader = subset_loader(samples, preprocessing, batch_size, True, **options)
     eval_loader = subset_loader(samples, preprocessing, batch_size, False, **options)
     max_epochs = math.ceil(steps / len(train_loader))
@@ -521,6 +532,7 @@ def run_sanity_checks(
         True,
         config.seed,
         max_pixels=config.max_image_pixels,
+        source=datamodule.train_set,
     )
     images, labels = next(iter(loader))
 
@@ -540,6 +552,7 @@ def run_sanity_checks(
             config.seed,
             datamodule.num_workers,
             config.max_image_pixels,
+            datamodule.train_set,
         )
     )
     results.append(check_activations(model, images))
