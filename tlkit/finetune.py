@@ -9,8 +9,10 @@ The CLI's `tlkit finetune` and the recipes call this; users who want their own T
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
 from tlkit.augment import train_transform
+from tlkit.auto import resolve_auto
 from tlkit.backbones import create_backbone, preprocessing
 from tlkit.callbacks import EpochProgressBar, EpochSummary, StopOnNonFiniteLoss
 from tlkit.config import FinetuneConfig, config_kwargs
@@ -33,6 +36,7 @@ from tlkit.errors import ConfigError, OutputExistsError
 from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import (
+    AUTO_DECISION,
     BEST_CHECKPOINT,
     CONFIG,
     LAST_CHECKPOINT,
@@ -40,6 +44,7 @@ from tlkit.runfolder import (
     SKIPPED,
     RunFolderError,
     RunSummary,
+    read_auto_decision,
     read_checkpoint,
     read_metrics,
     read_split,
@@ -78,6 +83,12 @@ def trains_with_hflip(config: FinetuneConfig) -> bool:
     `features` strategy's head trains on augmented views (cache_augmented_views) only."""
     flips = config.augment and config.hflip > 0
     return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
+
+
+def provisional_strategy(config: FinetuneConfig) -> str:
+    """For checks before `--strategy auto` has measured: partial where --unfreeze-stages is
+    given (auto then trains those stages), else full, which every layer group takes part in."""
+    return "partial" if config.unfreeze_stages is not None else "full"
 
 
 def check_config(config: FinetuneConfig) -> None:
@@ -129,7 +140,9 @@ def build_logger(config: FinetuneConfig, out: Path) -> Logger:
 def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: Any) -> RunSummary:
     """Train as the config says; write the run summary (summary.json) and return it.
 
-    With `resume`, continue the run in `config.out` from its `last.ckpt` (model, optimiser,
+    With `strategy="auto"`, the data is measured first and the choices left open are made from
+    the evidence (tlkit/auto.py). With `resume`, continue the run in `config.out` from its
+    `last.ckpt` (model, optimiser,
     schedule, epoch and callback states), on the images of its recorded split.csv.
     `trainer_options` are passed to `pytorch_lightning.Trainer` on top of tlkit's own (e.g.
     `enable_progress_bar=False`); `callbacks` given there are added to tlkit's own, and
@@ -137,21 +150,28 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     """
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
-    check_config(config)
+    started = time.perf_counter()  # auto's measurements count as part of the run
+    auto = config.strategy == "auto"
+    # The checks that need no data come before it; for auto with its open choices at their
+    # fixed values and the strategy that trains the most (partial if stages are given).
+    check_config(replace(config, strategy=provisional_strategy(config)) if auto else config)
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
+    progress = trainer_options.get("enable_progress_bar", True)
+    auto_decision = read_auto_decision(out) if resume_from else None
+    if auto:
+        config, auto_decision = resolve_auto(config, progress)
+        check_config(config)
     earlier_metrics = read_metrics(out) if resume_from else []
     logger = build_logger(config, out)
-    started = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     recorded_split = read_split(out) if resume_from else None
     datamodule = build_datamodule(config, recorded_split, out / LOAD_FAILURES)
     datamodule.setup("fit")
     if resume_from:
         _check_same_classes(resume_from, datamodule.classes)
-    _write_at_start(out, config, datamodule)
+    _write_at_start(out, config, datamodule, auto_decision)
     model = build_model(config, datamodule.classes)
-    progress = trainer_options.get("enable_progress_bar", True)
     training_data = _training_data(config, model, datamodule, progress)
 
     summary_callback = EpochSummary()
@@ -233,6 +253,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         history=history,
         resumed=resume_from is not None,
         feature_cache=getattr(training_data, "report", None),
+        auto_decision=auto_decision,
         skipped_files=len(skipped),
         wall_time_s=round(time.perf_counter() - started, 2),
     )
@@ -314,8 +335,15 @@ def _training_data(
 
 
 @rank_zero_only
-def _write_at_start(out: Path, config: FinetuneConfig, datamodule: ImageDataModule) -> None:
+def _write_at_start(
+    out: Path,
+    config: FinetuneConfig,
+    datamodule: ImageDataModule,
+    auto_decision: dict[str, Any] | None,
+) -> None:
     write_atomic(out / CONFIG, config.to_yaml())  # there from the start, for --resume
+    if auto_decision is not None:  # for the summary of a resumed run
+        write_atomic(out / AUTO_DECISION, json.dumps(auto_decision, indent=2) + "\n")
     write_split(out, datamodule.split_rows())
     write_skipped(out, datamodule.skipped)
     # The scan has just found every file that is broken now; older load failures are stale.
