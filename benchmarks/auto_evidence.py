@@ -1,7 +1,8 @@
 """The evidence `--strategy auto` measures, on several real datasets and input sizes.
 
     apt-get install dataset-fashion-mnist
-    python benchmarks/auto_evidence.py
+    python benchmarks/auto_evidence.py --datasets textures --sizes auto
+    python benchmarks/auto_evidence.py --datasets "Fashion-MNIST 600" digits --sizes 32 64 128
 
 For each dataset and input size (`auto`: the size auto chooses), `tlkit.auto.measure` runs
 exactly as before a `tlkit finetune --strategy auto` run: images per class, the sources' short
@@ -66,24 +67,33 @@ def write_textures(root: Path) -> Path:
     return root
 
 
+# name: (folder in WORK, writes the image folder there, validation fraction)
+DATASETS = {
+    "Fashion-MNIST 600": ("fashion-600", lambda root: write_fashion_mnist(root, 600, 100), 1 / 6),
+    "Fashion-MNIST 6000": (
+        "fashion-6000",
+        lambda root: write_fashion_mnist(root, 6000, 100),
+        1 / 6,
+    ),
+    "digits": ("digits", write_digits, 0.2),
+    "textures": ("textures", write_textures, 0.1),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/bench-auto-evidence")
     parser.add_argument("--sizes", nargs="*", default=["auto", "32", "64", "128"])
+    parser.add_argument("--datasets", nargs="*", default=list(DATASETS), help="subset")
     arguments = parser.parse_args()
 
     work = Path(arguments.work)
-    datasets = {
-        "Fashion-MNIST 600": (write_fashion_mnist(work / "fashion-600", 600, 100), 1 / 6),
-        "Fashion-MNIST 6000": (write_fashion_mnist(work / "fashion-6000", 6000, 100), 1 / 6),
-        "digits": (write_digits(work / "digits"), 0.2),
-        "textures": (write_textures(work / "textures"), 0.1),
-    }
-    rows = []
-    for name, (data, val_fraction) in datasets.items():
+    results = work / "evidence.json"
+    rows = json.loads(results.read_text()) if results.exists() else []  # earlier invocations
+    for name in arguments.datasets:
+        folder, write, val_fraction = DATASETS[name]
+        data = write(work / folder)
         for size in arguments.sizes:
-            if name == "Fashion-MNIST 6000" and size not in ("auto", "64"):
-                continue  # the large set only at the set-up's size: CPU time
             config = FinetuneConfig(
                 data_dir=str(data),
                 out=str(work / "runs" / name),
@@ -97,7 +107,7 @@ def main() -> None:
             choices = decide(evidence, ["strategy", "unfreeze_stages", "epochs", "augment"])
             decision = ", ".join(f"{field} {choice.value}" for field, choice in choices.items())
             rows.append({"dataset": name, "size": size, **vars(evidence), "decision": decision})
-            (work / "evidence.json").write_text(json.dumps(rows, indent=2))
+            results.write_text(json.dumps(rows, indent=2))
             print(f"{name} {size}: {rows[-1]}", file=sys.stderr)
 
     print(

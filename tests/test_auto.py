@@ -92,13 +92,13 @@ def test_input_size_by_source_size(side, pretrained, fixed, size):
 @pytest.mark.parametrize(
     "values, expected",
     [
-        ({}, {"augment": False}),  # short runs on small data underfit with augmentation
-        ({"train_images": 20_000}, {"augment": True, **auto.GENTLE_CROPS}),  # 28px < 64px
+        ({}, {"augment": False, **auto.GENTLE_CROPS}),  # small data; 28px sources < 64px
+        ({"train_images": 20_000}, {"augment": True, **auto.GENTLE_CROPS}),
         (
             {"train_images": 20_000, "source_short_side_median": 300, "input_size": 224},
             {"augment": True, **auto.IMAGENET_CROPS},
         ),
-        ({"train_images": 20_000, "source_short_side_median": None}, auto.IMAGENET_CROPS),
+        ({"source_short_side_median": None}, {"augment": False, **auto.IMAGENET_CROPS}),
     ],
 )
 def test_augmentation_by_data_size_and_source_size(values, expected):
@@ -109,6 +109,8 @@ def test_augmentation_by_data_size_and_source_size(values, expected):
 def test_only_open_choices_are_made_and_given_stages_mean_partial():
     given_epochs = chosen(decide(evidence(), ["strategy", "unfreeze_stages", "augment"]))
     assert given_epochs == {"strategy": "partial", "unfreeze_stages": 1, "augment": False}
+    given_augment = chosen(decide(evidence(), ["short_side_min", "short_side_max"]))
+    assert given_augment == {"short_side_min": 224, "short_side_max": 288}
     few = evidence(images_per_class_median=10)
     assert chosen(decide(few, ["strategy", "epochs"])) == {"strategy": "partial", "epochs": 5}
 

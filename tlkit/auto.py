@@ -135,21 +135,22 @@ def choose_strategy(evidence: Evidence) -> tuple[Choice, Choice | None]:
     return Choice("partial", reason), Choice(stages, reason)
 
 
-def choose_augmentation(evidence: Evidence, input_size: int) -> dict[str, Choice]:
-    """augment, and the crop range and jitter by the sources' size against the input."""
-    if evidence.train_images < AUGMENT_FROM_IMAGES:
-        off = f"{evidence.train_images} < {AUGMENT_FROM_IMAGES} images: short runs underfit"
-        return {"augment": Choice(False, off)}
-    side = evidence.source_short_side_median
-    if side is not None and side < input_size:
-        reason = f"sources ({side:.0f} px) smaller than the input ({input_size} px): gentle crops"
+def choose_augmentation(evidence: Evidence) -> dict[str, Choice]:
+    """Whether to augment, by dataset size; the crop range and jitter, by the sources' size
+    against the input (they apply wherever augmentation is on, also when it is given)."""
+    images = evidence.train_images
+    if images < AUGMENT_FROM_IMAGES:
+        augment = Choice(False, f"{images} < {AUGMENT_FROM_IMAGES} images: short runs underfit")
+    else:
+        augment = Choice(True, f"{images} >= {AUGMENT_FROM_IMAGES} images")
+    side, size = evidence.source_short_side_median, evidence.input_size
+    if side is not None and side < size:
+        reason = f"sources ({side:.0f} px) smaller than the input ({size} px): gentle crops"
         crops = GENTLE_CROPS
     else:
-        reason = f"sources at least the input size ({input_size} px): ImageNet crops"
+        reason = f"sources at least the input size ({size} px): ImageNet crops"
         crops = IMAGENET_CROPS
-    return {"augment": Choice(True, reason)} | {
-        name: Choice(value, reason) for name, value in crops.items()
-    }
+    return {"augment": augment} | {name: Choice(value, reason) for name, value in crops.items()}
 
 
 def decide(evidence: Evidence, open_choices: list[str]) -> dict[str, Choice]:
@@ -166,7 +167,7 @@ def decide(evidence: Evidence, open_choices: list[str]) -> dict[str, Choice]:
     chosen_strategy = choices.get("strategy", strategy).value
     if "epochs" in open_choices:
         choices["epochs"] = schedule_epochs(evidence.train_images, chosen_strategy)
-    augmentation = choose_augmentation(evidence, evidence.input_size)
+    augmentation = choose_augmentation(evidence)
     choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
     return choices
 
