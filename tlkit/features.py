@@ -10,7 +10,9 @@ use it unchanged.
 Extraction happens in the data module's `prepare_data`, which Lightning runs inside
 `trainer.fit` on one process (on that process's device) while the others wait; every process
 then loads the files in `setup`. So under DDP the features are extracted once, not once per
-process.
+process. A file lock around each file's extraction gives the same guarantee to callers outside
+a Trainer (`tlkit.probe.probe_features`, run by every process before any process group exists):
+one process extracts, the others wait and read the file.
 
 A cache file is keyed by everything its features depend on: backbone, weights (a SHA-256 of
 the backbone's tensors, whatever their source), input size and preprocessing, the transform (and
@@ -36,6 +38,7 @@ from typing import Any
 import pytorch_lightning as pl
 import timm
 import torch
+from filelock import FileLock
 from pytorch_lightning.utilities.seed import isolate_rng
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -118,7 +121,18 @@ def load_or_extract(
     expected_rows: int,
 ) -> tuple[torch.Tensor, bool]:
     """The cached features at `path` if their key and shape check out; else `make()` them and
-    write them atomically. Returns (features, reused)."""
+    write them atomically. Returns (features, reused).
+
+    Processes that ask for the same file at once (several ranks, several runs sharing a cache
+    folder) take turns: the first extracts, the others then find the file written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.name + ".lock")):
+        return _load_or_extract_locked(path, key, make, expected_rows)
+
+
+def _load_or_extract_locked(
+    path: Path, key: str, make: Callable[[], torch.Tensor], expected_rows: int
+) -> tuple[torch.Tensor, bool]:
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -130,7 +144,6 @@ def load_or_extract(
         except (SafetensorError, OSError, ValueError) as error:
             logger.warning(f"feature cache {path} is unreadable ({error}); rebuilding")
     features = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
         temporary = Path(tmp.name)
     save_file({"features": features.contiguous()}, str(temporary), metadata={"key": key})
@@ -193,9 +206,8 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        for split, dataset in self._sources().items():
-            features = self._features(split)
-            labels = torch.tensor([label for _, label in dataset.samples])
+        for split in self._sources():
+            features, labels = self.labelled_features(split)
             if self._augmented(split):
                 self.splits[split] = _AugmentedViews(features, labels)
             else:
@@ -209,6 +221,12 @@ class CachedFeatureDataModule(pl.LightningDataModule):
 
     def _augmented(self, split: str) -> bool:
         return split == "train" and self.augmented_views > 0
+
+    def labelled_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's cached (views, N, D) features, extracted first if needed, and its (N,)
+        labels."""
+        labels = torch.tensor([label for _, label in self._sources()[split].samples])
+        return self._features(split), labels
 
     def _features(self, split: str) -> torch.Tensor:
         """The split's (views, N, D) features from the cache, extracted first if needed."""
