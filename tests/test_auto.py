@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import yaml
 
 from tlkit import auto
 from tlkit.auto import Evidence, choose_input_size, decide, schedule_epochs
 from tlkit.cli import main
-from tlkit.config import FIXED_CHOICES
+from tlkit.config import FIXED_CHOICES, FinetuneConfig
+from tlkit.finetune import finetune
 from tlkit.runfolder import read_summary
 
+# conftest's TINY_CONFIG without its named strategy
+TINY_AUTO = dict(pretrained="bundled", batch_size=8, num_workers=0, val_fraction=0.3)
 ALL_OPEN = ["strategy", *(name for name in FIXED_CHOICES if name != "strategy")]
 
 
@@ -127,14 +131,21 @@ def test_print_config_shows_what_auto_leaves_open_and_a_named_strategy_fixes(cap
     assert printed["img_size"] == 224
 
 
-def test_auto_run_keeps_given_flags_records_its_decision_and_resumes_without_measuring(
+class StopAfterFirstEpoch(pl.Callback):
+    """Ends training after one epoch, as an interrupted run would have stopped."""
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        trainer.should_stop = True
+
+
+def test_auto_run_keeps_given_values_records_its_decision_and_resumes_without_measuring(
     colour_folder: Path, tmp_path: Path, monkeypatch, caplog
 ):
     out = tmp_path / "run"
-    flags = ["--pretrained", "bundled", "--batch-size", "8", "--num-workers", "0"]
-    flags += ["--val-fraction", "0.3", "--epochs", "1", "--short-side-max", "300"]
+    given = {"epochs": 2, "short_side_max": 300}  # no strategy: auto
+    config = FinetuneConfig(data_dir=str(colour_folder), out=str(out), **given, **TINY_AUTO)
     with caplog.at_level("INFO", logger="tlkit"):
-        assert main(["finetune", str(colour_folder), "--out", str(out), *flags]) == 0
+        finetune(config, enable_progress_bar=False, callbacks=[StopAfterFirstEpoch()])
     assert "Auto evidence: 20 train images, 3 classes" in caplog.text
 
     decision = json.loads((out / "auto.json").read_text())
@@ -144,7 +155,7 @@ def test_auto_run_keeps_given_flags_records_its_decision_and_resumes_without_mea
     assert decision["given"] == ["epochs", "short_side_max"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["strategy"] == "features" and saved["img_size"] == 96
-    assert saved["epochs"] == 1 and saved["short_side_max"] == 300  # given: kept
+    assert saved["epochs"] == 2 and saved["short_side_max"] == 300  # given: kept
     assert None not in saved.values()  # every choice resolved: --resume repeats them
     summary = read_summary(out)
     assert summary.auto_decision == decision and summary.strategy == "features"
@@ -153,7 +164,7 @@ def test_auto_run_keeps_given_flags_records_its_decision_and_resumes_without_mea
         raise AssertionError("a resumed run measured again")
 
     monkeypatch.setattr(auto, "measure", no_measuring)
-    assert main(["finetune", "--resume", "--out", str(out), "--epochs", "2"]) == 0
+    assert main(["finetune", "--resume", "--out", str(out)]) == 0
     resumed = read_summary(out)
     assert resumed.resumed and resumed.epochs_run == 2
     assert resumed.auto_decision == decision
