@@ -52,7 +52,12 @@ FIRST_SUMMARY = {
 
 
 def test_summary_round_trips_through_json(tmp_path: Path):
-    values = {**FIRST_SUMMARY, "resumed": True, "feature_cache": {"train": {"reused": False}}}
+    values = {
+        **FIRST_SUMMARY,
+        "resumed": True,
+        "feature_cache": {"train": {"reused": False}},
+        "auto_decision": {"choices": {"strategy": {"value": "partial", "reason": "why"}}},
+    }
     summary = RunSummary.from_dict(values)
     assert summary.preprocessing == Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     write_summary(tmp_path, summary)
