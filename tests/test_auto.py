@@ -59,6 +59,11 @@ def test_strategy_by_images_per_class_and_probe(values, strategy, stages):
     choices = chosen(decide(evidence(**values), ALL_OPEN))
     assert choices["strategy"] == strategy
     assert choices.get("unfreeze_stages") == stages
+    assert choices["lp_ft"] is (strategy != "features")  # LP-FT wherever the backbone trains
+
+
+def test_no_lp_ft_for_a_head_with_a_hidden_layer():
+    assert chosen(decide(evidence(), ALL_OPEN, linear_head=False))["lp_ft"] is False
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,15 @@
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY_CONFIG
+from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from tlkit import FinetuneConfig
-from tlkit.finetune import build_datamodule, build_model
+from tlkit import FinetuneConfig, finetune
+from tlkit.errors import ConfigError
+from tlkit.finetune import build_datamodule, build_model, check_config
 from tlkit.probe import fit_probe, knn_accuracy_best_k, probe_features
 
 
@@ -45,3 +48,67 @@ def test_knn_votes_of_the_nearest_neighbours_and_k_is_chosen_on_validation():
     assert knn_accuracy_best_k(train_x, train_y, val_x, val_y, 2, (1, 4)) == (1.0, 1)
     # counts above the training size are left out
     assert knn_accuracy_best_k(train_x, train_y, val_x, val_y, 2, (1, 50)) == (1.0, 1)
+
+
+def test_probe_features_come_from_the_features_strategy_cache(colour_folder: Path, tmp_path):
+    config = FinetuneConfig(data_dir=str(colour_folder), augment=False, **TINY_CONFIG)
+    images = build_datamodule(config)
+    model = build_model(config, ["blue", "green", "red"])
+    cache = tmp_path / "cache"
+    train_x, train_y, val_x, val_y = probe_features(model, images, cache)
+    assert train_x.shape == (len(images.train_set), 1280) and val_x.shape[0] == len(val_y)
+    files = sorted(cache.glob("*.safetensors"))
+    assert [path.name.split("-")[1] for path in files] == ["train", "val"]
+    stamps = [path.stat().st_mtime_ns for path in files]
+    again = probe_features(model, images, cache)
+    assert [path.stat().st_mtime_ns for path in files] == stamps  # read, not extracted again
+    assert torch.equal(again[0], train_x) and torch.equal(again[3], val_y)
+
+
+class FirstStep(Callback):
+    """Records the classifier before the first optimiser step, and that step's loss."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index: int) -> None:
+        if trainer.global_step == 0:
+            self.classifier = [p.detach().clone() for p in module.head.classifier.parameters()]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index: int) -> None:
+        if trainer.global_step == 1:
+            self.loss = float(outputs["loss"])
+
+
+@pytest.mark.parametrize("lp_ft", [True, False])
+def test_lp_ft_starts_fine_tuning_from_the_probe_head(colour_folder: Path, tmp_path, lp_ft):
+    config = FinetuneConfig(
+        data_dir=str(colour_folder),
+        out=str(tmp_path / "run"),
+        **{**TINY_CONFIG, "batch_size": 12},
+        unfreeze_stages=1,
+        augment=False,
+        dropout=0.0,  # the first step's loss is then the head's own
+        epochs=1,
+        lp_ft=lp_ft,
+    )
+    first_step = FirstStep()
+    summary = finetune(
+        config, enable_progress_bar=False, callbacks=[first_step], limit_test_batches=0
+    )
+    weight, bias = first_step.classifier
+    if not lp_ft:
+        assert summary.linear_probe is None
+        assert not weight.any() and not bias.any()
+        assert first_step.loss == pytest.approx(math.log(3), abs=1e-4)
+        return
+    model = build_model(config, summary.classes)
+    images = build_datamodule(config)
+    probe = fit_probe(*probe_features(model, images, tmp_path / "run" / "cache"), num_classes=3)
+    assert torch.equal(weight, probe.weight) and torch.equal(bias, probe.bias)
+    assert first_step.loss < math.log(3)
+    assert summary.linear_probe["linear_val_acc"] == round(probe.linear_val_acc, 4)
+
+
+def test_lp_ft_refuses_the_features_strategy_and_a_hidden_head_layer(colour_folder: Path):
+    for options in ({"strategy": "features"}, {"head_hidden": 16}):
+        config = FinetuneConfig(data_dir=str(colour_folder), lp_ft=True, **options)
+        with pytest.raises(ConfigError, match="--lp-ft"):
+            check_config(config)

@@ -153,9 +153,22 @@ def choose_augmentation(evidence: Evidence) -> dict[str, Choice]:
     return {"augment": augment} | {name: Choice(value, reason) for name, value in crops.items()}
 
 
-def decide(evidence: Evidence, open_choices: list[str]) -> dict[str, Choice]:
+def choose_lp_ft(strategy: str, linear_head: bool) -> Choice:
+    """LP-FT (Kumar et al. 2022) wherever backbone layers train and the head is one linear
+    layer the probe can initialise; the probe's features are cached already."""
+    if strategy == "features":
+        return Choice(False, "features: the head is all that trains")
+    if not linear_head:
+        return Choice(False, "the head has a hidden layer (--head-hidden)")
+    return Choice(True, f"{strategy}: start from the converged probe head")
+
+
+def decide(
+    evidence: Evidence, open_choices: list[str], linear_head: bool = True
+) -> dict[str, Choice]:
     """Auto's choice for each field in `open_choices` (FinetuneConfig field names; "strategy"
-    means the strategy is auto's to choose), from the evidence alone."""
+    means the strategy is auto's to choose), from the evidence alone; `linear_head`: the head
+    has no hidden layer."""
     choices: dict[str, Choice] = {}
     strategy, stages = choose_strategy(evidence)
     if "unfreeze_stages" not in open_choices:  # given stages: they are to be trained
@@ -165,6 +178,8 @@ def decide(evidence: Evidence, open_choices: list[str]) -> dict[str, Choice]:
         if stages is not None and "unfreeze_stages" in open_choices:
             choices["unfreeze_stages"] = stages
     chosen_strategy = choices.get("strategy", strategy).value
+    if "lp_ft" in open_choices:
+        choices["lp_ft"] = choose_lp_ft(chosen_strategy, linear_head)
     if "epochs" in open_choices:
         choices["epochs"] = schedule_epochs(evidence.train_images, chosen_strategy)
     augmentation = choose_augmentation(evidence)
@@ -197,7 +212,7 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
     from timm.models import get_pretrained_cfg
 
     from tlkit.backbones import layer_groups, preprocessing
-    from tlkit.finetune import build_datamodule, build_model
+    from tlkit.finetune import build_datamodule, build_model, probe_device
     from tlkit.probe import fit_probe, probe_features
 
     # The scan and the split need no input size; the probe's transform comes from the model.
@@ -225,7 +240,7 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
     cache_dir = config.cache_dir or Path(config.out) / "cache"
     probe_started = time.perf_counter()
     probe = fit_probe(
-        *probe_features(model, images, cache_dir, progress=progress),
+        *probe_features(model, images, cache_dir, progress, device=probe_device(config)),
         num_classes=len(images.classes),
         seed=config.seed,
     )
@@ -253,7 +268,7 @@ def resolve_auto(
     started = time.perf_counter()
     open_choices = ["strategy", *config.choices_left_to_auto()]
     evidence, size, sampled = measure(config, progress)
-    choices = decide(evidence, open_choices)
+    choices = decide(evidence, open_choices, linear_head=config.head_hidden == 0)
     if "img_size" in open_choices:
         choices["img_size"] = size
     resolved = dataclasses.replace(

@@ -57,6 +57,7 @@ def _option(default: Any, help: str, **metadata: Any) -> Any:
 FIXED_CHOICES: dict[str, Any] = {
     "strategy": "partial",
     "unfreeze_stages": 2,
+    "lp_ft": False,
     "epochs": 10,
     "img_size": None,
     "augment": True,
@@ -109,6 +110,11 @@ class FinetuneConfig:
     )
     backbone_lr_scale: float = _option(
         0.1, "learning rate of pretrained layers relative to --lr (partial and full)"
+    )
+    lp_ft: bool | None = _option(
+        None,
+        "partial and full: start from a linear probe's head, fitted on cached features (LP-FT, "
+        "Kumar et al. 2022), instead of a zero head" + AUTO_HELP.format("off"),
     )
 
     # Head

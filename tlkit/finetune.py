@@ -26,7 +26,12 @@ from tlkit import __version__
 from tlkit.augment import train_transform
 from tlkit.auto import resolve_auto
 from tlkit.backbones import create_backbone, preprocessing
-from tlkit.callbacks import EpochProgressBar, EpochSummary, StopOnNonFiniteLoss
+from tlkit.callbacks import (
+    EpochProgressBar,
+    EpochSummary,
+    ResumeCheckpoint,
+    StopOnNonFiniteLoss,
+)
 from tlkit.config import FinetuneConfig, config_kwargs
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data import ImageDataModule, drops_last_batch
@@ -35,6 +40,7 @@ from tlkit.distributed import trainer_options as distributed_options
 from tlkit.errors import ConfigError, OutputExistsError
 from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
+from tlkit.probe import fit_probe, probe_features
 from tlkit.runfolder import (
     AUTO_DECISION,
     BEST_CHECKPOINT,
@@ -93,7 +99,10 @@ def provisional_strategy(config: FinetuneConfig) -> str:
 
 def check_config(config: FinetuneConfig) -> None:
     """Configuration errors that need the backbone but no data, raised before the data scan
-    (which can take minutes): the model at this size, the stage count, the scale range."""
+    (which can take minutes): the model at this size, the stage count, the scale range. With
+    `--strategy auto`, of its provisional strategy and the open choices' fixed values."""
+    if config.strategy == "auto":
+        config = replace(config, strategy=provisional_strategy(config))
     try:
         with torch.device("meta"):  # the architecture only: no memory, no weights
             backbone = create_backbone(
@@ -102,6 +111,16 @@ def check_config(config: FinetuneConfig) -> None:
     except TypeError as error:  # timm hands options a model does not take to its class
         raise ConfigError(f"{config.backbone} cannot be built as configured: {error}") from error
     trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
+    if config.lp_ft and config.strategy == "features":
+        raise ConfigError(
+            "--lp-ft starts partial or full fine-tuning from a linear probe; the features "
+            "strategy trains that linear head itself"
+        )
+    if config.lp_ft and config.head_hidden > 0:
+        raise ConfigError(
+            "--lp-ft initialises the classifier from a linear probe of the pooled features, "
+            "which a head with a hidden layer (--head-hidden) does not see: use one or the other"
+        )
     if config.augment:
         train_transform(
             preprocessing(config.backbone, config.img_size), **augmentation_options(config)
@@ -151,15 +170,12 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
     started = time.perf_counter()  # auto's measurements count as part of the run
-    auto = config.strategy == "auto"
-    # The checks that need no data come before it; for auto with its open choices at their
-    # fixed values and the strategy that trains the most (partial if stages are given).
-    check_config(replace(config, strategy=provisional_strategy(config)) if auto else config)
+    check_config(config)  # before the data is scanned or measured
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
     progress = trainer_options.get("enable_progress_bar", True)
     auto_decision = read_auto_decision(out) if resume_from else None
-    if auto:
+    if config.strategy == "auto":
         config, auto_decision = resolve_auto(config, progress)
         check_config(config)
     earlier_metrics = read_metrics(out) if resume_from else []
@@ -172,6 +188,9 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         _check_same_classes(resume_from, datamodule.classes)
     _write_at_start(out, config, datamodule, auto_decision)
     model = build_model(config, datamodule.classes)
+    linear_probe = None
+    if config.lp_ft and not resume_from:  # resumed: the head comes from the checkpoint
+        linear_probe = start_from_linear_probe(config, model, datamodule, progress)
     training_data = _training_data(config, model, datamodule, progress)
 
     summary_callback = EpochSummary()
@@ -184,11 +203,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
-        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
-        ModelCheckpoint(
-            dirpath=out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
-        ),
+        ResumeCheckpoint(out / LAST_CHECKPOINT),  # last.ckpt, for --resume
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),
@@ -254,6 +269,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         resumed=resume_from is not None,
         feature_cache=getattr(training_data, "report", None),
         auto_decision=auto_decision,
+        linear_probe=linear_probe,
         skipped_files=len(skipped),
         wall_time_s=round(time.perf_counter() - started, 2),
     )
@@ -318,6 +334,46 @@ def _check_same_classes(checkpoint: str, classes: list[str]) -> None:
         )
 
 
+def probe_device(config: FinetuneConfig) -> str:
+    """Where the probe's features are extracted, before any Trainer exists: the GPU if the
+    run may use one."""
+    gpu = config.accelerator in ("auto", "gpu") and torch.cuda.is_available()
+    return "cuda" if gpu else "cpu"
+
+
+def start_from_linear_probe(
+    config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
+) -> dict[str, Any]:
+    """LP-FT (Kumar et al. 2022): fit a linear probe on the cached features of the train split
+    (its L2 penalty chosen on validation) and make it the model's classifier, so fine-tuning
+    starts from a converged head instead of a zero one, and the early, large gradients of a
+    fresh head do not distort the pretrained features. Returns the probe's numbers.
+
+    Every DDP process runs this before the process group exists: one extracts the features (a
+    file lock), all fit the same probe from the same files (the fit is deterministic), and
+    DDP's start-up broadcast of rank 0's parameters leaves no room for a difference anyway.
+    """
+    started = time.perf_counter()
+    features = probe_features(
+        model,
+        images,
+        config.cache_dir or Path(config.out) / "cache",
+        progress,
+        device=probe_device(config),
+    )
+    extraction_s = time.perf_counter() - started
+    probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed)
+    probe.copy_into(model)
+    if rank_zero_only.rank == 0:
+        logger.info(
+            f"LP-FT: linear probe on cached features: validation top-1 "
+            f"{probe.linear_val_acc:.4f} (k-NN {probe.knn_val_acc:.4f}, k={probe.knn_k}; L2 "
+            f"{probe.l2_penalty:g}), fitted in {probe.fit_seconds:.2f} s; fine-tuning starts "
+            "from its head"
+        )
+    return {**probe.summary(), "features_s": round(extraction_s, 2)}
+
+
 def _training_data(
     config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
 ) -> pl.LightningDataModule:
@@ -371,6 +427,5 @@ def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]
         logger.info(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
     test = f", test {summary.test_acc:.4f}" if summary.test_acc is not None else ""
     logger.info(
-        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; "
-        f"run folder {out}"
+        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; run folder {out}"
     )

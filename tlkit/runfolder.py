@@ -138,6 +138,7 @@ class RunSummary:
     resumed: bool = False
     feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
     auto_decision: dict[str, Any] | None = None  # --strategy auto: evidence, choices, reasons
+    linear_probe: dict[str, Any] | None = None  # --lp-ft: the probe the head started from
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
 
