@@ -57,6 +57,7 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         "resumed": True,
         "feature_cache": {"train": {"reused": False}},
         "auto_decision": {"choices": {"strategy": {"value": "partial", "reason": "why"}}},
+        "linear_probe": {"linear_val_acc": 0.9},
     }
     summary = RunSummary.from_dict(values)
     assert summary.preprocessing == Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
