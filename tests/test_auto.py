@@ -173,6 +173,9 @@ def test_auto_run_keeps_given_values_records_its_decision_and_resumes_without_me
     resumed = read_summary(out)
     assert resumed.resumed and resumed.epochs_run == 2
     assert resumed.auto_decision == decision
+    # From Python, with the auto config itself: the recorded choices, not new measurements
+    again = finetune(config, resume=True, enable_progress_bar=False)
+    assert again.strategy == "features" and again.preprocessing.input_size == 96
 
     from tlkit.report import auto_decision_rows, build_report
 

@@ -52,6 +52,7 @@ from tlkit.runfolder import (
     RunSummary,
     read_auto_decision,
     read_checkpoint,
+    read_config,
     read_metrics,
     read_split,
     write_atomic,
@@ -175,7 +176,11 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     resume_from = _check_run_folder(out, resume)
     progress = trainer_options.get("enable_progress_bar", True)
     auto_decision = read_auto_decision(out) if resume_from else None
-    if config.strategy == "auto":
+    if config.strategy == "auto" and auto_decision is not None:  # resumed: as recorded
+        recorded = read_config(out)
+        open_choices = ["strategy", *config.choices_left_to_auto()]
+        config = replace(config, **{name: getattr(recorded, name) for name in open_choices})
+    elif config.strategy == "auto":
         config, auto_decision = resolve_auto(config, progress)
         check_config(config)
     earlier_metrics = read_metrics(out) if resume_from else []
