@@ -298,7 +298,10 @@ def log_decision(record: dict[str, Any]) -> None:
         f"{evidence['linear_val_acc']:.4f}, k-NN {evidence['knn_val_acc']:.4f} at "
         f"{evidence['input_size']} px ({evidence['probe_seconds']:.1f} s)"
     )
+    by_reason: dict[str, list[str]] = {}  # choices made for one reason share a line
     for name, choice in record["choices"].items():
-        logger.info(f"Auto choice: {name} = {choice['value']} ({choice['reason']})")
+        by_reason.setdefault(choice["reason"], []).append(f"{name} = {choice['value']}")
+    for reason, values in by_reason.items():
+        logger.info(f"Auto choice: {', '.join(values)} ({reason})")
     if record["given"]:
         logger.info(f"Auto kept as given: {', '.join(record['given'])}")
