@@ -61,8 +61,16 @@ def colour_folder(tmp_path_factory) -> Path:
     return root
 
 
-# The settings most tests train with: bundled weights, 32px, small batches, no worker processes.
-TINY_CONFIG = dict(pretrained="bundled", img_size=32, batch_size=8, num_workers=0, val_fraction=0.3)
+# The settings most tests train with: bundled weights, 32px, small batches, no worker processes,
+# a named strategy (--strategy auto measures the data first: tests/test_auto.py covers it).
+TINY_CONFIG = dict(
+    pretrained="bundled",
+    img_size=32,
+    batch_size=8,
+    num_workers=0,
+    val_fraction=0.3,
+    strategy="partial",
+)
 
 TINY_RUN_FLAGS = [
     "--pretrained",

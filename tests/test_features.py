@@ -13,14 +13,14 @@ from tlkit.inference import evaluate, load_model
 from tlkit.module import TransferClassifier
 from tlkit.runfolder import read_summary
 
-SETTINGS = dict(
+SETTINGS = {
     **TINY_CONFIG,
-    epochs=2,
-    strategy="features",
-    augment=False,
-    lr=1e-2,
-    seed=0,
-)
+    "epochs": 2,
+    "strategy": "features",
+    "augment": False,
+    "lr": 1e-2,
+    "seed": 0,
+}
 
 
 def test_cached_and_uncached_training_reach_the_same_head(colour_folder: Path, tmp_path: Path):

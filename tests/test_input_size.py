@@ -14,10 +14,13 @@ from tlkit.module import TransferClassifier
 
 
 def test_img_size_defaults_to_the_backbones_pretrained_size(capsys):
-    assert FinetuneConfig().img_size == 224  # tf_efficientnet_lite0
-    assert FinetuneConfig(backbone="efficientnet_b3").img_size == 288
-    assert FinetuneConfig(backbone="efficientnet_b3", img_size=64).img_size == 64  # override
-    assert main(["finetune", "--backbone", "vit_tiny_patch16_384", "--print-config"]) == 0
+    """With a named strategy; --strategy auto chooses the size (tests/test_auto.py)."""
+    assert FinetuneConfig(strategy="partial").img_size == 224  # tf_efficientnet_lite0
+    assert FinetuneConfig(strategy="full", backbone="efficientnet_b3").img_size == 288
+    override = FinetuneConfig(strategy="full", backbone="efficientnet_b3", img_size=64)
+    assert override.img_size == 64
+    flags = ["--backbone", "vit_tiny_patch16_384", "--strategy", "features", "--print-config"]
+    assert main(["finetune", *flags]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["img_size"] == 384
 
 

@@ -15,7 +15,14 @@ from tlkit import export as export_module
 from tlkit.augment import train_transform
 from tlkit.backbones import Preprocessing
 from tlkit.cli import build_parser
-from tlkit.config import FinetuneConfig, Optimizer, Strategy, Verify, config_kwargs
+from tlkit.config import (
+    FinetuneConfig,
+    Optimizer,
+    Strategy,
+    TrainingStrategy,
+    Verify,
+    config_kwargs,
+)
 from tlkit.data import VERIFY_MODES, ImageDataModule, find_images, scan_folder
 from tlkit.distributed import single_device_trainer
 from tlkit.export import FORMATS
@@ -27,7 +34,11 @@ from tlkit.shards import ShardDataModule
 from tlkit.strategies import STRATEGIES
 from tlkit.tta import PRESETS
 
-CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(FinetuneConfig)}
+# The API's defaults: for the choices `--strategy auto` makes, their fixed values
+CONFIG_DEFAULTS = {
+    field.name: FinetuneConfig.field_default(field.name)
+    for field in dataclasses.fields(FinetuneConfig)
+}
 # The hyperparameters every tlkit checkpoint records (save_hyperparameters): loading an older
 # checkpoint passes them back to TransferClassifier by these names.
 CHECKPOINT_HPARAMS = {
@@ -88,6 +99,7 @@ def test_build_model_and_datamodule_pass_every_config_field_they_take(tmp_path):
         data_dir=str(tmp_path),
         backbone="test_resnet",
         pretrained="none",
+        strategy="partial",
         img_size=32,
         dropout=0.25,
         lr=0.02,
@@ -136,9 +148,10 @@ def _choices(parser, command: str, flag: str) -> list[str]:
 def test_named_choices_come_from_their_tables():
     """The config's Literal choices equal the tables' keys, and the CLI offers the keys."""
     parser = build_parser()
-    assert list(STRATEGIES) == list(typing.get_args(Strategy))
+    assert list(STRATEGIES) == list(typing.get_args(TrainingStrategy))
+    assert list(typing.get_args(Strategy)) == ["auto", *STRATEGIES]
     assert list(OPTIMIZERS) == list(typing.get_args(Optimizer))
-    assert _choices(parser, "finetune", "--strategy") == list(STRATEGIES)
+    assert _choices(parser, "finetune", "--strategy") == ["auto", *STRATEGIES]
     assert _choices(parser, "finetune", "--optimizer") == list(OPTIMIZERS)
     assert _choices(parser, "search", "--sampler") == list(SAMPLERS)
     assert _choices(parser, "export", "--format") == list(FORMATS)

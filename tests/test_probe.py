@@ -83,7 +83,6 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_head(colour_folder: Path, tmp_p
         data_dir=str(colour_folder),
         out=str(tmp_path / "run"),
         **{**TINY_CONFIG, "batch_size": 12},
-        strategy="partial",
         unfreeze_stages=1,
         augment=False,
         dropout=0.0,  # the first step's loss is then the head's own

@@ -57,6 +57,7 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         **FIRST_SUMMARY,
         "resumed": True,
         "feature_cache": {"train": {"reused": False}},
+        "auto_decision": {"choices": {"strategy": {"value": "partial", "reason": "why"}}},
         "linear_probe": {"linear_val_acc": 0.9, "knn_val_acc": 0.8, "knn_k": 20},
     }
     summary = RunSummary.from_dict(values)

@@ -37,8 +37,7 @@ OVERFIT_BUDGET = 45  # real labels are fitted after 27 steps
 def config(colour_folder: Path) -> FinetuneConfig:
     return FinetuneConfig(
         data_dir=str(colour_folder),
-        **TINY_CONFIG,
-        strategy="features",
+        **{**TINY_CONFIG, "strategy": "features"},
         lr=1e-2,
         dropout=0.0,
         weight_decay=0.0,

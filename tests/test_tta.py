@@ -226,9 +226,9 @@ def test_runs_record_whether_training_flipped_images():
     from tlkit.config import FinetuneConfig
     from tlkit.finetune import trains_with_hflip
 
-    assert trains_with_hflip(FinetuneConfig())  # default --hflip 0.5
-    assert not trains_with_hflip(FinetuneConfig(hflip=0))
-    assert not trains_with_hflip(FinetuneConfig(augment=False))
+    assert trains_with_hflip(FinetuneConfig(strategy="partial"))  # default --hflip 0.5
+    assert not trains_with_hflip(FinetuneConfig(strategy="partial", hflip=0))
+    assert not trains_with_hflip(FinetuneConfig(strategy="partial", augment=False))
     # the features head trains on plain cached views unless augmented views are cached
     assert not trains_with_hflip(FinetuneConfig(strategy="features"))
     assert trains_with_hflip(FinetuneConfig(strategy="features", cache_augmented_views=2))

@@ -19,7 +19,10 @@ import yaml
 
 from tlkit.errors import ConfigError
 
-Strategy = Literal["features", "partial", "full"]
+# The strategies a model trains with (strategies.STRATEGIES), and `auto`, which measures the data
+# and picks one of them (tlkit/auto.py).
+TrainingStrategy = Literal["features", "partial", "full"]
+Strategy = Literal["auto", TrainingStrategy]
 Optimizer = Literal["adamw", "sgd"]
 # No ddp_spawn: Lightning's spawn launcher returns none of the spawned processes' state (the
 # epoch history, the feature-cache report), so its run folders would be incomplete; ddp runs
@@ -48,6 +51,24 @@ def _option(default: Any, help: str, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
+# The fields `--strategy auto` chooses from measurements unless they are given (tlkit/auto.py),
+# and their fixed values, used when a strategy is named (tlkit's defaults before auto) and by
+# the API's defaults (`FinetuneConfig.field_default`). img_size's fixed value is the backbone's
+# pretrained input size.
+FIXED_CHOICES: dict[str, Any] = {
+    "strategy": "partial",
+    "unfreeze_stages": 2,
+    "lp_ft": False,
+    "epochs": 10,
+    "img_size": None,
+    "augment": True,
+    "short_side_min": 256,
+    "short_side_max": 480,
+    "color_jitter": 0.4,
+}
+AUTO_HELP = " (default: chosen by --strategy auto; with a named strategy {})"
+
+
 @dataclass
 class FinetuneConfig:
     """Everything that defines a fine-tuning run; YAML-serialisable and re-runnable."""
@@ -73,10 +94,14 @@ class FinetuneConfig:
 
     # Transfer strategy
     strategy: Strategy = _option(
-        "partial",
-        "features: frozen backbone; partial: last N stages trainable; full: all trainable",
+        "auto",
+        "auto: measure the data (images per class, image sizes, a linear probe) and choose the "
+        "strategy, stages, epochs, input size and augmentation; features: frozen backbone; "
+        "partial: last N stages trainable; full: all trainable",
     )
-    unfreeze_stages: int = _option(2, "stages (timm layer groups) trained by 'partial'")
+    unfreeze_stages: int | None = _option(
+        None, "stages (timm layer groups) trained by 'partial'" + AUTO_HELP.format(2)
+    )
     cache: bool = _option(
         True, "features strategy: extract backbone features once and train the head on them"
     )
@@ -87,10 +112,10 @@ class FinetuneConfig:
     backbone_lr_scale: float = _option(
         0.1, "learning rate of pretrained layers relative to --lr (partial and full)"
     )
-    lp_ft: bool = _option(
-        False,
+    lp_ft: bool | None = _option(
+        None,
         "partial and full: start from a linear probe's head, fitted on cached features (LP-FT, "
-        "Kumar et al. 2022), instead of a zero head",
+        "Kumar et al. 2022), instead of a zero head" + AUTO_HELP.format("off"),
     )
 
     # Head
@@ -98,7 +123,7 @@ class FinetuneConfig:
     head_hidden: int = _option(0, "width of an optional hidden layer in the head (0: none)")
 
     # Optimisation
-    epochs: int = _option(10, "maximum epochs")
+    epochs: int | None = _option(None, "maximum epochs" + AUTO_HELP.format(10))
     batch_size: int = _option(64, "images per batch (per device)")
     lr: float = _option(1e-3, "learning rate of the new head")
     weight_decay: float = _option(1e-4, "weight decay (not applied to biases and norm layers)")
@@ -129,16 +154,25 @@ class FinetuneConfig:
     # Data and augmentation
     img_size: int | None = _option(
         None,
-        "square input size S; augmentation sizes scale with it (default: the backbone's "
-        "pretrained input size, from timm's pretrained config)",
+        "square input size S; augmentation sizes scale with it"
+        + AUTO_HELP.format("the backbone's pretrained input size, from timm's pretrained config"),
     )
-    augment: bool = _option(True, "train augmentation: scale crops, horizontal flip, jitter")
-    short_side_min: int = _option(
-        256, "scale augmentation: shortest resized side, given for 224px inputs (scales with S)"
+    augment: bool | None = _option(
+        None, "train augmentation: scale crops, horizontal flip, jitter" + AUTO_HELP.format("on")
     )
-    short_side_max: int = _option(480, "scale augmentation: longest resized short side, at 224px")
+    short_side_min: int | None = _option(
+        None,
+        "scale augmentation: shortest resized side, given for 224px inputs (scales with S)"
+        + AUTO_HELP.format(256),
+    )
+    short_side_max: int | None = _option(
+        None, "scale augmentation: longest resized short side, at 224px" + AUTO_HELP.format(480)
+    )
     hflip: float = _option(0.5, "probability of a horizontal flip (0 for text, digits)")
-    color_jitter: float = _option(0.4, "brightness/contrast/saturation jitter strength (0: off)")
+    color_jitter: float | None = _option(
+        None,
+        "brightness/contrast/saturation jitter strength (0: off)" + AUTO_HELP.format(0.4),
+    )
     val_fraction: float = _option(0.1, "share of the training images held out for validation")
     max_image_pixels: int = _option(
         89_478_485, "images with more pixels are skipped as decompression bombs (Pillow's limit)"
@@ -177,25 +211,29 @@ class FinetuneConfig:
     seed: int = _option(0, "seed for splits, initialisation, augmentation and data order")
 
     def __post_init__(self) -> None:
-        if self.img_size is None:
-            from tlkit.backbones import preprocessing  # timm, only when a size is to be found
+        if self.strategy != "auto":  # a named strategy: what is not given takes its fixed value
+            for name, value in FIXED_CHOICES.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+            if self.img_size is None:
+                from tlkit.backbones import preprocessing  # timm, only when a size is to be found
 
-            self.img_size = preprocessing(self.backbone).input_size
+                self.img_size = preprocessing(self.backbone).input_size
         for name, kind in typing.get_type_hints(type(self)).items():
             allowed = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
             if allowed and getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
         checks = {
-            "epochs": self.epochs >= 1,
+            "epochs": self.epochs is None or self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
-            "img_size": self.img_size >= 16,
+            "img_size": self.img_size is None or self.img_size >= 16,
             "val_fraction": 0 < self.val_fraction < 1,
             "dropout": 0 <= self.dropout < 1,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "hflip": 0 <= self.hflip <= 1,
             "max_image_pixels": self.max_image_pixels >= 1,
-            "unfreeze_stages": self.unfreeze_stages >= 1,
+            "unfreeze_stages": self.unfreeze_stages is None or self.unfreeze_stages >= 1,
             "num_nodes": self.num_nodes >= 1,
             "accumulate_grad_batches": self.accumulate_grad_batches >= 1,
             "layer_decay": 0 < self.layer_decay <= 1,
@@ -220,8 +258,13 @@ class FinetuneConfig:
 
     @classmethod
     def field_default(cls, name: str) -> Any:
-        """The default of the field `name`: the one place a default is written."""
-        return cls.__dataclass_fields__[name].default
+        """The default of the field `name` where nothing is measured (the API's defaults): the
+        field's own, or for a field `--strategy auto` chooses, its fixed value."""
+        return FIXED_CHOICES.get(name, cls.__dataclass_fields__[name].default)
+
+    def choices_left_to_auto(self) -> list[str]:
+        """The fields `--strategy auto` is to choose: those not given (still None)."""
+        return [name for name in FIXED_CHOICES if getattr(self, name) is None]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:

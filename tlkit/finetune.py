@@ -9,8 +9,10 @@ The CLI's `tlkit finetune` and the recipes call this; users who want their own T
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
 from tlkit.augment import train_transform
+from tlkit.auto import resolve_auto
 from tlkit.backbones import create_backbone, preprocessing
 from tlkit.callbacks import (
     TRAINING_WEIGHTS_KEY,
@@ -41,6 +44,7 @@ from tlkit.features import CachedFeatureDataModule
 from tlkit.module import TransferClassifier
 from tlkit.probe import fit_probe, probe_features
 from tlkit.runfolder import (
+    AUTO_DECISION,
     BEST_CHECKPOINT,
     CONFIG,
     LAST_CHECKPOINT,
@@ -48,7 +52,9 @@ from tlkit.runfolder import (
     SKIPPED,
     RunFolderError,
     RunSummary,
+    read_auto_decision,
     read_checkpoint,
+    read_config,
     read_metrics,
     read_split,
     write_atomic,
@@ -89,9 +95,18 @@ def trains_with_hflip(config: FinetuneConfig) -> bool:
     return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
 
 
+def provisional_strategy(config: FinetuneConfig) -> str:
+    """For checks before `--strategy auto` has measured: partial where --unfreeze-stages is
+    given (auto then trains those stages), else full, which every layer group takes part in."""
+    return "partial" if config.unfreeze_stages is not None else "full"
+
+
 def check_config(config: FinetuneConfig) -> None:
     """Configuration errors that need the backbone but no data, raised before the data scan
-    (which can take minutes): the model at this size, the stage count, the scale range."""
+    (which can take minutes): the model at this size, the stage count, the scale range. With
+    `--strategy auto`, of its provisional strategy and the open choices' fixed values."""
+    if config.strategy == "auto":
+        config = replace(config, strategy=provisional_strategy(config))
     try:
         with torch.device("meta"):  # the architecture only: no memory, no weights
             backbone = create_backbone(
@@ -151,7 +166,9 @@ def build_logger(config: FinetuneConfig, out: Path) -> Logger:
 def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: Any) -> RunSummary:
     """Train as the config says; write the run summary (summary.json) and return it.
 
-    With `resume`, continue the run in `config.out` from its `last.ckpt` (model, optimiser,
+    With `strategy="auto"`, the data is measured first and the choices left open are made from
+    the evidence (tlkit/auto.py). With `resume`, continue the run in `config.out` from its
+    `last.ckpt` (model, optimiser,
     schedule, epoch and callback states), on the images of its recorded split.csv.
     `trainer_options` are passed to `pytorch_lightning.Trainer` on top of tlkit's own (e.g.
     `enable_progress_bar=False`); `callbacks` given there are added to tlkit's own, and
@@ -159,23 +176,31 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     """
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
-    check_config(config)
+    started = time.perf_counter()  # auto's measurements count as part of the run
+    check_config(config)  # before the data is scanned or measured
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
+    progress = trainer_options.get("enable_progress_bar", True)
+    auto_decision = read_auto_decision(out) if resume_from else None
+    if config.strategy == "auto" and auto_decision is not None:  # resumed: as recorded
+        recorded = read_config(out)
+        open_choices = ["strategy", *config.choices_left_to_auto()]
+        config = replace(config, **{name: getattr(recorded, name) for name in open_choices})
+    elif config.strategy == "auto":
+        config, auto_decision = resolve_auto(config, progress)
+        check_config(config)
     if resume_from:
         _check_same_averaging(resume_from, config.ema)
     earlier_metrics = read_metrics(out) if resume_from else []
     logger = build_logger(config, out)
-    started = time.perf_counter()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     recorded_split = read_split(out) if resume_from else None
     datamodule = build_datamodule(config, recorded_split, out / LOAD_FAILURES)
     datamodule.setup("fit")
     if resume_from:
         _check_same_classes(resume_from, datamodule.classes)
-    _write_at_start(out, config, datamodule)
+    _write_at_start(out, config, datamodule, auto_decision)
     model = build_model(config, datamodule.classes)
-    progress = trainer_options.get("enable_progress_bar", True)
     linear_probe = None
     if config.lp_ft and not resume_from:  # resumed: the head comes from the checkpoint
         linear_probe = start_from_linear_probe(config, model, datamodule, progress)
@@ -258,6 +283,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         history=history,
         resumed=resume_from is not None,
         feature_cache=getattr(training_data, "report", None),
+        auto_decision=auto_decision,
         linear_probe=linear_probe,
         skipped_files=len(skipped),
         wall_time_s=round(time.perf_counter() - started, 2),
@@ -335,6 +361,13 @@ def _check_same_averaging(checkpoint: str, ema: bool) -> None:
         )
 
 
+def probe_device(config: FinetuneConfig) -> str:
+    """Where the probe's features are extracted, before any Trainer exists: the GPU if the
+    run may use one."""
+    gpu = config.accelerator in ("auto", "gpu") and torch.cuda.is_available()
+    return "cuda" if gpu else "cpu"
+
+
 def start_from_linear_probe(
     config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
 ) -> dict[str, Any]:
@@ -348,13 +381,12 @@ def start_from_linear_probe(
     DDP's start-up broadcast of rank 0's parameters leaves no room for a difference anyway.
     """
     started = time.perf_counter()
-    gpu = config.accelerator in ("auto", "gpu") and torch.cuda.is_available()
     features = probe_features(
         model,
         images,
         config.cache_dir or Path(config.out) / "cache",
         progress,
-        device="cuda" if gpu else "cpu",
+        device=probe_device(config),
     )
     extraction_s = time.perf_counter() - started
     probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed)
@@ -386,8 +418,15 @@ def _training_data(
 
 
 @rank_zero_only
-def _write_at_start(out: Path, config: FinetuneConfig, datamodule: ImageDataModule) -> None:
+def _write_at_start(
+    out: Path,
+    config: FinetuneConfig,
+    datamodule: ImageDataModule,
+    auto_decision: dict[str, Any] | None,
+) -> None:
     write_atomic(out / CONFIG, config.to_yaml())  # there from the start, for --resume
+    if auto_decision is not None:  # for the summary of a resumed run
+        write_atomic(out / AUTO_DECISION, json.dumps(auto_decision, indent=2) + "\n")
     write_split(out, datamodule.split_rows())
     write_skipped(out, datamodule.skipped)
     # The scan has just found every file that is broken now; older load failures are stale.

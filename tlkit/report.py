@@ -363,6 +363,40 @@ def run_card(
     return rows
 
 
+def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(what, value, why) rows of `--strategy auto`'s decision: its evidence, then each choice
+    with its reason and the choices the user gave; empty for a run that named its strategy."""
+    if not decision:
+        return []
+    evidence = decision.get("evidence", {})
+    side = evidence.get("source_short_side_median")
+    rows = [
+        (
+            "images per class",
+            f"{evidence.get('images_per_class_min')} min, "
+            f"{evidence.get('images_per_class_median')} median",
+            f"{evidence.get('train_images')} training images, {evidence.get('classes')} classes",
+        ),
+        (
+            "source short side",
+            f"{side} px" if side is not None else "unknown",
+            f"median of {evidence.get('sampled_files')} files' headers",
+        ),
+        (
+            "linear probe / k-NN",
+            f"{_number(evidence.get('linear_val_acc'), 4)} / "
+            f"{_number(evidence.get('knn_val_acc'), 4)}",
+            f"validation top-1 on cached features at {evidence.get('input_size')} px "
+            f"({evidence.get('probe_seconds')} s)",
+        ),
+    ]
+    for name, choice in decision.get("choices", {}).items():
+        rows.append((f"chose {name}", str(choice.get("value")), str(choice.get("reason"))))
+    if decision.get("given"):
+        rows.append(("kept as given", ", ".join(decision["given"]), "flags or config keys"))
+    return rows
+
+
 def _tta_description(cost: dict[str, Any] | None) -> str:
     if cost is None:
         return "no evaluation"
@@ -469,6 +503,7 @@ def build_report(
         data=str(data) if data is not None else None,
         summary=summary,
         card=run_card(run_dir, summary, config, evaluation_seconds, evaluation, tta_cost),
+        auto_rows=auto_decision_rows(summary.auto_decision),
         evaluation=evaluation,
         mistake_paths=[_shown_path(m.path, data) for m in evaluation.mistakes]
         if evaluation is not None

@@ -6,6 +6,7 @@ metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --log
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
                (`RunSummary`)
+auto.json      `--strategy auto`'s decision: its evidence and choices, kept for a resumed run
 split.csv      every image used and its split (train, val or test), paths relative to the data
                root; `--resume` trains on exactly this split
 skipped.csv    files that could not be used, with the reason (at the scan, or while training)
@@ -47,6 +48,7 @@ SPLIT = "split.csv"
 LOAD_FAILURES = "load_failures.csv"
 SPLITS = ("train", "val", "test")
 METRICS = "metrics.csv"
+AUTO_DECISION = "auto.json"
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -61,6 +63,18 @@ def write_atomic(path: str | Path, text: str) -> None:
     os.umask(umask)
     os.chmod(tmp.name, 0o666 & ~umask)  # a plain file's permissions, not the temp file's 0600
     os.replace(tmp.name, path)
+
+
+def read_auto_decision(run_dir: str | Path) -> dict[str, Any] | None:
+    """`--strategy auto`'s recorded decision (auto.json), or None for a run that named its
+    strategy."""
+    path = Path(run_dir) / AUTO_DECISION
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise RunFolderError(f"{path}: not valid JSON ({error})") from None
 
 
 def read_config(run_dir: str | Path) -> FinetuneConfig:
@@ -135,6 +149,7 @@ class RunSummary:
     # Added after the first release, so older summaries lack them:
     resumed: bool = False
     feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
+    auto_decision: dict[str, Any] | None = None  # --strategy auto: evidence, choices, reasons
     linear_probe: dict[str, Any] | None = None  # --lp-ft: the probe the head started from
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version

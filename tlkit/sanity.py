@@ -43,7 +43,7 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset
 from tlkit.distributed import single_device_trainer
 from tlkit.errors import ConfigError
-from tlkit.finetune import build_datamodule, build_model, check_config
+from tlkit.finetune import build_datamodule, build_model, check_config, provisional_strategy
 from tlkit.module import TransferClassifier
 from tlkit.shards import ShardImages
 from tlkit.strategies import trainable_parameter_names
@@ -512,6 +512,10 @@ def run_sanity_checks(
         raise ConfigError(
             f"--per-class and --overfit-steps must be at least 1, got {per_class}, {overfit_steps}"
         )
+    if config.strategy == "auto":
+        # Nothing is measured here: check what auto may train, with its open choices at their
+        # fixed values (finetune.provisional_strategy).
+        config = dataclasses.replace(config, strategy=provisional_strategy(config))
     check_config(config)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)

@@ -13,7 +13,7 @@ BatchNorm keeps its pretrained running statistics and frozen drop-path/dropout l
 does that.
 
 A strategy is one entry of `STRATEGIES`: its name and the function choosing the trainable
-layer groups; a new one also needs its name in `config.Strategy` (the CLI's choices).
+layer groups; a new one also needs its name in `config.TrainingStrategy` (the CLI's choices).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from tlkit.backbones import layer_groups
-from tlkit.config import Strategy
+from tlkit.config import TrainingStrategy
 from tlkit.errors import ConfigError
 
 
@@ -46,8 +46,9 @@ def _all_stages(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
 
 
 # Each strategy: (the backbone's layer groups, stem first; --unfreeze-stages) -> the names of
-# the backbone parameters it trains. The keys are config.Strategy's choices (a test checks it).
-STRATEGIES: dict[Strategy, Callable[[list[list[str]], int], set[str]]] = {
+# the backbone parameters it trains. The keys are config.TrainingStrategy's choices (a test
+# checks it); `auto` (tlkit/auto.py) resolves to one of them before a model is built.
+STRATEGIES: dict[TrainingStrategy, Callable[[list[list[str]], int], set[str]]] = {
     "features": _head_only,
     "partial": _last_stages,
     "full": _all_stages,
