@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "learning from bundled EfficientNet-Lite0 on the same split",
     )
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--epochs", type=int, default=None, help="override the demo's 10 epochs")
+    demo.add_argument("--epochs", type=int, default=None, help="override the epochs auto chooses")
     demo.set_defaults(handler=_demo)
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained backbone")

@@ -185,21 +185,19 @@ def classic_baseline(train: PatchSplit, test: PatchSplit, folds: int = 4) -> Bas
 
 
 def demo_config(out: str | Path = "runs/demo", **overrides) -> FinetuneConfig:
-    """The demo's settings: bundled weights, 64px patches, a head on cached frozen features.
+    """The demo's settings: bundled weights, 64px patches, everything else `--strategy auto`'s.
 
-    On these patches a linear probe of the frozen features already classifies every held-out
-    patch (measured: test 1.0000), so only the head is trained, on features extracted once."""
+    Auto measures the patches first (a linear probe on cached frozen features: it classifies
+    every validation patch) and so trains only the head, on the features it has already
+    extracted. The input stays at the patches' own 64px: auto would upsample them to 128px,
+    which quadruples the extraction on 2 CPU cores for no accuracy to gain."""
     values = {
         "data_dir": str(Path(out).parent / f"{Path(out).name}-textures"),
         "out": str(out),
         "backbone": "tf_efficientnet_lite0",
         "pretrained": "bundled",
-        "strategy": "features",
+        "strategy": "auto",
         "img_size": 64,
-        "epochs": 10,
-        # The patches already come at random sizes, quarter-turns and mirrors; ImageNet's
-        # scale crops would cut a 64px patch down further.
-        "augment": False,
     }
     return FinetuneConfig.from_dict({**values, **overrides})
 
