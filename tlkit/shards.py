@@ -145,6 +145,13 @@ def _remove(location: str, name: str) -> None:
         os.unlink(target)
 
 
+def remote_cache(location: str, chunk_cache_dir: str | None) -> str | None:
+    """LitData's `cache_dir` for reading `location`: `chunk_cache_dir` for an object store
+    (LitData downloads chunks there, into a folder per URL and upload time, and evicts the
+    oldest when the disk fills); None for a local folder, which LitData reads in place."""
+    return chunk_cache_dir if is_url(location) else None
+
+
 def _is_empty(location: str) -> bool:
     if is_url(location):
         return _get_fs_provider(location).is_empty(location)
@@ -416,7 +423,8 @@ class ShardImages(Dataset):
 
     `samples` are `(relative path, class index)` in the shards' order. The `StreamingDataset`
     is opened on first use in each process (data-loader workers open their own), so nothing
-    of LitData's reader state is copied between processes.
+    of LitData's reader state is copied between processes. `chunk_cache_dir`: where LitData
+    keeps the chunks it downloads from an object store (None: LitData's default).
     """
 
     def __init__(
@@ -427,8 +435,10 @@ class ShardImages(Dataset):
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         augmentation_seed: int | None = None,
         positions: list[int] | None = None,
+        chunk_cache_dir: str | None = None,
     ) -> None:
         self.location = location
+        self.chunk_cache_dir = chunk_cache_dir
         self.transform = transform
         self.max_pixels = max_pixels
         self.augmentation_seed = augmentation_seed
@@ -450,6 +460,7 @@ class ShardImages(Dataset):
             self.max_pixels,
             self.augmentation_seed,
             [self.positions[position] for position in positions],
+            self.chunk_cache_dir,
         )
 
     def with_transform(self, transform, augmentation_seed: int | None = None) -> ShardImages:
@@ -460,6 +471,7 @@ class ShardImages(Dataset):
             self.max_pixels,
             augmentation_seed,
             self.positions,
+            self.chunk_cache_dir,
         )
 
     def __len__(self) -> int:
@@ -467,7 +479,9 @@ class ShardImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self._streaming is None:
-            self._streaming = StreamingDataset(self.location)
+            self._streaming = StreamingDataset(
+                self.location, cache_dir=remote_cache(self.location, self.chunk_cache_dir)
+            )
         sample = self._streaming[self.positions[index]]
         return decode_sample(
             sample,
@@ -495,8 +509,15 @@ class ShardTrainingDataset(StreamingDataset):
         augment_seed: int | None,
         max_pixels: int,
         drop_last: bool,
+        chunk_cache_dir: str | None = None,
     ) -> None:
-        super().__init__(location, shuffle=True, seed=seed, drop_last=drop_last)
+        super().__init__(
+            location,
+            cache_dir=remote_cache(location, chunk_cache_dir),
+            shuffle=True,
+            seed=seed,
+            drop_last=drop_last,
+        )
         # Not `self.transform`: StreamingDataset applies an attribute of that name to raw items.
         self.image_transform = image_transform
         self.augment_seed = augment_seed
@@ -529,6 +550,8 @@ class ShardDataModule(pl.LightningDataModule):
     The split is the one fixed at conversion; `val_fraction` and `csv_paths_outside_root` are
     accepted for the same signature as `ImageDataModule` and only compared with the
     conversion's. `recorded_split` (a resumed run's split.csv) must match the converted split.
+    `chunk_cache_dir`: where LitData keeps the chunks of a dataset in an object store (None:
+    LitData's default, ~/.lightning/chunks or $LITDATA_CACHE_DIR).
     """
 
     def __init__(
@@ -545,9 +568,11 @@ class ShardDataModule(pl.LightningDataModule):
         csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
+        chunk_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = str(data_dir)
+        self.chunk_cache_dir = str(chunk_cache_dir) if chunk_cache_dir else None
         self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers < 0 else num_workers
@@ -588,24 +613,25 @@ class ShardDataModule(pl.LightningDataModule):
         if self.recorded_split is not None:
             self._check_recorded_split(samples)
         evaluation = eval_transform(self.preprocessing)
-        train = converted.split_location("train")
+
+        def split(name: str, transform, augmentation_seed: int | None = None) -> ShardImages:
+            return ShardImages(
+                converted.split_location(name),
+                samples[name],
+                transform,
+                self.max_image_pixels,
+                augmentation_seed,
+                chunk_cache_dir=self.chunk_cache_dir,
+            )
+
         if self.augment:
             augmentation = train_transform(self.preprocessing, **self.augmentation)
-            self.train_set = ShardImages(
-                train, samples["train"], augmentation, self.max_image_pixels, self.seed
-            )
+            self.train_set = split("train", augmentation, self.seed)
         else:
-            self.train_set = ShardImages(train, samples["train"], evaluation, self.max_image_pixels)
-        self.val_set = ShardImages(
-            converted.split_location("val"), samples["val"], evaluation, self.max_image_pixels
-        )
+            self.train_set = split("train", evaluation)
+        self.val_set = split("val", evaluation)
         if samples.get("test"):
-            self.test_set = ShardImages(
-                converted.split_location("test"),
-                samples["test"],
-                evaluation,
-                self.max_image_pixels,
-            )
+            self.test_set = split("test", evaluation)
 
     def _check_recorded_split(self, samples: dict[str, list[tuple[str, int]]]) -> None:
         converted = {path: split for split, rows in samples.items() for path, _ in rows}
@@ -652,6 +678,7 @@ class ShardDataModule(pl.LightningDataModule):
             self.train_set.augmentation_seed,
             self.max_image_pixels,
             drop_last,
+            self.chunk_cache_dir,
         )
         loader = StreamingDataLoader(
             dataset,
