@@ -19,24 +19,24 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
+import litdata
 import pytest
+import pytorch_lightning as pl
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from litdata.processing import data_processor
+from moto.server import DomainDispatcherApplication, create_backend_app  # dev extras
+from werkzeug.serving import make_server
 
-pytest.importorskip("moto", reason="the S3 emulator comes with the dev extras (moto[server])")
-
-import boto3  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
-from moto.server import DomainDispatcherApplication, create_backend_app  # noqa: E402
-from werkzeug.serving import make_server  # noqa: E402
-
-from tests.conftest import TINY_CONFIG  # noqa: E402
-from tlkit.cli import main  # noqa: E402
-from tlkit.config import FinetuneConfig  # noqa: E402
-from tlkit.finetune import finetune  # noqa: E402
-from tlkit.shards import MARKER, open_converted  # noqa: E402
+from tests.conftest import TINY_CONFIG
+from tlkit import shards
+from tlkit.cli import main
+from tlkit.config import FinetuneConfig
+from tlkit.finetune import finetune
+from tlkit.shards import MARKER, convert, open_converted
 
 BUCKET = "tlkit-test"
 
@@ -46,9 +46,8 @@ def _write_certificates(folder: Path) -> tuple[Path, Path, Path]:
     now = datetime.datetime.now(datetime.timezone.utc)
     valid = dict(not_valid_before=now - datetime.timedelta(hours=1))
     valid["not_valid_after"] = now + datetime.timedelta(days=1)
-    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
-        ec.SECP256R1()
-    )
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    server_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlkit test CA")])
     ca = (
         x509.CertificateBuilder(issuer_name=ca_name, subject_name=ca_name, **valid)
@@ -135,12 +134,10 @@ class SeenLabels(pl.Callback):
 
 def test_convert_to_s3_and_finetune_from_it(s3_bucket, colour_folder, tmp_path, capsys):
     url = f"{s3_bucket}/colours"
-    assert main(["convert", str(colour_folder), url, "--workers", "1", "--val-fraction", "0.3"]) == 0
+    arguments = [str(colour_folder), url, "--workers", "1", "--val-fraction", "0.3"]
+    assert main(["convert", *arguments]) == 0
     assert "converted" in capsys.readouterr().out
-    keys = {
-        item["Key"]
-        for item in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]
-    }
+    keys = {item["Key"] for item in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]}
     assert {f"colours/{MARKER}", "colours/train/index.json", "colours/test/index.json"} <= keys
     converted = open_converted(url)
     assert converted is not None and converted.location == url
@@ -152,10 +149,8 @@ def test_convert_to_s3_and_finetune_from_it(s3_bucket, colour_folder, tmp_path, 
         data_dir=url,
         out=str(tmp_path / "run"),
         epochs=1,
-        backbone="tf_efficientnet_lite0",
-        strategy="partial",
-        unfreeze_stages=1,
-        **{**TINY_CONFIG, "batch_size": 10},  # 20 training images: two whole batches
+        backbone="test_efficientnet",  # timm's tiny test model: the data is what is tested
+        **{**TINY_CONFIG, "pretrained": "none", "batch_size": 10},  # 20 images: two batches
     )
     summary = finetune(config, callbacks=[seen], enable_progress_bar=False)
     assert (summary.train_images, summary.val_images, summary.test_images) == (
@@ -173,3 +168,22 @@ def test_convert_to_s3_and_finetune_from_it(s3_bucket, colour_folder, tmp_path, 
     cache = tmp_path / "run" / "cache" / "shards"
     assert {path.name for path in cache.iterdir()} == folders
     assert not folders & set(os.listdir(Path.home() / ".lightning" / "chunks"))
+
+
+def test_each_conversion_stages_its_chunks_in_its_own_folder(colour_folder, tmp_path, monkeypatch):
+    """litdata.optimize stages chunks in one machine-wide folder that it empties when it
+    starts: two conversions at once would delete each other's chunks."""
+    shared = tmp_path / "shared-staging"
+    monkeypatch.setenv("DATA_OPTIMIZER_CACHE_FOLDER", str(shared))
+    staging: list[str] = []
+    real_optimize = litdata.optimize
+
+    def optimize(*args, **kwargs):
+        staging.append(data_processor._get_cache_dir())
+        return real_optimize(*args, **kwargs)
+
+    monkeypatch.setattr(shards.litdata, "optimize", optimize)
+    convert(colour_folder, tmp_path / "out", workers=1, progress=False)
+    assert len(set(staging)) == 3 and str(shared) not in staging  # train, val, test
+    assert not any(os.path.exists(folder) for folder in staging)  # removed afterwards
+    assert os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] == str(shared)

@@ -363,6 +363,16 @@ def _optimize(
     """`litdata.optimize` in the items' order (`keep_data_ordered`: sample i of the shards is
     row i of the split in split.csv)."""
     start_method = multiprocessing.get_start_method(allow_none=True)
+    # optimize stages chunks for an object store in one machine-wide folder (/tmp/chunks) and
+    # empties it when it starts, so two conversions at once (into any output) would delete
+    # each other's chunks: give each conversion its own staging folders.
+    staging = tempfile.TemporaryDirectory(prefix="tlkit-convert-")
+    variables = {
+        "DATA_OPTIMIZER_CACHE_FOLDER": os.path.join(staging.name, "chunks"),
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": os.path.join(staging.name, "data"),
+    }
+    earlier = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         litdata.optimize(
             fn=encoded_sample,
@@ -382,6 +392,12 @@ def _optimize(
         # optimize sets the process-wide start method to "spawn" (force=True); put it back so
         # that later data loaders in this process start their workers as before.
         multiprocessing.set_start_method(start_method, force=True)
+        for name, value in earlier.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        staging.cleanup()
     # optimize reports success even when a worker process died: count what it wrote.
     index = json.loads(_read_text(output_dir, "index.json") or '{"chunks": []}')
     written = sum(chunk["chunk_size"] for chunk in index.get("chunks", []))
