@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TOUR_HEADING = "## Five-minute tour"
 # Programs that install things or belong to other tools: .ci/run runs the install commands.
-OTHER_PROGRAMS = {"apt-get", "pip", "python3", ".venv/bin/pip", "tensorboard", "sbatch"}
+OTHER_PROGRAMS = {"apt-get", "pip", "python3", ".venv/bin/pip", "tensorboard", "sbatch", "export"}
 PYTHON_PROGRAMS = {"python", ".venv/bin/python"}
 
 
@@ -93,6 +93,32 @@ def test_every_documented_command_is_checked(page: str, command: str):
         assert words[2] in {"pytest", "tlkit.cli_reference"}, f"{page}: `{command}`"
     else:
         assert words[0] in OTHER_PROGRAMS, f"{page}: `{command}` runs an unexpected program"
+
+
+def test_multi_node_launches_match_their_tlkit_commands():
+    """docs/multi-gpu.md: every torchrun and SLURM launch starts the nodes and processes per
+    node that its `tlkit finetune` is told of (--num-nodes, --devices); a mismatch hangs at
+    start-up or trains on part of the cluster."""
+    text = (ROOT / "docs" / "multi-gpu.md").read_text()
+    launches = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        slurm = dict(re.findall(r"#SBATCH --([\w-]+)=(\S+)", block))
+        for command in shell_commands(f"```bash\n{block}```"):
+            words = shlex.split(command)
+            arguments = tlkit_arguments(words)
+            if arguments is None or words[0] not in {"torchrun", "srun"}:
+                continue
+            parsed = build_parser().parse_args(arguments)
+            if words[0] == "torchrun":
+                launcher = dict(re.findall(r"--(nnodes|nproc-per-node)[ =](\S+)", command))
+                expected = int(launcher["nnodes"]), launcher["nproc-per-node"]
+            else:
+                expected = int(slurm["nodes"]), slurm["ntasks-per-node"]
+            assert (parsed.num_nodes, parsed.devices) == expected, command
+            launches.append(parsed.data)
+    # the folder examples and the converted-data ones (shared folder and object store)
+    assert len(launches) >= 4
+    assert any(data.startswith("s3://") for data in launches)
 
 
 def test_cli_reference_is_generated_from_the_parser():

@@ -105,7 +105,11 @@ class FinetuneConfig:
     cache: bool = _option(
         True, "features strategy: extract backbone features once and train the head on them"
     )
-    cache_dir: str = _option("", "feature cache folder, shareable by runs (default: OUT/cache)")
+    cache_dir: str = _option(
+        "",
+        "cache folder, shareable by runs: cached features and, in shards/, the chunks of a "
+        "converted dataset read from an object store (default: OUT/cache)",
+    )
     cache_augmented_views: int = _option(
         0, "features cached per training image from the train augmentation (0: one plain view)"
     )

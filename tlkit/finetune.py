@@ -140,14 +140,24 @@ def build_datamodule(
     `ImageDataModule` options `recorded_split` and `load_failure_log`): a `ShardDataModule`
     for a dataset converted by `tlkit convert` (found by its marker file), else an
     `ImageDataModule` for an image folder or CSV. The one place that tells them apart."""
-    kind = ShardDataModule if open_converted(config.data_dir) is not None else ImageDataModule
+    if open_converted(config.data_dir) is not None:
+        kind, options = ShardDataModule, {"chunk_cache_dir": cache_folder(config) / "shards"}
+    else:
+        kind, options = ImageDataModule, {}
     return kind(
         preprocessing=preprocessing(config.backbone, config.img_size),
         augmentation=augmentation_options(config),
         recorded_split=recorded_split,
         load_failure_log=load_failure_log,
+        **options,
         **config_kwargs(config, kind),
     )
+
+
+def cache_folder(config: FinetuneConfig) -> Path:
+    """--cache-dir, else OUT/cache: cached features (features strategy) and, in shards/, the
+    chunks LitData downloads from an object store."""
+    return Path(config.cache_dir or Path(config.out) / "cache")
 
 
 def build_logger(config: FinetuneConfig, out: Path) -> Logger:
@@ -411,7 +421,7 @@ def _training_data(
     return CachedFeatureDataModule(
         model,
         images,
-        config.cache_dir or Path(config.out) / "cache",
+        cache_folder(config),
         config.cache_augmented_views,
         progress=progress,
     )

@@ -149,6 +149,13 @@ def _remove(location: str, name: str) -> None:
         os.unlink(target)
 
 
+def remote_cache(location: str, chunk_cache_dir: str | None) -> str | None:
+    """LitData's `cache_dir` for reading `location`: `chunk_cache_dir` for an object store
+    (LitData downloads chunks there, into a folder per URL and upload time, and evicts the
+    oldest when the disk fills); None for a local folder, which LitData reads in place."""
+    return chunk_cache_dir if is_url(location) else None
+
+
 def _is_empty(location: str) -> bool:
     if is_url(location):
         return _get_fs_provider(location).is_empty(location)
@@ -360,6 +367,16 @@ def _optimize(
     """`litdata.optimize` in the items' order (`keep_data_ordered`: sample i of the shards is
     row i of the split in split.csv)."""
     start_method = multiprocessing.get_start_method(allow_none=True)
+    # optimize stages chunks for an object store in one machine-wide folder (/tmp/chunks) and
+    # empties it when it starts, so two conversions at once (into any output) would delete
+    # each other's chunks: give each conversion its own staging folders.
+    staging = tempfile.TemporaryDirectory(prefix="tlkit-convert-")
+    variables = {
+        "DATA_OPTIMIZER_CACHE_FOLDER": os.path.join(staging.name, "chunks"),
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": os.path.join(staging.name, "data"),
+    }
+    earlier = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         litdata.optimize(
             fn=encoded_sample,
@@ -379,6 +396,12 @@ def _optimize(
         # optimize sets the process-wide start method to "spawn" (force=True); put it back so
         # that later data loaders in this process start their workers as before.
         multiprocessing.set_start_method(start_method, force=True)
+        for name, value in earlier.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        staging.cleanup()
     # optimize reports success even when a worker process died: count what it wrote.
     index = json.loads(_read_text(output_dir, "index.json") or '{"chunks": []}')
     written = sum(chunk["chunk_size"] for chunk in index.get("chunks", []))
@@ -420,7 +443,8 @@ class ShardImages(Dataset):
 
     `samples` are `(relative path, class index)` in the shards' order. The `StreamingDataset`
     is opened on first use in each process (data-loader workers open their own), so nothing
-    of LitData's reader state is copied between processes.
+    of LitData's reader state is copied between processes. `chunk_cache_dir`: where LitData
+    keeps the chunks it downloads from an object store (None: LitData's default).
     """
 
     def __init__(
@@ -431,8 +455,10 @@ class ShardImages(Dataset):
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         augmentation_seed: int | None = None,
         positions: list[int] | None = None,
+        chunk_cache_dir: str | None = None,
     ) -> None:
         self.location = location
+        self.chunk_cache_dir = chunk_cache_dir
         self.transform = transform
         self.max_pixels = max_pixels
         self.augmentation_seed = augmentation_seed
@@ -454,6 +480,7 @@ class ShardImages(Dataset):
             self.max_pixels,
             self.augmentation_seed,
             [self.positions[position] for position in positions],
+            self.chunk_cache_dir,
         )
 
     def with_transform(self, transform, augmentation_seed: int | None = None) -> ShardImages:
@@ -465,6 +492,7 @@ class ShardImages(Dataset):
             self.max_pixels,
             augmentation_seed,
             self.positions,
+            self.chunk_cache_dir,
         )
 
     def images_of(self, samples: list[tuple[str, int]], transform) -> ShardImages:
@@ -491,7 +519,9 @@ class ShardImages(Dataset):
 
     def _sample(self, index: int) -> dict[str, Any]:
         if self._streaming is None:
-            self._streaming = StreamingDataset(self.location)
+            self._streaming = StreamingDataset(
+                self.location, cache_dir=remote_cache(self.location, self.chunk_cache_dir)
+            )
         return self._streaming[self.positions[index]]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -522,8 +552,15 @@ class ShardTrainingDataset(StreamingDataset):
         augmentation_seed: int | None,
         max_pixels: int,
         drop_last: bool,
+        chunk_cache_dir: str | None = None,
     ) -> None:
-        super().__init__(location, shuffle=True, seed=seed, drop_last=drop_last)
+        super().__init__(
+            location,
+            cache_dir=remote_cache(location, chunk_cache_dir),
+            shuffle=True,
+            seed=seed,
+            drop_last=drop_last,
+        )
         # Not `self.transform`: StreamingDataset applies an attribute of that name to raw items.
         self.image_transform = image_transform
         self.augmentation_seed = augmentation_seed
@@ -585,6 +622,8 @@ class ShardDataModule(pl.LightningDataModule):
     The split is the one fixed at conversion; `val_fraction` and `csv_paths_outside_root` are
     accepted for the same signature as `ImageDataModule` and only compared with the
     conversion's. `recorded_split` (a resumed run's split.csv) must match the converted split.
+    `chunk_cache_dir`: where LitData keeps the chunks of a dataset in an object store (None:
+    LitData's default, ~/.lightning/chunks or $LITDATA_CACHE_DIR).
     """
 
     def __init__(
@@ -601,9 +640,11 @@ class ShardDataModule(pl.LightningDataModule):
         csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
+        chunk_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = str(data_dir)
+        self.chunk_cache_dir = str(chunk_cache_dir) if chunk_cache_dir else None
         self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers < 0 else num_workers
@@ -644,24 +685,25 @@ class ShardDataModule(pl.LightningDataModule):
         if self.recorded_split is not None:
             self._check_recorded_split(samples)
         evaluation = eval_transform(self.preprocessing)
-        train = converted.split_location("train")
+
+        def split(name: str, transform, augmentation_seed: int | None = None) -> ShardImages:
+            return ShardImages(
+                converted.split_location(name),
+                samples[name],
+                transform,
+                self.max_image_pixels,
+                augmentation_seed,
+                chunk_cache_dir=self.chunk_cache_dir,
+            )
+
         if self.augment:
             augmentation = train_transform(self.preprocessing, **self.augmentation)
-            self.train_set = ShardImages(
-                train, samples["train"], augmentation, self.max_image_pixels, self.seed
-            )
+            self.train_set = split("train", augmentation, self.seed)
         else:
-            self.train_set = ShardImages(train, samples["train"], evaluation, self.max_image_pixels)
-        self.val_set = ShardImages(
-            converted.split_location("val"), samples["val"], evaluation, self.max_image_pixels
-        )
+            self.train_set = split("train", evaluation)
+        self.val_set = split("val", evaluation)
         if samples.get("test"):
-            self.test_set = ShardImages(
-                converted.split_location("test"),
-                samples["test"],
-                evaluation,
-                self.max_image_pixels,
-            )
+            self.test_set = split("test", evaluation)
 
     def _check_recorded_split(self, samples: dict[str, list[tuple[str, int]]]) -> None:
         converted = {path: split for split, rows in samples.items() for path, _ in rows}
@@ -708,6 +750,7 @@ class ShardDataModule(pl.LightningDataModule):
             self.train_set.augmentation_seed,
             self.max_image_pixels,
             drop_last,
+            self.chunk_cache_dir,
         )
         return TrainerEpochLoader(
             dataset,
