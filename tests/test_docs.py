@@ -77,6 +77,8 @@ def test_the_docs_show_commands():
 @pytest.mark.parametrize("page, command", documented_commands())
 def test_every_documented_command_is_checked(page: str, command: str):
     words = shlex.split(command)
+    if words[:2] == ["nice", "-n"]:  # benchmarks run at a lower priority: check the command
+        words = words[3:]
     arguments = tlkit_arguments(words)
     if arguments is not None:
         try:
