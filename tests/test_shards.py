@@ -32,7 +32,9 @@ from tlkit.sanity import subset_loader
 from tlkit.shards import MARKER, ShardDataModule, convert, labelled_split, open_converted
 
 # As tiny_run (conftest.TINY_RUN_FLAGS) trains on the colour folder.
-RUN_CONFIG = dict(**TINY_CONFIG, epochs=2, seed=0, strategy="partial", unfreeze_stages=1, lr=3e-3)
+RUN_CONFIG = {
+    **TINY_CONFIG, "epochs": 2, "seed": 0, "strategy": "partial", "unfreeze_stages": 1, "lr": 3e-3
+}
 # One batch of all 20 training images per epoch and no dropout: runs that see the same augmented
 # images in another order train alike.
 FULL_BATCH = dict(RUN_CONFIG, batch_size=32, dropout=0.0, lr=1e-2, warmup_epochs=0.0)
