@@ -1,18 +1,16 @@
 """Lightning callbacks of a tlkit run: the progress bar, the per-epoch summary line, the
-divergence stop, the exponential moving average of the weights and the resume
-checkpoint."""
+divergence stop and the exponential moving average of the weights."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, Checkpoint, TQDMProgressBar, WeightAveraging
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar, WeightAveraging
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -158,54 +156,3 @@ class ExponentialMovingAverage(WeightAveraging):
         the averaged ones it is meant to test."""
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, module, checkpoint)
-
-
-class ResumeCheckpoint(Checkpoint):
-    """last.ckpt, for --resume: the run's state at an epoch's end, written unless writing it would
-    cost more than `max_overhead` of the training time since the last write; always at the
-    first epoch's end (which measures the write) and when training ends.
-
-    A full checkpoint (backbone included) takes tens of milliseconds to write, while an epoch
-    of the cached `features` strategy on 1,000 images takes less than that: writing at every
-    epoch's end made the checkpoint the largest cost of such an epoch. Epochs of a few
-    seconds or more are written every time, as before; a killed run loses at most about
-    1 / `max_overhead` writes' worth of training. (Lightning's ModelCheckpoint offers time
-    intervals only within epochs, and its `save_last` writes only in epochs that improved.)
-
-    A `Checkpoint` subclass, so that Lightning runs it after the other callbacks: the state it
-    writes includes their updates of the epoch (early stopping, the best checkpoint).
-    """
-
-    def __init__(self, path: str | Path, max_overhead: float = 0.1) -> None:
-        self.path = Path(path)
-        self.max_overhead = max_overhead
-        self._write_seconds: float | None = None  # measured at the first write
-        self._trained_since_write = 0.0
-        self._epoch_started = 0.0
-        self._unwritten_epoch = False
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._epoch_started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._trained_since_write += time.perf_counter() - self._epoch_started
-        due = (
-            self._write_seconds is None
-            or self._write_seconds <= self.max_overhead * self._trained_since_write
-        )
-        # every process must take the same decision: writing is collective (a barrier)
-        if trainer.strategy.broadcast(due, src=0):
-            self._write(trainer)
-        else:
-            self._unwritten_epoch = True
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self._unwritten_epoch:
-            self._write(trainer)
-
-    def _write(self, trainer: pl.Trainer) -> None:
-        started = time.perf_counter()
-        trainer.save_checkpoint(self.path, weights_only=False)  # a full state: optimiser too
-        self._write_seconds = time.perf_counter() - started
-        self._trained_since_write = 0.0
-        self._unwritten_epoch = False

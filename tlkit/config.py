@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,9 +34,17 @@ Logger = Literal["csv", "tensorboard"]
 Verify = Literal["full", "header", "none"]
 
 
+def value_type(kind: Any) -> Any:
+    """The type of a field's values: `int` for `int | None` (a field auto may choose)."""
+    arguments = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+    is_optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    return arguments[0] if is_optional and len(arguments) == 1 else kind
+
+
 def coerce_value(key: str, value: Any, kind: Any) -> Any:
     """A value for a field of type `kind`: YAML reads `1e-4` (no dot) as a string, so numbers
     written so are converted; anything else that is not a number is rejected."""
+    kind = value_type(kind)
     if kind in (int, float) and isinstance(value, str):
         try:
             return kind(value)

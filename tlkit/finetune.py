@@ -31,7 +31,6 @@ from tlkit.callbacks import (
     EpochProgressBar,
     EpochSummary,
     ExponentialMovingAverage,
-    ResumeCheckpoint,
     StopOnNonFiniteLoss,
 )
 from tlkit.config import FinetuneConfig, config_kwargs
@@ -226,7 +225,11 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        ResumeCheckpoint(out / LAST_CHECKPOINT),  # last.ckpt, for --resume
+        # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
+        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
+        ModelCheckpoint(
+            dirpath=out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
+        ),
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),

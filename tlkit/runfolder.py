@@ -1,7 +1,7 @@
 """The run folder: what a fine-tuning run leaves behind, written atomically, read back safely.
 
 best.ckpt      best-on-validation checkpoint (the model `evaluate` and `predict` use)
-last.ckpt      the latest epoch's state, for --resume (callbacks.ResumeCheckpoint)
+last.ckpt      the latest epoch's state, for --resume
 metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings

@@ -52,7 +52,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from tlkit.callbacks import TrainingDivergedError
-from tlkit.config import FinetuneConfig, coerce_value, read_yaml_mapping
+from tlkit.config import FinetuneConfig, coerce_value, read_yaml_mapping, value_type
 from tlkit.errors import ConfigError, SearchError
 from tlkit.finetune import finetune
 from tlkit.runfolder import write_atomic
@@ -105,7 +105,9 @@ def parse_space(
     [...]}`, a plain value (fixed for every trial) or null (not searched: the base config's
     value). Keys are FinetuneConfig fields; every value is checked against the config's rules.
     """
-    hints = typing.get_type_hints(FinetuneConfig)
+    hints = {
+        name: value_type(kind) for name, kind in typing.get_type_hints(FinetuneConfig).items()
+    }
     space: SearchSpace = {}
     fixed: dict[str, Any] = {}
     for name, entry in entries.items():
