@@ -1,13 +1,15 @@
 """Ablations of fine-tuning options, each row against the same run without it.
 
     apt-get install dataset-fashion-mnist
-    nice -n 10 python benchmarks/ablations.py --rows partial partial+layer-decay partial+ema
+    python benchmarks/ablations.py --rows partial partial+layer-decay partial+ema partial+lp-ft
 
 Fashion-MNIST from Debian's `dataset-fashion-mnist`: a stratified, seeded 5,000-image training
 set, 1,000 validation images (drawn from the official training split, disjoint from the 5,000)
 and 2,000 test images, upscaled to --img-size; bundled EfficientNet-Lite0, --epochs for every
-row, no augmentation. A row is a base run (`partial`: last 2 stages; `full`), optionally with
-additions joined by `+`: `layer-decay` (`--layer-decay`), `ema` (`--ema`). A new option is one
+row, no augmentation, the pretrained layers at --backbone-lr-scale (auto's choice for `partial`,
+1.0). A row is a base run (`partial`: last 2 stages; `full`), optionally with additions joined
+by `+`: `layer-decay` (`--layer-decay`), `ema` (`--ema`), `lp-ft` (`--lp-ft`: the head starts
+from the linear probe's; its extraction and fit count in the wall time). A new option is one
 entry of `additions`. Every row is an ordinary `tlkit.finetune` run in WORK/<row>; the table of
 test top-1 and wall time (with the load average over each row: other work on shared cores slows
 a row) is printed and written to WORK/results.md, the raw summaries to WORK/results.json.
@@ -45,6 +47,7 @@ def additions(arguments: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "layer-decay": {"layer_decay": arguments.layer_decay},
         "ema": {"ema": True, "ema_decay": arguments.ema_decay},
+        "lp-ft": {"lp_ft": True},
     }
 
 
@@ -52,7 +55,7 @@ def additions(arguments: argparse.Namespace) -> dict[str, dict[str, Any]]:
 # at 0.8 the stem trains at 0.8^16 = 2.8% of the last block's rate, the span of BEiT's and MAE's
 # 0.75 over a ViT-B's 12 blocks (0.75^12 = 3.2%); 0.7 would leave the stem at 0.33%.
 DEFAULT_LAYER_DECAY = 0.8
-DEFAULT_ROWS = ["partial", "partial+layer-decay", "partial+ema"]
+DEFAULT_ROWS = ["partial", "partial+layer-decay", "partial+ema", "partial+lp-ft"]
 
 
 def write_data(folder: Path, train: int, val: int, test: int, seed: int = 0) -> Path:
@@ -91,6 +94,7 @@ def row_config(row: str, data: Path, out: Path, arguments: argparse.Namespace) -
         patience=arguments.epochs,
         img_size=arguments.img_size,
         lr=arguments.lr,
+        backbone_lr_scale=arguments.backbone_lr_scale,
         batch_size=64,
         channels_last=True,  # 1.6x faster fine-tuning on this CPU (benchmarks/fashion_mnist.py)
         seed=arguments.seed,
@@ -119,6 +123,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--backbone-lr-scale", type=float, default=1.0, help="auto's choice for partial"
+    )
     parser.add_argument("--layer-decay", type=float, default=DEFAULT_LAYER_DECAY)
     ema_decay = FinetuneConfig.field_default("ema_decay")
     parser.add_argument("--ema-decay", type=float, default=ema_decay)
@@ -133,7 +140,8 @@ def main() -> None:
     heading = (
         f"Fashion-MNIST {arguments.train_images} train / {arguments.val_images} val / "
         f"{arguments.test_images} test, {arguments.img_size}px, bundled EfficientNet-Lite0, "
-        f"{arguments.epochs} epochs, lr {arguments.lr}, no augmentation, layer decay "
+        f"{arguments.epochs} epochs, lr {arguments.lr} (pretrained layers x"
+        f"{arguments.backbone_lr_scale}), no augmentation, layer decay "
         f"{arguments.layer_decay}, EMA decay ceiling {arguments.ema_decay}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"

@@ -62,6 +62,20 @@ def test_strategy_by_images_per_class_and_probe(values, strategy, stages):
     assert choices["lp_ft"] is False  # measured worse than a zero head; --lp-ft turns it on
 
 
+@pytest.mark.parametrize(
+    "values, scale",
+    [
+        ({}, 1.0),  # partial: its last stages at the head's rate
+        ({"images_per_class_median": 5000}, 0.1),  # full: early layers at a tenth
+        ({"images_per_class_median": 10}, 0.1),  # features: nothing pretrained trains
+    ],
+)
+def test_backbone_learning_rate_by_strategy(values, scale):
+    assert chosen(decide(evidence(**values), ALL_OPEN))["backbone_lr_scale"] == scale
+    given = ["strategy", "unfreeze_stages"]  # --backbone-lr-scale given: kept
+    assert "backbone_lr_scale" not in decide(evidence(**values), given)
+
+
 def test_no_lp_ft_for_a_head_with_a_hidden_layer():
     assert chosen(decide(evidence(), ALL_OPEN, linear_head=False))["lp_ft"] is False
 
@@ -69,11 +83,11 @@ def test_no_lp_ft_for_a_head_with_a_hidden_layer():
 @pytest.mark.parametrize(
     "train_images, strategy, epochs",
     [
-        (5000, "partial", 5),  # HyperRule's 500 x 512 images, a tenth: 25,600 images seen
+        (5000, "partial", 4),  # HyperRule's 500 x 512 images, 8%: 20,480 images seen
         (500, "partial", 30),  # capped
         (19_999, "partial", 3),  # the floor
-        (20_000, "full", 26),  # HyperRule's next regime: 10,000 steps
-        (54_000, "full", 9),  # 10,000 x 512 x 0.1 / 54,000
+        (20_000, "full", 20),  # HyperRule's next regime: 10,000 steps
+        (54_000, "full", 8),  # 10,000 x 512 x 0.08 / 54,000
         (5000, "features", 10),  # cached epochs are cheap
         (2_000_000, "full", 3),
     ],
@@ -121,7 +135,7 @@ def test_only_open_choices_are_made_and_given_stages_mean_partial():
     given_augment = chosen(decide(evidence(), ["short_side_min", "short_side_max"]))
     assert given_augment == {"short_side_min": 224, "short_side_max": 288}
     few = evidence(images_per_class_median=10)
-    assert chosen(decide(few, ["strategy", "epochs"])) == {"strategy": "partial", "epochs": 5}
+    assert chosen(decide(few, ["strategy", "epochs"])) == {"strategy": "partial", "epochs": 4}
 
 
 def test_print_config_shows_what_auto_leaves_open_and_a_named_strategy_fixes(capsys):

@@ -68,6 +68,7 @@ FIXED_CHOICES: dict[str, Any] = {
     "strategy": "partial",
     "unfreeze_stages": 2,
     "lp_ft": False,
+    "backbone_lr_scale": 0.1,
     "epochs": 10,
     "img_size": None,
     "augment": True,
@@ -122,8 +123,10 @@ class FinetuneConfig:
     cache_augmented_views: int = _option(
         0, "features cached per training image from the train augmentation (0: one plain view)"
     )
-    backbone_lr_scale: float = _option(
-        0.1, "learning rate of pretrained layers relative to --lr (partial and full)"
+    backbone_lr_scale: float | None = _option(
+        None,
+        "learning rate of pretrained layers relative to --lr (partial and full)"
+        + AUTO_HELP.format(0.1),
     )
     lp_ft: bool | None = _option(
         None,

@@ -9,11 +9,11 @@ The probe follows the classic linear-probe protocol (CLIP, BiT): multinomial log
 regression on standardised features, its L2 penalty chosen on the validation split from a short
 grid. It is fitted by full-batch L-BFGS in torch (`torch.optim.LBFGS`, strong-Wolfe line
 search), warm-started along the grid from the strongest penalty to the weakest, 20 iterations
-per penalty. Measured on this 2-core CPU (shared with other work) on 9,979 train / 1,133
-validation vectors of 1,280 features (Lite0, Fashion-MNIST, 64px): 66 loss evaluations, the
-three fits and the k-NN in 3.0 s of CPU time on one thread, validation top-1 0.8676 (0.8694
-with 30 iterations per penalty); scikit-learn's LogisticRegression (lbfgs) spends 3.1 s on one
-penalty of the same problem and returns numpy arrays to move back into the head.
+per penalty. Measured on an idle 2-core CPU on 9,979 train / 1,133 validation vectors of 1,280
+features (Lite0, Fashion-MNIST, 64px): the three fits in 1.2 s, validation top-1 0.8703
+(docs/benchmarks.md, "Cached features"). Timed side by side on a loaded machine,
+scikit-learn's LogisticRegression (lbfgs) took as long for one penalty of the same problem as
+this fit for all three, and returns numpy arrays to move back into the head.
 """
 
 from __future__ import annotations
