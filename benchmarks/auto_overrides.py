@@ -66,8 +66,10 @@ def main() -> None:
                 **override,
             )
             summary = finetune(config, enable_progress_bar=False).to_dict()
-            chosen = {name: getattr(config, name) for name in SHOWN_CHOICES} | {
-                name: choice["value"] for name, choice in summary["auto_decision"]["choices"].items()
+            decided = summary["auto_decision"]["choices"]  # the others were given
+            chosen = {
+                name: decided[name]["value"] if name in decided else getattr(config, name)
+                for name in SHOWN_CHOICES
             }
             rows.append({"dataset": dataset, "row": label, "chosen": chosen, "summary": summary})
             (work / "results.json").write_text(json.dumps(rows, indent=2))

@@ -13,6 +13,7 @@ from tlkit import auto
 from tlkit.auto import Evidence, choose_input_size, decide, schedule_epochs
 from tlkit.cli import main
 from tlkit.config import FIXED_CHOICES, FinetuneConfig
+from tlkit.errors import ConfigError
 from tlkit.finetune import finetune
 from tlkit.runfolder import read_summary
 
@@ -74,6 +75,11 @@ def test_backbone_learning_rate_by_strategy(values, scale):
     assert chosen(decide(evidence(**values), ALL_OPEN))["backbone_lr_scale"] == scale
     given = ["strategy", "unfreeze_stages"]  # --backbone-lr-scale given: kept
     assert "backbone_lr_scale" not in decide(evidence(**values), given)
+
+
+def test_a_negative_backbone_learning_rate_is_refused():
+    with pytest.raises(ConfigError, match="backbone_lr_scale=-0.1"):
+        FinetuneConfig(data_dir="x", backbone_lr_scale=-0.1)
 
 
 def test_no_lp_ft_for_a_head_with_a_hidden_layer():

@@ -252,6 +252,7 @@ class FinetuneConfig:
             "unfreeze_stages": self.unfreeze_stages is None or self.unfreeze_stages >= 1,
             "num_nodes": self.num_nodes >= 1,
             "accumulate_grad_batches": self.accumulate_grad_batches >= 1,
+            "backbone_lr_scale": self.backbone_lr_scale is None or self.backbone_lr_scale >= 0,
             "layer_decay": 0 < self.layer_decay <= 1,
             "ema_decay": 0 < self.ema_decay < 1,
         }
