@@ -203,4 +203,3 @@ def test_auto_run_keeps_given_values_records_its_decision_and_resumes_without_me
     assert ("chose strategy", "features", "7 images per class: too few to fine-tune") in rows
     page = build_report(out, out=tmp_path / "report", mistakes=0).page.read_text()
     assert "How auto decided" in page and "too few to fine-tune" in page
-

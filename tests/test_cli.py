@@ -66,9 +66,7 @@ def test_seeded_runs_are_repeatable(colour_folder: Path, tiny_run: Path, tmp_pat
     assert main(["finetune", str(colour_folder), "--out", str(again), *TINY_RUN_FLAGS]) == 0
 
     def learning(summary: dict) -> list[dict]:
-        return [
-            {k: v for k, v in record.items() if k != "seconds"} for record in summary.history
-        ]
+        return [{k: v for k, v in record.items() if k != "seconds"} for record in summary.history]
 
     assert learning(read_summary(again)) == learning(read_summary(tiny_run))
 

@@ -263,7 +263,5 @@ def test_ddp_feature_cache_is_extracted_once(colour_folder: Path, tmp_path: Path
     # validation, test, train: once each
     assert sorted(extracted) == sorted([summary.val_images, 12, summary.train_images])
     assert summary.epochs_run == 1 and summary.test_acc is not None
-    assert {summary.feature_cache[split]["reused"] for split in ("train", "val", "test")} == {
-        False
-    }
+    assert {summary.feature_cache[split]["reused"] for split in ("train", "val", "test")} == {False}
     assert (out / "best.ckpt").is_file()

@@ -40,14 +40,22 @@ def test_csv_with_a_utf8_byte_order_mark_is_read(csv_images: Path):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        (["images/red/000.jpg,red", "images/blue/000.jpg,blue", "images/red/000.jpg,red"],
-         r"images/red/000.jpg is listed more than once: lines 2 and 4"),
-        (["images/red/000.jpg,red", "./images/red/000.jpg,blue"],
-         r"images/red/000.jpg is listed more than once: lines 2 and 3"),
-        (["images/red/000.jpg,red", "images/blue/000.jpg"],
-         r"line 3: expected 2 fields \(path,label\), found 1"),
-        (["images/red/000.jpg,red,extra", "images/blue/000.jpg,blue"],
-         r"line 2: expected 2 fields \(path,label\), found 3"),
+        (
+            ["images/red/000.jpg,red", "images/blue/000.jpg,blue", "images/red/000.jpg,red"],
+            r"images/red/000.jpg is listed more than once: lines 2 and 4",
+        ),
+        (
+            ["images/red/000.jpg,red", "./images/red/000.jpg,blue"],
+            r"images/red/000.jpg is listed more than once: lines 2 and 3",
+        ),
+        (
+            ["images/red/000.jpg,red", "images/blue/000.jpg"],
+            r"line 3: expected 2 fields \(path,label\), found 1",
+        ),
+        (
+            ["images/red/000.jpg,red,extra", "images/blue/000.jpg,blue"],
+            r"line 2: expected 2 fields \(path,label\), found 3",
+        ),
         (["images/red/000.jpg,red", ",blue"], r"line 3: empty path"),
         (["images/red/000.jpg,", "images/blue/000.jpg,blue"], r"line 2: empty label"),
     ],

@@ -105,9 +105,7 @@ def test_csv_paths_outside_the_root_come_from_the_run_or_the_flag(
     assert main([command, str(allowing), str(labels), *out, "--no-csv-paths-outside-root"]) == 2
 
 
-def test_export_verification_honours_the_runs_limit(
-    tiny_run: Path, tmp_path: Path, monkeypatch
-):
+def test_export_verification_honours_the_runs_limit(tiny_run: Path, tmp_path: Path, monkeypatch):
     refusing = copy_run(tiny_run, tmp_path / "refusing", max_image_pixels=REFUSING)
     card = export_run(refusing, tmp_path / "refused", "safetensors")
     assert "seeded random tensors" in card["verification"]["inputs"]

@@ -205,9 +205,7 @@ def test_killed_run_resumes_where_it_stopped(colour_folder: Path, tmp_path: Path
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert resumed.epochs_run == reference.epochs_run == 6
     # The learning-rate schedule continued from its position, not from the start.
-    assert [h["lr"] for h in resumed.history] == pytest.approx(
-        [h["lr"] for h in reference.history]
-    )
+    assert [h["lr"] for h in resumed.history] == pytest.approx([h["lr"] for h in reference.history])
     # metrics.csv kept what the killed process had flushed of the completed epochs, and has
     # every epoch trained after the resume.
     metrics_after = {

@@ -33,7 +33,12 @@ from tlkit.shards import MARKER, ShardDataModule, convert, labelled_split, open_
 
 # As tiny_run (conftest.TINY_RUN_FLAGS) trains on the colour folder.
 RUN_CONFIG = {
-    **TINY_CONFIG, "epochs": 2, "seed": 0, "strategy": "partial", "unfreeze_stages": 1, "lr": 3e-3
+    **TINY_CONFIG,
+    "epochs": 2,
+    "seed": 0,
+    "strategy": "partial",
+    "unfreeze_stages": 1,
+    "lr": 3e-3,
 }
 # One batch of all 20 training images per epoch and no dropout: runs that see the same augmented
 # images in another order train alike.

@@ -75,15 +75,11 @@ class StopAfterFirstEpoch(Callback):
         trainer.should_stop = True
 
 
-def test_split_csv_is_written_and_resume_trains_on_the_recorded_split(
-    tmp_path: Path, capsys
-):
+def test_split_csv_is_written_and_resume_trains_on_the_recorded_split(tmp_path: Path, capsys):
     data = tmp_path / "data"
     write_colour_images(data / "train", per_class=6, seed=0, size=16)
     write_colour_images(data / "test", per_class=2, seed=1, size=16)
-    config = FinetuneConfig(
-        data_dir=str(data), out=str(tmp_path / "run"), epochs=2, **TINY_CONFIG
-    )
+    config = FinetuneConfig(data_dir=str(data), out=str(tmp_path / "run"), epochs=2, **TINY_CONFIG)
     finetune(config, callbacks=[StopAfterFirstEpoch()], enable_progress_bar=False)
     out = Path(config.out)
     with open(out / "split.csv", newline="") as handle:

@@ -455,9 +455,7 @@ def _keep_usable(
     samples: list[tuple[str, int]] = []
     image_sizes: dict[str, tuple[int, int]] = {}
     skipped = list(skipped)
-    for (path, _, _), label, (width, height, problem) in zip(
-        listed, labels, outcomes, strict=True
-    ):
+    for (path, _, _), label, (width, height, problem) in zip(listed, labels, outcomes, strict=True):
         if problem is not None:
             skipped.append((path, problem))
             continue

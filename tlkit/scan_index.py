@@ -123,9 +123,7 @@ class IndexColumns:
         """Whether both hold the same paths with the same sizes and times, in the same order
         (three list comparisons, done in C: the whole cost of a warm scan beside the listing)."""
         return (
-            self.paths == other.paths
-            and self.sizes == other.sizes
-            and self.mtimes == other.mtimes
+            self.paths == other.paths and self.sizes == other.sizes and self.mtimes == other.mtimes
         )
 
     def checks(self) -> list[FileCheck]:

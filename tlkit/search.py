@@ -105,9 +105,7 @@ def parse_space(
     [...]}`, a plain value (fixed for every trial) or null (not searched: the base config's
     value). Keys are FinetuneConfig fields; every value is checked against the config's rules.
     """
-    hints = {
-        name: value_type(kind) for name, kind in typing.get_type_hints(FinetuneConfig).items()
-    }
+    hints = {name: value_type(kind) for name, kind in typing.get_type_hints(FinetuneConfig).items()}
     space: SearchSpace = {}
     fixed: dict[str, Any] = {}
     for name, entry in entries.items():
