@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import CLASSES, load_split, stratified_subset  # noqa: E402
 
 from tlkit import FinetuneConfig, finetune  # noqa: E402
-from tlkit.data import write_image_folder  # noqa: E402
+from tlkit.data.images import write_image_folder  # noqa: E402
 
 BASES: dict[str, dict[str, Any]] = {
     "partial": {"strategy": "partial", "unfreeze_stages": 2},

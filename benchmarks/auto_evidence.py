@@ -4,12 +4,12 @@
     python benchmarks/auto_evidence.py --datasets textures --sizes auto
     python benchmarks/auto_evidence.py --datasets "Fashion-MNIST 600" digits --sizes 32 64 128
 
-For each dataset and input size (`auto`: the size auto chooses), `tlkit.auto.measure` runs
+For each dataset and input size (`auto`: the size auto chooses), `tlkit.train.auto.measure` runs
 exactly as before a `tlkit finetune --strategy auto` run: images per class, the sources' short
 side, the linear probe and k-NN validation accuracy on cached features of the bundled
 EfficientNet-Lite0, and the time the probe took (extraction and fit); the last column is what
-`tlkit.auto.decide` chooses from that evidence. Datasets: Fashion-MNIST subsets (28px grayscale
-clothing), scikit-learn's digits (8px), and texture patches (64px) cut from scikit-image's
+`tlkit.train.auto.decide` chooses from that evidence. Datasets: Fashion-MNIST subsets (28px
+grayscale clothing), scikit-learn's digits (8px), and texture patches (64px) cut from scikit-image's
 brick, grass, gravel and moon photos, training patches from the top three quarters of each
 photo and validation patches from the bottom quarter (no overlap).
 """
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import write_fashion_mnist  # noqa: E402
 
 from tlkit import FinetuneConfig  # noqa: E402
-from tlkit.auto import decide, measure  # noqa: E402
-from tlkit.data import write_image_folder  # noqa: E402
+from tlkit.data.images import write_image_folder  # noqa: E402
+from tlkit.train.auto import decide, measure  # noqa: E402
 
 TEXTURES = ("brick", "grass", "gravel", "moon")
 PATCH, STRIDE = 64, 32

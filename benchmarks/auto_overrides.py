@@ -5,7 +5,7 @@
         --overrides backbone_lr_scale=0.1
 
 For each dataset (benchmarks/auto_evidence.py's: Fashion-MNIST subsets, scikit-learn's digits,
-scikit-image texture patches), one `tlkit.finetune` run with every choice left to
+scikit-image texture patches), one `tlkit.train.finetune` run with every choice left to
 `--strategy auto`, then one run per override (`FIELD=VALUE`, a FinetuneConfig field auto
 chooses) with everything else still auto's. Bundled EfficientNet-Lite0, tlkit's defaults
 otherwise. Prints a Markdown table (auto's choices, best validation top-1, test top-1 where the

@@ -12,7 +12,7 @@ jitter: the gentler pipeline docs/augmentation.md recommends for small, centred 
 run's best checkpoint is evaluated with TTA `none`, `flip` and `ten-crop` (runs trained without
 flips: no `flip`, and ten-crop's five crops without mirror images).
 
-Every row is an ordinary `tlkit.finetune` run in WORK/<row>; a finished row is reused when the
+Every row is an ordinary `tlkit.train.finetune` run in WORK/<row>; a finished row is reused when the
 study runs again (with the same config, else it stops), and the table (WORK/results.md, with the
 published anchors) and the learning-curve PNG (validation top-1 per epoch, by default
 docs/images/fashion-mnist-curves.png) cover every finished row in WORK.
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import write_fashion_mnist  # noqa: E402
 
 from tlkit import FinetuneConfig, finetune  # noqa: E402
-from tlkit.finetune import trains_with_hflip  # noqa: E402
-from tlkit.inference import evaluate  # noqa: E402
+from tlkit.infer.predict import evaluate  # noqa: E402
+from tlkit.train.build import trains_with_hflip  # noqa: E402
 
 STRATEGIES = {
     "random init": {"pretrained": "none", "strategy": "full", "backbone_lr_scale": 1.0},

@@ -7,7 +7,7 @@ Bundled EfficientNet-Lite0, `--strategy features`, 64px. Rows: uncached (the bac
 every image every epoch, with the default augmentation, as other toolkits' frozen phases do),
 cached with one plain view per image (tlkit's default), cached with 4 augmented views. Prints a
 Markdown table of the median wall time per epoch after the first, the one-off extraction time,
-the speed-up and the test top-1; then the time `tlkit.probe.fit_probe` takes on the cached
+the speed-up and the test top-1; then the time `tlkit.train.probe.fit_probe` takes on the cached
 train and validation features (the linear probe of LP-FT and `--strategy auto`), best and median
 of three fits.
 """
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import write_fashion_mnist  # noqa: E402
 
 from tlkit import FinetuneConfig, finetune  # noqa: E402
-from tlkit.finetune import build_datamodule, build_model  # noqa: E402
-from tlkit.probe import fit_probe, probe_features  # noqa: E402
 from tlkit.runfolder import read_config, read_summary  # noqa: E402
+from tlkit.train.build import build_datamodule, build_model  # noqa: E402
+from tlkit.train.probe import fit_probe, probe_features  # noqa: E402
 
 ROWS = {
     "uncached, default augmentation": {"cache": False, "augment": True},
@@ -109,7 +109,7 @@ def print_probe_fit_time(run: Path) -> None:
     fits = [fit_probe(*features, num_classes=len(images.classes)) for _ in range(PROBE_FITS)]
     seconds = sorted(fit.fit_seconds for fit in fits)
     print(
-        f"\nLinear probe (tlkit.probe.fit_probe) on {len(features[0]):,} train / "
+        f"\nLinear probe (tlkit.train.probe.fit_probe) on {len(features[0]):,} train / "
         f"{len(features[2]):,} validation vectors of {features[0].shape[1]:,} features: "
         f"{seconds[0]:.2f} s best, {statistics.median(seconds):.2f} s median of {PROBE_FITS}; "
         f"validation top-1 {fits[0].linear_val_acc:.4f} (k-NN {fits[0].knn_val_acc:.4f}, "

@@ -32,9 +32,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import CLASSES, load_split, stratified_subset  # noqa: E402
 
-from tlkit.backbones import preprocessing  # noqa: E402
-from tlkit.data import ImageDataModule  # noqa: E402
-from tlkit.shards import ShardDataModule, convert  # noqa: E402
+from tlkit.data.datamodule import ImageDataModule  # noqa: E402
+from tlkit.data.shards import ShardDataModule, convert  # noqa: E402
+from tlkit.model.backbones import preprocessing  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
 

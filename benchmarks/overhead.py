@@ -8,7 +8,7 @@ Part 1, the training loop. The same network (bundled EfficientNet-Lite0 and tlki
 same data loader (tlkit's ImageDataModule over Fashion-MNIST at 64px, default augmentation), batch
 size, optimiser and schedule (AdamW with tlkit's parameter groups, warm-up then cosine) and number
 of steps, timed side by side in one process: a plain PyTorch loop (forward, cross-entropy,
-backward, optimiser and schedule step) and `tlkit.finetune` (Lightning's Trainer with tlkit's
+backward, optimiser and schedule step) and `tlkit.train.finetune` (Lightning's Trainer with tlkit's
 callbacks, torchmetrics, logging and progress bar). Steady-state images/s counts the steps after
 the warm-up steps, data loading included; start-up (scanning the data, building the model,
 starting workers, up to the first batch) is reported separately. The two sides alternate
@@ -43,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import write_fashion_mnist  # noqa: E402
 
 from tlkit import FinetuneConfig, finetune  # noqa: E402
-from tlkit.augment import REFERENCE_SIZE, train_transform  # noqa: E402
-from tlkit.backbones import Preprocessing  # noqa: E402
-from tlkit.backbones import preprocessing as backbone_preprocessing  # noqa: E402
-from tlkit.data import ImageDataset, scan_folder  # noqa: E402
-from tlkit.finetune import build_datamodule, build_model  # noqa: E402
-from tlkit.module import TransferClassifier  # noqa: E402
+from tlkit.data.augment import REFERENCE_SIZE, train_transform  # noqa: E402
+from tlkit.data.datasets import ImageDataset
+from tlkit.data.sources import scan_folder  # noqa: E402
+from tlkit.model.backbones import preprocessing as backbone_preprocessing  # noqa: E402
+from tlkit.model.classifier import TransferClassifier  # noqa: E402
+from tlkit.runfolder import Preprocessing  # noqa: E402
+from tlkit.train.build import build_datamodule, build_model  # noqa: E402
 
 
 class BatchClock(pl.Callback):
@@ -86,7 +87,7 @@ def plain_pytorch_loop(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()  # frozen backbone modules stay in eval mode (TransferClassifier.train)
-    pl.seed_everything(config.seed, workers=True, verbose=False)  # as tlkit.finetune does
+    pl.seed_everything(config.seed, workers=True, verbose=False)  # as tlkit.train.finetune does
     batch_ends: list[float] = []
     first_batch_start = 0.0
     for step, (images, labels) in enumerate(datamodule.train_dataloader()):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlkit.report import build_report
+from tlkit.commands.report import build_report
 
 CHROMIUM_FLAGS = [
     "--headless",

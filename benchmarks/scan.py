@@ -32,7 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import CLASSES, load_split  # noqa: E402
 
-from tlkit.data import LOAD_ERRORS, ScanResult, load_rgb, scan, write_image_folder  # noqa: E402
+from tlkit.data.images import LOAD_ERRORS, load_rgb, write_image_folder
+from tlkit.data.sources import ScanResult, scan  # noqa: E402
 
 PROJECTED_FILES = 1_280_000
 PHOTO_SIZE = (500, 375)  # about an ImageNet training photo's size

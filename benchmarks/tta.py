@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tlkit.inference import evaluate
-from tlkit.tta import PRESETS
+from tlkit.infer.predict import evaluate
+from tlkit.infer.tta import PRESETS
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Fine-tune from a CSV of `path,label` rows with `tlkit.finetune` and a config object.
+"""Fine-tune from a CSV of `path,label` rows with `tlkit.train.finetune` and a config object.
 
     python recipes/csv_dataset.py labels.csv [--out runs/csv] [--epochs 10]
 

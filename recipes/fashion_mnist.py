@@ -6,7 +6,7 @@
 
 The package's IDX files are read directly; a stratified, seeded subset is written as an image
 folder (`DATA/train/<class>/`, `DATA/test/<class>/`) inside --data and nowhere else, then the
-ordinary `tlkit.finetune` runs on it.
+ordinary `tlkit.train.finetune` runs on it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from tlkit import FinetuneConfig, finetune
-from tlkit.data import write_image_folder
+from tlkit.data.images import write_image_folder
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = [

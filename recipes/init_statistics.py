@@ -30,7 +30,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from tlkit.sanity import LayerStatistics, describe, layer_statistics, record_outputs
+from tlkit.commands.sanity import LayerStatistics, describe, layer_statistics, record_outputs
 
 LAYERS = 10
 WIDTH = 500

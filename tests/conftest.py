@@ -45,7 +45,7 @@ def write_identical_images(folder: Path, counts: dict[str, int], seed: int = 0) 
 
 @pytest.fixture(scope="session", autouse=True)
 def scan_index_folder(tmp_path_factory) -> Path:
-    """Scan indexes (tlkit.scan_index) go to the session's temporary folder, never to the
+    """Scan indexes (tlkit.data.scan_index) go to the session's temporary folder, never to the
     user's cache; set in the environment, so subprocesses (the CLI, DDP ranks) use it too."""
     folder = tmp_path_factory.mktemp("tlkit-cache")
     os.environ["TLKIT_CACHE"] = str(folder)

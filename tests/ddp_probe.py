@@ -1,4 +1,4 @@
-"""A `tlkit.finetune` run that records, per process, what the distributed tests check.
+"""A `tlkit.train.finetune` run that records, per process, what the distributed tests check.
 
 Run as `python ddp_probe.py CONFIG_JSON PROBE_DIR` (Lightning's launcher starts the second
 process by running this script again) or under `torchrun`. It writes, for each rank:
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from tlkit import features
 from tlkit.config import FinetuneConfig
-from tlkit.finetune import finetune
+from tlkit.train import features
+from tlkit.train.finetune import finetune
 
 EXTRACTION_DELAY_S = 3.0
 

@@ -9,13 +9,13 @@ import pytest
 import pytorch_lightning as pl
 import yaml
 
-from tlkit import auto
-from tlkit.auto import Evidence, choose_input_size, decide, schedule_epochs
 from tlkit.cli import main
 from tlkit.config import FIXED_CHOICES, FinetuneConfig
 from tlkit.errors import ConfigError
-from tlkit.finetune import finetune
 from tlkit.runfolder import read_summary
+from tlkit.train import auto
+from tlkit.train.auto import Evidence, choose_input_size, decide, schedule_epochs
+from tlkit.train.finetune import finetune
 
 # conftest's TINY_CONFIG without its named strategy
 TINY_AUTO = dict(pretrained="bundled", batch_size=8, num_workers=0, val_fraction=0.3)
@@ -197,7 +197,7 @@ def test_auto_run_keeps_given_values_records_its_decision_and_resumes_without_me
     again = finetune(config, resume=True, enable_progress_bar=False)
     assert again.strategy == "features" and again.preprocessing.input_size == 96
 
-    from tlkit.report import auto_decision_rows, build_report
+    from tlkit.commands.report import auto_decision_rows, build_report
 
     rows = auto_decision_rows(resumed.auto_decision)
     assert ("chose strategy", "features", "7 images per class: too few to fine-tune") in rows

@@ -8,14 +8,9 @@ import torch
 from safetensors.torch import save_file
 from skimage import data as skimage_data
 
-from tlkit.augment import eval_transform
-from tlkit.backbones import (
-    WeightsUnavailableError,
-    bundled_state_dict,
-    create_backbone,
-    layer_groups,
-    preprocessing,
-)
+from tlkit.data.augment import eval_transform
+from tlkit.errors import WeightsUnavailableError
+from tlkit.model.backbones import bundled_state_dict, create_backbone, layer_groups, preprocessing
 
 CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967

@@ -40,23 +40,26 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys):
 
 
 def test_a_programming_error_keeps_its_traceback(tiny_run: Path, colour_folder: Path, monkeypatch):
-    import tlkit.inference
+    import tlkit.infer.predict
 
     def broken(*arguments, **options):
         raise ValueError("a bug deep inside, not the user's doing")
 
-    monkeypatch.setattr(tlkit.inference, "evaluate", broken)
+    monkeypatch.setattr(tlkit.infer.predict, "evaluate", broken)
     with pytest.raises(ValueError, match="a bug deep inside"):
         main(["evaluate", str(tiny_run), str(colour_folder / "test")])
 
 
 def test_every_user_facing_error_is_a_tlkit_error():
-    from tlkit.backbones import WeightsUnavailableError
-    from tlkit.callbacks import TrainingDivergedError
-    from tlkit.data import DatasetError
-    from tlkit.errors import TlkitError
-    from tlkit.export import ExportError
-    from tlkit.runfolder import RunFolderError, UnsafeCheckpointError
+    from tlkit.errors import (
+        DatasetError,
+        ExportError,
+        RunFolderError,
+        TlkitError,
+        TrainingDivergedError,
+        UnsafeCheckpointError,
+        WeightsUnavailableError,
+    )
 
     for error in (
         DatasetError,
@@ -99,7 +102,7 @@ def test_a_default_run_shows_settings_epochs_and_summary_not_lightning_notices(
 
 def test_finetune_logs_instead_of_printing(colour_folder: Path, tmp_path: Path, capsys, caplog):
     from tlkit.config import FinetuneConfig
-    from tlkit.finetune import finetune
+    from tlkit.train.finetune import finetune
 
     config = FinetuneConfig(
         data_dir=str(colour_folder),
@@ -140,7 +143,8 @@ def _run_python(code: str) -> str:
 def test_importing_tlkit_installs_no_warnings_filter():
     """tlkit hides Lightning's expected warnings only around its own training (console.py)."""
     code = (
-        "import json, warnings; import tlkit.module, tlkit.finetune, tlkit.sanity; "
+        "import json, warnings; "
+        "import tlkit.model.classifier, tlkit.train.finetune, tlkit.commands.sanity; "
         "from tlkit.console import EXPECTED_LIGHTNING_WARNINGS as hidden; "
         "print(json.dumps([f[1].pattern for f in warnings.filters if f[1] "
         "and f[1].pattern in hidden]))"
@@ -149,7 +153,15 @@ def test_importing_tlkit_installs_no_warnings_filter():
 
 
 def test_building_the_parser_imports_no_heavy_module():
-    heavy = ["optuna", "tlkit.search", "tlkit.sanity", "tlkit.export", "onnx", "torch", "timm"]
+    heavy = [
+        "optuna",
+        "tlkit.commands.search",
+        "tlkit.commands.sanity",
+        "tlkit.infer.export",
+        "onnx",
+        "torch",
+        "timm",
+    ]
     code = (
         "import json, sys; import tlkit.cli; tlkit.cli.build_parser(); "
         f"print(json.dumps([name for name in {heavy!r} if name in sys.modules]))"
@@ -159,16 +171,16 @@ def test_building_the_parser_imports_no_heavy_module():
 
 def test_the_parser_offers_the_implemented_export_formats():
     from tlkit.choices import EXPORT_FORMATS
-    from tlkit.export import FORMATS
+    from tlkit.infer.export import FORMATS
 
     assert tuple(FORMATS) == EXPORT_FORMATS
 
 
 def test_the_package_names_load_on_first_use():
     code = (
-        "import sys, tlkit; assert 'tlkit.search' not in sys.modules; "
+        "import sys, tlkit; assert 'tlkit.commands.search' not in sys.modules; "
         "assert set(tlkit.__all__) <= set(dir(tlkit)); "
         "from tlkit import run_search, ExportedModel; "
         "print(run_search.__module__, ExportedModel.__module__)"
     )
-    assert _run_python(code).split() == ["tlkit.search", "tlkit.export"]
+    assert _run_python(code).split() == ["tlkit.commands.search", "tlkit.infer.export"]

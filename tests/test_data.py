@@ -9,16 +9,13 @@ from conftest import write_colour_images, write_identical_images
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from PIL import Image
 
-from tlkit.augment import eval_transform, train_transform
-from tlkit.backbones import Preprocessing
-from tlkit.data import (
-    DatasetError,
-    ImageDataModule,
-    load_rgb,
-    read_csv,
-    scan_folder,
-    split_train_val,
-)
+from tlkit.data.augment import eval_transform, train_transform
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.images import load_rgb
+from tlkit.data.sources import read_csv, scan_folder
+from tlkit.data.split import split_train_val
+from tlkit.errors import DatasetError
+from tlkit.runfolder import Preprocessing
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlkit.demo import (
+from tlkit.commands.demo import (
     GRID,
     PATCH_SIZE,
     PATCHES_PER_REGION,

@@ -14,13 +14,13 @@ from conftest import finetune_killed_after_first_checkpoint, write_identical_ima
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from timm.layers import BatchNormAct2d
 
-from tlkit.backbones import create_backbone
 from tlkit.cli import main
 from tlkit.config import FinetuneConfig
-from tlkit.data import ImageDataModule
-from tlkit.distributed import TimmSyncBatchNorm, trainer_options
-from tlkit.inference import evaluate, load_model, predict_probabilities
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.infer.predict import evaluate, load_model, predict_probabilities
+from tlkit.model.backbones import create_backbone
 from tlkit.runfolder import read_summary
+from tlkit.train.hardware import TimmSyncBatchNorm, trainer_options
 
 
 def test_sync_batchnorm_keeps_timms_fused_activations():

@@ -11,12 +11,11 @@ import torch
 from conftest import TINY_CONFIG
 from timm.utils import ModelEmaV3
 
-from tlkit.callbacks import TRAINING_WEIGHTS_KEY, ema_decay_at
 from tlkit.config import FinetuneConfig
-from tlkit.errors import ConfigError
-from tlkit.finetune import finetune
-from tlkit.module import TransferClassifier
-from tlkit.runfolder import RunFolderError
+from tlkit.errors import ConfigError, RunFolderError
+from tlkit.model.classifier import TransferClassifier
+from tlkit.train.callbacks import TRAINING_WEIGHTS_KEY, ema_decay_at
+from tlkit.train.finetune import finetune
 
 
 @pytest.mark.parametrize("ceiling", [0.9998, 0.99])

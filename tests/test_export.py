@@ -17,20 +17,20 @@ import pytest
 import torch
 from PIL import Image
 
-from tlkit import export as export_module
-from tlkit.augment import INTERPOLATIONS, eval_transform
 from tlkit.cli import main
-from tlkit.data import load_rgb
-from tlkit.export import (
+from tlkit.data.augment import INTERPOLATIONS, eval_transform
+from tlkit.data.images import load_rgb
+from tlkit.errors import ExportError
+from tlkit.infer import export as export_module
+from tlkit.infer.export import (
     CARD,
     OPENCV_INTERPOLATIONS,
     TOLERANCE,
-    ExportError,
     export_run,
     load_exported,
     verification_images,
 )
-from tlkit.inference import Predictor, evaluate, load_model, predict
+from tlkit.infer.predict import Predictor, evaluate, load_model, predict
 from tlkit.runfolder import read_config, read_summary
 
 FORMATS = ["onnx", "torchscript", "safetensors"]

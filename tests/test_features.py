@@ -7,11 +7,11 @@ import torch
 from conftest import TINY_CONFIG, write_colour_images
 
 from tlkit import FinetuneConfig, finetune
-from tlkit.data import ImageDataModule
-from tlkit.features import CachedFeatureDataModule, cache_key
-from tlkit.inference import evaluate, load_model
-from tlkit.module import TransferClassifier
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.infer.predict import evaluate, load_model
+from tlkit.model.classifier import TransferClassifier
 from tlkit.runfolder import read_summary
+from tlkit.train.features import CachedFeatureDataModule, cache_key
 
 SETTINGS = {
     **TINY_CONFIG,

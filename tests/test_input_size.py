@@ -9,8 +9,8 @@ import yaml
 
 from tlkit.cli import main
 from tlkit.config import FinetuneConfig
-from tlkit.data import ImageDataModule
-from tlkit.module import TransferClassifier
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.model.classifier import TransferClassifier
 
 
 def test_img_size_defaults_to_the_backbones_pretrained_size(capsys):

@@ -10,11 +10,13 @@ from conftest import TINY_CONFIG, write_colour_images
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
-from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
-from tlkit.data import DatasetError, ImageDataModule, read_csv, scan_folder
-from tlkit.finetune import finetune
-from tlkit.inference import image_paths
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.sources import read_csv, scan_folder
+from tlkit.errors import DatasetError
+from tlkit.infer.predict import image_paths
+from tlkit.runfolder import Preprocessing
+from tlkit.train.finetune import finetune
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 

@@ -7,9 +7,9 @@ import torch
 
 from tlkit.config import FinetuneConfig
 from tlkit.errors import ConfigError
-from tlkit.heads import ClassifierHead
-from tlkit.module import TransferClassifier
-from tlkit.strategies import optimizer_parameter_groups, set_trainable
+from tlkit.model.classifier import TransferClassifier
+from tlkit.model.heads import ClassifierHead
+from tlkit.model.strategies import optimizer_parameter_groups, set_trainable
 
 LR, SCALE, DECAY = 1e-2, 0.1, 0.5
 

@@ -11,10 +11,13 @@ from conftest import write_colour_images
 from PIL import Image
 
 from tlkit.cli import main
-from tlkit.data import DatasetError, ImageDataModule, load_rgb, scan_folder
-from tlkit.export import export_run
-from tlkit.features import CachedFeatureDataModule
-from tlkit.module import TransferClassifier
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.images import load_rgb
+from tlkit.data.sources import scan_folder
+from tlkit.errors import DatasetError
+from tlkit.infer.export import export_run
+from tlkit.model.classifier import TransferClassifier
+from tlkit.train.features import CachedFeatureDataModule
 
 # The colour folder's images are 40 x 40 = 1,600 pixels.
 REFUSING = 100  # a user limit below them

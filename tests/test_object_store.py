@@ -32,11 +32,11 @@ from moto.server import DomainDispatcherApplication, create_backend_app  # dev e
 from werkzeug.serving import make_server
 
 from tests.conftest import TINY_CONFIG
-from tlkit import shards
 from tlkit.cli import main
 from tlkit.config import FinetuneConfig
-from tlkit.finetune import finetune
-from tlkit.shards import MARKER, convert, open_converted
+from tlkit.data import shards
+from tlkit.data.shards import MARKER, convert, open_converted
+from tlkit.train.finetune import finetune
 
 BUCKET = "tlkit-test"
 

@@ -11,10 +11,8 @@ import pytorch_lightning as pl
 import torch
 from conftest import write_colour_images
 
-from tlkit import export as export_module
-from tlkit.augment import train_transform
-from tlkit.backbones import Preprocessing
 from tlkit.cli import build_parser
+from tlkit.commands.search import SAMPLERS
 from tlkit.config import (
     FinetuneConfig,
     Optimizer,
@@ -23,16 +21,18 @@ from tlkit.config import (
     Verify,
     config_kwargs,
 )
-from tlkit.data import VERIFY_MODES, ImageDataModule, find_images, scan_folder
-from tlkit.distributed import single_device_trainer
-from tlkit.export import FORMATS
-from tlkit.finetune import build_datamodule, build_model
-from tlkit.inference import image_paths
-from tlkit.module import OPTIMIZERS, TransferClassifier
-from tlkit.search import SAMPLERS
-from tlkit.shards import ShardDataModule
-from tlkit.strategies import STRATEGIES
-from tlkit.tta import PRESETS
+from tlkit.data.augment import train_transform
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.shards import ShardDataModule
+from tlkit.data.sources import VERIFY_MODES, find_images, scan_folder
+from tlkit.infer import export as export_module
+from tlkit.infer.export import FORMATS
+from tlkit.infer.predict import image_paths, single_device_trainer
+from tlkit.infer.tta import PRESETS
+from tlkit.model.classifier import OPTIMIZERS, TransferClassifier
+from tlkit.model.strategies import STRATEGIES
+from tlkit.runfolder import Preprocessing
+from tlkit.train.build import build_datamodule, build_model
 
 # The API's defaults: for the choices `--strategy auto` makes, their fixed values
 CONFIG_DEFAULTS = {

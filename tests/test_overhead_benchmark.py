@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_CONFIG
 
 from tlkit import FinetuneConfig
-from tlkit.finetune import build_model
+from tlkit.train.build import build_model
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from tlkit import FinetuneConfig, finetune
 from tlkit.errors import ConfigError
-from tlkit.finetune import build_datamodule, build_model, check_config
-from tlkit.probe import fit_probe, knn_accuracy_best_k, probe_features
+from tlkit.train.build import build_datamodule, build_model, check_config
+from tlkit.train.probe import fit_probe, knn_accuracy_best_k, probe_features
 
 
 def separable_features(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,14 +18,14 @@ from conftest import (
 )
 from PIL import Image
 
-from tlkit.backbones import create_backbone
-from tlkit.callbacks import TrainingDivergedError
 from tlkit.cli import main
 from tlkit.config import FinetuneConfig
-from tlkit.data import read_csv
-from tlkit.finetune import finetune
-from tlkit.module import TransferClassifier
+from tlkit.data.sources import read_csv
+from tlkit.errors import TrainingDivergedError
+from tlkit.model.backbones import create_backbone
+from tlkit.model.classifier import TransferClassifier
 from tlkit.runfolder import read_metrics, read_summary
+from tlkit.train.finetune import finetune
 
 
 def jpeg_bytes(size=(48, 48), colour=(200, 40, 40), **options) -> bytes:
@@ -111,7 +111,8 @@ def test_permission_denied_file_is_skipped(tmp_path: Path):
     command = [
         sys.executable,
         "-c",
-        f"from tlkit.data import scan_folder; print(scan_folder({str(tmp_path)!r}).skipped)",
+        "from tlkit.data.sources import scan_folder; "
+        f"print(scan_folder({str(tmp_path)!r}).skipped)",
     ]
     if os.geteuid() == 0:  # root reads any file: drop the capabilities that let it
         command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *command]

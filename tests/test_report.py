@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 
 from tlkit.cli import main
-from tlkit.inference import LabelledPredictions, evaluate, load_model, predict_labelled
-from tlkit.report import Report, analyse, build_report
+from tlkit.commands.report import Report, analyse, build_report
+from tlkit.infer.predict import LabelledPredictions, evaluate, load_model, predict_labelled
 
 PNG_DATA_URI = "data:image/png;base64,"
 RESOURCE_ATTRIBUTES = {"src", "href", "srcset", "data", "action", "poster", "background"}

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
+from tlkit.errors import RunFolderError
 from tlkit.runfolder import (
     SUMMARY,
     FinishedRun,
-    RunFolderError,
+    Preprocessing,
     RunSummary,
     open_run,
     read_skipped,

@@ -12,11 +12,7 @@ from conftest import TINY_CONFIG
 from torch import nn
 
 from tlkit.cli import main
-from tlkit.config import FinetuneConfig
-from tlkit.data import write_image_folder
-from tlkit.finetune import build_datamodule, build_model
-from tlkit.module import TransferClassifier
-from tlkit.sanity import (
+from tlkit.commands.sanity import (
     balanced_subset,
     check_activations,
     check_gradient_flow,
@@ -27,6 +23,10 @@ from tlkit.sanity import (
     stage_modules,
     subset_loader,
 )
+from tlkit.config import FinetuneConfig
+from tlkit.data.images import write_image_folder
+from tlkit.model.classifier import TransferClassifier
+from tlkit.train.build import build_datamodule, build_model
 
 # Noisy one-colour images: real labels are fitted in a few steps by a linear head on frozen
 # features, while shuffled labels would have to be memorised from the noise.
@@ -163,8 +163,8 @@ def test_finetune_sanity_trains_only_if_the_checks_pass(
 ):
     from conftest import TINY_RUN_FLAGS
 
-    from tlkit import sanity
-    from tlkit.sanity import CheckResult
+    from tlkit.commands import sanity
+    from tlkit.commands.sanity import CheckResult
 
     def checks(config, **options):
         return [CheckResult("overfit a tiny subset", passed, "stand-in")]
@@ -180,7 +180,7 @@ def test_finetune_sanity_trains_only_if_the_checks_pass(
 
 def test_tlkit_head_initialisation_is_the_documented_one():
     """He (randn / sqrt(fan_in / 2)) for the hidden ReLU layer, zeros for the logits (BiT)."""
-    from tlkit.heads import ClassifierHead
+    from tlkit.model.heads import ClassifierHead
 
     torch.manual_seed(0)
     head = ClassifierHead(1280, 10, dropout=0.0, hidden=512)

@@ -14,9 +14,11 @@ from conftest import write_colour_images
 from filelock import FileLock
 from PIL import Image
 
-from tlkit import data as data_module
-from tlkit import scan_index
-from tlkit.data import ImageDataset, read_load_failures, scan, split_train_val
+from tlkit.data import images as data_module
+from tlkit.data import scan_index
+from tlkit.data.datasets import ImageDataset, read_load_failures
+from tlkit.data.sources import scan
+from tlkit.data.split import split_train_val
 
 
 @pytest.fixture

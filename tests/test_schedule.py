@@ -8,8 +8,8 @@ import pytorch_lightning as pl
 from conftest import TINY_CONFIG
 
 from tlkit.config import FinetuneConfig
-from tlkit.finetune import finetune
-from tlkit.module import TransferClassifier
+from tlkit.model.classifier import TransferClassifier
+from tlkit.train.finetune import finetune
 
 
 def planned_factors(warmup_epochs: float, epochs: int, steps_per_epoch: int) -> list[float]:

@@ -12,11 +12,11 @@ from conftest import TINY_CONFIG
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from tlkit import search as search_module
 from tlkit.cli import main
+from tlkit.commands import search as search_module
+from tlkit.commands.search import STUDY_FILE, load_space, narrow_space, run_search
 from tlkit.config import FinetuneConfig
 from tlkit.runfolder import read_summary
-from tlkit.search import STUDY_FILE, load_space, narrow_space, run_search
 
 # The tiny run's settings (tests/conftest.py) less what the search draws.
 SEARCH_FLAGS = ["--pretrained", "bundled", "--img-size", "32", "--epochs", "2"]

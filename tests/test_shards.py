@@ -16,20 +16,22 @@ from conftest import TINY_CONFIG, write_colour_images
 from ddp_probe import RecordBatches, fingerprint
 from litdata import StreamingDataset
 
-from tlkit import shards
-from tlkit.augment import eval_transform
-from tlkit.backbones import preprocessing
 from tlkit.cli import main
+from tlkit.commands.report import build_report
+from tlkit.commands.sanity import subset_loader
 from tlkit.config import FinetuneConfig
-from tlkit.data import ImageDataModule, ImageDataset
+from tlkit.data import shards
+from tlkit.data.augment import eval_transform
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datasets import ImageDataset
+from tlkit.data.shards import MARKER, ShardDataModule, convert, labelled_split, open_converted
 from tlkit.errors import DatasetError, OutputExistsError
-from tlkit.features import CachedFeatureDataModule, extract
-from tlkit.finetune import augmentation_options, build_datamodule, build_model, finetune
-from tlkit.inference import evaluate, predict
-from tlkit.report import build_report
+from tlkit.infer.predict import evaluate, predict
+from tlkit.model.backbones import preprocessing
 from tlkit.runfolder import read_split, read_summary
-from tlkit.sanity import subset_loader
-from tlkit.shards import MARKER, ShardDataModule, convert, labelled_split, open_converted
+from tlkit.train.build import augmentation_options, build_datamodule, build_model
+from tlkit.train.features import CachedFeatureDataModule, extract
+from tlkit.train.finetune import finetune
 
 # As tiny_run (conftest.TINY_RUN_FLAGS) trains on the colour folder.
 RUN_CONFIG = {

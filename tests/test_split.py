@@ -9,11 +9,10 @@ from conftest import TINY_CONFIG, write_colour_images
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
-from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
-from tlkit.data import ImageDataModule
-from tlkit.finetune import finetune
-from tlkit.runfolder import read_split, read_summary
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.runfolder import Preprocessing, read_split, read_summary
+from tlkit.train.finetune import finetune
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from tlkit.backbones import layer_groups
-from tlkit.heads import ClassifierHead
-from tlkit.module import TransferClassifier
+from tlkit.model.backbones import layer_groups
+from tlkit.model.classifier import TransferClassifier
+from tlkit.model.heads import ClassifierHead
 
 
 def make_model(strategy: str, unfreeze_stages: int = 2, **options) -> TransferClassifier:

@@ -8,13 +8,12 @@ import torch
 from conftest import TINY_RUN_FLAGS
 from torch import nn
 
-from tlkit.augment import eval_transform
-from tlkit.backbones import Preprocessing
 from tlkit.cli import main
-from tlkit.data import load_rgb, scan
-from tlkit.inference import load_model, predict_probabilities
-from tlkit.module import TransferClassifier
-from tlkit.tta import (
+from tlkit.data.augment import eval_transform
+from tlkit.data.images import load_rgb
+from tlkit.data.sources import scan
+from tlkit.infer.predict import load_model, predict_probabilities
+from tlkit.infer.tta import (
     TTA_MEMORY_BUDGET,
     ScaleSquares,
     TTAModule,
@@ -23,6 +22,8 @@ from tlkit.tta import (
     make_views,
     plan,
 )
+from tlkit.model.classifier import TransferClassifier
+from tlkit.runfolder import Preprocessing
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
@@ -169,7 +170,7 @@ def test_cli_reports_the_preset_and_its_cost(tiny_run: Path, colour_folder: Path
 
 
 def test_report_names_the_tta_preset(tiny_run: Path, colour_folder: Path, tmp_path: Path):
-    from tlkit.report import build_report
+    from tlkit.commands.report import build_report
 
     build_report(tiny_run, colour_folder / "test", tmp_path / "report", tta="flip")
     assert "flip: 2 views per image" in (tmp_path / "report" / "report.html").read_text()
@@ -214,7 +215,7 @@ def test_large_plans_load_smaller_batches_with_the_same_result(tiny_model, colou
     full, full_cost = predict_probabilities(tiny_model, samples, "multi-scale", batch_size=12)
     tiny_budget = 2 * plan("multi-scale", tiny_model.preprocessing).bytes_per_image
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("tlkit.tta.TTA_MEMORY_BUDGET", tiny_budget)
+        patch.setattr("tlkit.infer.tta.TTA_MEMORY_BUDGET", tiny_budget)
         bounded, bounded_cost = predict_probabilities(
             tiny_model, samples, "multi-scale", batch_size=12
         )
@@ -224,7 +225,7 @@ def test_large_plans_load_smaller_batches_with_the_same_result(tiny_model, colou
 
 def test_runs_record_whether_training_flipped_images():
     from tlkit.config import FinetuneConfig
-    from tlkit.finetune import trains_with_hflip
+    from tlkit.train.build import trains_with_hflip
 
     assert trains_with_hflip(FinetuneConfig(strategy="partial"))  # default --hflip 0.5
     assert not trains_with_hflip(FinetuneConfig(strategy="partial", hflip=0))
@@ -276,7 +277,7 @@ def test_flipped_runs_keep_their_mirrored_views(tiny_model, colour_folder: Path)
 
 
 def test_export_cards_carry_the_training_flips(unflipped_run: Path, colour_folder, tmp_path):
-    from tlkit.export import ExportedModel, export_run
+    from tlkit.infer.export import ExportedModel, export_run
 
     card = export_run(unflipped_run, tmp_path / "export", format="torchscript")
     assert card["model"]["trained_with_hflip"] is False

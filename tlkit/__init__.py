@@ -7,36 +7,34 @@ parser cost no torch, Optuna or ONNX import until a name that needs them is used
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _HOMES = {
-    "ClassifierHead": "tlkit.heads",
+    "ClassifierHead": "tlkit.model.heads",
     "DatasetError": "tlkit.errors",
     "ExportError": "tlkit.errors",
-    "ExportedModel": "tlkit.export",
+    "ExportedModel": "tlkit.infer.export",
     "FinetuneConfig": "tlkit.config",
-    "ImageDataModule": "tlkit.data",
-    "Preprocessing": "tlkit.backbones",
-    "ProbeResult": "tlkit.probe",
-    "TransferClassifier": "tlkit.module",
+    "ImageDataModule": "tlkit.data.datamodule",
+    "Preprocessing": "tlkit.runfolder",
+    "ProbeResult": "tlkit.train.probe",
+    "TransferClassifier": "tlkit.model.classifier",
     "WeightsUnavailableError": "tlkit.errors",
-    "create_backbone": "tlkit.backbones",
-    "export_run": "tlkit.export",
-    "finetune": "tlkit.finetune",
-    "fit_probe": "tlkit.probe",
-    "layer_groups": "tlkit.backbones",
-    "load_exported": "tlkit.export",
-    "load_rgb": "tlkit.data",
-    "preprocessing": "tlkit.backbones",
-    "probe_features": "tlkit.probe",
-    "run_sanity_checks": "tlkit.sanity",
-    "run_search": "tlkit.search",
-    "scan": "tlkit.data",
+    "create_backbone": "tlkit.model.backbones",
+    "export_run": "tlkit.infer.export",
+    "finetune": "tlkit.train.finetune",
+    "fit_probe": "tlkit.train.probe",
+    "layer_groups": "tlkit.model.backbones",
+    "load_exported": "tlkit.infer.export",
+    "load_rgb": "tlkit.data.images",
+    "preprocessing": "tlkit.model.backbones",
+    "probe_features": "tlkit.train.probe",
+    "run_sanity_checks": "tlkit.commands.sanity",
+    "run_search": "tlkit.commands.search",
+    "scan": "tlkit.data.sources",
 }
 
 __all__ = sorted([*_HOMES, "__version__"])
@@ -52,19 +50,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """`tlkit.finetune` is the function, though a submodule has the same name: importing the
-    submodule would otherwise replace the package attribute with the module."""
-
-    @property
-    def finetune(self):
-        return importlib.import_module("tlkit.finetune").finetune
-
-    @finetune.setter
-    def finetune(self, submodule: types.ModuleType) -> None:
-        """Where the import system records the loaded submodule; it stays in sys.modules."""
-
-
-sys.modules[__name__].__class__ = _Package

@@ -109,7 +109,7 @@ def _finetune(arguments: argparse.Namespace) -> int:
     if arguments.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from tlkit.finetune import finetune
+    from tlkit.train.finetune import finetune
 
     if arguments.sanity and _sanity_checks_fail(config):
         print("tlkit finetune: a sanity check failed; not training", file=sys.stderr)
@@ -120,7 +120,7 @@ def _finetune(arguments: argparse.Namespace) -> int:
 
 def _sanity_checks_fail(config: FinetuneConfig, **options: int) -> bool:
     """Run the sanity checks and print their report; True if one failed."""
-    from tlkit.sanity import report_lines, run_sanity_checks
+    from tlkit.commands.sanity import report_lines, run_sanity_checks
 
     results = run_sanity_checks(config, **options)
     print("\n".join(report_lines(results)), flush=True)
@@ -134,7 +134,7 @@ def _sanity(arguments: argparse.Namespace) -> int:
 
 
 def _search(arguments: argparse.Namespace) -> int:
-    from tlkit.search import load_space, run_search
+    from tlkit.commands.search import load_space, run_search
 
     space, base = load_space(arguments.space, config_from_arguments(arguments))
     run_search(base, arguments.trials, arguments.sampler, arguments.refine, space)
@@ -142,7 +142,7 @@ def _search(arguments: argparse.Namespace) -> int:
 
 
 def _demo(arguments: argparse.Namespace) -> int:
-    from tlkit.demo import demo_config, run_demo
+    from tlkit.commands.demo import demo_config, run_demo
 
     overrides = {"epochs": arguments.epochs} if arguments.epochs is not None else {}
     config = demo_config(arguments.out, **overrides)
@@ -160,7 +160,7 @@ def _demo(arguments: argparse.Namespace) -> int:
 
 
 def _convert(arguments: argparse.Namespace) -> int:
-    from tlkit.shards import convert
+    from tlkit.data.shards import convert
 
     config = config_from_arguments(arguments)
     converted = convert(
@@ -184,7 +184,7 @@ def _convert(arguments: argparse.Namespace) -> int:
 
 
 def _evaluate(arguments: argparse.Namespace) -> int:
-    from tlkit.inference import evaluate
+    from tlkit.infer.predict import evaluate
 
     results = evaluate(
         arguments.run,
@@ -205,7 +205,7 @@ def _evaluate(arguments: argparse.Namespace) -> int:
 
 
 def _predict(arguments: argparse.Namespace) -> int:
-    from tlkit.inference import predict
+    from tlkit.infer.predict import predict
 
     rows, skipped = predict(
         arguments.run,
@@ -233,7 +233,7 @@ def _predict(arguments: argparse.Namespace) -> int:
 
 
 def _report(arguments: argparse.Namespace) -> int:
-    from tlkit.report import build_report
+    from tlkit.commands.report import build_report
 
     report = build_report(
         arguments.run,
@@ -260,7 +260,7 @@ def _report(arguments: argparse.Namespace) -> int:
 
 
 def _export(arguments: argparse.Namespace) -> int:
-    from tlkit.export import CARD, export_run
+    from tlkit.infer.export import CARD, export_run
 
     card = export_run(arguments.run, arguments.out, arguments.format)
     verification = card["verification"]

@@ -21,7 +21,7 @@ import yaml
 from tlkit.errors import ConfigError
 
 # The strategies a model trains with (strategies.STRATEGIES), and `auto`, which measures the data
-# and picks one of them (tlkit/auto.py).
+# and picks one of them (tlkit/train/auto.py).
 TrainingStrategy = Literal["features", "partial", "full"]
 Strategy = Literal["auto", TrainingStrategy]
 Optimizer = Literal["adamw", "sgd"]
@@ -60,10 +60,10 @@ def _option(default: Any, help: str, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
-# The fields `--strategy auto` chooses from measurements unless they are given (tlkit/auto.py),
-# and their fixed values, used when a strategy is named (tlkit's defaults before auto) and by
-# the API's defaults (`FinetuneConfig.field_default`). img_size's fixed value is the backbone's
-# pretrained input size.
+# The fields `--strategy auto` chooses from measurements unless they are given
+# (tlkit/train/auto.py), and their fixed values, used when a strategy is named (tlkit's defaults
+# before auto) and by the API's defaults (`FinetuneConfig.field_default`). img_size's fixed
+# value is the backbone's pretrained input size.
 FIXED_CHOICES: dict[str, Any] = {
     "strategy": "partial",
     "unfreeze_stages": 2,
@@ -232,7 +232,9 @@ class FinetuneConfig:
                 if getattr(self, name) is None:
                     setattr(self, name, value)
             if self.img_size is None:
-                from tlkit.backbones import preprocessing  # timm, only when a size is to be found
+                from tlkit.model.backbones import (
+                    preprocessing,  # timm, only when a size is to be found
+                )
 
                 self.img_size = preprocessing(self.backbone).input_size
         for name, kind in typing.get_type_hints(type(self)).items():

@@ -29,13 +29,13 @@ import tempfile
 import types
 import typing
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
 from tlkit.errors import RunFolderError, UnsafeCheckpointError
 
@@ -49,6 +49,28 @@ LOAD_FAILURES = "load_failures.csv"
 SPLITS = ("train", "val", "test")
 METRICS = "metrics.csv"
 AUTO_DECISION = "auto.json"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the backbone's pretraining fed it images: resize, crop and normalisation."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        """From its JSON record (an export card's `preprocessing`); other keys are ignored."""
+        return cls(
+            input_size=int(values["input_size"]),
+            mean=tuple(float(v) for v in values["mean"]),
+            std=tuple(float(v) for v in values["std"]),
+            interpolation=str(values["interpolation"]),
+            crop_pct=float(values["crop_pct"]),
+        )
 
 
 def write_atomic(path: str | Path, text: str) -> None:

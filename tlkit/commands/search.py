@@ -4,7 +4,7 @@ Random search, not a grid: when only a few hyperparameters matter, a grid spends
 trials repeating the same few values of those, while random trials each try a new value of
 every one (Bergstra & Bengio 2012). Learning rate and weight decay are drawn log-uniformly.
 
-- Each trial is an ordinary `tlkit.finetune` run (short: `--epochs`), in its own folder under
+- Each trial is an ordinary `tlkit.train.finetune` run (short: `--epochs`), in its own folder under
   `OUT/trials/`; validation accuracy is reported to Optuna after every epoch and Optuna's
   `MedianPruner` stops trials that fall below the median of earlier trials at the same epoch.
   Trials of the `features` strategy share one feature cache, `OUT/cache/`.
@@ -51,12 +51,11 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from tlkit.callbacks import TrainingDivergedError
 from tlkit.config import FinetuneConfig, coerce_value, read_yaml_mapping, value_type
-from tlkit.errors import ConfigError, SearchError
-from tlkit.finetune import finetune
+from tlkit.errors import ConfigError, SearchError, TrainingDivergedError
+from tlkit.model.strategies import STRATEGIES
 from tlkit.runfolder import write_atomic
-from tlkit.strategies import STRATEGIES
+from tlkit.train.finetune import finetune
 
 logger = logging.getLogger(__name__)
 

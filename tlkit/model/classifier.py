@@ -18,22 +18,17 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from tlkit.backbones import (
-    Preprocessing,
-    create_backbone,
-    pooled_feature_width,
-    preprocessing,
-)
 from tlkit.config import FinetuneConfig, Optimizer
 from tlkit.errors import ConfigError
-from tlkit.heads import ClassifierHead
-from tlkit.runfolder import unsafe_checkpoint
-from tlkit.strategies import (
+from tlkit.model.backbones import create_backbone, pooled_feature_width, preprocessing
+from tlkit.model.heads import ClassifierHead
+from tlkit.model.strategies import (
     count_parameters,
     keep_frozen_modules_in_eval,
     optimizer_parameter_groups,
     set_trainable,
 )
+from tlkit.runfolder import Preprocessing, unsafe_checkpoint
 
 # Defaults are FinetuneConfig's, so that the API and the CLI cannot drift apart; the parameters
 # stay spelled out, as Lightning's `save_hyperparameters` records them in the checkpoint.
@@ -187,7 +182,7 @@ class TransferClassifier(pl.LightningModule):
         self._step(batch, "test")
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of a preprocessed batch (`tlkit.inference.Predictor`)."""
+        """Class probabilities of a preprocessed batch (`tlkit.infer.predict.Predictor`)."""
         return self(images).softmax(dim=-1)
 
     def predict_step(self, batch, batch_index: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The linear probe and k-NN classifier on cached backbone features: transfer measured cheaply.
 
-A frozen backbone's pooled features, cached once (tlkit/features.py, the same files as the
+A frozen backbone's pooled features, cached once (tlkit/train/features.py, the same files as the
 `features` strategy), say in seconds how far a linear head gets (the linear probe) and how well
 the features cluster by class (k-NN). LP-FT (Kumar et al. 2022) starts fine-tuning from the
 probe's head, and `--strategy auto` reads both accuracies as evidence.
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tlkit.data import ImageDataModule
+from tlkit.data.datamodule import ImageDataModule
 from tlkit.errors import ConfigError, DatasetError
-from tlkit.features import CachedFeatureDataModule
-from tlkit.module import TransferClassifier
+from tlkit.model.classifier import TransferClassifier
+from tlkit.train.features import CachedFeatureDataModule
 
 logger = logging.getLogger(__name__)
 

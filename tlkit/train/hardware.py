@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.plugins.layer_sync import LayerSync
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from timm.layers import convert_sync_batchnorm
@@ -68,23 +69,13 @@ def trainer_options(config: FinetuneConfig) -> dict[str, Any]:
     }
 
 
-def single_device_trainer(
-    accelerator: str = "auto", progress: bool = True, **options: Any
-) -> pl.Trainer:
-    """A Trainer on one device that writes nothing (no logger, checkpoints or model summary):
-    the Trainer of evaluate, predict and report, and of the sanity checks' overfit run.
-    `options` are further `pytorch_lightning.Trainer` arguments."""
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        **options,
-    )
-
-
 def effective_batch_size(trainer: pl.Trainer, config: FinetuneConfig) -> int:
     """Images per optimiser step over all processes: per-device batch x processes x accumulation."""
     return config.batch_size * trainer.world_size * config.accumulate_grad_batches
+
+
+def probe_device(config: FinetuneConfig) -> str:
+    """Where the probe's features are extracted, before any Trainer exists: the GPU if the
+    run may use one."""
+    gpu = config.accelerator in ("auto", "gpu") and torch.cuda.is_available()
+    return "cuda" if gpu else "cpu"

@@ -56,23 +56,20 @@ from litdata.streaming.fs_provider import _get_fs_provider
 from torch.utils.data import DataLoader, Dataset
 
 from tlkit import __version__
-from tlkit.augment import eval_transform, train_transform
-from tlkit.backbones import Preprocessing
 from tlkit.choices import SHARD_CHUNK_BYTES
 from tlkit.config import FinetuneConfig
-from tlkit.data import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    LOAD_ERRORS,
-    ImageDataModule,
+from tlkit.data.augment import eval_transform, train_transform
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datasets import (
     augmentation_seed,
     default_num_workers,
     drops_last_batch,
-    load_rgb,
     process_sampler,
-    relative_path,
 )
+from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
+from tlkit.data.sources import relative_path
 from tlkit.errors import ConfigError, DatasetError, OutputExistsError, RunFolderError
-from tlkit.runfolder import write_atomic
+from tlkit.runfolder import Preprocessing, write_atomic
 
 logger = logging.getLogger(__name__)
 

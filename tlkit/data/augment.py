@@ -12,9 +12,9 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from tlkit.backbones import Preprocessing
 from tlkit.config import FinetuneConfig
 from tlkit.errors import ConfigError
+from tlkit.runfolder import Preprocessing
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,

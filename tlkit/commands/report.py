@@ -35,12 +35,12 @@ from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from tlkit.config import FinetuneConfig
-from tlkit.data import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
+from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
+from tlkit.data.shards import find_converted
 from tlkit.errors import ConfigError
-from tlkit.inference import LabelledPredictions, load_model, predict_labelled
+from tlkit.infer.predict import LabelledPredictions, load_model, predict_labelled
 from tlkit.metrics import ClassificationMetrics, classification_metrics
 from tlkit.runfolder import SKIPPED, RunSummary, image_limits, open_run, scan_options
-from tlkit.shards import find_converted
 
 REPORT_PAGE = "report.html"
 REPORT_TEMPLATE = "report.html.j2"  # in tlkit/templates/

@@ -30,9 +30,9 @@ from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.svm import SVC
 
 from tlkit.config import FinetuneConfig
-from tlkit.data import write_image_folder
-from tlkit.finetune import finetune
+from tlkit.data.images import write_image_folder
 from tlkit.runfolder import RunSummary, write_atomic
+from tlkit.train.finetune import finetune
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ Extraction happens in the data module's `prepare_data`, which Lightning runs ins
 `trainer.fit` on one process (on that process's device) while the others wait; every process
 then loads the files in `setup`. So under DDP the features are extracted once, not once per
 process. A file lock around each file's extraction gives the same guarantee to callers outside
-a Trainer (`tlkit.probe.probe_features`, run by every process before any process group exists):
-one process extracts, the others wait and read the file.
+a Trainer (`tlkit.train.probe.probe_features`, run by every process before any process group
+exists): one process extracts, the others wait and read the file.
 
 A cache file is keyed by everything its features depend on: backbone, weights (a SHA-256 of
 the backbone's tensors, whatever their source), input size and preprocessing, the transform (and
@@ -46,10 +46,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 from tlkit import __version__
-from tlkit.augment import eval_transform
-from tlkit.data import ImageDataModule, ImageDataset, drops_last_batch, process_sampler
-from tlkit.module import TransferClassifier
-from tlkit.shards import ShardDataModule, ShardImages
+from tlkit.data.augment import eval_transform
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datasets import ImageDataset, drops_last_batch, process_sampler
+from tlkit.data.shards import ShardDataModule, ShardImages
+from tlkit.model.classifier import TransferClassifier
 
 logger = logging.getLogger(__name__)
 

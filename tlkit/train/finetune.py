@@ -2,8 +2,6 @@
 
 The CLI's `tlkit finetune` and the recipes call this; users who want their own Trainer build
 `ImageDataModule` and `TransferClassifier` directly (see recipes/custom_imagefolder.py).
-`build_model` and `build_datamodule` pass the config's fields on by parameter name
-(`config.config_kwargs`), so neither copies a field by hand.
 """
 
 from __future__ import annotations
@@ -17,31 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
-from tlkit.augment import train_transform
-from tlkit.auto import resolve_auto
-from tlkit.backbones import create_backbone, preprocessing
-from tlkit.callbacks import (
-    TRAINING_WEIGHTS_KEY,
-    EpochProgressBar,
-    EpochSummary,
-    ExponentialMovingAverage,
-    StopOnNonFiniteLoss,
-)
-from tlkit.config import FinetuneConfig, config_kwargs
+from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
-from tlkit.data import ImageDataModule, drops_last_batch
-from tlkit.distributed import effective_batch_size
-from tlkit.distributed import trainer_options as distributed_options
-from tlkit.errors import ConfigError, OutputExistsError
-from tlkit.features import CachedFeatureDataModule
-from tlkit.module import TransferClassifier
-from tlkit.probe import fit_probe, probe_features
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datasets import drops_last_batch
+from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
+from tlkit.model.classifier import TransferClassifier
 from tlkit.runfolder import (
     AUTO_DECISION,
     BEST_CHECKPOINT,
@@ -49,7 +33,6 @@ from tlkit.runfolder import (
     LAST_CHECKPOINT,
     LOAD_FAILURES,
     SKIPPED,
-    RunFolderError,
     RunSummary,
     read_auto_decision,
     read_checkpoint,
@@ -62,101 +45,21 @@ from tlkit.runfolder import (
     write_split,
     write_summary,
 )
-from tlkit.shards import ShardDataModule, open_converted
-from tlkit.strategies import trainable_parameter_names
+from tlkit.train.auto import resolve_auto
+from tlkit.train.build import build_datamodule, build_model, cache_folder, check_config
+from tlkit.train.callbacks import (
+    TRAINING_WEIGHTS_KEY,
+    EpochProgressBar,
+    EpochSummary,
+    ExponentialMovingAverage,
+    StopOnNonFiniteLoss,
+)
+from tlkit.train.features import CachedFeatureDataModule
+from tlkit.train.hardware import effective_batch_size, probe_device
+from tlkit.train.hardware import trainer_options as distributed_options
+from tlkit.train.probe import fit_probe, probe_features
 
 logger = logging.getLogger(__name__)
-
-
-def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClassifier:
-    """The LightningModule a config describes."""
-    return TransferClassifier(
-        num_classes=len(class_names),
-        class_names=class_names,
-        trained_with_hflip=trains_with_hflip(config),
-        **config_kwargs(config, TransferClassifier),
-    )
-
-
-def augmentation_options(config: FinetuneConfig) -> dict[str, Any]:
-    """`augment.train_transform`'s keyword arguments (its scale range is two config fields)."""
-    return {
-        "short_side_range": (config.short_side_min, config.short_side_max),
-        "hflip": config.hflip,
-        "color_jitter": config.color_jitter,
-    }
-
-
-def trains_with_hflip(config: FinetuneConfig) -> bool:
-    """Whether the model sees mirror images in training: the train augmentation flips, and the
-    `features` strategy's head trains on augmented views (cache_augmented_views) only."""
-    flips = config.augment and config.hflip > 0
-    return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
-
-
-def provisional_strategy(config: FinetuneConfig) -> str:
-    """For checks before `--strategy auto` has measured: partial where --unfreeze-stages is
-    given (auto then trains those stages), else full, which every layer group takes part in."""
-    return "partial" if config.unfreeze_stages is not None else "full"
-
-
-def check_config(config: FinetuneConfig) -> None:
-    """Configuration errors that need the backbone but no data, raised before the data scan
-    (which can take minutes): the model at this size, the stage count, the scale range. With
-    `--strategy auto`, of its provisional strategy and the open choices' fixed values."""
-    if config.strategy == "auto":
-        config = replace(config, strategy=provisional_strategy(config))
-    try:
-        with torch.device("meta"):  # the architecture only: no memory, no weights
-            backbone = create_backbone(
-                config.backbone, "none", config.drop_path_rate, config.img_size
-            )
-    except TypeError as error:  # timm hands options a model does not take to its class
-        raise ConfigError(f"{config.backbone} cannot be built as configured: {error}") from error
-    trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
-    if config.lp_ft and config.strategy == "features":
-        raise ConfigError(
-            "--lp-ft starts partial or full fine-tuning from a linear probe; the features "
-            "strategy trains that linear head itself"
-        )
-    if config.lp_ft and config.head_hidden > 0:
-        raise ConfigError(
-            "--lp-ft initialises the classifier from a linear probe of the pooled features, "
-            "which a head with a hidden layer (--head-hidden) does not see: use one or the other"
-        )
-    if config.augment:
-        train_transform(
-            preprocessing(config.backbone, config.img_size), **augmentation_options(config)
-        )
-
-
-def build_datamodule(
-    config: FinetuneConfig,
-    recorded_split: dict[str, str] | None = None,
-    load_failure_log: Path | None = None,
-) -> ImageDataModule | ShardDataModule:
-    """The data module a config describes, with the backbone's own preprocessing (and the
-    `ImageDataModule` options `recorded_split` and `load_failure_log`): a `ShardDataModule`
-    for a dataset converted by `tlkit convert` (found by its marker file), else an
-    `ImageDataModule` for an image folder or CSV. The one place that tells them apart."""
-    if open_converted(config.data_dir) is not None:
-        kind, options = ShardDataModule, {"chunk_cache_dir": cache_folder(config) / "shards"}
-    else:
-        kind, options = ImageDataModule, {}
-    return kind(
-        preprocessing=preprocessing(config.backbone, config.img_size),
-        augmentation=augmentation_options(config),
-        recorded_split=recorded_split,
-        load_failure_log=load_failure_log,
-        **options,
-        **config_kwargs(config, kind),
-    )
-
-
-def cache_folder(config: FinetuneConfig) -> Path:
-    """--cache-dir, else OUT/cache: cached features (features strategy) and, in shards/, the
-    chunks LitData downloads from an object store."""
-    return Path(config.cache_dir or Path(config.out) / "cache")
 
 
 def build_logger(config: FinetuneConfig, out: Path) -> Logger:
@@ -176,7 +79,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     """Train as the config says; write the run summary (summary.json) and return it.
 
     With `strategy="auto"`, the data is measured first and the choices left open are made from
-    the evidence (tlkit/auto.py). With `resume`, continue the run in `config.out` from its
+    the evidence (tlkit/train/auto.py). With `resume`, continue the run in `config.out` from its
     `last.ckpt` (model, optimiser,
     schedule, epoch and callback states), on the images of its recorded split.csv.
     `trainer_options` are passed to `pytorch_lightning.Trainer` on top of tlkit's own (e.g.
@@ -372,13 +275,6 @@ def _check_same_averaging(checkpoint: str, ema: bool) -> None:
             f"the run was trained {was} --ema and is resumed {now} it; resume it as it was "
             "trained (its config.yaml) or start a new run"
         )
-
-
-def probe_device(config: FinetuneConfig) -> str:
-    """Where the probe's features are extracted, before any Trainer exists: the GPU if the
-    run may use one."""
-    gpu = config.accelerator in ("auto", "gpu") and torch.cuda.is_available()
-    return "cuda" if gpu else "cpu"
 
 
 def start_from_linear_probe(

@@ -2,7 +2,7 @@
 
 Before training, `resolve_auto` measures (`measure`): images per class in the training split,
 the source images' short side (from the file headers of a seeded sample, nothing decoded), and
-a linear probe and a k-NN classifier on the frozen backbone's cached features (tlkit/probe.py,
+a linear probe and a k-NN classifier on the frozen backbone's cached features (tlkit/train/probe.py,
 validation accuracy; the cache is the `features` strategy's, so choosing `features` reuses it).
 From that evidence the pure functions `choose_input_size` and `decide` choose what the user left
 open: strategy and stages, the pretrained layers' learning rate, schedule length, input size,
@@ -30,8 +30,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.utilities import rank_zero_only
+from timm.models import get_pretrained_cfg
 
 from tlkit.config import FIXED_CHOICES, FinetuneConfig
+from tlkit.model.backbones import layer_groups, preprocessing
+from tlkit.train.build import build_datamodule, build_model
+from tlkit.train.hardware import probe_device
+from tlkit.train.probe import fit_probe, probe_features
 
 logger = logging.getLogger(__name__)
 
@@ -237,12 +242,6 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
     """Scan and split the data as training will, read the sizes of a sample of its files,
     choose the input size (unless given) and probe the frozen backbone's features at it.
     Returns the evidence, the input size choice and the number of files sized."""
-    from timm.models import get_pretrained_cfg
-
-    from tlkit.backbones import layer_groups, preprocessing
-    from tlkit.finetune import build_datamodule, build_model, probe_device
-    from tlkit.probe import fit_probe, probe_features
-
     # The scan and the split need no input size; the probe's transform comes from the model.
     pretrained = preprocessing(config.backbone)
     probe_config = dataclasses.replace(

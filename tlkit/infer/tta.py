@@ -48,9 +48,9 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch import nn
 
-from tlkit.augment import eval_transform, interpolation_flag
-from tlkit.backbones import Preprocessing
+from tlkit.data.augment import eval_transform, interpolation_flag
 from tlkit.errors import ConfigError
+from tlkit.runfolder import Preprocessing
 
 RESNET_SCALES = (224 / 224, 256 / 224, 384 / 224, 480 / 224, 640 / 224)
 # float32 bytes one loader batch may hold: the squares of every scale of its images, plus the
@@ -262,7 +262,7 @@ def check_accepts_any_size(model, tta: TTAPlan) -> None:
 class TTAModule(pl.LightningModule):
     """Wraps a classifier so that `Trainer.predict` returns TTA-averaged probabilities.
 
-    `model` is anything with `predict_batch(images) -> probabilities` (`tlkit.inference.
+    `model` is anything with `predict_batch(images) -> probabilities` (`tlkit.infer.predict.
     Predictor`): a `TransferClassifier`, or an exported model called directly.
     """
 

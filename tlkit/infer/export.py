@@ -41,14 +41,15 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from tlkit import __version__
-from tlkit.augment import eval_transform
-from tlkit.backbones import Preprocessing, create_backbone, pooled_feature_width
 from tlkit.config import FinetuneConfig
-from tlkit.data import csv_rows, find_decode_problems, load_rgb, walk_images
+from tlkit.data.augment import eval_transform
+from tlkit.data.images import find_decode_problems, load_rgb
+from tlkit.data.sources import csv_rows, walk_images
 from tlkit.errors import DatasetError, ExportError, OutputExistsError
-from tlkit.heads import ClassifierHead
-from tlkit.module import TransferClassifier
-from tlkit.runfolder import BEST_CHECKPOINT, RunSummary, open_run, write_atomic
+from tlkit.model.backbones import create_backbone, pooled_feature_width
+from tlkit.model.classifier import TransferClassifier
+from tlkit.model.heads import ClassifierHead
+from tlkit.runfolder import BEST_CHECKPOINT, Preprocessing, RunSummary, open_run, write_atomic
 
 CARD = "card.json"
 CARD_VERSION = 1
@@ -428,7 +429,7 @@ def read_card(folder: str | Path) -> dict[str, Any]:
 
 
 class ExportedModel:
-    """An exported model and its card, a `tlkit.inference.Predictor` like a run's checkpoint."""
+    """An exported model and its card, a `tlkit.infer.predict.Predictor` like a run's checkpoint."""
 
     def __init__(self, card: dict[str, Any], run: Runner) -> None:
         self.card = card

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-from tlkit.backbones import layer_groups
 from tlkit.config import TrainingStrategy
 from tlkit.errors import ConfigError
+from tlkit.model.backbones import layer_groups
 
 
 def _head_only(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
@@ -47,7 +47,7 @@ def _all_stages(groups: list[list[str]], unfreeze_stages: int) -> set[str]:
 
 # Each strategy: (the backbone's layer groups, stem first; --unfreeze-stages) -> the names of
 # the backbone parameters it trains. The keys are config.TrainingStrategy's choices (a test
-# checks it); `auto` (tlkit/auto.py) resolves to one of them before a model is built.
+# checks it); `auto` (tlkit/train/auto.py) resolves to one of them before a model is built.
 STRATEGIES: dict[TrainingStrategy, Callable[[list[list[str]], int], set[str]]] = {
     "features": _head_only,
     "partial": _last_stages,

@@ -20,24 +20,17 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from tlkit.backbones import Preprocessing
 from tlkit.console import expected_lightning_warnings_hidden
-from tlkit.data import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ImageDataset,
-    default_num_workers,
-    find_decode_problems,
-    find_images,
-    scan,
-)
-from tlkit.distributed import single_device_trainer
+from tlkit.data.datasets import ImageDataset, default_num_workers
+from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, find_decode_problems
+from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split
+from tlkit.data.sources import find_images, scan
 from tlkit.errors import ConfigError, DatasetError, InputNotFoundError
-from tlkit.export import is_export_folder, load_exported
+from tlkit.infer.export import is_export_folder, load_exported
+from tlkit.infer.tta import ScaleSquares, TTAModule, loader_batch_size, plan
 from tlkit.metrics import classification_metrics
-from tlkit.module import TransferClassifier
-from tlkit.runfolder import best_checkpoint, image_limits, scan_options
-from tlkit.shards import ConvertedDataset, ShardImages, labelled_split
-from tlkit.tta import ScaleSquares, TTAModule, loader_batch_size, plan
+from tlkit.model.classifier import TransferClassifier
+from tlkit.runfolder import Preprocessing, best_checkpoint, image_limits, scan_options
 
 
 @runtime_checkable
@@ -58,6 +51,23 @@ class Predictor(Protocol):
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, C) of a preprocessed batch (N, 3, S, S)."""
         ...
+
+
+def single_device_trainer(
+    accelerator: str = "auto", progress: bool = True, **options: Any
+) -> pl.Trainer:
+    """A Trainer on one device that writes nothing (no logger, checkpoints or model summary):
+    the Trainer of evaluate, predict and report, and of the sanity checks' overfit run.
+    `options` are further `pytorch_lightning.Trainer` arguments."""
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        **options,
+    )
 
 
 def load_model(run_dir: str | Path) -> TransferClassifier:

@@ -1,0 +1,211 @@
+"""The LightningDataModule of an image folder or CSV: scan, split, datasets and loaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset
+
+from tlkit.config import FinetuneConfig
+from tlkit.data.augment import eval_transform, train_transform
+from tlkit.data.datasets import (
+    ImageDataset,
+    default_num_workers,
+    drops_last_batch,
+    process_sampler,
+    read_load_failures,
+)
+from tlkit.data.sources import ScanResult, data_root, relative_path, scan
+from tlkit.data.split import split_train_val
+from tlkit.errors import DatasetError
+from tlkit.runfolder import Preprocessing
+
+_default = FinetuneConfig.field_default
+logger = logging.getLogger(__name__)
+
+
+@rank_zero_only
+def _tell(message: str) -> None:
+    logger.warning(message)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/validation/test loaders for an image folder or CSV, with the backbone's transforms.
+
+    `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
+    jitter); `augment=False` trains on the evaluation transform. `classes`, `skipped` and the
+    datasets are available after `setup()`; `preprocessing` may be None where only
+    `scan_splits()` is used (`tlkit convert`).
+
+    `recorded_split` ({path relative to the data root: train | val | test}, a run's split.csv)
+    replaces the computed split: recorded images that are gone are skipped, and images not in
+    it are left out, so a resumed run trains and validates on exactly the images it started
+    with. With `load_failure_log`, files that fail to load during training are recorded there
+    (`load_failures()`) and skipped instead of stopping the run.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        preprocessing: Preprocessing | None,
+        batch_size: int = _default("batch_size"),
+        num_workers: int = _default("num_workers"),
+        val_fraction: float = _default("val_fraction"),
+        seed: int = _default("seed"),
+        augment: bool = _default("augment"),
+        augmentation: dict | None = None,
+        max_image_pixels: int = _default("max_image_pixels"),
+        verify: str = _default("verify"),
+        scan_cache: str = _default("scan_cache"),
+        csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
+        recorded_split: dict[str, str] | None = None,
+        load_failure_log: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.preprocessing = preprocessing
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers < 0 else num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.augment = augment
+        self.augmentation = augmentation or {}
+        self.max_image_pixels = max_image_pixels
+        self.verify = verify
+        self.scan_cache = scan_cache
+        self.csv_paths_outside_root = csv_paths_outside_root
+        self.recorded_split = recorded_split
+        self.load_failure_log = Path(load_failure_log) if load_failure_log else None
+        self.root = data_root(self.data_dir)
+        self.classes: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.train_set: ImageDataset | None = None
+        self.val_set: ImageDataset | None = None
+        self.test_set: ImageDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self.scan_splits()
+        evaluation = eval_transform(self.preprocessing)
+        options = {"max_pixels": self.max_image_pixels, "failure_log": self.load_failure_log}
+        if self.augment:
+            augmentation = train_transform(self.preprocessing, **self.augmentation)
+            self.train_set = ImageDataset(
+                splits["train"], augmentation, augmentation_seed=self.seed, **options
+            )
+        else:
+            self.train_set = ImageDataset(splits["train"], evaluation, **options)
+        self.val_set = ImageDataset(splits["val"], evaluation, **options)
+        if splits.get("test"):
+            self.test_set = ImageDataset(splits["test"], evaluation, **options)
+
+    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
+        """Scan the data and split it: the `(path, class index)` samples of train, val and (with
+        a test/ folder) test. Sets `classes` and `skipped`. `setup` builds the datasets from it;
+        `tlkit convert` writes it into shards (and needs no `preprocessing`)."""
+        split_dir = self.data_dir / "train"
+        train_scan = self._scan(split_dir if split_dir.is_dir() else self.data_dir)
+        self.classes = train_scan.classes
+        if len(self.classes) < 2:
+            raise DatasetError(
+                f"{self.data_dir}: found one class ({self.classes[0]}); a classifier needs two"
+            )
+        self.skipped = list(train_scan.skipped)
+        val_dir, test_dir = self.data_dir / "val", self.data_dir / "test"
+        splits: dict[str, list[tuple[str, int]]] = {}
+        if split_dir.is_dir() and val_dir.is_dir():
+            splits["train"] = train_scan.samples
+            splits["val"] = self._scan_split(val_dir).samples
+        else:
+            splits["train"], splits["val"] = split_train_val(
+                train_scan.samples, self.val_fraction, self.seed, self.root
+            )
+        if split_dir.is_dir() and test_dir.is_dir():
+            splits["test"] = self._scan_split(test_dir).samples
+        if self.recorded_split is not None:
+            splits = self._follow_recorded_split(splits, self.recorded_split)
+        return splits
+
+    def _follow_recorded_split(
+        self, scanned: dict[str, list[tuple[str, int]]], recorded: dict[str, str]
+    ) -> dict[str, list[tuple[str, int]]]:
+        """The scanned samples regrouped as `recorded` says; recorded files no longer found
+        are added to `skipped`, files found but not recorded are left out (and counted)."""
+        by_path = {
+            relative_path(path, self.root): (path, label)
+            for samples in scanned.values()
+            for path, label in samples
+        }
+        already_skipped = {relative_path(path, self.root) for path, _ in self.skipped}
+        splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+        for relative, split in recorded.items():
+            if relative in by_path:
+                splits[split].append(by_path[relative])
+            elif relative not in already_skipped:
+                reason = "in the run's recorded split.csv but no longer found"
+                self.skipped.append((str(self.root / relative), reason))
+        left_out = len(by_path.keys() - recorded.keys())
+        if left_out:
+            _tell(
+                f"{self.data_dir}: {left_out} image{'s' if left_out > 1 else ''} not in the "
+                "recorded split left out; a resumed run trains on exactly the split it started "
+                "with (start a new run to use them)"
+            )
+        return splits
+
+    def split_rows(self) -> list[tuple[str, str]]:
+        """(path relative to the data root, train | val | test) of every image used: split.csv."""
+        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        return [
+            (relative_path(path, self.root), split)
+            for split, dataset in datasets.items()
+            if dataset is not None
+            for path, _ in dataset.samples
+        ]
+
+    def load_failures(self) -> list[tuple[str, str]]:
+        """`(path, reason)` of the files that failed to load during training, each once."""
+        return read_load_failures(self.load_failure_log) if self.load_failure_log else []
+
+    def _scan(self, source: Path, classes: list[str] | None = None) -> ScanResult:
+        return scan(
+            source,
+            classes,
+            self.max_image_pixels,
+            self.csv_paths_outside_root,
+            verify=self.verify,
+            scan_cache=self.scan_cache,
+        )
+
+    def _scan_split(self, folder: Path) -> ScanResult:
+        result = self._scan(folder, self.classes)
+        self.skipped += result.skipped
+        return result
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = process_sampler(dataset, train, self.seed, self.trainer)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=train and drops_last_batch(len(sampler), self.batch_size),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise DatasetError(f"{self.data_dir}: no test/ split")
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,170 @@
+"""Datasets of decoded, transformed images, and the samplers that hand them to processes.
+
+A file that breaks after the scan is skipped when it is loaded and recorded (`ImageDataset`),
+so training finishes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
+from tlkit.errors import DatasetError
+
+
+def record_load_failure(log: Path, path: str, reason: str) -> None:
+    """Append one `path,reason` row to `log`.
+
+    Data-loading worker processes share no memory with the main process, so failures are
+    collected in a file: one write() of a short row to a file opened with O_APPEND, which
+    concurrent processes' rows do not interleave with."""
+    row = io.StringIO()
+    csv.writer(row).writerow([path, reason])
+    descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, row.getvalue().encode())
+    finally:
+        os.close(descriptor)
+
+
+def read_load_failures(log: Path) -> list[tuple[str, str]]:
+    """The `(path, reason)` rows of a load-failure log, each path once (it fails every epoch)."""
+    if not log.is_file():
+        return []
+    failures: dict[str, str] = {}
+    with open(log, newline="", encoding="utf-8") as handle:
+        for path, reason in csv.reader(handle):
+            failures.setdefault(path, reason)
+    return list(failures.items())
+
+
+class ImageDataset(Dataset):
+    """(image tensor, class index) pairs from scanned samples and an albumentations transform.
+
+    With an `augmentation_seed`, the (random) transform is reseeded for every image from (seed,
+    epoch, image index): each image's augmentation is the same whichever process, worker or
+    batch draws it, so a run repeats exactly and a resumed run continues the same stream, and it
+    changes every epoch. `set_epoch` writes the epoch to shared memory, so data-loader workers
+    started in an earlier epoch (persistent workers) see it too.
+
+    A file that cannot be loaded any more (deleted, rewritten or grown since the scan) is an
+    error naming it; with a `failure_log` it is instead recorded there and replaced by the next
+    loadable sample, as timm's datasets do, so training goes on.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        augmentation_seed: int | None = None,
+        failure_log: Path | None = None,
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.augmentation_seed = augmentation_seed
+        self.failure_log = failure_log
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def with_transform(self, transform, augmentation_seed: int | None = None) -> ImageDataset:
+        """The same images with another transform (and augmentation seed)."""
+        return ImageDataset(self.samples, transform, self.max_pixels, augmentation_seed)
+
+    def images_of(self, samples: list[tuple[str, int]], transform) -> ImageDataset:
+        """Some of these images (`samples` taken from `self.samples`) with `transform`."""
+        return ImageDataset(samples, transform, self.max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.samples)):
+            position = (index + offset) % len(self.samples)
+            path, label = self.samples[position]
+            try:
+                image = load_rgb(path, max_pixels=self.max_pixels)
+            except LOAD_ERRORS as error:
+                reason = f"failed to load after the scan: {type(error).__name__}: {error}"
+                if self.failure_log is None:
+                    raise DatasetError(f"{path} {reason}") from error
+                record_load_failure(self.failure_log, path, reason)
+                continue
+            if self.augmentation_seed is not None:
+                self.transform.set_random_seed(self._image_seed(position))
+            return self.transform(image=image)["image"], label
+        raise DatasetError(f"none of the {len(self.samples)} images can be loaded any more")
+
+    def _image_seed(self, index: int) -> int:
+        return augmentation_seed(self.augmentation_seed, int(self._epoch), index)
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch: from (run seed, epoch, the image's
+    index in its split) alone, so it is the same whichever process, worker or batch loads it,
+    and whether the image comes from a folder or from shards (`tlkit.data.shards`)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class EpochSampler(DistributedSampler):
+    """The training sampler: torch's DistributedSampler (this process's share of the images,
+    reshuffled every epoch from the seed), which also passes the epoch that Lightning sets on
+    it at the start of every epoch on to the dataset's augmentation (`ImageDataset.set_epoch`).
+
+    Lightning would put its own DistributedSampler in place of a plain one and keep the epoch
+    to itself; it leaves a DistributedSampler given by the data module as it is.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        set_dataset_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_dataset_epoch is not None:
+            set_dataset_epoch(epoch)
+
+
+def process_sampler(
+    dataset: Dataset, train: bool, seed: int, trainer: pl.Trainer | None
+) -> Sampler | None:
+    """The sampler of one process's loader, from Lightning's process count and rank.
+
+    Training: an `EpochSampler` (shuffled; padded to equal shares, as DDP's gradient averaging
+    needs). Validation and test under several processes: Lightning's
+    `UnrepeatedDistributedSampler`, which hands every image to exactly one process where
+    Lightning's default sampler pads the shares with repeated images, so that the synchronised
+    metrics count every image once. None (in order) for one process.
+    """
+    shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+    processes, rank = shard.get("num_replicas", 1), shard.get("rank", 0)
+    if train:
+        return EpochSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=seed)
+    if processes == 1:
+        return None
+    if len(dataset) < processes:
+        raise DatasetError(
+            f"{len(dataset)} evaluation images for {processes} processes: every process needs "
+            "at least one; use fewer devices or more validation/test images"
+        )
+    return UnrepeatedDistributedSampler(dataset, num_replicas=processes, rank=rank, shuffle=False)
+
+
+def drops_last_batch(images_per_process: int, batch_size: int) -> bool:
+    """Training drops an incomplete last batch (as timm does) when a full one exists: a batch
+    of one image breaks BatchNorm in train mode and adds a noisy step. Decided on the images
+    of one process (its sampler's length), not of the whole dataset."""
+    return images_per_process > batch_size
+
+
+def default_num_workers() -> int:
+    return min(8, os.cpu_count() or 1)

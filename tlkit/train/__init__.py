@@ -1,0 +1,10 @@
+"""Training: a config -> a run folder (uses `tlkit.infer`, `tlkit.model`, `tlkit.data`).
+
+- `build`: a config -> its data module and model, and the checks that need no data.
+- `finetune`: the orchestrator: resume, decide, build, fit, test, summarise.
+- `auto`: `--strategy auto`: measure the data cheaply, then choose (pure decision rules).
+- `probe`: the linear probe and k-NN classifier on cached features (auto's evidence, LP-FT).
+- `features`: the cached-feature path of the frozen backbone.
+- `callbacks`: Lightning callbacks: progress bar, epoch summary, divergence stop, EMA.
+- `hardware`: devices, precision and distribution (Lightning's DDP and FSDP).
+"""

@@ -1,0 +1,115 @@
+"""Builders: a config -> its data module, its model, and the checks that need neither data nor
+training.
+
+`build_model` and `build_datamodule` pass the config's fields on by parameter name
+(`config.config_kwargs`), so neither copies a field by hand. Training (`finetune`), auto's
+measurements (`auto`) and the sanity checks all build through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlkit.config import FinetuneConfig, config_kwargs
+from tlkit.data.augment import train_transform
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.shards import ShardDataModule, open_converted
+from tlkit.errors import ConfigError
+from tlkit.model.backbones import create_backbone, preprocessing
+from tlkit.model.classifier import TransferClassifier
+from tlkit.model.strategies import trainable_parameter_names
+
+
+def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClassifier:
+    """The LightningModule a config describes."""
+    return TransferClassifier(
+        num_classes=len(class_names),
+        class_names=class_names,
+        trained_with_hflip=trains_with_hflip(config),
+        **config_kwargs(config, TransferClassifier),
+    )
+
+
+def augmentation_options(config: FinetuneConfig) -> dict[str, Any]:
+    """`augment.train_transform`'s keyword arguments (its scale range is two config fields)."""
+    return {
+        "short_side_range": (config.short_side_min, config.short_side_max),
+        "hflip": config.hflip,
+        "color_jitter": config.color_jitter,
+    }
+
+
+def trains_with_hflip(config: FinetuneConfig) -> bool:
+    """Whether the model sees mirror images in training: the train augmentation flips, and the
+    `features` strategy's head trains on augmented views (cache_augmented_views) only."""
+    flips = config.augment and config.hflip > 0
+    return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
+
+
+def provisional_strategy(config: FinetuneConfig) -> str:
+    """For checks before `--strategy auto` has measured: partial where --unfreeze-stages is
+    given (auto then trains those stages), else full, which every layer group takes part in."""
+    return "partial" if config.unfreeze_stages is not None else "full"
+
+
+def check_config(config: FinetuneConfig) -> None:
+    """Configuration errors that need the backbone but no data, raised before the data scan
+    (which can take minutes): the model at this size, the stage count, the scale range. With
+    `--strategy auto`, of its provisional strategy and the open choices' fixed values."""
+    if config.strategy == "auto":
+        config = replace(config, strategy=provisional_strategy(config))
+    try:
+        with torch.device("meta"):  # the architecture only: no memory, no weights
+            backbone = create_backbone(
+                config.backbone, "none", config.drop_path_rate, config.img_size
+            )
+    except TypeError as error:  # timm hands options a model does not take to its class
+        raise ConfigError(f"{config.backbone} cannot be built as configured: {error}") from error
+    trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
+    if config.lp_ft and config.strategy == "features":
+        raise ConfigError(
+            "--lp-ft starts partial or full fine-tuning from a linear probe; the features "
+            "strategy trains that linear head itself"
+        )
+    if config.lp_ft and config.head_hidden > 0:
+        raise ConfigError(
+            "--lp-ft initialises the classifier from a linear probe of the pooled features, "
+            "which a head with a hidden layer (--head-hidden) does not see: use one or the other"
+        )
+    if config.augment:
+        train_transform(
+            preprocessing(config.backbone, config.img_size), **augmentation_options(config)
+        )
+
+
+def build_datamodule(
+    config: FinetuneConfig,
+    recorded_split: dict[str, str] | None = None,
+    load_failure_log: Path | None = None,
+) -> ImageDataModule | ShardDataModule:
+    """The data module a config describes, with the backbone's own preprocessing (and the
+    `ImageDataModule` options `recorded_split` and `load_failure_log`): a `ShardDataModule`
+    for a dataset converted by `tlkit convert` (found by its marker file), else an
+    `ImageDataModule` for an image folder or CSV. The one place that tells them apart."""
+    if open_converted(config.data_dir) is not None:
+        kind, options = ShardDataModule, {"chunk_cache_dir": cache_folder(config) / "shards"}
+    else:
+        kind, options = ImageDataModule, {}
+    return kind(
+        preprocessing=preprocessing(config.backbone, config.img_size),
+        augmentation=augmentation_options(config),
+        recorded_split=recorded_split,
+        load_failure_log=load_failure_log,
+        **options,
+        **config_kwargs(config, kind),
+    )
+
+
+def cache_folder(config: FinetuneConfig) -> Path:
+    """--cache-dir, else OUT/cache: cached features (features strategy) and, in shards/, the
+    chunks LitData downloads from an object store."""
+    return Path(config.cache_dir or Path(config.out) / "cache")
