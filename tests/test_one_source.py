@@ -22,7 +22,7 @@ from tlkit.config import (
     config_kwargs,
 )
 from tlkit.data.augment import train_transform
-from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datamodule import BaseImageDataModule, ImageDataModule
 from tlkit.data.shards import ShardDataModule
 from tlkit.data.sources import VERIFY_MODES, find_images, scan_folder
 from tlkit.infer import export as export_module
@@ -70,6 +70,7 @@ CHECKPOINT_HPARAMS = {
     [
         (TransferClassifier, ()),
         (ImageDataModule, ()),
+        (BaseImageDataModule, ()),
         (ShardDataModule, ()),
         (train_transform, ("seed",)),
     ],

@@ -317,10 +317,30 @@ def read_yaml_mapping(path: str | Path, of_what: str) -> dict[str, Any]:
 def config_kwargs(config: FinetuneConfig, target: Callable[..., Any]) -> dict[str, Any]:
     """The config's values of the fields `target` takes a parameter of, by name (the idea of
     fastai's `@delegates` and LightningCLI): a field added to both is passed on without being
-    copied by hand."""
-    parameters = inspect.signature(target).parameters
+    copied by hand. A class whose `__init__` passes `**options` on to its base class takes
+    the base's parameters too."""
+    parameters = accepted_parameters(target)
     return {
         field.name: getattr(config, field.name)
         for field in dataclasses.fields(config)
         if field.name in parameters
     }
+
+
+def accepted_parameters(target: Callable[..., Any]) -> set[str]:
+    """The names of the parameters `target` takes; for a class, those of its `__init__` and,
+    while that ends in `**options`, of the base classes' it passes them on to."""
+    if not inspect.isclass(target):
+        return set(inspect.signature(target).parameters)
+    names: set[str] = set()
+    for owner in target.__mro__:
+        if "__init__" not in vars(owner):
+            continue
+        parameters = inspect.signature(owner.__init__).parameters.values()
+        names |= {parameter.name for parameter in parameters if parameter.kind not in _VARIADIC}
+        if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+            break
+    return names - {"self"}
+
+
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)

@@ -39,9 +39,8 @@ from tlkit.choices import SANITY_OVERFIT_STEPS, SANITY_SAMPLES_PER_CLASS
 from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.augment import eval_transform
-from tlkit.data.datasets import ImageDataset
+from tlkit.data.datasets import ImageDataset, LabelledImages
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from tlkit.data.shards import ShardImages
 from tlkit.errors import ConfigError
 from tlkit.infer.predict import single_device_trainer
 from tlkit.model.backbones import layer_groups
@@ -120,7 +119,7 @@ def subset_loader(
     seed: int = 0,
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    source: ImageDataset | ShardImages | None = None,
+    source: LabelledImages | None = None,
 ) -> DataLoader:
     """Batches of the samples with the evaluation transform: no augmentation. `source` is the
     dataset the samples were taken from, which reads them (a converted dataset's shards); by
@@ -223,7 +222,7 @@ def check_overfit(
     seed: int = 0,
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    source: ImageDataset | ShardImages | None = None,
+    source: LabelledImages | None = None,
 ) -> CheckResult:
     """Train `model` on `samples` alone (evaluation transform) for at most `steps` optimiser
     steps; pass when its accuracy on them reaches `target`. `source`: as for `subset_loader`.

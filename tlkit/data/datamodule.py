@@ -14,6 +14,7 @@ from tlkit.config import FinetuneConfig
 from tlkit.data.augment import eval_transform, train_transform
 from tlkit.data.datasets import (
     ImageDataset,
+    LabelledImages,
     default_num_workers,
     drops_last_batch,
     process_sampler,
@@ -33,18 +34,17 @@ def _tell(message: str) -> None:
     logger.warning(message)
 
 
-class ImageDataModule(pl.LightningDataModule):
-    """Train/validation/test loaders for an image folder or CSV, with the backbone's transforms.
+class BaseImageDataModule(pl.LightningDataModule):
+    """Train/validation/test loaders of labelled images with the backbone's transforms: what
+    every source shares. `ImageDataModule` (image folders and CSVs) and
+    `shards.ShardDataModule` (converted datasets) differ only in how they list the samples of
+    each split (`scan_splits`) and read them (`images`).
 
     `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
     jitter); `augment=False` trains on the evaluation transform. `classes`, `skipped` and the
-    datasets are available after `setup()`; `preprocessing` may be None where only
-    `scan_splits()` is used (`tlkit convert`).
-
-    `recorded_split` ({path relative to the data root: train | val | test}, a run's split.csv)
-    replaces the computed split: recorded images that are gone are skipped, and images not in
-    it are left out, so a resumed run trains and validates on exactly the images it started
-    with. With `load_failure_log`, files that fail to load during training are recorded there
+    datasets are available after `setup()`. `recorded_split` ({path relative to the data root:
+    train | val | test}, a run's split.csv) is the split a resumed run must train on. With
+    `load_failure_log`, images that fail to load during training are recorded there
     (`load_failures()`) and skipped instead of stopping the run.
     """
 
@@ -59,14 +59,11 @@ class ImageDataModule(pl.LightningDataModule):
         augment: bool = _default("augment"),
         augmentation: dict | None = None,
         max_image_pixels: int = _default("max_image_pixels"),
-        verify: str = _default("verify"),
-        scan_cache: str = _default("scan_cache"),
-        csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
     ) -> None:
         super().__init__()
-        self.data_dir = Path(data_dir)
+        self.data_dir = data_dir
         self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers < 0 else num_workers
@@ -75,34 +72,123 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment = augment
         self.augmentation = augmentation or {}
         self.max_image_pixels = max_image_pixels
-        self.verify = verify
-        self.scan_cache = scan_cache
-        self.csv_paths_outside_root = csv_paths_outside_root
         self.recorded_split = recorded_split
         self.load_failure_log = Path(load_failure_log) if load_failure_log else None
-        self.root = data_root(self.data_dir)
         self.classes: list[str] = []
         self.skipped: list[tuple[str, str]] = []
-        self.train_set: ImageDataset | None = None
-        self.val_set: ImageDataset | None = None
-        self.test_set: ImageDataset | None = None
+        self.train_set: LabelledImages | None = None
+        self.val_set: LabelledImages | None = None
+        self.test_set: LabelledImages | None = None
+
+    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
+        """The `(path, class index)` samples of train, val and (where there is one) test; sets
+        `classes` and `skipped`."""
+        raise NotImplementedError
+
+    def images(
+        self,
+        split: str,
+        samples: list[tuple[str, int]],
+        transform,
+        augmentation_seed: int | None = None,
+    ) -> LabelledImages:
+        """The dataset of one split's samples, with `transform`."""
+        raise NotImplementedError
+
+    def relative_path(self, path: str) -> str:
+        """A sample's path as split.csv records it: relative to the data root."""
+        return path
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         splits = self.scan_splits()
         evaluation = eval_transform(self.preprocessing)
-        options = {"max_pixels": self.max_image_pixels, "failure_log": self.load_failure_log}
         if self.augment:
             augmentation = train_transform(self.preprocessing, **self.augmentation)
-            self.train_set = ImageDataset(
-                splits["train"], augmentation, augmentation_seed=self.seed, **options
-            )
+            self.train_set = self.images("train", splits["train"], augmentation, self.seed)
         else:
-            self.train_set = ImageDataset(splits["train"], evaluation, **options)
-        self.val_set = ImageDataset(splits["val"], evaluation, **options)
+            self.train_set = self.images("train", splits["train"], evaluation)
+        self.val_set = self.images("val", splits["val"], evaluation)
         if splits.get("test"):
-            self.test_set = ImageDataset(splits["test"], evaluation, **options)
+            self.test_set = self.images("test", splits["test"], evaluation)
+
+    def split_rows(self) -> list[tuple[str, str]]:
+        """(path relative to the data root, train | val | test) of every image used: split.csv."""
+        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        return [
+            (self.relative_path(path), split)
+            for split, dataset in datasets.items()
+            if dataset is not None
+            for path, _ in dataset.samples
+        ]
+
+    def load_failures(self) -> list[tuple[str, str]]:
+        """`(path, reason)` of the images that failed to load during training, each once."""
+        return read_load_failures(self.load_failure_log) if self.load_failure_log else []
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = process_sampler(dataset, train, self.seed, self.trainer)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=train and drops_last_batch(len(sampler), self.batch_size),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise DatasetError(f"{self.data_dir}: no test split")
+        return self._loader(self.test_set, train=False)
+
+
+class ImageDataModule(BaseImageDataModule):
+    """The data module of an image folder or CSV (see `sources` for the layouts): scanned
+    with `verify` and the scan index in `scan_cache`, split stably (`split.split_train_val`).
+    `preprocessing` may be None where only `scan_splits()` is used (`tlkit convert`).
+
+    A `recorded_split` replaces the computed split: recorded images that are gone are
+    skipped, and images not in it are left out, so a resumed run trains and validates on
+    exactly the images it started with. The other options are `BaseImageDataModule`'s.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        preprocessing: Preprocessing | None,
+        verify: str = _default("verify"),
+        scan_cache: str = _default("scan_cache"),
+        csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
+        **options,
+    ) -> None:
+        super().__init__(Path(data_dir), preprocessing, **options)
+        self.verify = verify
+        self.scan_cache = scan_cache
+        self.csv_paths_outside_root = csv_paths_outside_root
+        self.root = data_root(self.data_dir)
+
+    def images(
+        self,
+        split: str,
+        samples: list[tuple[str, int]],
+        transform,
+        augmentation_seed: int | None = None,
+    ) -> ImageDataset:
+        return ImageDataset(
+            samples, transform, self.max_image_pixels, augmentation_seed, self.load_failure_log
+        )
+
+    def relative_path(self, path: str) -> str:
+        return relative_path(path, self.root)
 
     def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
         """Scan the data and split it: the `(path, class index)` samples of train, val and (with
@@ -137,11 +223,11 @@ class ImageDataModule(pl.LightningDataModule):
         """The scanned samples regrouped as `recorded` says; recorded files no longer found
         are added to `skipped`, files found but not recorded are left out (and counted)."""
         by_path = {
-            relative_path(path, self.root): (path, label)
+            self.relative_path(path): (path, label)
             for samples in scanned.values()
             for path, label in samples
         }
-        already_skipped = {relative_path(path, self.root) for path, _ in self.skipped}
+        already_skipped = {self.relative_path(path) for path, _ in self.skipped}
         splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
         for relative, split in recorded.items():
             if relative in by_path:
@@ -158,20 +244,6 @@ class ImageDataModule(pl.LightningDataModule):
             )
         return splits
 
-    def split_rows(self) -> list[tuple[str, str]]:
-        """(path relative to the data root, train | val | test) of every image used: split.csv."""
-        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
-        return [
-            (relative_path(path, self.root), split)
-            for split, dataset in datasets.items()
-            if dataset is not None
-            for path, _ in dataset.samples
-        ]
-
-    def load_failures(self) -> list[tuple[str, str]]:
-        """`(path, reason)` of the files that failed to load during training, each once."""
-        return read_load_failures(self.load_failure_log) if self.load_failure_log else []
-
     def _scan(self, source: Path, classes: list[str] | None = None) -> ScanResult:
         return scan(
             source,
@@ -186,26 +258,3 @@ class ImageDataModule(pl.LightningDataModule):
         result = self._scan(folder, self.classes)
         self.skipped += result.skipped
         return result
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = process_sampler(dataset, train, self.seed, self.trainer)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=train and drops_last_batch(len(sampler), self.batch_size),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        if self.test_set is None:
-            raise DatasetError(f"{self.data_dir}: no test/ split")
-        return self._loader(self.test_set, train=False)

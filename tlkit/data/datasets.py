@@ -47,18 +47,23 @@ def read_load_failures(log: Path) -> list[tuple[str, str]]:
     return list(failures.items())
 
 
-class ImageDataset(Dataset):
-    """(image tensor, class index) pairs from scanned samples and an albumentations transform.
+class LabelledImages(Dataset):
+    """(image tensor, class index) pairs of one split: its samples, a transform, the epoch.
+
+    The base of `ImageDataset` (image files) and `shards.ShardImages` (a converted split):
+    they differ only in how a sample's image is read (`read_rgb`) and how a subset is made
+    (`subset`); the transform, the augmentation's seeding and the failure log are shared.
 
     With an `augmentation_seed`, the (random) transform is reseeded for every image from (seed,
-    epoch, image index): each image's augmentation is the same whichever process, worker or
-    batch draws it, so a run repeats exactly and a resumed run continues the same stream, and it
-    changes every epoch. `set_epoch` writes the epoch to shared memory, so data-loader workers
-    started in an earlier epoch (persistent workers) see it too.
+    epoch, the image's index in its split): each image's augmentation is the same whichever
+    process, worker or batch draws it, and whether it comes from a folder or from shards, so a
+    run repeats exactly and a resumed run continues the same stream, and it changes every
+    epoch. `set_epoch` writes the epoch to shared memory, so data-loader workers started in an
+    earlier epoch (persistent workers) see it too.
 
-    A file that cannot be loaded any more (deleted, rewritten or grown since the scan) is an
-    error naming it; with a `failure_log` it is instead recorded there and replaced by the next
-    loadable sample, as timm's datasets do, so training goes on.
+    An image that cannot be loaded any more (a file deleted, rewritten or grown since the scan;
+    damaged shard bytes) is an error naming it; with a `failure_log` it is instead recorded
+    there and replaced by the next loadable sample, as timm's datasets do, so training goes on.
     """
 
     def __init__(
@@ -76,26 +81,49 @@ class ImageDataset(Dataset):
         self.failure_log = failure_log
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
+    def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
+        """The decoded image of sample `position` and its index in its whole split."""
+        raise NotImplementedError
+
+    def subset(self, positions: list[int]) -> LabelledImages:
+        """The samples at `positions`, with this transform, seed and failure log."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str | None:
+        """What identifies these images beyond their paths and labels (a feature cache's key),
+        or None: image files are identified by their sizes and modification times."""
+        return None
+
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
 
-    def with_transform(self, transform, augmentation_seed: int | None = None) -> ImageDataset:
+    def with_transform(self, transform, augmentation_seed: int | None = None) -> LabelledImages:
         """The same images with another transform (and augmentation seed)."""
-        return ImageDataset(self.samples, transform, self.max_pixels, augmentation_seed)
+        images = self.subset(list(range(len(self))))
+        images.transform, images.augmentation_seed = transform, augmentation_seed
+        return images
 
-    def images_of(self, samples: list[tuple[str, int]], transform) -> ImageDataset:
+    def images_of(self, samples: list[tuple[str, int]], transform) -> LabelledImages:
         """Some of these images (`samples` taken from `self.samples`) with `transform`."""
-        return ImageDataset(samples, transform, self.max_pixels)
+        position_of = {path: position for position, (path, _) in enumerate(self.samples)}
+        chosen = self.subset([position_of[path] for path, _ in samples])
+        return chosen.with_transform(transform)
+
+    def rgb(self, position: int) -> np.ndarray:
+        """Image `position` decoded, untransformed (for display)."""
+        return self.read_rgb(position)[0]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self.samples):
+            raise IndexError(f"image {index} of {len(self.samples)}")  # ends iteration
         for offset in range(len(self.samples)):
             position = (index + offset) % len(self.samples)
             path, label = self.samples[position]
             try:
-                image = load_rgb(path, max_pixels=self.max_pixels)
+                image, split_index = self.read_rgb(position)
             except LOAD_ERRORS as error:
                 reason = f"failed to load after the scan: {type(error).__name__}: {error}"
                 if self.failure_log is None:
@@ -103,12 +131,41 @@ class ImageDataset(Dataset):
                 record_load_failure(self.failure_log, path, reason)
                 continue
             if self.augmentation_seed is not None:
-                self.transform.set_random_seed(self._image_seed(position))
+                seed = augmentation_seed(self.augmentation_seed, int(self._epoch), split_index)
+                self.transform.set_random_seed(seed)
             return self.transform(image=image)["image"], label
         raise DatasetError(f"none of the {len(self.samples)} images can be loaded any more")
 
-    def _image_seed(self, index: int) -> int:
-        return augmentation_seed(self.augmentation_seed, int(self._epoch), index)
+
+class ImageDataset(LabelledImages):
+    """`LabelledImages` from image files: samples are `(path, class index)`."""
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        augmentation_seed: int | None = None,
+        failure_log: Path | None = None,
+        split_indices: list[int] | None = None,
+    ) -> None:
+        super().__init__(samples, transform, max_pixels, augmentation_seed, failure_log)
+        self.split_indices = split_indices
+
+    def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
+        image = load_rgb(self.samples[position][0], max_pixels=self.max_pixels)
+        return image, position if self.split_indices is None else self.split_indices[position]
+
+    def subset(self, positions: list[int]) -> ImageDataset:
+        indices = self.split_indices or range(len(self.samples))
+        return ImageDataset(
+            [self.samples[position] for position in positions],
+            self.transform,
+            self.max_pixels,
+            self.augmentation_seed,
+            self.failure_log,
+            [indices[position] for position in positions],
+        )
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:

@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,25 +45,21 @@ from typing import Any
 
 import litdata
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 # LitData's own S3/GCS client for a URL (private, but the one its readers and optimize use,
 # with the same credentials), for the few small files tlkit keeps beside the shards.
 from litdata.streaming.fs_provider import _get_fs_provider
-from torch.utils.data import DataLoader, Dataset
 
 from tlkit import __version__
 from tlkit.choices import SHARD_CHUNK_BYTES
 from tlkit.config import FinetuneConfig
-from tlkit.data.augment import eval_transform, train_transform
-from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datamodule import BaseImageDataModule, ImageDataModule
 from tlkit.data.datasets import (
+    LabelledImages,
     augmentation_seed,
-    default_num_workers,
     drops_last_batch,
-    process_sampler,
 )
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
 from tlkit.data.sources import relative_path
@@ -434,8 +429,8 @@ def decode_sample(
     return transform(image=image)["image"], int(sample["label"])
 
 
-class ShardImages(Dataset):
-    """(image tensor, class index) of one converted split, by index: the shards' twin of
+class ShardImages(LabelledImages):
+    """`LabelledImages` of one converted split, read by index: the shards' twin of
     `ImageDataset` for evaluation, inference and subsets (sanity checks).
 
     `samples` are `(relative path, class index)` in the shards' order. The `StreamingDataset`
@@ -453,23 +448,17 @@ class ShardImages(Dataset):
         augmentation_seed: int | None = None,
         positions: list[int] | None = None,
         chunk_cache_dir: str | None = None,
+        failure_log: Path | None = None,
     ) -> None:
+        self.positions = list(range(len(samples))) if positions is None else positions
+        chosen = [samples[position] for position in self.positions]
+        super().__init__(chosen, transform, max_pixels, augmentation_seed, failure_log)
         self.location = location
         self.chunk_cache_dir = chunk_cache_dir
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.augmentation_seed = augmentation_seed
-        self.positions = list(range(len(samples))) if positions is None else positions
-        self.samples = [samples[position] for position in self.positions]
         self._all_samples = samples
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._streaming: StreamingDataset | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
-
     def subset(self, positions: list[int]) -> ShardImages:
-        """The images at `positions` (indices into `samples`), with the same transform."""
         return ShardImages(
             self.location,
             self._all_samples,
@@ -478,25 +467,8 @@ class ShardImages(Dataset):
             self.augmentation_seed,
             [self.positions[position] for position in positions],
             self.chunk_cache_dir,
+            self.failure_log,
         )
-
-    def with_transform(self, transform, augmentation_seed: int | None = None) -> ShardImages:
-        """The same images with another transform (and augmentation seed)."""
-        return ShardImages(
-            self.location,
-            self._all_samples,
-            transform,
-            self.max_pixels,
-            augmentation_seed,
-            self.positions,
-            self.chunk_cache_dir,
-        )
-
-    def images_of(self, samples: list[tuple[str, int]], transform) -> ShardImages:
-        """Some of these images (`samples` taken from `self.samples`) with `transform`."""
-        position_of = {path: position for position, (path, _) in enumerate(self.samples)}
-        chosen = [position_of[path] for path, _ in samples]
-        return self.subset(chosen).with_transform(transform)
 
     def fingerprint(self) -> str:
         """SHA-256 of the split's LitData index (its chunk files, their sizes and sample
@@ -506,31 +478,14 @@ class ShardImages(Dataset):
             raise DatasetError(f"{join(self.location, 'index.json')} is missing")
         return hashlib.sha256(index.encode()).hexdigest()
 
-    def rgb(self, index: int) -> np.ndarray:
-        """Image `index` decoded, untransformed (for display)."""
-        sample = self._sample(index)
-        return load_rgb(io.BytesIO(sample["image"]), max_pixels=self.max_pixels)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def _sample(self, index: int) -> dict[str, Any]:
+    def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
         if self._streaming is None:
             self._streaming = StreamingDataset(
                 self.location, cache_dir=remote_cache(self.location, self.chunk_cache_dir)
             )
-        return self._streaming[self.positions[index]]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        sample = self._sample(index)
-        return decode_sample(
-            sample,
-            self.transform,
-            self.augmentation_seed,
-            int(self._epoch),
-            self.max_pixels,
-            self.location,
-        )
+        sample = self._streaming[self.positions[position]]
+        image = load_rgb(io.BytesIO(sample["image"]), max_pixels=self.max_pixels)
+        return image, int(sample["index"])
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_streaming": None}
@@ -579,35 +534,9 @@ class ShardTrainingDataset(StreamingDataset):
         )
 
 
-class TrainerEpochLoader(StreamingDataLoader):
-    """A `StreamingDataLoader` in step with the Trainer's epochs.
-
-    StreamingDataLoader counts epochs itself, one per iteration, from its creation; a run
-    resumed with `--resume` creates a new one, which would replay the first epoch's shuffle
-    and augmentation. (Lightning restores a loader's state from a checkpoint only when it
-    resumes mid-epoch; tlkit's last.ckpt is written at an epoch's end.) So every iteration
-    starts at the epoch Lightning gives samplers (`set_epoch`), as `EpochSampler` does for
-    image folders.
-    """
-
-    def __init__(self, dataset: StreamingDataset, trainer: pl.Trainer | None, **options) -> None:
-        super().__init__(dataset, **options)
-        self.trainer = trainer
-
-    def __iter__(self) -> Iterator[Any]:
-        # A generator, so this runs when the epoch's first batch is drawn, not when Lightning
-        # creates the iterator ahead of time (before a resumed run knows its epoch).
-        if self.trainer is not None and not self.restore:
-            # StreamingDataLoader.__iter__ adds one (LitData counts epochs from 1)
-            self.current_epoch = self.trainer.fit_loop.epoch_progress.current.processed
-        yield from super().__iter__()
-
-
-_default = FinetuneConfig.field_default
-
-
-class ShardDataModule(pl.LightningDataModule):
-    """`ImageDataModule`'s interface over a converted dataset (`tlkit convert`).
+class ShardDataModule(BaseImageDataModule):
+    """The data module of a converted dataset (`tlkit convert`); the options are
+    `BaseImageDataModule`'s.
 
     `setup` reads only the metadata (classes, counts, split table, skipped files); the
     LitData datasets are created in the `*_dataloader` methods, which Lightning calls once the
@@ -616,51 +545,32 @@ class ShardDataModule(pl.LightningDataModule):
     that torchrun and Lightning's launcher do not all set (GLOBAL_RANK), and every process would
     read the same data (litData issues #250, #411).
 
-    The split is the one fixed at conversion; `val_fraction` and `csv_paths_outside_root` are
-    accepted for the same signature as `ImageDataModule` and only compared with the
-    conversion's. `recorded_split` (a resumed run's split.csv) must match the converted split.
+    The split is the one fixed at conversion; `val_fraction` is only compared with the
+    conversion's, and `recorded_split` (a resumed run's split.csv) must match it.
     `chunk_cache_dir`: where LitData keeps the chunks of a dataset in an object store (None:
     LitData's default, ~/.lightning/chunks or $LITDATA_CACHE_DIR).
+
+    The training loader's position (LitData's `StreamingDataLoader.state_dict`: its epoch) is
+    this module's state in every checkpoint, and a resumed run's new loader starts from it
+    (`load_state_dict`), so it continues with the next epoch's shuffle and augmentation.
+    (Lightning restores a loader's own state only when a run resumes mid-epoch; tlkit's
+    last.ckpt is written at an epoch's end.)
     """
 
     def __init__(
         self,
         data_dir: str | Path,
         preprocessing: Preprocessing,
-        batch_size: int = _default("batch_size"),
-        num_workers: int = _default("num_workers"),
-        val_fraction: float = _default("val_fraction"),
-        seed: int = _default("seed"),
-        augment: bool = _default("augment"),
-        augmentation: dict | None = None,
-        max_image_pixels: int = _default("max_image_pixels"),
-        csv_paths_outside_root: bool = _default("csv_paths_outside_root"),
-        recorded_split: dict[str, str] | None = None,
-        load_failure_log: str | Path | None = None,
         chunk_cache_dir: str | Path | None = None,
+        **options,
     ) -> None:
-        super().__init__()
-        self.data_dir = str(data_dir)
+        super().__init__(str(data_dir), preprocessing, **options)
         self.chunk_cache_dir = str(chunk_cache_dir) if chunk_cache_dir else None
-        self.preprocessing = preprocessing
-        self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers < 0 else num_workers
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.augment = augment
-        self.augmentation = augmentation or {}
-        self.max_image_pixels = max_image_pixels
-        self.recorded_split = recorded_split
-        self.classes: list[str] = []
-        self.skipped: list[tuple[str, str]] = []
-        self.train_set: ShardImages | None = None
-        self.val_set: ShardImages | None = None
-        self.test_set: ShardImages | None = None
         self.converted: ConvertedDataset | None = None
+        self._train_loader: StreamingDataLoader | None = None
+        self._train_loader_state: dict[str, Any] | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
         converted = open_converted(self.data_dir)
         if converted is None:
             raise DatasetError(f"{self.data_dir}: not a converted dataset ({MARKER} is missing)")
@@ -681,26 +591,24 @@ class ShardDataModule(pl.LightningDataModule):
         samples = converted.samples()
         if self.recorded_split is not None:
             self._check_recorded_split(samples)
-        evaluation = eval_transform(self.preprocessing)
+        return samples
 
-        def split(name: str, transform, augmentation_seed: int | None = None) -> ShardImages:
-            return ShardImages(
-                converted.split_location(name),
-                samples[name],
-                transform,
-                self.max_image_pixels,
-                augmentation_seed,
-                chunk_cache_dir=self.chunk_cache_dir,
-            )
-
-        if self.augment:
-            augmentation = train_transform(self.preprocessing, **self.augmentation)
-            self.train_set = split("train", augmentation, self.seed)
-        else:
-            self.train_set = split("train", evaluation)
-        self.val_set = split("val", evaluation)
-        if samples.get("test"):
-            self.test_set = split("test", evaluation)
+    def images(
+        self,
+        split: str,
+        samples: list[tuple[str, int]],
+        transform,
+        augmentation_seed: int | None = None,
+    ) -> ShardImages:
+        return ShardImages(
+            self.converted.split_location(split),
+            samples,
+            transform,
+            self.max_image_pixels,
+            augmentation_seed,
+            chunk_cache_dir=self.chunk_cache_dir,
+            failure_log=self.load_failure_log,
+        )
 
     def _check_recorded_split(self, samples: dict[str, list[tuple[str, int]]]) -> None:
         converted = {path: split for split, rows in samples.items() for path, _ in rows}
@@ -710,21 +618,7 @@ class ShardDataModule(pl.LightningDataModule):
                 "again?); a resumed run needs the same images (start a new run)"
             )
 
-    def split_rows(self) -> list[tuple[str, str]]:
-        """(path relative to the data root, train | val | test) of every image: split.csv."""
-        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
-        return [
-            (path, split)
-            for split, dataset in datasets.items()
-            if dataset is not None
-            for path, _ in dataset.samples
-        ]
-
-    def load_failures(self) -> list[tuple[str, str]]:
-        """None: the shards hold bytes that decoded at conversion, and cannot change since."""
-        return []
-
-    def train_dataloader(self) -> TrainerEpochLoader:
+    def train_dataloader(self) -> StreamingDataLoader:
         processes = self.trainer.world_size if self.trainer is not None else 1
         images = len(self.train_set)
         per_process = images // processes
@@ -749,36 +643,26 @@ class ShardDataModule(pl.LightningDataModule):
             drop_last,
             self.chunk_cache_dir,
         )
-        return TrainerEpochLoader(
+        self._train_loader = StreamingDataLoader(
             dataset,
-            self.trainer,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+        if self._train_loader_state is not None:
+            self._train_loader.load_state_dict(self._train_loader_state)
+        return self._train_loader
 
-    def _evaluation_loader(self, dataset: ShardImages) -> DataLoader:
-        # By index, with Lightning's UnrepeatedDistributedSampler under several processes:
-        # LitData's own split would give a small validation set's remainder to the last process
-        # and leave others empty (their metric sync would then wait forever).
-        sampler = process_sampler(dataset, False, self.seed, self.trainer)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, for the checkpoint (empty before training)."""
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
 
-    def val_dataloader(self) -> DataLoader:
-        return self._evaluation_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        if self.test_set is None:
-            raise DatasetError(f"{self.data_dir}: no test split")
-        return self._evaluation_loader(self.test_set)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run's training loader starts where the checkpoint's stopped."""
+        self._train_loader_state = state_dict.get("train_loader")
 
 
 def labelled_split(location: str | Path) -> tuple[ConvertedDataset, str] | None:

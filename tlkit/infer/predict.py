@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tlkit.console import expected_lightning_warnings_hidden
-from tlkit.data.datasets import ImageDataset, default_num_workers
+from tlkit.data.datasets import ImageDataset, LabelledImages, default_num_workers
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, find_decode_problems
 from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split
 from tlkit.data.sources import find_images, scan
@@ -89,7 +89,7 @@ def predict_probabilities(
     scales: tuple[float, ...] | None = None,
     average: str = "probabilities",
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    source: ShardImages | None = None,
+    source: LabelledImages | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(N, K) class probabilities for `(path, label)` samples with a TTA preset, and its cost.
 

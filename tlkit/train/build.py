@@ -16,7 +16,7 @@ import torch
 
 from tlkit.config import FinetuneConfig, config_kwargs
 from tlkit.data.augment import train_transform
-from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datamodule import BaseImageDataModule, ImageDataModule
 from tlkit.data.shards import ShardDataModule, open_converted
 from tlkit.errors import ConfigError
 from tlkit.model.backbones import create_backbone, preprocessing
@@ -90,7 +90,7 @@ def build_datamodule(
     config: FinetuneConfig,
     recorded_split: dict[str, str] | None = None,
     load_failure_log: Path | None = None,
-) -> ImageDataModule | ShardDataModule:
+) -> BaseImageDataModule:
     """The data module a config describes, with the backbone's own preprocessing (and the
     `ImageDataModule` options `recorded_split` and `load_failure_log`): a `ShardDataModule`
     for a dataset converted by `tlkit convert` (found by its marker file), else an

@@ -47,9 +47,8 @@ from tqdm import tqdm
 
 from tlkit import __version__
 from tlkit.data.augment import eval_transform
-from tlkit.data.datamodule import ImageDataModule
-from tlkit.data.datasets import ImageDataset, drops_last_batch, process_sampler
-from tlkit.data.shards import ShardDataModule, ShardImages
+from tlkit.data.datamodule import BaseImageDataModule
+from tlkit.data.datasets import LabelledImages, drops_last_batch, process_sampler
 from tlkit.model.classifier import TransferClassifier
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ def cache_key(
 
     Image files are keyed by path, label, size and modification time; images of a converted
     dataset by path and label and `shards`, the fingerprint of the LitData split holding them
-    (`ShardImages.fingerprint`)."""
+    (`LabelledImages.fingerprint`)."""
     if shards is None:
         files = [(path, label, *_size_and_mtime(path)) for path, label in samples]
     else:
@@ -190,7 +189,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     def __init__(
         self,
         model: TransferClassifier,
-        images: ImageDataModule | ShardDataModule,
+        images: BaseImageDataModule,
         cache_dir: str | Path,
         augmented_views: int = 0,
         device: str | torch.device = "cpu",
@@ -225,7 +224,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
             else:
                 self.splits[split] = TensorDataset(features[0], labels)
 
-    def _sources(self) -> dict[str, ImageDataset | ShardImages]:
+    def _sources(self) -> dict[str, LabelledImages]:
         sources = {"train": self.images.train_set, "val": self.images.val_set}
         if self.images.test_set is not None:
             sources["test"] = self.images.test_set
@@ -253,8 +252,8 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         views = self.augmented_views if augmented else 1
         seed = self.images.seed if augmented else None
         if split not in self._keys:  # hashing the weights takes a while for large backbones
-            shards = source.fingerprint() if isinstance(source, ShardImages) else None
-            self._keys[split] = cache_key(self.model, samples, transform, views, seed, shards)
+            fingerprint = source.fingerprint()
+            self._keys[split] = cache_key(self.model, samples, transform, views, seed, fingerprint)
         key = self._keys[split]
         path = self.cache_dir / f"features-{split}-{key[:20]}.safetensors"
         device = self.trainer.strategy.root_device if self.trainer is not None else self.device

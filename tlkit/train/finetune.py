@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from tlkit import __version__
 from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
-from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
 from tlkit.model.classifier import TransferClassifier
@@ -212,7 +212,7 @@ def _report_settings(
     trainer: pl.Trainer,
     config: FinetuneConfig,
     model: TransferClassifier,
-    datamodule: ImageDataModule,
+    datamodule: BaseImageDataModule,
 ) -> None:
     """Log the resolved settings once: model, data, batch size and learning rate; with
     --scale-lr, first scale the learning rate to the effective batch size."""
@@ -278,7 +278,7 @@ def _check_same_averaging(checkpoint: str, ema: bool) -> None:
 
 
 def start_from_linear_probe(
-    config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
+    config: FinetuneConfig, model: TransferClassifier, images: BaseImageDataModule, progress: bool
 ) -> dict[str, Any]:
     """LP-FT (Kumar et al. 2022): fit a linear probe on the cached features of the train split
     (its L2 penalty chosen on validation) and make it the model's classifier, so fine-tuning
@@ -311,7 +311,7 @@ def start_from_linear_probe(
 
 
 def _training_data(
-    config: FinetuneConfig, model: TransferClassifier, images: ImageDataModule, progress: bool
+    config: FinetuneConfig, model: TransferClassifier, images: BaseImageDataModule, progress: bool
 ) -> pl.LightningDataModule:
     """The image data module, or for a frozen backbone its cached features (unless --no-cache),
     extracted inside `trainer.fit` on each process's own device."""
@@ -330,7 +330,7 @@ def _training_data(
 def _write_at_start(
     out: Path,
     config: FinetuneConfig,
-    datamodule: ImageDataModule,
+    datamodule: BaseImageDataModule,
     auto_decision: dict[str, Any] | None,
 ) -> None:
     write_atomic(out / CONFIG, config.to_yaml())  # there from the start, for --resume

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.errors import ConfigError, DatasetError
 from tlkit.model.classifier import TransferClassifier
 from tlkit.train.features import CachedFeatureDataModule
@@ -204,7 +204,7 @@ def knn_accuracy_best_k(
 
 def probe_features(
     model: TransferClassifier,
-    images: ImageDataModule,
+    images: BaseImageDataModule,
     cache_dir: str | Path,
     progress: bool = False,
     device: str | torch.device = "cpu",
