@@ -26,7 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TOUR_HEADING = "## Five-minute tour"
 # Programs that install things or belong to other tools: .ci/run runs the install commands.
-OTHER_PROGRAMS = {"apt-get", "pip", "python3", ".venv/bin/pip", "tensorboard", "sbatch", "export"}
+OTHER_PROGRAMS = {
+    "apt-get",
+    "pip",
+    "python3",
+    ".venv/bin/pip",
+    ".venv/bin/ruff",
+    "tensorboard",
+    "sbatch",
+    "export",
+}
 PYTHON_PROGRAMS = {"python", ".venv/bin/python"}
 
 

@@ -13,6 +13,7 @@ dropping of the ImageNet classifier happen exactly as timm does them:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import timm
@@ -43,8 +44,19 @@ def create_backbone(
 
     `img_size` reaches timm for models built for one input size (`fixed_input_size` in their
     pretrained config: ViTs and other models with position embeddings or fixed windows), whose
-    pretrained weights timm resamples to it; other models take any size as they are.
+    pretrained weights timm resamples to it; other models take any size as they are. Pretrained
+    weights remember where they came from (`weights_digest` hashes them once per source).
     """
+    backbone = _create_backbone(name, pretrained, drop_path_rate, img_size)
+    if pretrained != "none":  # random weights differ from one model to the next
+        source = (name, pretrained, img_size, *_file_identity(pretrained))
+        backbone.tlkit_weights_origin = (source, _tensor_versions(backbone))
+    return backbone
+
+
+def _create_backbone(
+    name: str, pretrained: str = "hub", drop_path_rate: float = 0.0, img_size: int | None = None
+) -> nn.Module:
     check_model_name(name)
     kwargs: dict = {"num_classes": 0}
     if drop_path_rate > 0:
@@ -198,3 +210,43 @@ def pooled_feature_width(backbone: nn.Module) -> int:
     """Width of the pooled features a `num_classes=0` timm model returns: its `head_hidden_size`
     where a layer after the pooling widens them (MobileNetV3's conv_head), else `num_features`."""
     return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
+# SHA-256 of pretrained weights as loaded, by their source: a run's measuring model and its
+# training model load the same weights, which are then hashed once.
+_LOADED_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_digest(backbone: nn.Module) -> str:
+    """SHA-256 of the backbone's tensors: what identifies its weights, whatever their source.
+    Pretrained weights still as loaded (no tensor changed in place since, as an optimiser step
+    changes them) are hashed once per source in a process."""
+    origin = getattr(backbone, "tlkit_weights_origin", None)
+    if origin is None or origin[1] != _tensor_versions(backbone):
+        return _hash_tensors(backbone)
+    source = origin[0]
+    if source not in _LOADED_DIGESTS:
+        _LOADED_DIGESTS[source] = _hash_tensors(backbone)
+    return _LOADED_DIGESTS[source]
+
+
+def _hash_tensors(backbone: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tensor_versions(backbone: nn.Module) -> tuple[int, ...]:
+    """Each tensor's in-place modification counter (torch's `Tensor._version`, which autograd
+    uses to detect changed tensors): equal counters, unchanged weights."""
+    return tuple(tensor._version for tensor in backbone.state_dict().values())
+
+
+def _file_identity(pretrained: str) -> tuple[int, ...]:
+    """(size, modification time) of a weights file; () for the named sources."""
+    if pretrained in ("hub", "bundled"):
+        return ()
+    status = Path(pretrained).stat()
+    return status.st_size, status.st_mtime_ns

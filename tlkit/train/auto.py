@@ -25,7 +25,6 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -34,7 +33,7 @@ from timm.models import get_pretrained_cfg
 
 from tlkit.config import FIXED_CHOICES, FinetuneConfig
 from tlkit.model.backbones import layer_groups, preprocessing
-from tlkit.train.build import build_datamodule, build_model
+from tlkit.train.build import build_datamodule, build_model, cache_folder
 from tlkit.train.hardware import probe_device
 from tlkit.train.probe import fit_probe, probe_features
 
@@ -264,7 +263,7 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
         else choose_input_size(side, pretrained.input_size, fixed)
     )
     model = build_model(dataclasses.replace(probe_config, img_size=size.value), images.classes)
-    cache_dir = config.cache_dir or Path(config.out) / "cache"
+    cache_dir = cache_folder(config)
     probe_started = time.perf_counter()
     probe = fit_probe(
         *probe_features(model, images, cache_dir, progress, device=probe_device(config)),

@@ -49,18 +49,10 @@ from tlkit import __version__
 from tlkit.data.augment import eval_transform
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import LabelledImages, drops_last_batch, process_sampler
+from tlkit.model.backbones import weights_digest
 from tlkit.model.classifier import TransferClassifier
 
 logger = logging.getLogger(__name__)
-
-
-def _weights_digest(backbone: torch.nn.Module) -> str:
-    """SHA-256 of the backbone's tensors: identifies the weights whatever their source."""
-    digest = hashlib.sha256()
-    for name, tensor in backbone.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cache_key(
@@ -83,7 +75,7 @@ def cache_key(
     description = {
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "tlkit": __version__},
         "backbone": model.hparams.backbone,
-        "weights": _weights_digest(model.backbone),
+        "weights": weights_digest(model.backbone),
         "augmentation_seed": seed,
         "preprocessing": asdict(model.preprocessing),
         "transform": repr(transform),

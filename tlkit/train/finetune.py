@@ -10,7 +10,7 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,48 +80,116 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
 
     With `strategy="auto"`, the data is measured first and the choices left open are made from
     the evidence (tlkit/train/auto.py). With `resume`, continue the run in `config.out` from its
-    `last.ckpt` (model, optimiser,
-    schedule, epoch and callback states), on the images of its recorded split.csv.
-    `trainer_options` are passed to `pytorch_lightning.Trainer` on top of tlkit's own (e.g.
-    `enable_progress_bar=False`); `callbacks` given there are added to tlkit's own, and
-    `limit_test_batches=0` skips the test-split evaluation.
+    `last.ckpt` (model, optimiser, schedule, epoch and callback states), on the images of its
+    recorded split.csv. `trainer_options` are passed to `pytorch_lightning.Trainer` on top of
+    tlkit's own (e.g. `enable_progress_bar=False`); `callbacks` given there are added to
+    tlkit's own, and `limit_test_batches=0` skips the test-split evaluation.
+
+    The steps, each a function of its own: `open_run_folder` (resume), `decide`, `build`,
+    `fit`, `test`, `summarise`.
     """
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
     started = time.perf_counter()  # auto's measurements count as part of the run
     check_config(config)  # before the data is scanned or measured
+    progress = trainer_options.get("enable_progress_bar", True)
+    folder = open_run_folder(config, resume)
+    config, decision = decide(config, folder, progress)
+    run = build(config, folder, decision, progress)
+    trainer, history = fit(config, run, folder, trainer_options)
+    test_metrics = test(trainer, run)
+    summary = summarise(config, run, folder, decision, history, test_metrics, started)
+    _write_at_end(folder.out, summary, run.skipped_files())
+    return summary
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The run folder as training finds it: new, or a run to resume from its `last.ckpt`."""
+
+    out: Path
+    resume_from: str | None = None  # the checkpoint; None for a new run
+    earlier_metrics: list[dict[str, str]] = field(default_factory=list)
+    recorded_split: dict[str, str] | None = None
+    auto_decision: dict[str, Any] | None = None  # auto.json of a resumed auto run
+
+
+def open_run_folder(config: FinetuneConfig, resume: bool) -> RunFolder:
+    """Step 1, resume: check that the folder allows what is asked (a new run never overwrites
+    one), and for `resume` read what the run left: its checkpoint, metrics, split and auto's
+    decision."""
     out = Path(config.out)
     resume_from = _check_run_folder(out, resume)
-    progress = trainer_options.get("enable_progress_bar", True)
-    auto_decision = read_auto_decision(out) if resume_from else None
-    if config.strategy == "auto" and auto_decision is not None:  # resumed: as recorded
-        recorded = read_config(out)
-        open_choices = ["strategy", *config.choices_left_to_auto()]
-        config = replace(config, **{name: getattr(recorded, name) for name in open_choices})
-    elif config.strategy == "auto":
-        config, auto_decision = resolve_auto(config, progress)
-        check_config(config)
-    if resume_from:
-        _check_same_averaging(resume_from, config.ema)
-    earlier_metrics = read_metrics(out) if resume_from else []
-    logger = build_logger(config, out)
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    recorded_split = read_split(out) if resume_from else None
-    datamodule = build_datamodule(config, recorded_split, out / LOAD_FAILURES)
-    datamodule.setup("fit")
-    if resume_from:
-        _check_same_classes(resume_from, datamodule.classes)
-    _write_at_start(out, config, datamodule, auto_decision)
-    model = build_model(config, datamodule.classes)
-    linear_probe = None
-    if config.lp_ft and not resume_from:  # resumed: the head comes from the checkpoint
-        linear_probe = start_from_linear_probe(config, model, datamodule, progress)
-    training_data = _training_data(config, model, datamodule, progress)
+    if resume_from is None:
+        return RunFolder(out)
+    _check_same_averaging(resume_from, config.ema)
+    return RunFolder(out, resume_from, read_metrics(out), read_split(out), read_auto_decision(out))
 
+
+def decide(
+    config: FinetuneConfig, folder: RunFolder, progress: bool
+) -> tuple[FinetuneConfig, dict[str, Any] | None]:
+    """Step 2: the choices `--strategy auto` leaves open, measured and made (or, resumed, as
+    the run recorded them), and auto's decision record; a named strategy is kept as it is."""
+    if config.strategy != "auto":
+        return config, folder.auto_decision
+    if folder.auto_decision is not None:  # resumed: the choices its config.yaml records
+        recorded = read_config(folder.out)
+        open_choices = ["strategy", *config.choices_left_to_auto()]
+        resolved = replace(config, **{name: getattr(recorded, name) for name in open_choices})
+        return resolved, folder.auto_decision
+    resolved, decision = resolve_auto(config, progress)
+    check_config(resolved)
+    return resolved, decision
+
+
+@dataclass
+class BuiltRun:
+    """What `build` makes: the images, the model, and the data it trains on (the images, or
+    their cached features)."""
+
+    images: BaseImageDataModule
+    model: TransferClassifier
+    training_data: pl.LightningDataModule
+    linear_probe: dict[str, Any] | None  # --lp-ft: the probe the head started from
+
+    def skipped_files(self) -> list[tuple[str, str]]:
+        """Files the scan skipped, then those that failed to load during training."""
+        scanned = {path for path, _ in self.images.skipped}
+        failed = [row for row in self.images.load_failures() if row[0] not in scanned]
+        return self.images.skipped + failed
+
+
+def build(
+    config: FinetuneConfig, folder: RunFolder, decision: dict[str, Any] | None, progress: bool
+) -> BuiltRun:
+    """Step 3: scan and split the data (a resumed run: its recorded split), write the run
+    folder's first files, build the model (LP-FT: from a linear probe's head) and the data it
+    trains on."""
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    images = build_datamodule(config, folder.recorded_split, folder.out / LOAD_FAILURES)
+    images.setup("fit")
+    if folder.resume_from:
+        _check_same_classes(folder.resume_from, images.classes)
+    _write_at_start(folder.out, config, images, decision)
+    model = build_model(config, images.classes)
+    linear_probe = None
+    if config.lp_ft and not folder.resume_from:  # resumed: the head comes from the checkpoint
+        linear_probe = start_from_linear_probe(config, model, images, progress)
+    training_data = _training_data(config, model, images, progress)
+    return BuiltRun(images, model, training_data, linear_probe)
+
+
+def fit(
+    config: FinetuneConfig, run: BuiltRun, folder: RunFolder, trainer_options: dict[str, Any]
+) -> tuple[pl.Trainer, list[dict[str, float]]]:
+    """Step 4: Lightning's Trainer with tlkit's callbacks fits the model (from the checkpoint,
+    when resumed); returns the Trainer and the per-epoch history."""
+    trainer_options = dict(trainer_options)
     summary_callback = EpochSummary()
     callbacks = [
         ModelCheckpoint(
-            dirpath=out,
+            dirpath=folder.out,
             filename="best",
             monitor="val_acc",
             mode="max",
@@ -131,7 +199,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
         # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
         ModelCheckpoint(
-            dirpath=out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
+            dirpath=folder.out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
         ),
         EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
@@ -140,45 +208,65 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     ]
     if config.ema:
         callbacks.append(ExponentialMovingAverage(config.ema_decay))
-    if progress:
+    if trainer_options.get("enable_progress_bar", True):
         callbacks.append(EpochProgressBar())
     callbacks += trainer_options.pop("callbacks", [])
-    train_images = len(datamodule.train_set)
-    # as the training loader counts them (an incomplete last batch is dropped, data.py)
+    train_images = len(run.images.train_set)
+    # as the training loader counts them (an incomplete last batch is dropped, data/datasets.py)
     full_batches_only = drops_last_batch(train_images, config.batch_size)
     steps_per_epoch = train_images // config.batch_size if full_batches_only else 1
     options = {
         "max_epochs": config.epochs,
         **distributed_options(config),
         "callbacks": callbacks,
-        "logger": logger,
+        "logger": build_logger(config, folder.out),
         "log_every_n_steps": max(1, min(50, steps_per_epoch)),
         "enable_model_summary": False,
         **trainer_options,
     }
     with expected_lightning_warnings_hidden():
         trainer = pl.Trainer(**options)
-        _report_settings(trainer, config, model, datamodule)
+        _report_settings(trainer, config, run.model, run.images)
         pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
-        trainer.fit(model, datamodule=training_data, ckpt_path=resume_from, weights_only=True)
-        if resume_from:
-            _keep_earlier_metrics(out, earlier_metrics)
-        history = list(summary_callback.history)  # testing the best checkpoint restores its state
+        trainer.fit(
+            run.model,
+            datamodule=run.training_data,
+            ckpt_path=folder.resume_from,
+            weights_only=True,
+        )
+    if folder.resume_from:
+        _keep_earlier_metrics(folder.out, folder.earlier_metrics)
+    return trainer, list(summary_callback.history)
 
-        test_metrics: dict[str, float] = {}
-        if datamodule.test_set is not None and trainer.limit_test_batches != 0:
-            # The best-on-validation checkpoint, named (the first ModelCheckpoint tracks it):
-            # "best" would make Lightning warn that two checkpoint callbacks exist.
-            best = trainer.checkpoint_callback.best_model_path
-            results = trainer.test(model, datamodule=training_data, ckpt_path=best, verbose=False)
-            test_metrics = {key: float(value) for key, value in results[0].items()}
 
-    scanned = {path for path, _ in datamodule.skipped}
-    skipped = datamodule.skipped + [
-        failure for failure in datamodule.load_failures() if failure[0] not in scanned
-    ]
+def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
+    """Step 5: the best-on-validation checkpoint on the test split, if there is one (and
+    `limit_test_batches` is not 0); its metrics by name."""
+    if run.images.test_set is None or trainer.limit_test_batches == 0:
+        return {}
+    # The best-on-validation checkpoint, named (the first ModelCheckpoint tracks it): "best"
+    # would make Lightning warn that two checkpoint callbacks exist.
+    best = trainer.checkpoint_callback.best_model_path
+    with expected_lightning_warnings_hidden():
+        results = trainer.test(
+            run.model, datamodule=run.training_data, ckpt_path=best, verbose=False
+        )
+    return {key: float(value) for key, value in results[0].items()}
+
+
+def summarise(
+    config: FinetuneConfig,
+    run: BuiltRun,
+    folder: RunFolder,
+    decision: dict[str, Any] | None,
+    history: list[dict[str, float]],
+    test_metrics: dict[str, float],
+    started: float,
+) -> RunSummary:
+    """Step 6: the run summary (summary.json) from what the other steps made."""
+    images, model = run.images, run.model
     best = max(history, key=lambda record: record["val_acc"]) if history else {}
-    summary = RunSummary(
+    return RunSummary(
         tlkit_version=__version__,
         backbone=config.backbone,
         weights=config.pretrained,
@@ -186,26 +274,24 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         unfreeze_stages=config.unfreeze_stages if config.strategy == "partial" else None,
         trainable_parameters=model.trainable_parameters(),
         total_parameters=sum(p.numel() for p in model.parameters()),
-        classes=datamodule.classes,
-        preprocessing=datamodule.preprocessing,
-        train_images=len(datamodule.train_set),
-        val_images=len(datamodule.val_set),
-        test_images=len(datamodule.test_set) if datamodule.test_set is not None else 0,
+        classes=images.classes,
+        preprocessing=images.preprocessing,
+        train_images=len(images.train_set),
+        val_images=len(images.val_set),
+        test_images=len(images.test_set) if images.test_set is not None else 0,
         epochs_run=len(history),
         best_epoch=best.get("epoch"),
         best_val_acc=best.get("val_acc"),
         test_acc=test_metrics.get("test_acc"),
         test_acc_top5=test_metrics.get("test_acc_top5"),
         history=history,
-        resumed=resume_from is not None,
-        feature_cache=getattr(training_data, "report", None),
-        auto_decision=auto_decision,
-        linear_probe=linear_probe,
-        skipped_files=len(skipped),
+        resumed=folder.resume_from is not None,
+        feature_cache=getattr(run.training_data, "report", None),
+        auto_decision=decision,
+        linear_probe=run.linear_probe,
+        skipped_files=len(run.skipped_files()),
         wall_time_s=round(time.perf_counter() - started, 2),
     )
-    _write_at_end(out, summary, skipped)
-    return summary
 
 
 def _report_settings(
@@ -293,7 +379,7 @@ def start_from_linear_probe(
     features = probe_features(
         model,
         images,
-        config.cache_dir or Path(config.out) / "cache",
+        cache_folder(config),
         progress,
         device=probe_device(config),
     )
