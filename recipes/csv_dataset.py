@@ -1,4 +1,5 @@
-"""Fine-tune from a CSV of `path,label` rows with `tlkit.train.finetune` and a config object.
+"""Fine-tune from a CSV of `path,label` rows (or multi-label `path,labels`, `;`-separated) with
+`tlkit.train.finetune` and a config object.
 
     python recipes/csv_dataset.py labels.csv [--out runs/csv] [--epochs 10]
 
@@ -32,7 +33,7 @@ def main() -> None:
     )
     summary = finetune(config)
     print(
-        f"best validation accuracy {summary.best_val_acc:.4f} "
+        f"{summary.task}: best {summary.monitor} {summary.best_monitored:.4f} "
         f"at epoch {summary.best_epoch}; run folder {arguments.out}"
     )
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from tlkit import FinetuneConfig, finetune
 from tlkit.errors import ConfigError
+from tlkit.runfolder import DataFacts
 from tlkit.train.build import build_datamodule, build_model, check_config
 from tlkit.train.probe import fit_probe, knn_accuracy_best_k, probe_features
 
@@ -53,7 +54,7 @@ def test_knn_votes_of_the_nearest_neighbours_and_k_is_chosen_on_validation():
 def test_probe_features_come_from_the_features_strategy_cache(colour_folder: Path, tmp_path):
     config = FinetuneConfig(data_dir=str(colour_folder), augment=False, **TINY_CONFIG)
     images = build_datamodule(config)
-    model = build_model(config, ["blue", "green", "red"])
+    model = build_model(config, DataFacts(["blue", "green", "red"]))
     cache = tmp_path / "cache"
     train_x, train_y, val_x, val_y = probe_features(model, images, cache)
     assert train_x.shape == (len(images.train_set), 1280) and val_x.shape[0] == len(val_y)
@@ -99,7 +100,7 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_head(colour_folder: Path, tmp_p
         assert not weight.any() and not bias.any()
         assert first_step.loss == pytest.approx(math.log(3), abs=1e-4)
         return
-    model = build_model(config, summary.classes)
+    model = build_model(config, DataFacts(summary.classes))
     images = build_datamodule(config)
     probe = fit_probe(*probe_features(model, images, tmp_path / "run" / "cache"), num_classes=3)
     assert torch.equal(weight, probe.weight) and torch.equal(bias, probe.bias)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from tlkit.config import FinetuneConfig
 from tlkit.data.augment import eval_transform, train_transform
@@ -20,10 +20,18 @@ from tlkit.data.datasets import (
     process_sampler,
     read_load_failures,
 )
+from tlkit.data.labels import (
+    LABEL_KINDS,
+    BatchCollator,
+    Label,
+    class_balanced_weights,
+    class_counts,
+    resolve_label_kind,
+)
 from tlkit.data.sources import ScanResult, data_root, relative_path, scan
 from tlkit.data.split import split_train_val
 from tlkit.errors import DatasetError
-from tlkit.runfolder import Preprocessing
+from tlkit.runfolder import DataFacts, Preprocessing
 
 _default = FinetuneConfig.field_default
 logger = logging.getLogger(__name__)
@@ -41,9 +49,12 @@ class BaseImageDataModule(pl.LightningDataModule):
     each split (`scan_splits`) and read them (`images`).
 
     `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
-    jitter); `augment=False` trains on the evaluation transform. `classes`, `skipped` and the
-    datasets are available after `setup()`. `recorded_split` ({path relative to the data root:
-    train | val | test}, a run's split.csv) is the split a resumed run must train on. With
+    jitter); `augment=False` trains on the evaluation transform. `task` says how the labels
+    are read (`auto`: as the data is labelled; `labels.LABEL_KINDS`), `sampling` how the
+    training images are drawn (`datasets.TRAINING_SAMPLERS`). `classes`, `label_kind`,
+    `skipped`, the datasets and `data_facts()` are available after `setup()`.
+    `recorded_split` ({path relative to the data root: train | val | test}, a run's split.csv)
+    is the split a resumed run must train on. With
     `load_failure_log`, images that fail to load during training are recorded there
     (`load_failures()`) and skipped instead of stopping the run.
     """
@@ -61,6 +72,8 @@ class BaseImageDataModule(pl.LightningDataModule):
         max_image_pixels: int = _default("max_image_pixels"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
+        task: str = _default("task"),
+        sampling: str = _default("sampling"),
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -74,21 +87,35 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.max_image_pixels = max_image_pixels
         self.recorded_split = recorded_split
         self.load_failure_log = Path(load_failure_log) if load_failure_log else None
+        self.task = task
+        self.sampling = sampling
         self.classes: list[str] = []
+        self.label_kind = "single-label"
         self.skipped: list[tuple[str, str]] = []
         self.train_set: LabelledImages | None = None
         self.val_set: LabelledImages | None = None
         self.test_set: LabelledImages | None = None
 
-    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
-        """The `(path, class index)` samples of train, val and (where there is one) test; sets
-        `classes` and `skipped`."""
+    def scan_splits(self) -> dict[str, list[tuple[str, Label]]]:
+        """The `(path, label)` samples of train, val and (where there is one) test; sets
+        `classes`, `label_kind` and `skipped`."""
         raise NotImplementedError
+
+    def read_as_task(
+        self, splits: dict[str, list[tuple[str, Label]]], found: str
+    ) -> dict[str, list[tuple[str, Label]]]:
+        """The samples with labels of the task's kind (`found`: the data's own); sets
+        `label_kind`."""
+        self.label_kind = resolve_label_kind(self.task, found, str(self.data_dir))
+        if self.label_kind == found:
+            return splits
+        kind = LABEL_KINDS[self.label_kind]
+        return {name: kind.convert(samples, str(self.data_dir)) for name, samples in splits.items()}
 
     def images(
         self,
         split: str,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         augmentation_seed: int | None = None,
     ) -> LabelledImages:
@@ -127,8 +154,39 @@ class BaseImageDataModule(pl.LightningDataModule):
         """`(path, reason)` of the images that failed to load during training, each once."""
         return read_load_failures(self.load_failure_log) if self.load_failure_log else []
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = process_sampler(dataset, train, self.seed, self.trainer)
+    def data_facts(self, trained_with_hflip: bool) -> DataFacts:
+        """What the scanned data says (after `setup`): classes, label kind, images per split
+        and per class; `trained_with_hflip`: whether training shows mirror images."""
+        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        present = {split: data for split, data in datasets.items() if data is not None}
+        return DataFacts(
+            classes=list(self.classes),
+            label_kind=self.label_kind,
+            split_images={split: len(data) for split, data in present.items()},
+            images_per_class={
+                split: class_counts([label for _, label in data.samples], len(self.classes))
+                for split, data in present.items()
+            },
+            trained_with_hflip=trained_with_hflip,
+        )
+
+    def collator(self) -> BatchCollator:
+        """The loaders' `collate_fn`: images and their labels as the task's targets."""
+        return BatchCollator(self.label_kind, len(self.classes))
+
+    def targets(self, labels: list[Label]) -> torch.Tensor:
+        """Labels as the loss takes them: class indices, or multi-label 0/1 rows."""
+        return LABEL_KINDS[self.label_kind].collate(labels, len(self.classes))
+
+    def sample_weights(self, labels: list[Label]) -> list[float] | None:
+        """Per training image, its weight for the balanced sampler (None when shuffling)."""
+        if self.sampling == "shuffle":
+            return None
+        return class_balanced_weights(labels, len(self.classes))
+
+    def _loader(self, dataset: LabelledImages, train: bool) -> DataLoader:
+        weights = self.sample_weights([label for _, label in dataset.samples]) if train else None
+        sampler = process_sampler(dataset, train, self.seed, self.trainer, self.sampling, weights)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -137,6 +195,7 @@ class BaseImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=self.collator(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -179,7 +238,7 @@ class ImageDataModule(BaseImageDataModule):
     def images(
         self,
         split: str,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         augmentation_seed: int | None = None,
     ) -> ImageDataset:
@@ -190,10 +249,11 @@ class ImageDataModule(BaseImageDataModule):
     def relative_path(self, path: str) -> str:
         return relative_path(path, self.root)
 
-    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
-        """Scan the data and split it: the `(path, class index)` samples of train, val and (with
-        a test/ folder) test. Sets `classes` and `skipped`. `setup` builds the datasets from it;
-        `tlkit convert` writes it into shards (and needs no `preprocessing`)."""
+    def scan_splits(self) -> dict[str, list[tuple[str, Label]]]:
+        """Scan the data and split it: the `(path, label)` samples of train, val and (with a
+        test/ folder) test. Sets `classes`, `label_kind` and `skipped`. `setup` builds the
+        datasets from it; `tlkit convert` writes it into shards (and needs no
+        `preprocessing`)."""
         split_dir = self.data_dir / "train"
         train_scan = self._scan(split_dir if split_dir.is_dir() else self.data_dir)
         self.classes = train_scan.classes
@@ -203,7 +263,7 @@ class ImageDataModule(BaseImageDataModule):
             )
         self.skipped = list(train_scan.skipped)
         val_dir, test_dir = self.data_dir / "val", self.data_dir / "test"
-        splits: dict[str, list[tuple[str, int]]] = {}
+        splits: dict[str, list[tuple[str, Label]]] = {}
         if split_dir.is_dir() and val_dir.is_dir():
             splits["train"] = train_scan.samples
             splits["val"] = self._scan_split(val_dir).samples
@@ -215,11 +275,11 @@ class ImageDataModule(BaseImageDataModule):
             splits["test"] = self._scan_split(test_dir).samples
         if self.recorded_split is not None:
             splits = self._follow_recorded_split(splits, self.recorded_split)
-        return splits
+        return self.read_as_task(splits, train_scan.label_kind)
 
     def _follow_recorded_split(
-        self, scanned: dict[str, list[tuple[str, int]]], recorded: dict[str, str]
-    ) -> dict[str, list[tuple[str, int]]]:
+        self, scanned: dict[str, list[tuple[str, Label]]], recorded: dict[str, str]
+    ) -> dict[str, list[tuple[str, Label]]]:
         """The scanned samples regrouped as `recorded` says; recorded files no longer found
         are added to `skipped`, files found but not recorded are left out (and counted)."""
         by_path = {
@@ -228,7 +288,7 @@ class ImageDataModule(BaseImageDataModule):
             for path, label in samples
         }
         already_skipped = {self.relative_path(path) for path, _ in self.skipped}
-        splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+        splits: dict[str, list[tuple[str, Label]]] = {"train": [], "val": [], "test": []}
         for relative, split in recorded.items():
             if relative in by_path:
                 splits[split].append(by_path[relative])

@@ -1,12 +1,13 @@
 """`--strategy auto`: measure the data cheaply, then choose how to fine-tune.
 
-Before training, `resolve_auto` measures (`measure`): images per class in the training split,
-the source images' short side (from the file headers of a seeded sample, nothing decoded), and
-a linear probe and a k-NN classifier on the frozen backbone's cached features (tlkit/train/probe.py,
-validation accuracy; the cache is the `features` strategy's, so choosing `features` reuses it).
+Before training, `resolve_auto` measures (`measure`): images per class in the training split and
+its class ratio (largest over smallest class), the source images' short side (from the file
+headers of a seeded sample, nothing decoded), and a linear probe and a k-NN classifier on the
+frozen backbone's cached features (tlkit/train/probe.py, validation top-1, or mAP for a
+multi-label task; the cache is the `features` strategy's, so choosing `features` reuses it).
 From that evidence the pure functions `choose_input_size` and `decide` choose what the user left
 open: strategy and stages, the pretrained layers' learning rate, schedule length, input size,
-augmentation and LP-FT. Every choice a
+augmentation, LP-FT and the monitored metric. Every choice a
 flag or config key gives is kept. The rules and the measurements behind each threshold are in
 docs/strategies.md ("How auto decides").
 
@@ -23,7 +24,6 @@ import math
 import random
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,8 @@ from timm.models import get_pretrained_cfg
 
 from tlkit.config import FIXED_CHOICES, FinetuneConfig
 from tlkit.model.backbones import layer_groups, preprocessing
-from tlkit.train.build import build_datamodule, build_model, cache_folder
+from tlkit.model.tasks import resolve_monitor, task_of
+from tlkit.train.build import build_datamodule, build_model, cache_folder, data_facts
 from tlkit.train.hardware import probe_device
 from tlkit.train.probe import fit_probe, probe_features
 
@@ -90,9 +91,12 @@ class Evidence:
     pretrained_input_size: int  # the backbone's, from timm's pretrained config
     backbone_stages: int  # timm layer groups, stem first
     input_size: int  # the size the probe ran at
-    linear_val_acc: float | None = None  # None: not probed
+    linear_val_acc: float | None = None  # None: not probed; the probe's `probe_metric`
     knn_val_acc: float | None = None
     probe_seconds: float | None = None  # extraction (or cache read) and fit
+    task: str = "single-label"  # how the data is labelled (model/tasks.py)
+    class_ratio: float | None = None  # training split: largest class over smallest (images)
+    probe_metric: str = "top-1"  # what linear_val_acc and knn_val_acc measure (mAP: multi-label)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,13 @@ def choose_lp_ft(strategy: str, linear_head: bool) -> Choice:
     return Choice(False, "measured worse than a zero head on the goal set-up (--lp-ft: on)")
 
 
+def choose_monitor(evidence: Evidence) -> Choice:
+    """The validation metric that picks the best checkpoint: the task's rule
+    (`tasks.resolve_monitor`), from the training split's class ratio."""
+    decision = resolve_monitor(evidence.task, "auto", evidence.class_ratio)
+    return Choice(decision.value, decision.reason)
+
+
 def decide(
     evidence: Evidence, open_choices: list[str], linear_head: bool = True
 ) -> dict[str, Choice]:
@@ -216,6 +227,8 @@ def decide(
         choices["epochs"] = schedule_epochs(evidence.train_images, chosen_strategy)
     augmentation = choose_augmentation(evidence)
     choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
+    if "monitor" in open_choices:
+        choices["monitor"] = choose_monitor(evidence)
     return choices
 
 
@@ -252,8 +265,8 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
     )
     images = build_datamodule(probe_config)
     images.setup("fit")
-    labels = Counter(label for _path, label in images.train_set.samples)
-    per_class = [labels.get(index, 0) for index in range(len(images.classes))]
+    facts = data_facts(probe_config, images)
+    per_class = facts.images_per_class["train"]
     paths = [path for path, _label in images.train_set.samples]
     side, sampled = source_short_side(paths, config.seed)
     fixed = bool(getattr(get_pretrained_cfg(config.backbone), "fixed_input_size", False))
@@ -262,14 +275,16 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
         if config.img_size is not None
         else choose_input_size(side, pretrained.input_size, fixed)
     )
-    model = build_model(dataclasses.replace(probe_config, img_size=size.value), images.classes)
+    model = build_model(dataclasses.replace(probe_config, img_size=size.value), facts)
     cache_dir = cache_folder(config)
     probe_started = time.perf_counter()
     probe = fit_probe(
         *probe_features(model, images, cache_dir, progress, device=probe_device(config)),
         num_classes=len(images.classes),
         seed=config.seed,
+        task=facts.label_kind,
     )
+    ratio = facts.class_ratio
     evidence = Evidence(
         classes=len(images.classes),
         train_images=len(images.train_set),
@@ -282,6 +297,9 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
         linear_val_acc=round(probe.linear_val_acc, 4),
         knn_val_acc=round(probe.knn_val_acc, 4),
         probe_seconds=round(time.perf_counter() - probe_started, 2),
+        task=facts.label_kind,
+        class_ratio=round(ratio, 2) if ratio is not None and math.isfinite(ratio) else None,
+        probe_metric=task_of(facts.label_kind).probe_metric,
     )
     return evidence, size, sampled
 
@@ -292,7 +310,8 @@ def resolve_auto(
     """Measure the data, decide, and return the config with every open choice filled in, and
     the decision's record (evidence, choices with reasons, the choices given)."""
     started = time.perf_counter()
-    open_choices = ["strategy", *config.choices_left_to_auto()]
+    monitor = ["monitor"] if config.monitor == "auto" else []
+    open_choices = ["strategy", *config.choices_left_to_auto(), *monitor]
     evidence, size, sampled = measure(config, progress)
     choices = decide(evidence, open_choices, linear_head=config.head_hidden == 0)
     if "img_size" in open_choices:
@@ -303,7 +322,7 @@ def resolve_auto(
     record = {
         "evidence": dataclasses.asdict(evidence) | {"sampled_files": sampled},
         "choices": {name: dataclasses.asdict(choice) for name, choice in choices.items()},
-        "given": [name for name in FIXED_CHOICES if name not in open_choices],
+        "given": [name for name in (*FIXED_CHOICES, "monitor") if name not in open_choices],
         "seconds": round(time.perf_counter() - started, 2),
     }
     log_decision(record)
@@ -315,13 +334,17 @@ def log_decision(record: dict[str, Any]) -> None:
     """A few lines: the evidence, then each choice with its reason."""
     evidence = record["evidence"]
     side = evidence["source_short_side_median"]
+    ratio = evidence.get("class_ratio")
     logger.info(
         f"Auto evidence: {evidence['train_images']} train images, {evidence['classes']} classes "
         f"({evidence['images_per_class_min']}-{evidence['images_per_class_median']:.0f} per "
-        f"class, min-median); sources' short side "
+        f"class, min-median; class ratio "
+        + (f"{ratio:.1f}:1" if ratio is not None else "unknown")
+        + f", {evidence.get('task', 'single-label')}); sources' short side "
         + (f"{side:.0f} px" if side is not None else "unknown")
         + f" (median of {evidence['sampled_files']} files); linear probe "
-        f"{evidence['linear_val_acc']:.4f}, k-NN {evidence['knn_val_acc']:.4f} at "
+        f"{evidence['linear_val_acc']:.4f}, k-NN {evidence['knn_val_acc']:.4f} "
+        f"({evidence.get('probe_metric', 'top-1')}) at "
         f"{evidence['input_size']} px ({evidence['probe_seconds']:.1f} s)"
     )
     by_reason: dict[str, list[str]] = {}  # choices made for one reason share a line

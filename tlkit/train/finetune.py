@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,9 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
-from tlkit.model.classifier import TransferClassifier
+from tlkit.metrics import ACCURACY, TOP_K_ACCURACY, logged_name
+from tlkit.model.classifier import THRESHOLDS_KEY, TransferClassifier
+from tlkit.model.tasks import Decision, resolve_monitor
 from tlkit.runfolder import (
     AUTO_DECISION,
     BEST_CHECKPOINT,
@@ -33,6 +36,7 @@ from tlkit.runfolder import (
     LAST_CHECKPOINT,
     LOAD_FAILURES,
     SKIPPED,
+    DataFacts,
     RunSummary,
     read_auto_decision,
     read_checkpoint,
@@ -40,13 +44,20 @@ from tlkit.runfolder import (
     read_metrics,
     read_split,
     write_atomic,
+    write_data_facts,
     write_metrics,
     write_skipped,
     write_split,
     write_summary,
 )
 from tlkit.train.auto import resolve_auto
-from tlkit.train.build import build_datamodule, build_model, cache_folder, check_config
+from tlkit.train.build import (
+    build_datamodule,
+    build_model,
+    cache_folder,
+    check_config,
+    data_facts,
+)
 from tlkit.train.callbacks import (
     TRAINING_WEIGHTS_KEY,
     EpochProgressBar,
@@ -96,10 +107,10 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     folder = open_run_folder(config, resume)
     config, decision = decide(config, folder, progress)
     run = build(config, folder, decision, progress)
-    trainer, history = fit(config, run, folder, trainer_options)
+    trainer, history = fit(run, folder, trainer_options)
     test_metrics = test(trainer, run)
-    summary = summarise(config, run, folder, decision, history, test_metrics, started)
-    _write_at_end(folder.out, summary, run.skipped_files())
+    summary = summarise(run, folder, decision, history, test_metrics, started)
+    _write_at_end(folder.out, summary, run.skipped_files(), run.data)
     return summary
 
 
@@ -145,13 +156,22 @@ def decide(
 
 @dataclass
 class BuiltRun:
-    """What `build` makes: the images, the model, and the data it trains on (the images, or
-    their cached features)."""
+    """What `build` makes: the config as the data resolved it (its monitored metric), what
+    the data says, the images, the model, and the data it trains on (the images, or their
+    cached features)."""
 
+    config: FinetuneConfig
+    data: DataFacts
+    monitor: Decision  # the validation metric that picks best.ckpt, and why
     images: BaseImageDataModule
     model: TransferClassifier
     training_data: pl.LightningDataModule
     linear_probe: dict[str, Any] | None  # --lp-ft: the probe the head started from
+
+    @property
+    def monitored(self) -> str:
+        """The logged name of the monitored validation metric ("val_acc", ...)."""
+        return logged_name("val", self.monitor.value)
 
     def skipped_files(self) -> list[tuple[str, str]]:
         """Files the scan skipped, then those that failed to load during training."""
@@ -163,45 +183,53 @@ class BuiltRun:
 def build(
     config: FinetuneConfig, folder: RunFolder, decision: dict[str, Any] | None, progress: bool
 ) -> BuiltRun:
-    """Step 3: scan and split the data (a resumed run: its recorded split), write the run
-    folder's first files, build the model (LP-FT: from a linear probe's head) and the data it
-    trains on."""
+    """Step 3: scan and split the data (a resumed run: its recorded split), choose the
+    monitored metric from what it says, write the run folder's first files, build the model
+    (LP-FT: from a linear probe's head) and the data it trains on."""
     pl.seed_everything(config.seed, workers=True, verbose=False)
     images = build_datamodule(config, folder.recorded_split, folder.out / LOAD_FAILURES)
     images.setup("fit")
     if folder.resume_from:
         _check_same_classes(folder.resume_from, images.classes)
-    _write_at_start(folder.out, config, images, decision)
-    model = build_model(config, images.classes)
+    data = data_facts(config, images)
+    monitor = resolve_monitor(data.label_kind, config.monitor, data.class_ratio)
+    chosen_by_auto = ((decision or {}).get("choices") or {}).get("monitor")
+    if chosen_by_auto:  # --strategy auto chose it: its reason, not "given"
+        monitor = Decision(monitor.value, chosen_by_auto["reason"])
+    config = replace(config, monitor=monitor.value)  # config.yaml records the choice
+    _write_at_start(folder.out, config, images, decision, data)
+    model = build_model(config, data)
     linear_probe = None
     if config.lp_ft and not folder.resume_from:  # resumed: the head comes from the checkpoint
         linear_probe = start_from_linear_probe(config, model, images, progress)
     training_data = _training_data(config, model, images, progress)
-    return BuiltRun(images, model, training_data, linear_probe)
+    return BuiltRun(config, data, monitor, images, model, training_data, linear_probe)
 
 
 def fit(
-    config: FinetuneConfig, run: BuiltRun, folder: RunFolder, trainer_options: dict[str, Any]
+    run: BuiltRun, folder: RunFolder, trainer_options: dict[str, Any]
 ) -> tuple[pl.Trainer, list[dict[str, float]]]:
     """Step 4: Lightning's Trainer with tlkit's callbacks fits the model (from the checkpoint,
     when resumed); returns the Trainer and the per-epoch history."""
+    config = run.config
     trainer_options = dict(trainer_options)
-    summary_callback = EpochSummary()
+    train_metric = next((name for name in run.model.metrics if name.startswith("train_")), None)
+    summary_callback = EpochSummary(run.monitored, train_metric)
     callbacks = [
         ModelCheckpoint(
             dirpath=folder.out,
             filename="best",
-            monitor="val_acc",
+            monitor=run.monitored,
             mode="max",
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
         # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
-        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
+        # writes it only in epochs whose metric improved, so a resume would repeat the others.)
         ModelCheckpoint(
             dirpath=folder.out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
         ),
-        EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
+        EarlyStopping(monitor=run.monitored, mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),
         summary_callback,
@@ -226,7 +254,7 @@ def fit(
     }
     with expected_lightning_warnings_hidden():
         trainer = pl.Trainer(**options)
-        _report_settings(trainer, config, run.model, run.images)
+        _report_settings(trainer, run)
         pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
         trainer.fit(
             run.model,
@@ -255,7 +283,6 @@ def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
 
 
 def summarise(
-    config: FinetuneConfig,
     run: BuiltRun,
     folder: RunFolder,
     decision: dict[str, Any] | None,
@@ -264,8 +291,19 @@ def summarise(
     started: float,
 ) -> RunSummary:
     """Step 6: the run summary (summary.json) from what the other steps made."""
-    images, model = run.images, run.model
-    best = max(history, key=lambda record: record["val_acc"]) if history else {}
+    config, images, model = run.config, run.images, run.model
+
+    def monitored(record: dict[str, float]) -> float:
+        value = record.get(run.monitored, math.nan)
+        return -math.inf if math.isnan(value) else value
+
+    best = max(history, key=monitored) if history else {}
+    best_checkpoint = folder.out / BEST_CHECKPOINT
+    thresholds = (
+        read_checkpoint(best_checkpoint, mmap=True).get(THRESHOLDS_KEY)
+        if best_checkpoint.is_file()
+        else None
+    )
     return RunSummary(
         tlkit_version=__version__,
         backbone=config.backbone,
@@ -281,9 +319,9 @@ def summarise(
         test_images=len(images.test_set) if images.test_set is not None else 0,
         epochs_run=len(history),
         best_epoch=best.get("epoch"),
-        best_val_acc=best.get("val_acc"),
-        test_acc=test_metrics.get("test_acc"),
-        test_acc_top5=test_metrics.get("test_acc_top5"),
+        best_val_acc=best.get(logged_name("val", ACCURACY)),
+        test_acc=test_metrics.get(logged_name("test", ACCURACY)),
+        test_acc_top5=test_metrics.get(logged_name("test", TOP_K_ACCURACY)),
         history=history,
         resumed=folder.resume_from is not None,
         feature_cache=getattr(run.training_data, "report", None),
@@ -291,17 +329,21 @@ def summarise(
         linear_probe=run.linear_probe,
         skipped_files=len(run.skipped_files()),
         wall_time_s=round(time.perf_counter() - started, 2),
+        task=run.data.label_kind,
+        monitor=run.monitored,
+        best_val_metrics={key: value for key, value in best.items() if key.startswith("val_")},
+        test_metrics={key: value for key, value in test_metrics.items() if key.startswith("test_")},
+        decision_thresholds=(
+            dict(zip(images.classes, thresholds, strict=True)) if thresholds else None
+        ),
     )
 
 
-def _report_settings(
-    trainer: pl.Trainer,
-    config: FinetuneConfig,
-    model: TransferClassifier,
-    datamodule: BaseImageDataModule,
-) -> None:
-    """Log the resolved settings once: model, data, batch size and learning rate; with
-    --scale-lr, first scale the learning rate to the effective batch size."""
+def _report_settings(trainer: pl.Trainer, run: BuiltRun) -> None:
+    """Log the resolved settings once: model, data, batch size and learning rate, the
+    monitored metric; with --scale-lr, first scale the learning rate to the effective batch
+    size."""
+    config, model, datamodule = run.config, run.model, run.images
     effective = effective_batch_size(trainer, config)
     if config.scale_lr:
         model.hparams.lr = config.lr * effective / config.batch_size
@@ -321,6 +363,15 @@ def _report_settings(
         f"Effective batch size {effective} ({config.batch_size} per device x "
         f"{trainer.world_size} processes x {config.accumulate_grad_batches} accumulated); "
         f"learning rate {model.hparams.lr:.2e}" + (" (scaled)" if config.scale_lr else "")
+    )
+    balancing = [
+        f"--class-weights {config.class_weights}" if config.class_weights != "none" else "",
+        f"--sampling {config.sampling}" if config.sampling != "shuffle" else "",
+    ]
+    balanced = ", ".join(filter(None, balancing))
+    logger.info(
+        f"{run.data.label_kind.capitalize()} task; best.ckpt and early stopping follow "
+        f"{run.monitored} ({run.monitor.reason})" + (f"; {balanced}" if balanced else "")
     )
 
 
@@ -384,11 +435,13 @@ def start_from_linear_probe(
         device=probe_device(config),
     )
     extraction_s = time.perf_counter() - started
-    probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed)
+    probe = fit_probe(
+        *features, num_classes=len(images.classes), seed=config.seed, task=images.label_kind
+    )
     probe.copy_into(model)
     if rank_zero_only.rank == 0:
         logger.info(
-            f"LP-FT: linear probe on cached features: validation top-1 "
+            f"LP-FT: linear probe on cached features: validation {probe.metric} "
             f"{probe.linear_val_acc:.4f} (k-NN {probe.knn_val_acc:.4f}, k={probe.knn_k}; L2 "
             f"{probe.l2_penalty:g}), fitted in {probe.fit_seconds:.2f} s; fine-tuning starts "
             "from its head"
@@ -418,8 +471,10 @@ def _write_at_start(
     config: FinetuneConfig,
     datamodule: BaseImageDataModule,
     auto_decision: dict[str, Any] | None,
+    data: DataFacts,
 ) -> None:
     write_atomic(out / CONFIG, config.to_yaml())  # there from the start, for --resume
+    write_data_facts(out, data)
     if auto_decision is not None:  # for the summary of a resumed run
         write_atomic(out / AUTO_DECISION, json.dumps(auto_decision, indent=2) + "\n")
     write_split(out, datamodule.split_rows())
@@ -442,12 +497,25 @@ def _epoch(row: dict[str, str]) -> int:
 
 
 @rank_zero_only
-def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]) -> None:
+def _write_at_end(
+    out: Path, summary: RunSummary, skipped: list[tuple[str, str]], data: DataFacts
+) -> None:
     write_skipped(out, skipped)  # with the files that failed to load during training
     write_summary(out, summary)
     if skipped:
         logger.info(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
-    test = f", test {summary.test_acc:.4f}" if summary.test_acc is not None else ""
+    for split in ("val", "test"):
+        absent = data.classes_without_images(split) if split in data.split_images else []
+        if absent:
+            logger.info(
+                f"The {split} split has no images of {len(absent)} classes, left out of its "
+                f"averages: {', '.join(absent)}"
+            )
+    metric = summary.monitor.removeprefix("val_")
+    best = summary.best_monitored
+    test_value = summary.test_metrics.get(logged_name("test", metric))
+    test = f", test {test_value:.4f}" if test_value is not None else ""
+    best_text = f"{best:.4f}" if best is not None else "none"
     logger.info(
-        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; run folder {out}"
+        f"Best val {metric} {best_text} at epoch {summary.best_epoch}{test}; run folder {out}"
     )
