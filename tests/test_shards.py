@@ -228,7 +228,7 @@ def test_evaluate_predict_and_report_read_converted_splits(
     assert from_shards["top1"] == pytest.approx(read_summary(tiny_run).test_acc)
     assert labelled_split(converted)[1] == labelled_split(converted / "test")[1] == "test"
 
-    rows, skipped = predict(tiny_run, [converted / "test"], accelerator="cpu")
+    rows, skipped, _ = predict(tiny_run, [converted / "test"], accelerator="cpu")
     test_paths = {path for path, split in read_split(tiny_run).items() if split == "test"}
     assert not skipped and {row["path"] for row in rows} == test_paths
 

@@ -190,6 +190,12 @@ class FinetuneConfig:
         "brightness/contrast/saturation jitter strength (0: off)" + AUTO_HELP.format(0.4),
     )
     val_fraction: float = _option(0.1, "share of the training images held out for validation")
+    test_fraction: float = _option(
+        0.1,
+        "share of the training images held out as a test split, where the data has no test/ "
+        "folder: evaluated once, at the end, for an honest estimate (0: none; the only score "
+        "is then the validation score that also chose the model)",
+    )
     max_image_pixels: int = _option(
         89_478_485, "images with more pixels are skipped as decompression bombs (Pillow's limit)"
     )
@@ -247,6 +253,7 @@ class FinetuneConfig:
             "lr": self.lr > 0,
             "img_size": self.img_size is None or self.img_size >= 16,
             "val_fraction": 0 < self.val_fraction < 1,
+            "test_fraction": 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1,
             "dropout": 0 <= self.dropout < 1,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "hflip": 0 <= self.hflip <= 1,

@@ -25,6 +25,7 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
+from tlkit.metrics import CONFIDENCE, accuracy_interval
 from tlkit.model.classifier import TransferClassifier
 from tlkit.runfolder import (
     AUTO_DECISION,
@@ -266,6 +267,10 @@ def summarise(
     """Step 6: the run summary (summary.json) from what the other steps made."""
     images, model = run.images, run.model
     best = max(history, key=lambda record: record["val_acc"]) if history else {}
+    test_images = len(images.test_set) if images.test_set is not None else 0
+    test_acc = test_metrics.get("test_acc")
+    interval = accuracy_interval(test_acc, test_images) if test_acc is not None else None
+    ignored_files, unread_images = images.other_files.counts()
     return RunSummary(
         tlkit_version=__version__,
         backbone=config.backbone,
@@ -278,11 +283,12 @@ def summarise(
         preprocessing=images.preprocessing,
         train_images=len(images.train_set),
         val_images=len(images.val_set),
-        test_images=len(images.test_set) if images.test_set is not None else 0,
+        test_images=test_images,
         epochs_run=len(history),
         best_epoch=best.get("epoch"),
         best_val_acc=best.get("val_acc"),
-        test_acc=test_metrics.get("test_acc"),
+        test_acc=test_acc,
+        test_acc_interval=[round(bound, 4) for bound in interval] if interval else None,
         test_acc_top5=test_metrics.get("test_acc_top5"),
         history=history,
         resumed=folder.resume_from is not None,
@@ -290,6 +296,8 @@ def summarise(
         auto_decision=decision,
         linear_probe=run.linear_probe,
         skipped_files=len(run.skipped_files()),
+        ignored_files=ignored_files,
+        unread_images=unread_images,
         wall_time_s=round(time.perf_counter() - started, 2),
     )
 
@@ -426,6 +434,7 @@ def _write_at_start(
     write_skipped(out, datamodule.skipped)
     # The scan has just found every file that is broken now; older load failures are stale.
     (out / LOAD_FAILURES).unlink(missing_ok=True)
+    datamodule.other_files.log(logger)
 
 
 @rank_zero_only
@@ -446,8 +455,31 @@ def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]
     write_skipped(out, skipped)  # with the files that failed to load during training
     write_summary(out, summary)
     if skipped:
-        logger.info(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
-    test = f", test {summary.test_acc:.4f}" if summary.test_acc is not None else ""
-    logger.info(
-        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; run folder {out}"
+        logger.info(f"Skipped {len(skipped)} unusable image files, listed in {out / SKIPPED}")
+    logger.info(final_line(summary, out))
+
+
+def final_line(summary: RunSummary, out: Path) -> str:
+    """The run's last word: the test accuracy with its image count and 95% interval, or, with
+    no test split, what the validation score is (it also chose the model) and how to get an
+    honest estimate."""
+    best = f"Best val {_accuracy(summary.best_val_acc)} at epoch {summary.best_epoch}"
+    if summary.test_acc is not None:
+        low, high = summary.test_acc_interval
+        return (
+            f"{best}; test {summary.test_acc:.4f} on {summary.test_images} held-out images "
+            f"({CONFIDENCE:.0%} interval {low:.3f}-{high:.3f}); run folder {out}"
+        )
+    if summary.test_images:  # held out, not evaluated (limit_test_batches=0: search trials)
+        return f"{best}; the {summary.test_images} test images not evaluated; run folder {out}"
+    return (
+        f"{best}; no test split, so this validation score is the only estimate, and it flatters "
+        "the model: the same images chose the checkpoint and when to stop (and, with --strategy "
+        "auto, the settings). For an honest estimate keep a test split (--test-fraction, "
+        f"default {FinetuneConfig.field_default('test_fraction')}, or a DATA/test/ folder); "
+        f"run folder {out}"
     )
+
+
+def _accuracy(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "?"
