@@ -76,13 +76,16 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.load_failure_log = Path(load_failure_log) if load_failure_log else None
         self.classes: list[str] = []
         self.skipped: list[tuple[str, str]] = []
+        # (width, height) as stored, by sample path, of the images whose size the scan read
+        # (none with --verify none): free evidence of the sources' sizes for --strategy auto
+        self.image_sizes: dict[str, tuple[int, int]] = {}
         self.train_set: LabelledImages | None = None
         self.val_set: LabelledImages | None = None
         self.test_set: LabelledImages | None = None
 
     def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
         """The `(path, class index)` samples of train, val and (where there is one) test; sets
-        `classes` and `skipped`."""
+        `classes`, `skipped` and `image_sizes`."""
         raise NotImplementedError
 
     def images(
@@ -202,6 +205,7 @@ class ImageDataModule(BaseImageDataModule):
                 f"{self.data_dir}: found one class ({self.classes[0]}); a classifier needs two"
             )
         self.skipped = list(train_scan.skipped)
+        self.image_sizes = dict(train_scan.image_sizes)
         val_dir, test_dir = self.data_dir / "val", self.data_dir / "test"
         splits: dict[str, list[tuple[str, int]]] = {}
         if split_dir.is_dir() and val_dir.is_dir():
@@ -257,4 +261,5 @@ class ImageDataModule(BaseImageDataModule):
     def _scan_split(self, folder: Path) -> ScanResult:
         result = self._scan(folder, self.classes)
         self.skipped += result.skipped
+        self.image_sizes |= result.image_sizes
         return result
