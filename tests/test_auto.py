@@ -13,8 +13,7 @@ from tlkit.cli import main
 from tlkit.config import FIXED_CHOICES, FinetuneConfig
 from tlkit.errors import ConfigError
 from tlkit.runfolder import read_summary
-from tlkit.train import auto
-from tlkit.train import budget
+from tlkit.train import auto, budget
 from tlkit.train.auto import (
     Evidence,
     choose_input_size,
