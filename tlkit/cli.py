@@ -108,7 +108,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> FinetuneConfig:
 def _finetune(arguments: argparse.Namespace) -> int:
     config = config_from_arguments(arguments)
     if arguments.print_config:
-        print(config.to_yaml(), end="")
+        print(config.to_yaml(explain_open=True), end="")
         return 0
     from tlkit.train.finetune import finetune
 

@@ -75,11 +75,13 @@ class Preprocessing:
         )
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a crash never leaves a half-written file."""
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write text (or bytes) via a temporary file and a rename, so a crash never leaves a
+    half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+    mode = "wb" if isinstance(text, bytes) else "w"
+    with tempfile.NamedTemporaryFile(mode, dir=path.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(text)
         tmp.flush()
         os.fsync(tmp.fileno())

@@ -413,10 +413,44 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
             f"({evidence.get('probe_seconds')} s)",
         ),
     ]
+    if evidence.get("probe_balanced_acc") is not None:
+        rows.append(
+            (
+                "probe's balanced accuracy",
+                f"{_number(evidence['probe_balanced_acc'], 4)}, at least "
+                f"{_number(evidence['probe_balanced_lower_bound'], 4)}",
+                f"95% confidence, on {evidence.get('probe_evidence')} "
+                f"({evidence.get('probe_images')} training images probed)",
+            )
+        )
     for name, choice in decision.get("choices", {}).items():
-        rows.append((f"chose {name}", str(choice.get("value")), str(choice.get("reason"))))
+        if choice.get("applies", True):
+            rows.append((f"chose {name}", str(choice.get("value")), str(choice.get("reason"))))
     if decision.get("given"):
         rows.append(("kept as given", ", ".join(decision["given"]), "flags or config keys"))
+    planned = decision.get("budget")
+    if planned:
+        throughput = planned["throughput"]
+        steps = "; ".join(planned["stepped_down"]) or "none"
+        rows.append(
+            (
+                "budget",
+                f"{planned['seconds']:.0f} s, predicted {planned['predicted_s']:.0f} s",
+                f"{throughput['train_images_per_s']:.0f} training, "
+                f"{throughput['eval_images_per_s']:.0f} evaluation images/s measured on "
+                f"{throughput['device']}; stepped down: {steps}",
+            )
+        )
+    head = decision.get("head")
+    if head:
+        rows.append(
+            (
+                "head kept",
+                head["kept"],
+                f"validation: linear probe {_number(head['probe_val_acc'], 4)}, trained head "
+                f"{_number(head['trained_val_acc'], 4)}",
+            )
+        )
     return rows
 
 

@@ -82,13 +82,16 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.classes: list[str] = []
         self.skipped: list[tuple[str, str]] = []
         self.other_files = OtherFiles()
+        # (width, height) as stored, by sample path, of the images whose size the scan read
+        # (none with --verify none): free evidence of the sources' sizes for --strategy auto
+        self.image_sizes: dict[str, tuple[int, int]] = {}
         self.train_set: LabelledImages | None = None
         self.val_set: LabelledImages | None = None
         self.test_set: LabelledImages | None = None
 
     def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
         """The `(path, class index)` samples of train, val and (where there is one) test; sets
-        `classes`, `skipped` and `other_files`."""
+        `classes`, `skipped`, `other_files` and `image_sizes`."""
         raise NotImplementedError
 
     def images(
@@ -212,6 +215,7 @@ class ImageDataModule(BaseImageDataModule):
                 f"{self.data_dir}: found one class ({self.classes[0]}); a classifier needs two"
             )
         self.skipped = list(train_scan.skipped)
+        self.image_sizes = dict(train_scan.image_sizes)
         self.other_files = OtherFiles()
         self.other_files.update(train_scan.other_files)
         given = {
@@ -272,4 +276,5 @@ class ImageDataModule(BaseImageDataModule):
         result = self._scan(folder, self.classes)
         self.skipped += result.skipped
         self.other_files.update(result.other_files)
+        self.image_sizes |= result.image_sizes
         return result

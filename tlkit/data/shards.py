@@ -5,10 +5,11 @@ stable split, same skipped files), then writes each split with `litdata.optimize
 OUT/train, OUT/val and OUT/test: every sample holds the file's original encoded bytes, its class
 index, its path relative to the data root and its index in the split (the folder run's order,
 which seeds its augmentation). Beside them: classes.txt, skipped.csv, split.csv (path, split,
-label; per split in the shards' own order) and, written last, the marker `tlkit-shards.json`
-(classes, counts, split seed, validation and test fractions, files not read, source, versions).
-A folder without the marker is never taken for a converted dataset, so an interrupted
-conversion cannot look complete; converting into it again starts over.
+label, and the width and height the scan read; per split in the shards' own order) and,
+written last, the marker `tlkit-shards.json` (classes, counts, split seed, validation and test
+fractions, files not read, source, versions). A folder without the marker is never taken for a
+converted dataset, so an interrupted conversion cannot look complete; converting into it again
+starts over.
 
 Samples are written in a seeded random order: LitData shuffles the order of its chunks and the
 items inside a chunk, so chunks written class by class (the scan's order) would give batches of
@@ -51,6 +52,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 # LitData's own S3/GCS client for a URL (private, but the one its readers and optimize use,
 # with the same credentials), for the few small files tlkit keeps beside the shards.
 from litdata.streaming.fs_provider import _get_fs_provider
+from PIL import Image
 
 from tlkit import __version__
 from tlkit.choices import SHARD_CHUNK_BYTES
@@ -185,6 +187,16 @@ class ConvertedDataset:
         """The LitData dataset (index.json and chunks) of one split."""
         return join(self.location, split)
 
+    def image_sizes(self) -> dict[str, tuple[int, int]]:
+        """(width, height) as stored, by relative path, of the images whose size the
+        conversion's scan read (none in a conversion made before tlkit recorded them)."""
+        text = _read_text(self.location, SPLIT_TABLE) or ""
+        return {
+            row["path"]: (int(row["width"]), int(row["height"]))
+            for row in csv.DictReader(io.StringIO(text))
+            if row.get("width") and row.get("height")
+        }
+
     def samples(self) -> dict[str, list[tuple[str, int]]]:
         """Per split, `(path relative to the data root, class index)` in the shards' order."""
         text = _read_text(self.location, SPLIT_TABLE)
@@ -308,12 +320,15 @@ def convert(
         ]
         logger.info(f"Writing {len(items)} {split} images to {join(out, split)}")
         _optimize(items, join(out, split), workers, chunk_bytes, progress)
-        rows += [(relative, split, images.classes[label]) for _, label, relative, _ in items]
+        rows += [
+            (relative, split, images.classes[label], *images.image_sizes.get(path, ("", "")))
+            for path, label, relative, _ in items
+        ]
         counts[split] = len(items)
 
     _write_text(out, CLASSES, "".join(f"{name}\n" for name in images.classes))
     table = io.StringIO()
-    csv.writer(table).writerows([("path", "split", "label"), *rows])
+    csv.writer(table).writerows([("path", "split", "label", "width", "height"), *rows])
     _write_text(out, SPLIT_TABLE, table.getvalue())
     skipped = io.StringIO()
     csv.writer(skipped).writerows([("path", "reason"), *images.skipped])
@@ -487,13 +502,23 @@ class ShardImages(LabelledImages):
         return hashlib.sha256(index.encode()).hexdigest()
 
     def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
+        sample = self._sample(position)
+        image = load_rgb(io.BytesIO(sample["image"]), max_pixels=self.max_pixels)
+        return image, int(sample["index"])
+
+    def stored_size(self, position: int) -> tuple[int, int] | None:
+        try:
+            with Image.open(io.BytesIO(self._sample(position)["image"])) as image:
+                return image.size
+        except LOAD_ERRORS:
+            return None
+
+    def _sample(self, position: int) -> dict[str, Any]:
         if self._streaming is None:
             self._streaming = StreamingDataset(
                 self.location, cache_dir=remote_cache(self.location, self.chunk_cache_dir)
             )
-        sample = self._streaming[self.positions[position]]
-        image = load_rgb(io.BytesIO(sample["image"]), max_pixels=self.max_pixels)
-        return image, int(sample["index"])
+        return self._streaming[self.positions[position]]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_streaming": None}
@@ -605,6 +630,7 @@ class ShardDataModule(BaseImageDataModule):
         self.other_files = OtherFiles.from_counts(
             *(metadata.get(key, {}) for key in OTHER_FILES_KEYS)
         )
+        self.image_sizes = converted.image_sizes()
         samples = converted.samples()
         if self.recorded_split is not None:
             self._check_recorded_split(samples)
