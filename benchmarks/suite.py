@@ -78,6 +78,7 @@ SETTINGS = (
 
 
 def tlkit_command(*arguments: str) -> list[str]:
+    """The `tlkit` command line, run by this Python (so with this environment's tlkit)."""
     return [sys.executable, "-m", "tlkit.cli", *arguments]
 
 
@@ -163,12 +164,19 @@ def size_flags(arguments: argparse.Namespace, work: Path) -> list[str]:
     return ["--img-size", str(json.loads(auto_file.read_text())["settings"]["img_size"])]
 
 
+def input_size(value: str) -> str:
+    """--img-size: a number of pixels, or `auto`."""
+    if value != "auto" and not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {value!r}")
+    return value
+
+
 def epochs_flags(epochs: int | None) -> list[str]:
     return [] if epochs is None else ["--epochs", str(epochs)]
 
 
 def row_folders(work: Path, row: str) -> list[Path]:
-    """What a row writes besides WORK/NAME/ROW.json: its run folder(s) and logs."""
+    """The run folders a row writes (besides WORK/NAME/ROW.json and its log)."""
     names = ["search", "search-best"] if row == "search" else [row]
     return [work / name for name in names]
 
@@ -293,7 +301,7 @@ def suite_table(work: Path, names: list[str]) -> str:
             if (work / name / f"{row}.json").exists()
         }
         for row, result in results.items():
-            label = row if row != "search" else f"search best ({result['best_trial']})"
+            label = row if row != "search" else "search best"
             lines.append(
                 f"| {name} | {label} | {result['test_top1']:.4f} | "
                 f"{result['balanced_acc']:.4f} | {result['wall_s']:.0f} | "
@@ -321,6 +329,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs of the manual rows (default: tlkit's)")
     parser.add_argument(
         "--img-size",
+        type=input_size,
         help="input size of the manual rows and the search: N, or 'auto' for the size auto "
         "chose for the dataset (default: tlkit's, the backbone's pretrained size)",
     )

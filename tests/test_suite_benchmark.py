@@ -65,6 +65,7 @@ def test_card_designs_are_held_out_whole():
     assert held != suite_datasets.held_out_families(families, 0.25, seed=1)
 
 
+@pytest.mark.slow  # writes and scans the 605 stamps
 @pytest.mark.skipif(
     suite_datasets.missing_packages("stamps"), reason="needs tuxpaint-stamps-default"
 )
