@@ -310,7 +310,7 @@ DATASETS = {
         write_scenes,
     ),
     "cards": Dataset(
-        "playing cards, 52 classes, 46 deck designs (128px tall)",
+        "playing cards, 52 classes, 43 deck designs (128px tall)",
         {
             "gnome-cards-data": CARD_DECKS[0],
             "kdegames-card-data-kf5": CARD_DECKS[1],
