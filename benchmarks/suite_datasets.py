@@ -186,8 +186,8 @@ def card_element(deck: Path, suit: str, rank: str) -> str:
 
 
 def render_element(svg: Path, element: str, zoom: float) -> Image.Image:
-    """One element of an SVG drawn alone (rsvg-convert; no Python package draws an element by
-    id), cropped to what it covers, on white."""
+    """One element of an SVG drawn alone (by rsvg-convert: no installed Python package draws
+    one element of an SVG by its id), cropped to what it covers, on white."""
     with tempfile.TemporaryDirectory() as scratch:
         png = Path(scratch) / "card.png"
         command = ["rsvg-convert", "--export-id", element, "--zoom", f"{zoom:.4f}", str(svg)]
@@ -198,9 +198,9 @@ def render_element(svg: Path, element: str, zoom: float) -> Image.Image:
     return Image.alpha_composite(page, drawn).convert("RGB")
 
 
-def write_deck(deck: Path, folder: Path, scratch: Path) -> bool:
-    """Every card of one deck at CARD_HEIGHT px, as `folder/<card>/<deck>.png`; False (and
-    nothing written) when rsvg-convert cannot draw one of its cards."""
+def write_deck(deck: Path, folder: Path, scratch: Path) -> None:
+    """Every card of one deck at CARD_HEIGHT px, as `folder/<card>/<deck>.png`; nothing (and
+    a message saying so) when rsvg-convert cannot draw one of its cards."""
     svg = scratch / f"{deck.parent.name}-{deck.stem}.svg"
     svg.write_bytes(gzip.decompress(deck.read_bytes()))  # rsvg-convert reads plain SVG
     name = deck.parent.name if deck.parent != CARD_DECKS[0] else deck.stem
@@ -216,14 +216,13 @@ def write_deck(deck: Path, folder: Path, scratch: Path) -> bool:
         }
     except subprocess.CalledProcessError as error:
         print(f"cards: deck {name} left out: {error.stderr.decode().strip()}", file=sys.stderr)
-        return False
+        return
     for card_name, card in cards.items():
         width = round(card.width * CARD_HEIGHT / card.height)
         (folder / card_name).mkdir(parents=True, exist_ok=True)
         card.resize((width, CARD_HEIGHT), Image.Resampling.LANCZOS).save(
             folder / card_name / f"{name}.png"
         )
-    return True
 
 
 def held_out_families(families: list[str], share: float, seed: int) -> set[str]:
