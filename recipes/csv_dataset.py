@@ -4,8 +4,8 @@
     python recipes/csv_dataset.py labels.csv [--out runs/csv] [--epochs 10]
 
 Paths in the CSV are relative to the CSV's folder and must stay inside it. 10% of the rows
-(stratified by label) are held out for validation; evaluate on another CSV afterwards with
-`tlkit evaluate RUN_DIR other.csv`.
+(stratified by label) are held out for validation and 10% for a test split, evaluated once at
+the end; evaluate on another CSV afterwards with `tlkit evaluate RUN_DIR other.csv`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,21 @@ def main() -> None:
         img_size=arguments.img_size,
     )
     summary = finetune(config)
+    metric = summary.monitor.removeprefix("val_")  # e.g. acc, balanced_acc; multi-label: map
+    test_value = summary.test_metrics.get(f"test_{metric}")
+    if summary.test_acc is not None:
+        low, high = summary.test_acc_interval
+        estimate = (
+            f"accuracy {summary.test_acc:.4f} on {summary.test_images} held-out images "
+            f"(95% interval {low:.3f}-{high:.3f})"
+        )
+    elif test_value is not None:  # multi-label: no accuracy
+        estimate = f"{metric} {test_value:.4f} on {summary.test_images} held-out images"
+    else:  # classes too small to hold out a test image
+        estimate = "none (no test split)"
     print(
-        f"{summary.task}: best {summary.monitor} {summary.best_monitored:.4f} "
-        f"at epoch {summary.best_epoch}; run folder {arguments.out}"
+        f"{summary.task}: test {estimate}; best {summary.monitor} "
+        f"{summary.best_monitored:.4f} at epoch {summary.best_epoch}; run folder {arguments.out}"
     )
 
 

@@ -109,6 +109,7 @@ def imbalanced_run(tmp_path_factory) -> Path:
         batch_size=4,
         num_workers=0,
         epochs=2,
+        test_fraction=0.0,  # train/ keeps its 12:3:3 images
         class_weights="balanced",
         sampling="balanced",
     )

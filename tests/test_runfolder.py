@@ -10,6 +10,7 @@ import torch
 from tlkit.config import FinetuneConfig
 from tlkit.errors import RunFolderError
 from tlkit.infer.predict import evaluate
+from tlkit.metrics import accuracy_interval
 from tlkit.runfolder import (
     DATA_FACTS,
     SUMMARY,
@@ -68,6 +69,10 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         "best_val_metrics": {"val_map": 0.75, "val_exact_match": 0.5},
         "test_metrics": {"test_map": 0.7},
         "decision_thresholds": {"blue": 0.4, "green": 0.5, "red": 0.6},
+        "test_acc": 0.75,
+        "test_acc_interval": [0.4677, 0.9111],
+        "ignored_files": {".ogg": 7858, ".txt": 952},
+        "unread_images": {".svg": 248},
     }
     summary = RunSummary.from_dict(values)
     assert summary.best_monitored == 0.75
@@ -82,6 +87,8 @@ def test_an_older_summary_loads_with_defaults_and_unknown_keys_are_kept(tmp_path
     assert summary.resumed is False and summary.feature_cache is None
     assert summary.task == "single-label" and summary.monitor == "val_acc"
     assert summary.best_monitored == 0.5  # best_val_acc, as older runs monitored it
+    assert summary.test_acc_interval is None
+    assert summary.ignored_files == {} and summary.unread_images == {}
 
     newer = RunSummary.from_dict({**FIRST_SUMMARY, "written_by_a_newer_tlkit": [1, 2]})
     assert newer.extra == {"written_by_a_newer_tlkit": [1, 2]}
@@ -106,6 +113,15 @@ def test_a_broken_summary_is_a_clear_error(tmp_path: Path, text: str, message: s
     with pytest.raises(RunFolderError, match=message) as raised:
         read_summary(tmp_path)
     assert str(tmp_path / SUMMARY) in str(raised.value)
+
+
+def test_the_test_accuracy_interval_is_the_wilson_score_interval():
+    # By hand, 8 of 10 correct, z = 1.959964: centre (0.8 + z^2/20) / (1 + z^2/10) = 0.716740,
+    # half-width z / (1 + z^2/10) * sqrt(0.8 * 0.2 / 10 + z^2/400) = 0.226578.
+    assert accuracy_interval(0.8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-5)
+    low, high = accuracy_interval(0.77, 146)  # the example: about +-7 points
+    assert high - low == pytest.approx(0.137, abs=0.002) and low < 0.77 < high
+    assert accuracy_interval(1.0, 12)[1] == 1.0 and accuracy_interval(0.0, 12)[0] == 0.0
 
 
 def test_skipped_files_round_trip(tmp_path: Path):
@@ -155,7 +171,8 @@ def test_an_old_run_without_a_task_or_data_record_still_evaluates(
 
     facts = read_data_facts(old)
     assert facts.label_kind == "single-label" and facts.classes == ["blue", "green", "red"]
-    assert facts.split_images == {"train": 21, "val": 9, "test": 12}
+    counts = {split: summary[f"{split}_images"] for split in ("train", "val", "test")}
+    assert facts.split_images == counts and counts["train"] > 0  # from summary.json
     assert facts.images_per_class == {} and facts.class_ratio is None
     assert open_run(old).data == facts and open_run(old).summary.monitor == "val_acc"
     result = evaluate(old, colour_folder / "test")

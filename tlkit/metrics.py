@@ -11,6 +11,8 @@ evaluated data. A class without images has no recall, F1 or average precision: i
 `absent_classes`, never averaged in as 0 (torchmetrics' `average="macro"` counts such a class
 as 0 once it is predicted, and its multi-label average precision counts it as 0 always), so
 the number does not move with classes the data does not hold.
+
+`accuracy_interval` says how far an accuracy measured on few images can be trusted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from scipy.stats import binomtest
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import (
@@ -120,6 +123,9 @@ CONFUSION_SCORES = {
 def _number(value: float) -> float | None:
     """A score for JSON: None where it is undefined (NaN)."""
     return None if math.isnan(value) else float(value)
+
+
+CONFIDENCE = 0.95  # of the interval given with a test accuracy
 
 
 @dataclass
@@ -406,3 +412,66 @@ class PredictionsAndTargets(Metric):
         if not self.probabilities:
             return torch.zeros(0, 0), torch.zeros(0, 0)
         return dim_zero_cat(self.probabilities), dim_zero_cat(self.targets)
+
+
+ONE_SIDED_95 = 1.645  # the normal quantile of a one-sided 95% bound
+
+
+def mean_proportion_bound(values: list[float], counts: list[int]) -> tuple[float, float]:
+    """(mean, its one-sided 95% lower bound) of per-class proportions, each measured on
+    `counts` images: the normal approximation to the mean of binomial proportions, each
+    smoothed as Laplace's rule of succession does ((k + 1) / (n + 2)), so that a class of 10
+    images all right still counts as uncertain: 10 of 10 in each of two classes bounds the mean
+    at 0.90, 100 of 100 at 0.99. NaN for no classes."""
+    if not values:
+        return math.nan, math.nan
+    variances = []
+    for value, count in zip(values, counts, strict=True):
+        smoothed = (value * count + 1) / (count + 2)
+        variances.append(smoothed * (1 - smoothed) / count)
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum(variances)) / len(values)
+    return mean, max(0.0, mean - ONE_SIDED_95 * spread)
+
+
+def balanced_accuracy_bound(
+    predicted: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[float, float]:
+    """(balanced accuracy, its one-sided 95% lower bound) of predicted against true class
+    indices: each class's recall is a proportion of its images (`mean_proportion_bound`)."""
+    recalls, counts = [], []
+    for label in range(num_classes):
+        members = labels == label
+        count = int(members.sum())
+        if count:
+            recalls.append(int((predicted[members] == label).sum()) / count)
+            counts.append(count)
+    return mean_proportion_bound(recalls, counts)
+
+
+def mean_average_precision_bound(
+    scores: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, float]:
+    """(mAP, its one-sided 95% lower bound) of (N, C) scores against 0/1 targets: each class's
+    average precision counts as a proportion of its positive images, the binomial interval that
+    Boyd et al. (2013, "Area under the precision-recall curve: point estimates and confidence
+    intervals") found to cover about as well as bootstrapping, at no cost."""
+    values = average_precisions(scores, targets)
+    support = targets.long().sum(dim=0)
+    present = [index for index in range(len(values)) if support[index] > 0]
+    return mean_proportion_bound(
+        [float(values[index]) for index in present], [int(support[index]) for index in present]
+    )
+
+
+def accuracy_interval(
+    accuracy: float, images: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on `images` images: where the
+    accuracy on all images like them lies, with probability `confidence` (a binomial count of
+    correct images; SciPy's `binomtest(...).proportion_ci(method="wilson")`). Unlike the
+    normal approximation it stays inside [0, 1] and holds for small counts and accuracies
+    near 0 or 1: about 0.70-0.83 for 77% of 146 images."""
+    correct = round(accuracy * images)  # an accuracy is correct images / images
+    interval = binomtest(correct, images).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)

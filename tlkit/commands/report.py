@@ -42,14 +42,17 @@ from sklearn.metrics import ConfusionMatrixDisplay
 from tlkit.config import FinetuneConfig
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from tlkit.data.shards import find_converted
+from tlkit.data.sources import OtherFiles
 from tlkit.errors import ConfigError
 from tlkit.infer.predict import LabelledPredictions, Predictor, load_model, predict_labelled
 from tlkit.metrics import (
     ACCURACY,
+    CONFIDENCE,
     TITLES,
     ClassificationMetrics,
     ClassMetrics,
     MultilabelMetrics,
+    accuracy_interval,
     classification_metrics,
     logged_name,
     multilabel_metrics,
@@ -538,9 +541,6 @@ def run_card(
     data = data or DataFacts(list(classes))
     metric = summary.monitor.removeprefix("val_")
     best_val = summary.best_monitored
-    test_value = summary.test_metrics.get(logged_name("test", metric))
-    if test_value is None and metric == ACCURACY:
-        test_value = summary.test_acc
     best = f"{best_val:.4f} at epoch {summary.best_epoch}" if best_val is not None else "?"
     rows = [
         ("run folder", str(run_dir)),
@@ -578,10 +578,9 @@ def run_card(
         (
             "result",
             f"{summary.epochs_run} of {config.epochs} epochs; best validation "
-            f"{TITLES.get(metric, metric)} (the monitored metric) "
-            + best
-            + (f"; test {test_value:.4f} (at training time)" if test_value is not None else ""),
+            f"{TITLES.get(metric, metric)} (the monitored metric) {best}",
         ),
+        ("test estimate", _test_estimate(summary, metric)),
         ("test-time augmentation", _tta_description(tta_cost)),
         ("training time", f"{summary.wall_time_s} s"),
     ]
@@ -601,7 +600,41 @@ def run_card(
             f"training {summary.skipped_files} (listed in {SKIPPED})" + evaluation_skipped,
         )
     )
+    other_files = OtherFiles.from_counts(summary.ignored_files, summary.unread_images)
+    if other_files.messages():
+        rows.append(("files not read", "; ".join(other_files.messages())))
     return rows
+
+
+def _test_estimate(summary: RunSummary, metric: str) -> str:
+    """The test accuracy at training time with its image count and interval (computed for
+    summaries written before tlkit recorded it) and the monitored `metric`'s test score; a
+    multi-label run's monitored metric; or why there is none."""
+    test_value = summary.test_metrics.get(logged_name("test", metric))
+    monitored = (
+        f"; {TITLES.get(metric, metric)} {test_value:.4f}"
+        if test_value is not None and metric != ACCURACY
+        else ""
+    )
+    if summary.test_acc is None:
+        if test_value is not None:  # multi-label: no accuracy
+            return (
+                f"{TITLES.get(metric, metric)} {test_value:.4f} on {summary.test_images} "
+                "held-out images, at training time"
+            )
+        if summary.test_images:
+            return f"none: the {summary.test_images} test images were not evaluated"
+        return (
+            "none: no test split; the best validation score also chose the checkpoint and "
+            "when to stop, so it flatters the model (keep a test split: --test-fraction)"
+        )
+    low, high = summary.test_acc_interval or accuracy_interval(
+        summary.test_acc, summary.test_images
+    )
+    return (
+        f"{summary.test_acc:.4f} on {summary.test_images} held-out images, {CONFIDENCE:.0%} "
+        f"interval {low:.3f}-{high:.3f} (Wilson){monitored}, at training time"
+    )
 
 
 def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, str]]:
@@ -632,14 +665,50 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
             "linear probe / k-NN",
             f"{_number(evidence.get('linear_val_acc'), 4)} / "
             f"{_number(evidence.get('knn_val_acc'), 4)}",
-            f"validation {evidence.get('probe_metric', 'top-1')} on cached features at "
-            f"{evidence.get('input_size')} px ({evidence.get('probe_seconds')} s)",
+            f"validation {TITLES.get(evidence.get('probe_metric'), 'top-1 accuracy')} on "
+            f"cached features at {evidence.get('input_size')} px "
+            f"({evidence.get('probe_seconds')} s)",
         ),
     ]
+    if evidence.get("probe_balanced_acc") is not None:
+        rows.append(
+            (
+                f"probe's {evidence.get('probe_evidence_metric', 'balanced accuracy')}",
+                f"{_number(evidence['probe_balanced_acc'], 4)}, at least "
+                f"{_number(evidence['probe_balanced_lower_bound'], 4)}",
+                f"95% confidence, on {evidence.get('probe_evidence')} "
+                f"({evidence.get('probe_images')} training images probed)",
+            )
+        )
     for name, choice in decision.get("choices", {}).items():
-        rows.append((f"chose {name}", str(choice.get("value")), str(choice.get("reason"))))
+        if choice.get("applies", True):
+            rows.append((f"chose {name}", str(choice.get("value")), str(choice.get("reason"))))
     if decision.get("given"):
         rows.append(("kept as given", ", ".join(decision["given"]), "flags or config keys"))
+    planned = decision.get("budget")
+    if planned:
+        throughput = planned["throughput"]
+        steps = "; ".join(planned["stepped_down"]) or "none"
+        rows.append(
+            (
+                "budget",
+                f"{planned['seconds']:.0f} s, predicted {planned['predicted_s']:.0f} s",
+                f"{throughput['train_images_per_s']:.0f} training, "
+                f"{throughput['eval_images_per_s']:.0f} evaluation images/s measured on "
+                f"{throughput['device']}; stepped down: {steps}",
+            )
+        )
+    head = decision.get("head")
+    if head:
+        rows.append(
+            (
+                "head kept",
+                head["kept"],
+                f"validation {TITLES.get(head.get('metric'), 'top-1 accuracy')}: linear probe "
+                f"{_number(head['probe_val_acc'], 4)}, trained head "
+                f"{_number(head['trained_val_acc'], 4)}",
+            )
+        )
     return rows
 
 

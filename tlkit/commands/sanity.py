@@ -58,6 +58,7 @@ from tlkit.train.build import (
     data_facts,
     provisional_strategy,
 )
+from tlkit.train.hardware import device_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -545,6 +546,7 @@ def run_sanity_checks(
         # fixed values (finetune.provisional_strategy).
         config = dataclasses.replace(config, strategy=provisional_strategy(config))
     check_config(config)
+    config = device_defaults(config)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")

@@ -28,8 +28,8 @@ from tlkit.data.labels import (
     class_counts,
     resolve_label_kind,
 )
-from tlkit.data.sources import ScanResult, data_root, relative_path, scan
-from tlkit.data.split import split_train_val
+from tlkit.data.sources import OtherFiles, ScanResult, data_root, relative_path, scan
+from tlkit.data.split import split_samples
 from tlkit.errors import DatasetError
 from tlkit.runfolder import DataFacts, Preprocessing
 
@@ -49,12 +49,14 @@ class BaseImageDataModule(pl.LightningDataModule):
     each split (`scan_splits`) and read them (`images`).
 
     `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
-    jitter); `augment=False` trains on the evaluation transform. `task` says how the labels
-    are read (`auto`: as the data is labelled; `labels.LABEL_KINDS`), `sampling` how the
-    training images are drawn (`datasets.TRAINING_SAMPLERS`). `classes`, `label_kind`,
-    `skipped`, the datasets and `data_facts()` are available after `setup()`.
-    `recorded_split` ({path relative to the data root: train | val | test}, a run's split.csv)
-    is the split a resumed run must train on. With
+    jitter); `augment=False` trains on the evaluation transform. `val_fraction` and
+    `test_fraction` are the shares of the images held out where the data has no such split of
+    its own (`split.split_samples`). `task` says how the labels are read (`auto`: as the data
+    is labelled; `labels.LABEL_KINDS`), `sampling` how the training images are drawn
+    (`datasets.TRAINING_SAMPLERS`). `classes`, `label_kind`, `skipped` (unusable image files,
+    with the reason), `other_files` (files not read, counted), the datasets and `data_facts()`
+    are available after `setup()`. `recorded_split` ({path relative to the data root: train |
+    val | test}, a run's split.csv) is the split a resumed run must train on. With
     `load_failure_log`, images that fail to load during training are recorded there
     (`load_failures()`) and skipped instead of stopping the run.
     """
@@ -66,6 +68,7 @@ class BaseImageDataModule(pl.LightningDataModule):
         batch_size: int = _default("batch_size"),
         num_workers: int = _default("num_workers"),
         val_fraction: float = _default("val_fraction"),
+        test_fraction: float = _default("test_fraction"),
         seed: int = _default("seed"),
         augment: bool = _default("augment"),
         augmentation: dict | None = None,
@@ -81,6 +84,7 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers < 0 else num_workers
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.augment = augment
         self.augmentation = augmentation or {}
@@ -92,13 +96,17 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.classes: list[str] = []
         self.label_kind = "single-label"
         self.skipped: list[tuple[str, str]] = []
+        self.other_files = OtherFiles()
+        # (width, height) as stored, by sample path, of the images whose size the scan read
+        # (none with --verify none): free evidence of the sources' sizes for --strategy auto
+        self.image_sizes: dict[str, tuple[int, int]] = {}
         self.train_set: LabelledImages | None = None
         self.val_set: LabelledImages | None = None
         self.test_set: LabelledImages | None = None
 
     def scan_splits(self) -> dict[str, list[tuple[str, Label]]]:
         """The `(path, label)` samples of train, val and (where there is one) test; sets
-        `classes`, `label_kind` and `skipped`."""
+        `classes`, `label_kind`, `skipped`, `other_files` and `image_sizes`."""
         raise NotImplementedError
 
     def read_as_task(
@@ -212,7 +220,10 @@ class BaseImageDataModule(pl.LightningDataModule):
 
 class ImageDataModule(BaseImageDataModule):
     """The data module of an image folder or CSV (see `sources` for the layouts): scanned
-    with `verify` and the scan index in `scan_cache`, split stably (`split.split_train_val`).
+    with `verify` and the scan index in `scan_cache`, split stably (`split.split_samples`):
+    of a layout without `val/` or `test/` folders, `val_fraction` and `test_fraction` of the
+    training images are held out (a given folder is used instead; `test_fraction` 0 holds out
+    no test split).
     `preprocessing` may be None where only `scan_splits()` is used (`tlkit convert`).
 
     A `recorded_split` replaces the computed split: recorded images that are gone are
@@ -250,8 +261,9 @@ class ImageDataModule(BaseImageDataModule):
         return relative_path(path, self.root)
 
     def scan_splits(self) -> dict[str, list[tuple[str, Label]]]:
-        """Scan the data and split it: the `(path, label)` samples of train, val and (with a
-        test/ folder) test. Sets `classes`, `label_kind` and `skipped`. `setup` builds the
+        """Scan the data and split it: the `(path, label)` samples of train, val and test
+        (empty with `test_fraction` 0 and no test/ folder, or classes too small to hold one
+        out). Sets `classes`, `label_kind`, `skipped` and `other_files`. `setup` builds the
         datasets from it; `tlkit convert` writes it into shards (and needs no
         `preprocessing`)."""
         split_dir = self.data_dir / "train"
@@ -262,17 +274,22 @@ class ImageDataModule(BaseImageDataModule):
                 f"{self.data_dir}: found one class ({self.classes[0]}); a classifier needs two"
             )
         self.skipped = list(train_scan.skipped)
-        val_dir, test_dir = self.data_dir / "val", self.data_dir / "test"
-        splits: dict[str, list[tuple[str, Label]]] = {}
-        if split_dir.is_dir() and val_dir.is_dir():
-            splits["train"] = train_scan.samples
-            splits["val"] = self._scan_split(val_dir).samples
-        else:
-            splits["train"], splits["val"] = split_train_val(
-                train_scan.samples, self.val_fraction, self.seed, self.root
-            )
-        if split_dir.is_dir() and test_dir.is_dir():
-            splits["test"] = self._scan_split(test_dir).samples
+        self.image_sizes = dict(train_scan.image_sizes)
+        self.other_files = OtherFiles()
+        self.other_files.update(train_scan.other_files)
+        given = {
+            split: self._scan_split(self.data_dir / split).samples
+            for split in ("val", "test")
+            if split_dir.is_dir() and (self.data_dir / split).is_dir()
+        }
+        fractions = {"val": self.val_fraction, "test": self.test_fraction}
+        held_out = {
+            split: fraction
+            for split, fraction in fractions.items()
+            if split not in given and fraction > 0
+        }
+        splits = split_samples(train_scan.samples, held_out, self.seed, self.root)
+        splits = {"train": splits["train"], "val": [], "test": [], **splits, **given}
         if self.recorded_split is not None:
             splits = self._follow_recorded_split(splits, self.recorded_split)
         return self.read_as_task(splits, train_scan.label_kind)
@@ -317,4 +334,6 @@ class ImageDataModule(BaseImageDataModule):
     def _scan_split(self, folder: Path) -> ScanResult:
         result = self._scan(folder, self.classes)
         self.skipped += result.skipped
+        self.other_files.update(result.other_files)
+        self.image_sizes |= result.image_sizes
         return result

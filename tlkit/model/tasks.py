@@ -43,8 +43,10 @@ from tlkit.metrics import (
     ClassificationMetrics,
     ConfusionMatrixScore,
     MultilabelMetrics,
+    balanced_accuracy_bound,
     classification_metrics,
     mean_average_precision,
+    mean_average_precision_bound,
     multilabel_metrics,
 )
 
@@ -85,8 +87,16 @@ class TaskDefinition:
     prediction_row: Callable[[torch.Tensor, list[str], int, list[float]], dict[str, Any]]
     thresholded: bool  # a class is predicted at a per-class probability threshold
     fit_metric: str  # what the sanity check's overfit run must bring to its target
-    probe_metric: str  # the linear probe's and k-NN's score (auto's evidence)
+    # the linear probe's and k-NN's score (a metric name), which picks the penalty and k, and
+    # which auto's `features` runs compare the trained head on
+    probe_metric: str
     probe_score: Callable[[torch.Tensor, torch.Tensor], float]  # (scores, targets) -> it
+    # auto's evidence from the probe: (logits, targets, classes) -> (score, its one-sided 95%
+    # lower bound), and the score's name
+    probe_evidence: Callable[[torch.Tensor, torch.Tensor, int], tuple[float, float]]
+    probe_evidence_metric: str
+    # targets -> one stratum per image, dealt evenly round cross-validation's folds
+    probe_strata: Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +176,16 @@ def _top1(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return float((scores.argmax(dim=1) == targets).float().mean())
 
 
+def _balanced_accuracy_of_logits(
+    logits: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> tuple[float, float]:
+    return balanced_accuracy_bound(logits.argmax(dim=1), targets, num_classes)
+
+
+def _own_class(targets: torch.Tensor) -> torch.Tensor:
+    return targets
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-label
 
@@ -193,6 +213,21 @@ def _binary_cross_entropy(
     `weights` weigh each class's positives (PyTorch's `pos_weight`)."""
     targets = targets * (1 - smoothing) + smoothing / 2
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights)
+
+
+def _map_of_logits(
+    logits: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> tuple[float, float]:
+    return mean_average_precision_bound(logits, targets)
+
+
+def _rarest_class(targets: torch.Tensor) -> torch.Tensor:
+    """Each image's rarest class (the number of classes for an image with none), so that
+    stratifying by it spreads every class's few images over the folds."""
+    frequency = targets.sum(dim=0)
+    rarity = torch.where(targets > 0, frequency, math.inf)
+    rarest = rarity.argmin(dim=1)
+    return torch.where(targets.sum(dim=1) > 0, rarest, targets.shape[1])
 
 
 def _ln_2(num_classes: int) -> tuple[float, str]:
@@ -259,8 +294,11 @@ TASKS: dict[Task, TaskDefinition] = {
         prediction_row=_top_k_row,
         thresholded=False,
         fit_metric=ACCURACY,
-        probe_metric="top-1",
+        probe_metric=ACCURACY,
         probe_score=_top1,
+        probe_evidence=_balanced_accuracy_of_logits,
+        probe_evidence_metric="balanced accuracy",
+        probe_strata=_own_class,
     ),
     "multi-label": TaskDefinition(
         name="multi-label",
@@ -285,8 +323,11 @@ TASKS: dict[Task, TaskDefinition] = {
         prediction_row=_labels_at_thresholds,
         thresholded=True,
         fit_metric=EXACT_MATCH,
-        probe_metric="mAP",
+        probe_metric=MEAN_AVERAGE_PRECISION,
         probe_score=mean_average_precision,
+        probe_evidence=_map_of_logits,
+        probe_evidence_metric="mAP",
+        probe_strata=_rarest_class,
     ),
 }
 

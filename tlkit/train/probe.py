@@ -8,8 +8,9 @@ probe's head, and `--strategy auto` reads both accuracies as evidence.
 The probe follows the classic linear-probe protocol (CLIP, BiT): multinomial logistic
 regression on standardised features, its L2 penalty chosen on the validation split from a short
 grid. For a multi-label task it is one-vs-rest logistic regression (the task's loss, binary
-cross-entropy per class, fitted jointly) and its evidence is mAP, not top-1; k-NN scores a class
-by its neighbours' similarity-weighted votes for it (`TaskDefinition.probe_score`).
+cross-entropy per class, fitted jointly) and its score is mAP, not top-1; k-NN scores a class
+by its neighbours' weighted votes for it (`TaskDefinition.probe_score`). Auto's evidence is the
+task's too (`TaskDefinition.probe_evidence`): balanced accuracy, or mAP, with a lower bound.
 
 It is fitted by full-batch L-BFGS in torch (`torch.optim.LBFGS`, strong-Wolfe line
 search), warm-started along the grid from the strongest penalty to the weakest, 20 iterations
@@ -23,6 +24,7 @@ this fit for all three, and returns numpy arrays to move back into the head.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from tlkit.data.datamodule import BaseImageDataModule
+from tlkit.data.datasets import LabelledImages
+from tlkit.data.labels import label_indices
 from tlkit.errors import ConfigError, DatasetError
+from tlkit.metrics import ACCURACY
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TaskDefinition, task_of
 from tlkit.train.features import CachedFeatureDataModule
@@ -43,6 +48,13 @@ L2_PENALTIES = (1e-1, 1e-2, 1e-3)
 # k-NN neighbour counts tried (DINO's k-NN evaluation uses 20).
 KNN_NEIGHBOURS = (1, 5, 10, 20, 50)
 LBFGS_ITERATIONS = 20  # per penalty: within 0.2 points of convergence (measured), 66 evaluations
+# Fewer validation images than this: the probe's evidence is k-fold cross-validation instead.
+CROSS_VALIDATE_BELOW = 200
+CROSS_VALIDATION_FOLDS = 5
+# k-NN votes: each neighbour's weight is exp(similarity / temperature), as DINO's k-NN
+# evaluation weighs them (Caron et al. 2021): always positive, so a dissimilar neighbour votes
+# weakly for its class, never against it.
+KNN_TEMPERATURE = 0.07
 KNN_CHUNK = 1024  # validation rows per similarity matmul (bounds memory at chunk x train rows)
 
 
@@ -58,7 +70,16 @@ class ProbeResult:
     weight: torch.Tensor  # (num_classes, feature_dim): the head's classifier weight
     bias: torch.Tensor  # (num_classes,)
     l2_penalty: float = 0.0  # the penalty chosen on validation
-    metric: str = "top-1"
+    metric: str = ACCURACY  # the name of what linear_val_acc and knn_val_acc measure
+    # The task's evidence (`evidence_metric`): balanced accuracy (mean recall over the classes
+    # with images), or for multi-label mAP, and a one-sided 95% lower bound on it
+    # (`TaskDefinition.probe_evidence`), on validation or, where the validation split is
+    # small, on out-of-fold predictions of the training features (`evidence`).
+    evidence_metric: str = "balanced accuracy"
+    balanced_acc: float = float("nan")
+    balanced_lower_bound: float = float("nan")
+    evidence: str = "validation"  # or "5-fold cross-validation"
+    evidence_images: int = 0  # the predictions behind balanced_acc
 
     def copy_into(self, model: TransferClassifier) -> None:
         """Make this probe the model's classifier (LP-FT's start); the head must have no hidden
@@ -78,6 +99,11 @@ class ProbeResult:
             "l2_penalty": self.l2_penalty,
             "fit_seconds": round(self.fit_seconds, 3),
             "metric": self.metric,
+            "evidence_metric": self.evidence_metric,
+            "balanced_acc": round(self.balanced_acc, 4),
+            "balanced_lower_bound": round(self.balanced_lower_bound, 4),
+            "evidence": self.evidence,
+            "evidence_images": self.evidence_images,
         }
 
 
@@ -88,6 +114,7 @@ def fit_probe(
     val_y: torch.Tensor,
     num_classes: int,
     seed: int = 0,
+    device: str | torch.device = "cpu",
     task: str = "single-label",
 ) -> ProbeResult:
     """Fit the linear probe (penalty chosen on validation) and measure k-NN on the same features.
@@ -95,32 +122,39 @@ def fit_probe(
 
     Deterministic for the same inputs (full-batch L-BFGS from zero weights; `seed` fixes torch's
     generator for anything random), so every DDP process fitting it gets the same head.
-    The returned weight and bias act on the raw features: the standardisation is folded in.
+    The returned weight and bias act on the raw features (on the CPU): the standardisation is
+    folded in. Its evidence (balanced accuracy; multi-label: mAP) comes with a lower confidence
+    bound; where the validation
+    split holds fewer than `CROSS_VALIDATE_BELOW` images, that evidence comes from k-fold
+    cross-validation on the training and validation features together instead.
     """
     definition = task_of(task)
     _check_features(train_x, train_y, val_x, val_y, num_classes)
-    train_x, val_x = train_x.float().cpu(), val_x.float().cpu()
-    train_y, val_y = train_y.cpu(), val_y.cpu()
+    device = torch.device(device)
+    train_x, val_x = train_x.float().to(device), val_x.float().to(device)
+    train_y, val_y = train_y.to(device), val_y.to(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mean = train_x.mean(0)
-        std = train_x.std(0).clamp_min(1e-6)  # a dead feature (all zero) stays zero
-        train_z, val_z = (train_x - mean) / std, (val_x - mean) / std
-        weight = torch.zeros(num_classes, train_x.shape[1], requires_grad=True)
-        bias = torch.zeros(num_classes, requires_grad=True)
-        best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
-        for penalty in L2_PENALTIES:
-            _minimise(train_z, train_y, weight, bias, penalty, definition)
-            with torch.no_grad():
-                accuracy = definition.probe_score(val_z @ weight.T + bias, val_y)
-            if best is None or accuracy > best[0]:  # ties: the stronger penalty, tried first
-                best = (accuracy, penalty, weight.detach().clone(), bias.detach().clone())
-    accuracy, penalty, weight, bias = best
+        fitted = _fit_penalties(train_x, train_y, num_classes, definition)
+        scored = [
+            (definition.probe_score(head(val_x).cpu(), val_y.cpu()), penalty, head)
+            for penalty, head in fitted
+        ]
+        # the best on validation; ties: the stronger penalty, tried first
+        accuracy, penalty, head = max(scored, key=lambda row: (row[0], row[1]))
+        balanced, bound = definition.probe_evidence(head(val_x).cpu(), val_y.cpu(), num_classes)
+        evidence, evidence_images = "validation", len(val_y)
+        if len(val_y) < CROSS_VALIDATE_BELOW:
+            balanced, bound, evidence_images = _cross_validated(
+                torch.cat([train_x, val_x]),
+                torch.cat([train_y, val_y]),
+                num_classes,
+                seed,
+                definition,
+            )
+            evidence = f"{CROSS_VALIDATION_FOLDS}-fold cross-validation"
     fit_seconds = time.perf_counter() - started
-    # logits = W (x - mean) / std + b = (W / std) x + (b - (W / std) mean)
-    folded_weight = weight / std
-    folded_bias = bias - folded_weight @ mean
     knn_accuracy, knn_k = knn_accuracy_best_k(
         train_x, train_y, val_x, val_y, num_classes, task=task
     )
@@ -129,11 +163,83 @@ def fit_probe(
         knn_val_acc=knn_accuracy,
         knn_k=knn_k,
         fit_seconds=fit_seconds,
-        weight=folded_weight,
-        bias=folded_bias,
+        weight=head.weight.cpu(),
+        bias=head.bias.cpu(),
         l2_penalty=penalty,
         metric=definition.probe_metric,
+        evidence_metric=definition.probe_evidence_metric,
+        balanced_acc=balanced,
+        balanced_lower_bound=bound,
+        evidence=evidence,
+        evidence_images=evidence_images,
     )
+
+
+@dataclass(frozen=True)
+class _LinearHead:
+    """A fitted probe on raw features: logits = x W^T + b."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight.T + self.bias
+
+
+def _fit_penalties(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, task: TaskDefinition
+) -> list[tuple[float, _LinearHead]]:
+    """The probe fitted at each of `L2_PENALTIES` (strongest first, each warm-started from the
+    last) on standardised features, each folded back to act on the raw features."""
+    mean = features.mean(0)
+    std = features.std(0).clamp_min(1e-6)  # a dead feature (all zero) stays zero
+    standardised = (features - mean) / std
+    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True, device=features.device)
+    bias = torch.zeros(num_classes, requires_grad=True, device=features.device)
+    fitted = []
+    for penalty in L2_PENALTIES:
+        _minimise(standardised, labels, weight, bias, penalty, task)
+        # logits = W (x - mean) / std + b = (W / std) x + (b - (W / std) mean)
+        folded = weight.detach() / std
+        fitted.append((penalty, _LinearHead(folded, bias.detach() - folded @ mean)))
+    return fitted
+
+
+def _cross_validated(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    seed: int,
+    task: TaskDefinition,
+) -> tuple[float, float, int]:
+    """(the task's evidence, its lower bound, images) of out-of-fold predictions: stratified
+    k-fold (by class; multi-label: by each image's rarest class), each fold predicted by the
+    probe fitted on the others at the penalty that is best over all folds."""
+    generator = torch.Generator().manual_seed(seed)
+    strata = task.probe_strata(labels).cpu()
+    fold_of = torch.empty(len(labels), dtype=torch.long)
+    for stratum in strata.unique():  # each stratum dealt round the folds in a seeded order
+        members = (strata == stratum).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        fold_of[members] = torch.arange(len(members)) % CROSS_VALIDATION_FOLDS
+    fold_of = fold_of.to(labels.device)
+    logits = {
+        penalty: torch.zeros(len(labels), num_classes, device=features.device)
+        for penalty in L2_PENALTIES
+    }
+    for fold in range(CROSS_VALIDATION_FOLDS):
+        held_out = fold_of == fold
+        if held_out.all() or not held_out.any():
+            continue
+        fitted = _fit_penalties(features[~held_out], labels[~held_out], num_classes, task)
+        for penalty, head in fitted:
+            logits[penalty][held_out] = head(features[held_out])
+    scores = [
+        task.probe_evidence(fold_logits.cpu(), labels.cpu(), num_classes)
+        for fold_logits in logits.values()
+    ]
+    score, bound = max(scores)
+    return score, bound, len(labels)
 
 
 def _check_features(
@@ -198,11 +304,13 @@ def knn_accuracy_best_k(
 ) -> tuple[float, int]:
     """(validation score, k) of the best cosine-similarity k-NN classifier over
     `neighbour_counts` (counts above the training size are left out): top-1, or for a
-    multi-label task mAP of the votes. Neighbours vote with their similarity (for each of their
-    labels), which also breaks ties."""
+    multi-label task mAP of the votes. Neighbours vote (for each of their labels) with
+    exp(similarity / `KNN_TEMPERATURE`): the nearest count most, none counts against its
+    class."""
     score = task_of(task).probe_score
     counts = [k for k in neighbour_counts if k <= len(train_x)] or [len(train_x)]
     train = F.normalize(train_x.float(), dim=1)
+    train_y = train_y.to(train.device)
     class_indices = train_y.ndim == 1
     # top-1 is a mean over images, summed chunk by chunk; mAP needs every image's votes
     correct = torch.zeros(len(counts))
@@ -211,19 +319,22 @@ def knn_accuracy_best_k(
         chunk = F.normalize(val_x[start : start + KNN_CHUNK].float(), dim=1)
         similarity, index = (chunk @ train.T).topk(max(counts), dim=1)
         neighbour_labels = train_y[index]
-        truth = val_y[start : start + KNN_CHUNK]
+        weights = (similarity / KNN_TEMPERATURE).exp()
+        truth = val_y[start : start + KNN_CHUNK].cpu()
         for position, k in enumerate(counts):
             if class_indices:
-                chunk_votes = torch.zeros(len(chunk), num_classes)
-                chunk_votes.scatter_add_(1, neighbour_labels[:, :k], similarity[:, :k])
-                correct[position] += score(chunk_votes, truth) * len(chunk)
+                chunk_votes = torch.zeros(len(chunk), num_classes, device=train.device)
+                chunk_votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+                correct[position] += score(chunk_votes.cpu(), truth) * len(chunk)
             else:  # multi-label 0/1 rows: each neighbour votes for each of its labels
-                chunk_votes = torch.einsum("nk,nkc->nc", similarity[:, :k], neighbour_labels[:, :k])
-                votes[position][start : start + KNN_CHUNK] = chunk_votes
+                chunk_votes = torch.einsum(
+                    "nk,nkc->nc", weights[:, :k], neighbour_labels[:, :k].float()
+                )
+                votes[position][start : start + KNN_CHUNK] = chunk_votes.cpu()
     if class_indices:
         scores = correct / len(val_x)
     else:
-        scores = torch.tensor([score(vote, val_y) for vote in votes])
+        scores = torch.tensor([score(vote, val_y.cpu()) for vote in votes])
     best = int(scores.argmax())  # ties: the smaller k
     return float(scores[best]), counts[best]
 
@@ -234,9 +345,13 @@ def probe_features(
     cache_dir: str | Path,
     progress: bool = False,
     device: str | torch.device = "cpu",
+    per_class: int | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cached pooled features (plain evaluation view) of the train and validation splits:
-    `train_x, train_y, val_x, val_y`.
+    `train_x, train_y, val_x, val_y`; with `per_class`, of a seeded sample of at most that many
+    images of each class in each split (`per_class_sample`), which bounds the probe's cost
+    whatever the dataset's size.
 
     Through the `features` strategy's cache (same keys, same files in `cache_dir`): what is
     cached is read, what is not is extracted on `device`. Safe to call from every DDP process
@@ -244,7 +359,30 @@ def probe_features(
     wait, then read the file.
     """
     images.setup("fit")
-    cache = CachedFeatureDataModule(model, images, cache_dir, device=device, progress=progress)
+    splits = {"train": images.train_set, "val": images.val_set}
+    if per_class is not None:
+        splits = {name: per_class_sample(split, per_class, seed) for name, split in splits.items()}
+    cache = CachedFeatureDataModule(
+        model, images, cache_dir, device=device, progress=progress, splits=splits
+    )
     train_x, train_y = cache.labelled_features("train")
     val_x, val_y = cache.labelled_features("val")
     return train_x[0], train_y, val_x[0], val_y
+
+
+def per_class_sample(images: LabelledImages, per_class: int, seed: int) -> LabelledImages:
+    """At most `per_class` images of each class, drawn with a seeded generator (the same sample
+    every time, so its cached features are found again); all of them if none has more."""
+    by_class: dict[int, list[int]] = {}
+    for position, (_path, label) in enumerate(images.samples):
+        # a multi-label image is drawn as one of its first class (unlabelled: a group)
+        by_class.setdefault(min(label_indices(label), default=-1), []).append(position)
+    if all(len(positions) <= per_class for positions in by_class.values()):
+        return images
+    generator = random.Random(seed)
+    chosen = []
+    for positions in by_class.values():
+        chosen += (
+            positions if len(positions) <= per_class else generator.sample(positions, per_class)
+        )
+    return images.subset(sorted(chosen))
