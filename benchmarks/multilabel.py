@@ -112,6 +112,7 @@ def main() -> None:
             lr=arguments.lr,
             batch_size=arguments.batch_size,
             seed=arguments.seed,
+            test_fraction=0.0,  # test.csv is the test set
         ),
         enable_progress_bar=False,
     )

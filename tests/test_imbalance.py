@@ -130,6 +130,10 @@ def test_an_imbalanced_auto_run_records_the_ratio_and_monitors_balanced_accuracy
     facts = read_data_facts(imbalanced_run)
     assert facts.images_per_class == {"train": [3, 3, 12], "val": [0, 3, 3]}
     assert facts.classes_without_images("val") == ["blue"]
+    # the sources' sizes, from the scan: every training image's header, 32 px squares
+    assert facts.sized_images == 18 and facts.source_short_side_median == 32
+    assert decision["evidence"]["source_short_side_median"] == 32
+    assert decision["evidence"]["sampled_files"] == 18
     expected = TASKS["single-label"].balanced_loss_weights([3, 3, 12], 18)
     assert load_model(imbalanced_run).hparams.loss_weights == pytest.approx(expected)
 

@@ -26,6 +26,7 @@ from scipy.stats import binomtest
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import (
+    binary_average_precision,
     multiclass_accuracy,
     multiclass_confusion_matrix,
     multilabel_average_precision,
@@ -351,7 +352,11 @@ def average_precisions(scores: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     targets = targets.long()
     present = targets.sum(dim=0) > 0
     values = torch.full((scores.shape[1],), math.nan, dtype=torch.float64)
-    if present.any():
+    if int(present.sum()) == 1:  # torchmetrics' multi-label form needs two classes or more
+        values[present] = binary_average_precision(
+            scores[:, present].flatten().float(), targets[:, present].flatten()
+        ).double()
+    elif present.any():
         values[present] = multilabel_average_precision(
             scores[:, present].float(), targets[:, present], int(present.sum()), average=None
         ).double()

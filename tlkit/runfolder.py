@@ -83,8 +83,9 @@ class Preprocessing:
 class DataFacts:
     """What the data says, as the scan (of folders, CSVs or converted shards) found it: the
     classes, how images are labelled (`label_kind`: a task name, `config.Task`), images per
-    split and, per split, per class (multi-label: images carrying the class), and whether
-    training shows the model mirror images. Made by the data module after its scan
+    split and, per split, per class (multi-label: images carrying the class), the training
+    images' median short side as stored (over the `sized_images` whose size the scan read), and
+    whether training shows the model mirror images. Made by the data module after its scan
     (`BaseImageDataModule.data_facts`), stored in the run folder (data.json), and read by the
     model, auto, the report and export, so no caller threads these facts through by hand.
 
@@ -96,6 +97,8 @@ class DataFacts:
     split_images: dict[str, int] = field(default_factory=dict)
     images_per_class: dict[str, list[int]] = field(default_factory=dict)
     trained_with_hflip: bool = True
+    source_short_side_median: float | None = None  # None: the scan read no size
+    sized_images: int = 0
 
     @property
     def class_ratio(self) -> float | None:
@@ -127,6 +130,8 @@ class DataFacts:
                     for split, counts in values.get("images_per_class", {}).items()
                 },
                 trained_with_hflip=bool(values.get("trained_with_hflip", True)),
+                source_short_side_median=values.get("source_short_side_median"),
+                sized_images=int(values.get("sized_images", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise RunFolderError(f"{source}: not a tlkit data record ({error!r})") from None

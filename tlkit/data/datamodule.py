@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -164,9 +165,12 @@ class BaseImageDataModule(pl.LightningDataModule):
 
     def data_facts(self, trained_with_hflip: bool) -> DataFacts:
         """What the scanned data says (after `setup`): classes, label kind, images per split
-        and per class; `trained_with_hflip`: whether training shows mirror images."""
+        and per class, the training images' sizes as the scan read them; `trained_with_hflip`:
+        whether training shows mirror images."""
         datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
         present = {split: data for split, data in datasets.items() if data is not None}
+        sizes = [self.image_sizes.get(path) for path, _ in self.train_set.samples]
+        sizes = [size for size in sizes if size]
         return DataFacts(
             classes=list(self.classes),
             label_kind=self.label_kind,
@@ -176,6 +180,10 @@ class BaseImageDataModule(pl.LightningDataModule):
                 for split, data in present.items()
             },
             trained_with_hflip=trained_with_hflip,
+            source_short_side_median=(
+                float(statistics.median(min(size) for size in sizes)) if sizes else None
+            ),
+            sized_images=len(sizes),
         )
 
     def collator(self) -> BatchCollator:

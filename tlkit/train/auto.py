@@ -35,6 +35,7 @@ from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.metrics import ACCURACY, TITLES
 from tlkit.model.backbones import layer_groups, preprocessing
 from tlkit.model.tasks import resolve_monitor
+from tlkit.runfolder import DataFacts
 from tlkit.train import budget
 from tlkit.train.build import build_datamodule, build_model, cache_folder, data_facts
 from tlkit.train.hardware import training_device
@@ -320,13 +321,17 @@ def decide(
 # Measuring
 
 
-def source_short_side(images: BaseImageDataModule, seed: int) -> tuple[float | None, int]:
+def source_short_side(
+    images: BaseImageDataModule, facts: DataFacts, seed: int
+) -> tuple[float | None, int]:
     """Median short side of the training images and how many files it rests on: the sizes the
-    scan stored for every file (folders, CSVs and converted datasets alike); where the scan
-    read none (--verify none), the headers of a seeded sample of the files."""
+    scan stored for every file (`DataFacts`; folders, CSVs and converted datasets alike); where
+    the scan read none (--verify none), the headers of a seeded sample of the files."""
+    if facts.sized_images:
+        return facts.source_short_side_median, facts.sized_images
     samples = images.train_set.samples
-    sizes = [images.image_sizes[path] for path, _ in samples if path in images.image_sizes]
-    if not sizes:
+    sizes: list[tuple[int, int]] = []
+    if samples:
         count = min(SIZE_SAMPLE_FILES, len(samples))
         positions = random.Random(seed).sample(range(len(samples)), count)
         sizes = [size for size in map(images.train_set.stored_size, positions) if size]
@@ -353,7 +358,7 @@ def measure(
     images.setup("fit")
     facts = data_facts(probe_config, images)
     per_class = facts.images_per_class["train"]
-    side, sized = source_short_side(images, config.seed)
+    side, sized = source_short_side(images, facts, config.seed)
     fixed = bool(getattr(get_pretrained_cfg(config.backbone), "fixed_input_size", False))
     size = (
         Choice(config.img_size, "given")

@@ -327,9 +327,11 @@ def knn_accuracy_best_k(
                 chunk_votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
                 correct[position] += score(chunk_votes.cpu(), truth) * len(chunk)
             else:  # multi-label 0/1 rows: each neighbour votes for each of its labels
+                # as a share of the neighbours' weight, a probability that ranks across images
+                # (a raw sum would rank images by how dense their neighbourhood is)
                 chunk_votes = torch.einsum(
                     "nk,nkc->nc", weights[:, :k], neighbour_labels[:, :k].float()
-                )
+                ) / weights[:, :k].sum(dim=1, keepdim=True)
                 votes[position][start : start + KNN_CHUNK] = chunk_votes.cpu()
     if class_indices:
         scores = correct / len(val_x)
