@@ -458,9 +458,10 @@ def mean_average_precision_bound(
     scores: torch.Tensor, targets: torch.Tensor
 ) -> tuple[float, float]:
     """(mAP, its one-sided 95% lower bound) of (N, C) scores against 0/1 targets: each class's
-    average precision counts as a proportion of its positive images, the binomial interval that
-    Boyd et al. (2013, "Area under the precision-recall curve: point estimates and confidence
-    intervals") found to cover about as well as bootstrapping, at no cost."""
+    average precision counts as a proportion of its positive images: the binomial interval, one
+    of those Boyd et al. (2013, "Area under the precision-recall curve: point estimates and
+    confidence intervals") study for it; an approximation (average precision is not a binomial
+    proportion), chosen to be the balanced-accuracy bound's shape at no cost."""
     values = average_precisions(scores, targets)
     support = targets.long().sum(dim=0)
     present = [index for index in range(len(values)) if support[index] > 0]
