@@ -58,12 +58,12 @@ def test_jpeg_aliases_and_avif_are_read_as_images(tmp_path: Path):
         save(
             Image.new("RGB", (16, 16), (200, 10, 10)),
             tmp_path / "red" / f"a{suffix}",
-            format=format,
+            format=image_format,
         )
         save(
             Image.new("RGB", (16, 16), (10, 10, 200)),
             tmp_path / "blue" / f"b{suffix}",
-            format=format,
+            format=image_format,
         )
     result = scan_folder(tmp_path)
     assert len(result.samples) == 6 and not result.skipped
