@@ -1,5 +1,6 @@
-"""Channels-last is tlkit's default memory format (faster convolutions on CPUs and GPUs:
-docs/benchmarks.md): a run trains in it, and cached features are extracted in it."""
+"""Channels-last is tlkit's default memory format on CPUs and GPUs (faster convolutions on
+both: docs/benchmarks.md): a run trains in it, cached features are extracted in it, and
+--print-config says so."""
 
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from conftest import TINY_CONFIG
 from torch.utils.data import TensorDataset
 
 from tlkit import FinetuneConfig, finetune
+from tlkit.cli import main
+from tlkit.config import DEVICE_DEFAULTS
 from tlkit.model.backbones import create_backbone
 from tlkit.train.features import extract
 
@@ -54,3 +57,11 @@ def test_features_extracted_in_channels_last_equal_the_plain_layouts():
     assert backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.shape == converted.shape == (6, backbone.num_features)
     assert torch.allclose(plain, converted, atol=1e-5)
+
+
+def test_print_config_says_channels_last_is_set_on_and_the_flag_turns_it_off(capsys):
+    assert main(["finetune", "--print-config"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "channels_last" in line]
+    assert line == f"channels_last: null  # {DEVICE_DEFAULTS['channels_last']}"
+    assert main(["finetune", "--no-channels-last", "--print-config"]) == 0
+    assert "channels_last: false\n" in capsys.readouterr().out

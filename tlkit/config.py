@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -78,6 +79,13 @@ FIXED_CHOICES: dict[str, Any] = {
 }
 AUTO_HELP = " (default: chosen by --strategy auto; with a named strategy {})"
 
+# The fields left to the device when not given (None), and what the run sets them to there
+# (tlkit/train/hardware.py's device_defaults); --print-config shows these beside them.
+DEVICE_DEFAULTS: dict[str, str] = {
+    "precision": "set when the run starts: bf16-mixed (else 16-mixed) on CUDA, 32 on a CPU",
+    "channels_last": "set on when the run starts, on CPUs as on GPUs",
+}
+
 
 @dataclass
 class FinetuneConfig:
@@ -140,6 +148,17 @@ class FinetuneConfig:
 
     # Optimisation
     epochs: int | None = _option(None, "maximum epochs" + AUTO_HELP.format(10))
+    epoch_batches: int = _option(
+        0,
+        "training batches per epoch and process (0: all of them); --strategy auto sets it when "
+        "its schedule ends part-way through a pass over the data",
+    )
+    budget: str = _option(
+        "",
+        "time budget of the whole run, e.g. 90s, 10m, 2h or 1h30m: --strategy auto measures "
+        "this device's training speed and sizes the schedule to end within it ('': auto's "
+        "default schedule)",
+    )
     batch_size: int = _option(64, "images per batch (per device)")
     lr: float = _option(1e-3, "learning rate of the new head")
     weight_decay: float = _option(1e-4, "weight decay (not applied to biases and norm layers)")
@@ -190,6 +209,12 @@ class FinetuneConfig:
         "brightness/contrast/saturation jitter strength (0: off)" + AUTO_HELP.format(0.4),
     )
     val_fraction: float = _option(0.1, "share of the training images held out for validation")
+    test_fraction: float = _option(
+        0.1,
+        "share of the training images held out as a test split, where the data has no test/ "
+        "folder: evaluated once, at the end, for an honest estimate (0: none; the only score "
+        "is then the validation score that also chose the model)",
+    )
     max_image_pixels: int = _option(
         89_478_485, "images with more pixels are skipped as decompression bombs (Pillow's limit)"
     )
@@ -217,18 +242,16 @@ class FinetuneConfig:
     dist_strategy: DistStrategy = _option(
         "auto", "Lightning strategy: auto, ddp or fsdp (with several devices)"
     )
-    precision: Precision = _option("32", "32, 16-mixed (GPU) or bf16-mixed")
+    precision: Precision | None = _option(
+        None,
+        "32, 16-mixed (GPU) or bf16-mixed (default: bf16-mixed on CUDA devices that support it, "
+        "else 16-mixed; 32 on a CPU)",
+    )
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
-    # On by default: convolutions in the channels-last (NHWC) layout are faster on CPUs (oneDNN)
-    # as on GPUs' tensor cores. Measured on the 2-core development machine, CPU time of
-    # tf_efficientnet_lite0 on one thread, the layouts alternating (docs/benchmarks.md): a
-    # training step 1.5x faster for partial (2 stages) and full at 64 px, 1.9x for partial at
-    # 224 px; a forward pass (validation, feature extraction) 1.4x at 64 px; a whole partial
-    # epoch at 64 px, loading and validation included, 1.1x and 1.3x in two sets.
-    channels_last: bool = _option(
-        True,
-        "channels-last (NHWC) memory format for the model and its input batches: faster "
-        "convolutions on CPUs and GPUs",
+    channels_last: bool | None = _option(
+        None,
+        "channels-last (NHWC) memory format for the model and its input batches, faster "
+        "convolutions on CPUs and GPUs (default: on; tlkit.train.hardware.device_defaults)",
     )
     accumulate_grad_batches: int = _option(1, "batches whose gradients make one optimiser step")
     scale_lr: bool = _option(
@@ -253,10 +276,12 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
         checks = {
             "epochs": self.epochs is None or self.epochs >= 1,
+            "epoch_batches": self.epoch_batches >= 0,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "img_size": self.img_size is None or self.img_size >= 16,
             "val_fraction": 0 < self.val_fraction < 1,
+            "test_fraction": 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1,
             "dropout": 0 <= self.dropout < 1,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "hflip": 0 <= self.hflip <= 1,
@@ -268,6 +293,8 @@ class FinetuneConfig:
             "layer_decay": 0 < self.layer_decay <= 1,
             "ema_decay": 0 < self.ema_decay < 1,
         }
+        if self.budget:
+            parse_duration(self.budget)  # a ConfigError naming the format
         invalid = [name for name, valid in checks.items() if not valid]
         if invalid:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in invalid)
@@ -278,9 +305,30 @@ class FinetuneConfig:
                 "rules out: use --dist-strategy ddp (or no --ema)"
             )
 
-    def to_yaml(self) -> str:
-        """The configuration as YAML that `--config` reads back."""
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+    def to_yaml(self, explain_open: bool = False) -> str:
+        """The configuration as YAML that `--config` reads back; `explain_open` adds a comment
+        to each value that is chosen when the run starts (`open_fields`), saying by what."""
+        text = yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+        if not explain_open:
+            return text
+        open_fields = self.open_fields()
+        lines = []
+        for line in text.splitlines():
+            name = line.split(":", 1)[0]
+            lines.append(f"{line}  # {open_fields[name]}" if name in open_fields else line)
+        return "\n".join(lines) + "\n"
+
+    def open_fields(self) -> dict[str, str]:
+        """The fields whose value is chosen when the run starts, and by what: those
+        `--strategy auto` chooses from measurements (`choices_left_to_auto`; with the epochs,
+        the epoch length), and the precision and memory format, by the device."""
+        chosen = {name: "chosen by --strategy auto" for name in self.choices_left_to_auto()}
+        if self.strategy == "auto" and self.epochs is None:
+            chosen["epoch_batches"] = "set by --strategy auto with the epochs"
+        for name, explanation in DEVICE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                chosen[name] = explanation
+        return chosen
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -308,6 +356,22 @@ class FinetuneConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> FinetuneConfig:
         return cls.from_dict(read_yaml_mapping(path, "config keys"))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as `90s`, `10m`, `2h`, `1h30m` or `1.5h` (a plain number is
+    seconds)."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or match is None:
+        raise ConfigError(f"budget {text!r} is not a duration such as 90s, 10m, 2h or 1h30m")
+    hours, minutes, seconds = (float(part) if part else 0.0 for part in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"budget {text!r} must be longer than zero")
+    return total
+
+
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
 
 
 def read_yaml_mapping(path: str | Path, of_what: str) -> dict[str, Any]:
