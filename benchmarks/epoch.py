@@ -37,7 +37,8 @@ For each strategy (--strategies: features, partial with its last 2 stages, full)
   their images/s says nothing about the backbone, whose work is the one-off extraction before
   the first epoch. Its row compares that extraction's images/s (train and validation images,
   decoding included, from summary.json's feature_cache) with the backbone's forward pass on
-  preloaded batches (the extraction's step), and gives the epochs' seconds.
+  preloaded batches (the extraction's step: every view of a training image counts), and gives
+  the epochs' seconds.
 
 --num-workers, --torch-threads and --no-channels-last change tlkit's settings for a
 comparison. Runs are kept in WORK/runs/<strategy>-<size>; the script runs in pieces
@@ -72,6 +73,7 @@ from tlkit import FinetuneConfig, finetune  # noqa: E402
 from tlkit.data.images import write_image_folder  # noqa: E402
 from tlkit.runfolder import RunSummary  # noqa: E402
 from tlkit.train.build import build_datamodule, build_model  # noqa: E402
+from tlkit.train.hardware import device_defaults  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "features": {"strategy": "features"},
@@ -184,6 +186,7 @@ def run_epochs(config: FinetuneConfig) -> tuple[RunSummary, list[dict[str, float
 def step_rate(config: FinetuneConfig, arguments: argparse.Namespace) -> float:
     """Images/s of plain training steps on preloaded batches of the run's training loader (for
     `features`: the backbone's forward pass, the step of the extraction)."""
+    config = device_defaults(config)  # the layout the run trains in
     pl.seed_everything(config.seed, verbose=False)
     datamodule = build_datamodule(replace(config, num_workers=0))
     datamodule.setup("fit")
@@ -237,7 +240,8 @@ def table_row(
     share = statistics.median(epoch["steps"] / sum(epoch.values()) for epoch in later)
     if strategy == "features":
         cache = summary.feature_cache or {}
-        achieved = (summary.train_images + summary.val_images) / cache["extraction_s"]
+        extracted = summary.train_images * cache["train"]["views"] + summary.val_images
+        achieved = extracted / cache["extraction_s"]
         label, first = "features: extraction vs backbone forward", "n/a"
     else:
         images_per_epoch = summary.train_images // batch_size * batch_size  # the last is dropped
@@ -302,6 +306,7 @@ def main() -> None:
                 batch_size=arguments.batch_size,
                 num_workers=arguments.num_workers,
                 channels_last=arguments.channels_last,
+                test_fraction=0.0,  # DATA/val is the validation split; no test split
                 **STRATEGIES[strategy],
             )
             before = step_rate(config, arguments)
