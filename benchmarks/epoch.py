@@ -41,8 +41,9 @@ For each strategy (--strategies: features, partial with its last 2 stages, full)
   the epochs' seconds.
 
 --num-workers, --torch-threads and --no-channels-last change tlkit's settings for a
-comparison. Runs are kept in WORK/runs/<strategy>-<size>; the script runs in pieces
-(`--strategies partial --sizes 64`). Prints a Markdown table.
+comparison; --profile adds Lightning's SimpleProfiler to the runs (every hook's time). Runs
+are kept in WORK/runs/<strategy>-<size>; the script runs in pieces (`--strategies partial
+--sizes 64`). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ import skimage
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pytorch_lightning.profilers import SimpleProfiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import CLASSES, load_split, stratified_subset  # noqa: E402
@@ -175,11 +177,15 @@ class EpochPhases(pl.Callback):
         self._add("rest")
 
 
-def run_epochs(config: FinetuneConfig) -> tuple[RunSummary, list[dict[str, float]]]:
-    """A fresh finetune run; its summary and the phases of its epochs."""
+def run_epochs(
+    config: FinetuneConfig, profile: bool = False
+) -> tuple[RunSummary, list[dict[str, float]]]:
+    """A fresh finetune run; its summary and the phases of its epochs (with `profile`,
+    Lightning's SimpleProfiler writes its report to OUT/fit-profile.txt)."""
     shutil.rmtree(config.out, ignore_errors=True)
     phases = EpochPhases()
-    summary = finetune(config, callbacks=[phases])
+    profiler = SimpleProfiler(dirpath=config.out, filename="profile") if profile else None
+    summary = finetune(config, callbacks=[phases], profiler=profiler)
     return summary, phases.epochs
 
 
@@ -191,7 +197,11 @@ def step_rate(config: FinetuneConfig, arguments: argparse.Namespace) -> float:
     datamodule = build_datamodule(replace(config, num_workers=0))
     datamodule.setup("fit")
     model = build_model(config, datamodule.classes)
-    batches = list(itertools.islice(datamodule.train_dataloader(), arguments.preloaded))
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    batches = [  # in the run's layout (the backbone alone does not convert them)
+        (images.contiguous(memory_format=layout), labels)
+        for images, labels in itertools.islice(datamodule.train_dataloader(), arguments.preloaded)
+    ]
     optimizer, schedule = model.optimizer_and_schedule(total_steps=1000, steps_per_epoch=100)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -279,6 +289,11 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch's intra-op threads (0: its default)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Lightning's SimpleProfiler in each run: WORK/runs/<strategy>-<size>/fit-profile.txt",
+    )
     arguments = parser.parse_args()
     if arguments.torch_threads:
         torch.set_num_threads(arguments.torch_threads)
@@ -310,7 +325,7 @@ def main() -> None:
                 **STRATEGIES[strategy],
             )
             before = step_rate(config, arguments)
-            summary, phases = run_epochs(config)
+            summary, phases = run_epochs(config, arguments.profile)
             step_speed = (before + step_rate(config, arguments)) / 2  # a load that drifts
             rows.append(
                 table_row(strategy, size, summary, phases, step_speed, arguments.batch_size)
