@@ -33,7 +33,7 @@ def test_the_phases_account_for_every_epoch_and_the_profile_is_written(
         assert all(seconds >= 0 for seconds in phase.values())
     # the epochs lie within the run, and each one at least as long as its summary line says
     assert sum(sum(phase.values()) for phase in phases) < elapsed
-    for phase, record in zip(phases, summary.history):
+    for phase, record in zip(phases, summary.history, strict=True):
         assert sum(phase.values()) >= record["seconds"]
     report = (tmp_path / "run" / "fit-profile.txt").read_text()
     assert "run_training_epoch" in report and "save_checkpoint" in report
