@@ -90,8 +90,8 @@ def device_defaults(config: FinetuneConfig) -> FinetuneConfig:
     bf16-mixed where the CUDA device supports it, else 16-mixed (AutoGluon and timm's train.py
     train in 16 bits on GPUs), 32-bit on a CPU, where 16 bits do not pay; channels-last on
     both. On GPUs it feeds the tensor cores; on a CPU oneDNN's NHWC convolutions are faster
-    too: tf_efficientnet_lite0's training step took 1.5x less CPU time for partial (2 stages)
-    and full at 64 px, 1.9x less for partial at 224 px, its forward pass 1.4x less
+    too: tf_efficientnet_lite0's training step took 1.4-1.5x less CPU time for partial (2
+    stages) and full at 64 and 224 px, its forward pass 1.3-1.6x less
     (`benchmarks/channels_last.py`, docs/benchmarks.md)."""
     precision = config.precision
     if precision is None:
