@@ -152,7 +152,9 @@ def test_multi_label_metrics_and_thresholds():
     assert at_half.macro_f1 == pytest.approx((1 + 2 / 3) / 2)  # "never" left out
     assert at_half.micro_f1 == pytest.approx(2 * 5 / (7 + 6))
     thresholds = f1_optimal_thresholds(probabilities, targets)
-    assert thresholds == pytest.approx([0.6, 0.35, 0.5])  # no positives: the default
+    # midway between the lowest score accepted (a: 0.6, b: 0.35) and the next lower (0.4, 0.1);
+    # no positives: the default
+    assert thresholds == pytest.approx([0.5, 0.225, 0.5])
     tuned = multilabel_metrics(probabilities, targets, classes, thresholds)
     assert tuned.per_class[1].f1 == pytest.approx(6 / 7)  # P 3/4, R 1
     # training's gathered predictions give the same numbers

@@ -371,7 +371,10 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
 def f1_optimal_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) -> list[float]:
     """Per class, the threshold at which its F1 on these predictions is highest (the lowest of
     equals), from torchmetrics' exact precision-recall curve; `DEFAULT_THRESHOLD` for a class
-    without positive images, where F1 is undefined."""
+    without positive images, where F1 is undefined. The threshold is placed midway between the
+    lowest score it accepts and the next lower one (0 below the lowest): the same decisions on
+    these predictions, and none flips when the same images score a rounding error apart
+    (cached features against images, or another memory layout)."""
     chosen = [DEFAULT_THRESHOLD] * probabilities.shape[1]
     for index, (precision, recall, thresholds) in precision_recall_curves(
         probabilities, targets
@@ -379,7 +382,9 @@ def f1_optimal_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) ->
         # the curve's last point (precision 1, recall 0) has no threshold
         precision, recall = precision[:-1], recall[:-1]
         f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-        chosen[index] = float(thresholds[int(f1.argmax())])
+        best = int(f1.argmax())
+        below = float(thresholds[best - 1]) if best > 0 else 0.0
+        chosen[index] = (below + float(thresholds[best])) / 2
     return chosen
 
 
