@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from fashion_mnist import write_fashion_mnist  # noqa: E402
 
 from tlkit import FinetuneConfig, finetune  # noqa: E402
-from tlkit.runfolder import read_config, read_summary  # noqa: E402
+from tlkit.runfolder import read_config, read_data_facts  # noqa: E402
 from tlkit.train.build import build_datamodule, build_model  # noqa: E402
 from tlkit.train.probe import fit_probe, probe_features  # noqa: E402
 
@@ -104,7 +104,7 @@ def print_probe_fit_time(run: Path) -> None:
     """Time the linear probe on a finished cached run's train and validation features."""
     config = read_config(run)
     images = build_datamodule(config)
-    model = build_model(config, read_summary(run).classes)
+    model = build_model(config, read_data_facts(run))
     features = probe_features(model, images, run / "cache")
     fits = [fit_probe(*features, num_classes=len(images.classes)) for _ in range(PROBE_FITS)]
     seconds = sorted(fit.fit_seconds for fit in fits)

@@ -49,7 +49,7 @@ from tlkit.data.sources import scan_folder  # noqa: E402
 from tlkit.model.backbones import preprocessing as backbone_preprocessing  # noqa: E402
 from tlkit.model.classifier import TransferClassifier  # noqa: E402
 from tlkit.runfolder import Preprocessing  # noqa: E402
-from tlkit.train.build import build_datamodule, build_model  # noqa: E402
+from tlkit.train.build import build_datamodule, build_model, data_facts  # noqa: E402
 
 
 class BatchClock(pl.Callback):
@@ -82,7 +82,7 @@ def plain_pytorch_loop(
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
-    model = build_model(config, datamodule.classes)
+    model = build_model(config, data_facts(config, datamodule))
     optimizer, schedule = model.optimizer_and_schedule(total_steps=steps, steps_per_epoch=steps)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

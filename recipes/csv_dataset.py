@@ -1,4 +1,5 @@
-"""Fine-tune from a CSV of `path,label` rows with `tlkit.train.finetune` and a config object.
+"""Fine-tune from a CSV of `path,label` rows (or multi-label `path,labels`, `;`-separated) with
+`tlkit.train.finetune` and a config object.
 
     python recipes/csv_dataset.py labels.csv [--out runs/csv] [--epochs 10]
 
@@ -31,17 +32,21 @@ def main() -> None:
         img_size=arguments.img_size,
     )
     summary = finetune(config)
-    if summary.test_acc is None:  # classes too small to hold out a test image
-        estimate = "none (no test split)"
-    else:
+    metric = summary.monitor.removeprefix("val_")  # e.g. acc, balanced_acc; multi-label: map
+    test_value = summary.test_metrics.get(f"test_{metric}")
+    if summary.test_acc is not None:
         low, high = summary.test_acc_interval
         estimate = (
-            f"{summary.test_acc:.4f} on {summary.test_images} held-out images "
+            f"accuracy {summary.test_acc:.4f} on {summary.test_images} held-out images "
             f"(95% interval {low:.3f}-{high:.3f})"
         )
+    elif test_value is not None:  # multi-label: no accuracy
+        estimate = f"{metric} {test_value:.4f} on {summary.test_images} held-out images"
+    else:  # classes too small to hold out a test image
+        estimate = "none (no test split)"
     print(
-        f"test accuracy {estimate}; best validation accuracy {summary.best_val_acc:.4f} at "
-        f"epoch {summary.best_epoch}; run folder {arguments.out}"
+        f"{summary.task}: test {estimate}; best {summary.monitor} "
+        f"{summary.best_monitored:.4f} at epoch {summary.best_epoch}; run folder {arguments.out}"
     )
 
 

@@ -15,6 +15,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from tlkit import ImageDataModule, TransferClassifier, preprocessing
+from tlkit.metrics import logged_name
+from tlkit.model.tasks import resolve_monitor
 
 
 def main() -> None:
@@ -33,14 +35,16 @@ def main() -> None:
         arguments.data_dir, preprocessing(arguments.backbone, arguments.img_size), batch_size=32
     )
     data.setup("fit")  # scans the folder: class names, skipped files
+    facts = data.data_facts(trained_with_hflip=True)  # the default augmentation flips
     print(
-        f"{len(data.classes)} classes, {len(data.train_set)} training images, "
+        f"{len(facts.classes)} classes, {facts.split_images['train']} training images, "
         f"{len(data.skipped)} files skipped"
     )
 
     model = TransferClassifier(
-        num_classes=len(data.classes),
-        class_names=data.classes,
+        num_classes=len(facts.classes),
+        class_names=facts.classes,
+        task=facts.label_kind,
         backbone=arguments.backbone,
         pretrained=arguments.pretrained,
         strategy=arguments.strategy,
@@ -48,13 +52,15 @@ def main() -> None:
     )
     print(f"trainable parameters: {model.trainable_parameters():,}")
 
+    # the validation metric tlkit would watch for this data (balanced accuracy if imbalanced)
+    monitor = logged_name("val", resolve_monitor(facts.label_kind, "auto", facts.class_ratio).value)
     checkpoint = ModelCheckpoint(
-        dirpath=arguments.out, filename="best", monitor="val_acc", mode="max", save_last=True
+        dirpath=arguments.out, filename="best", monitor=monitor, mode="max", save_last=True
     )
     trainer = pl.Trainer(
         max_epochs=arguments.epochs,
         default_root_dir=arguments.out,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_acc", mode="max", patience=3)],
+        callbacks=[checkpoint, EarlyStopping(monitor=monitor, mode="max", patience=3)],
     )
     trainer.fit(model, datamodule=data)
     if data.test_set is not None:

@@ -32,6 +32,27 @@ def write_colour_images(folder: Path, per_class: int, seed: int, size: int = 40)
             image.save(class_dir / f"{index:03d}{suffix}")
 
 
+def write_multilabel_csv(folder: Path, images: int, seed: int, size: int = 32) -> Path:
+    """`folder/labels.csv` (`path,labels`) over `images` PNGs in `folder`: each image holds
+    one to three vertical stripes of the COLOURS, its labels are the colours it shows (a few
+    images show none: grey, no labels)."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["path,labels"]
+    for index in range(images):
+        shown = [] if index % 10 == 9 else sorted(rng.choice(3, rng.integers(1, 4), False))
+        pixels = np.full((size, size, 3), 128.0)
+        for stripe, colour in enumerate(shown):
+            width = size // len(shown)
+            pixels[:, stripe * width : (stripe + 1) * width] = COLOURS[names[colour]]
+        pixels += rng.normal(0, 20, pixels.shape)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{index:03d}.png")
+        rows.append(f"{index:03d}.png," + ";".join(names[colour] for colour in shown))
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
 def write_identical_images(folder: Path, counts: dict[str, int], seed: int = 0) -> Path:
     """`folder/<class>/<i>.png`, every file the same image: whatever differs between two
     training batches is the augmentation, and a model predicts one class for all of them."""

@@ -194,7 +194,7 @@ def test_csv_source(tmp_path: Path):
     with pytest.raises(DatasetError, match="paths outside"):
         read_csv(tmp_path / "escape.csv")
     (tmp_path / "noheader.csv").write_text("a,b\n")
-    with pytest.raises(DatasetError, match="columns 'path' and 'label'"):
+    with pytest.raises(DatasetError, match="columns 'path' and either 'label'"):
         read_csv(tmp_path / "noheader.csv")
 
 

@@ -10,7 +10,7 @@ import pytest
 from tlkit.config import FinetuneConfig
 from tlkit.errors import OutputExistsError, RunFolderError
 from tlkit.model import backbones
-from tlkit.runfolder import AUTO_DECISION, read_config
+from tlkit.runfolder import AUTO_DECISION, DataFacts, read_config
 from tlkit.train.build import build_model
 from tlkit.train.features import cache_key
 from tlkit.train.finetune import RunFolder, decide, open_run_folder
@@ -71,7 +71,10 @@ def test_pretrained_weights_are_hashed_once_per_source(monkeypatch):
     monkeypatch.setattr(backbones, "_hash_tensors", counted)
     monkeypatch.setattr(backbones, "_LOADED_DIGESTS", {})
     config = FinetuneConfig(pretrained="bundled", img_size=32, strategy="features")
-    measuring, training = build_model(config, ["a", "b"]), build_model(config, ["a", "b"])
+    measuring, training = (
+        build_model(config, DataFacts(["a", "b"])),
+        build_model(config, DataFacts(["a", "b"])),
+    )
     keys = {cache_key(model, [], "transform", 1, None) for model in (measuring, training)}
     keys |= {cache_key(training, [], "transform", 1, None) for _ in ("train", "val", "test")}
     assert len(keys) == 1 and len(hashed) == 1

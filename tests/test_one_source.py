@@ -12,17 +12,25 @@ import torch
 from conftest import write_colour_images
 
 from tlkit.cli import build_parser
+from tlkit.commands.report import TASK_REPORTS
 from tlkit.commands.search import SAMPLERS
 from tlkit.config import (
+    ClassWeights,
     FinetuneConfig,
+    Monitor,
     Optimizer,
+    Sampling,
     Strategy,
+    Task,
+    TaskChoice,
     TrainingStrategy,
     Verify,
     config_kwargs,
 )
 from tlkit.data.augment import train_transform
 from tlkit.data.datamodule import BaseImageDataModule, ImageDataModule
+from tlkit.data.datasets import TRAINING_SAMPLERS
+from tlkit.data.labels import LABEL_KINDS
 from tlkit.data.shards import ShardDataModule
 from tlkit.data.sources import VERIFY_MODES, find_images, scan_folder
 from tlkit.infer import export as export_module
@@ -31,8 +39,9 @@ from tlkit.infer.predict import image_paths, single_device_trainer
 from tlkit.infer.tta import PRESETS
 from tlkit.model.classifier import OPTIMIZERS, TransferClassifier
 from tlkit.model.strategies import STRATEGIES
-from tlkit.runfolder import Preprocessing
-from tlkit.train.build import build_datamodule, build_model
+from tlkit.model.tasks import CLASS_WEIGHTS, TASKS
+from tlkit.runfolder import DataFacts, Preprocessing
+from tlkit.train.build import build_datamodule, build_model, trains_with_hflip
 
 # The API's defaults: for the choices `--strategy auto` makes, their fixed values
 CONFIG_DEFAULTS = {
@@ -62,13 +71,16 @@ CHECKPOINT_HPARAMS = {
     "channels_last",
     "trained_with_hflip",
 }
+# Added since; checkpoints without them load with their defaults (single-label, unweighted).
+ADDED_HPARAMS = {"task", "loss_weights"}
 
 
-# train_transform's `seed` seeds its albumentations pipeline, not the run: a different meaning
+# train_transform's `seed` seeds its albumentations pipeline, not the run: a different meaning;
+# the model's `task` is the resolved one (the data's kind), the config's may be `auto`.
 @pytest.mark.parametrize(
     "target, other_meaning",
     [
-        (TransferClassifier, ()),
+        (TransferClassifier, ("task",)),
         (ImageDataModule, ()),
         (BaseImageDataModule, ()),
         (ShardDataModule, ()),
@@ -114,8 +126,8 @@ def test_build_model_and_datamodule_pass_every_config_field_they_take(tmp_path):
         max_image_pixels=1000,
         hflip=0.0,
     )
-    model = build_model(config, ["a", "b"])
-    assert set(model.hparams) == CHECKPOINT_HPARAMS
+    model = build_model(config, DataFacts(["a", "b"], trained_with_hflip=trains_with_hflip(config)))
+    assert set(model.hparams) == CHECKPOINT_HPARAMS | ADDED_HPARAMS
     for name in CHECKPOINT_HPARAMS & CONFIG_DEFAULTS.keys():
         assert model.hparams[name] == getattr(config, name), name
     assert model.hparams.trained_with_hflip is False
@@ -138,6 +150,7 @@ def test_a_checkpoint_holding_the_recorded_hyperparameters_loads_with_weights_on
     loaded = TransferClassifier.load_checkpoint(path)
     assert loaded.class_names == ["a", "b"]
     assert torch.equal(loaded.head.classifier.weight, model.head.classifier.weight)
+    assert loaded.task.name == "single-label" and loaded.class_loss_weights is None
 
 
 def _choices(parser, command: str, flag: str) -> list[str]:
@@ -161,6 +174,15 @@ def test_named_choices_come_from_their_tables():
     assert list(VERIFY_MODES) == list(typing.get_args(Verify))
     for command in ("finetune", "sanity", "search", "evaluate", "report"):
         assert _choices(parser, command, "--verify") == list(VERIFY_MODES)
+    assert list(TASKS) == list(LABEL_KINDS) == list(TASK_REPORTS) == list(typing.get_args(Task))
+    assert all(TASKS[name].labels is LABEL_KINDS[name] for name in TASKS)
+    assert list(typing.get_args(TaskChoice)) == ["auto", *TASKS]
+    assert _choices(parser, "finetune", "--task") == ["auto", *TASKS]
+    monitorable = [name for task in TASKS.values() for name in task.monitorable]
+    assert set(typing.get_args(Monitor)) == {"auto", *monitorable}
+    assert list(CLASS_WEIGHTS) == list(typing.get_args(ClassWeights))
+    assert list(TRAINING_SAMPLERS) == list(typing.get_args(Sampling))
+    assert _choices(parser, "finetune", "--sampling") == list(TRAINING_SAMPLERS)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

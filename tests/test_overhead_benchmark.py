@@ -8,6 +8,7 @@ import torch
 from conftest import TINY_CONFIG
 
 from tlkit import FinetuneConfig
+from tlkit.runfolder import DataFacts
 from tlkit.train.build import build_model
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
@@ -30,7 +31,9 @@ def test_plain_loop_takes_the_same_steps_as_tlkit(colour_folder: Path, tmp_path:
 
     initial = {
         name: value.clone()
-        for name, value in build_model(plain_config, ["a", "b", "c"]).state_dict().items()
+        for name, value in build_model(plain_config, DataFacts(["a", "b", "c"]))
+        .state_dict()
+        .items()
     }
     _, plain_ends, plain_model = overhead["plain_pytorch_loop"](plain_config, steps)
     _, tlkit_ends = overhead["tlkit_training_steps"](

@@ -9,9 +9,14 @@ from torch import nn
 
 from tlkit import FinetuneConfig, finetune
 from tlkit.errors import ConfigError
+from tlkit.metrics import (
+    balanced_accuracy_bound,
+    mean_average_precision,
+    mean_average_precision_bound,
+)
+from tlkit.runfolder import DataFacts
 from tlkit.train.build import build_datamodule, build_model, check_config
 from tlkit.train.probe import (
-    balanced_accuracy_bound,
     fit_probe,
     knn_accuracy_best_k,
     per_class_sample,
@@ -102,6 +107,49 @@ def test_a_small_validation_split_is_backed_by_cross_validation():
     assert large.evidence == "validation" and large.evidence_images == 300
 
 
+def multi_label_features(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 classes, each present where its own feature is positive (0 to 4 labels per image),
+    plus 28 noise features."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(count, 32, generator=generator)
+    return features * 3 + 1, (features[:, :4] > 0.3).float()
+
+
+def test_the_mean_average_precision_bound_is_the_balanced_accuracy_bound_in_its_shape():
+    """Per class, average precision counts as a proportion of its positives: a perfect ranking
+    of 10 positives in each of two classes is bounded as 10 of 10 right in each."""
+    targets = torch.zeros(40, 2)
+    targets[:10, 0] = targets[10:20, 1] = 1
+    perfect, lower = mean_average_precision_bound(targets.clone(), targets)
+    labels = torch.cat([torch.zeros(10), torch.ones(10)]).long()
+    assert (perfect, lower) == balanced_accuracy_bound(labels, labels, 2)
+    assert perfect == 1.0 and lower == pytest.approx(0.898, abs=0.002)
+    # a class without positives is left out, not averaged in as 0
+    first_only = targets.clone()
+    first_only[:, 1] = 0
+    assert mean_average_precision_bound(torch.rand(40, 2) + first_only, first_only)[0] == 1.0
+    shuffled = torch.rand(40, 2, generator=torch.Generator().manual_seed(0))
+    chance, chance_lower = mean_average_precision_bound(shuffled, targets)
+    assert chance < 0.6 and chance_lower < chance
+
+
+def test_a_multi_label_probe_is_one_vs_rest_with_map_as_its_evidence():
+    train_x, train_y = multi_label_features(300, seed=1)
+    val_x, val_y = multi_label_features(60, seed=2)
+    probe = fit_probe(train_x, train_y, val_x, val_y, num_classes=4, task="multi-label")
+    assert probe.metric == "map" and probe.evidence_metric == "mAP"
+    assert probe.linear_val_acc >= 0.95 and probe.knn_val_acc >= 0.6
+    # a small validation split: mAP of out-of-fold predictions, stratified by rarest label
+    assert probe.evidence == "5-fold cross-validation" and probe.evidence_images == 360
+    assert 0.95 <= probe.balanced_acc <= 1 and probe.balanced_lower_bound < probe.balanced_acc
+    logits = val_x @ probe.weight.T + probe.bias
+    assert mean_average_precision(logits, val_y) == pytest.approx(probe.linear_val_acc)
+    noise = fit_probe(
+        train_x[:, 4:], train_y, val_x[:, 4:], val_y, num_classes=4, task="multi-label"
+    )
+    assert noise.balanced_acc < 0.7 and noise.balanced_lower_bound < 0.6
+
+
 def test_the_probe_reads_a_seeded_sample_of_each_class(colour_folder: Path):
     config = FinetuneConfig(data_dir=str(colour_folder), augment=False, **TINY_CONFIG)
     images = build_datamodule(config)
@@ -116,7 +164,7 @@ def test_the_probe_reads_a_seeded_sample_of_each_class(colour_folder: Path):
 def test_probe_features_come_from_the_features_strategy_cache(colour_folder: Path, tmp_path):
     config = FinetuneConfig(data_dir=str(colour_folder), augment=False, **TINY_CONFIG)
     images = build_datamodule(config)
-    model = build_model(config, ["blue", "green", "red"])
+    model = build_model(config, DataFacts(["blue", "green", "red"]))
     cache = tmp_path / "cache"
     train_x, train_y, val_x, val_y = probe_features(model, images, cache)
     assert train_x.shape == (len(images.train_set), 1280) and val_x.shape[0] == len(val_y)
@@ -162,7 +210,7 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_head(colour_folder: Path, tmp_p
         assert not weight.any() and not bias.any()
         assert first_step.loss == pytest.approx(math.log(3), abs=1e-4)
         return
-    model = build_model(config, summary.classes)
+    model = build_model(config, DataFacts(summary.classes))
     images = build_datamodule(config)
     probe = fit_probe(*probe_features(model, images, tmp_path / "run" / "cache"), num_classes=3)
     assert torch.equal(weight, probe.weight) and torch.equal(bias, probe.bias)

@@ -187,8 +187,11 @@ def test_analyse_known_predictions():
     by_name = {row.name: row for row in evaluation.per_class}
     assert by_name["b"].precision == pytest.approx(1 / 3) and by_name["b"].recall == 0.5
     assert by_name["c"].f1 == pytest.approx(2 / 3) and by_name["c"].predicted == 1
-    assert [row.name for row in evaluation.per_class] == ["b", "a", "c", "unseen"]
+    assert [row.name for row in evaluation.per_class] == classes  # as evaluate gives them
+    assert [row.name for row in evaluation.worst_first] == ["b", "a", "c", "unseen"]
     assert evaluation.macro_f1 == pytest.approx((0.4 + 0.5 + 2 / 3) / 3)
+    assert evaluation.balanced_accuracy == pytest.approx(0.5)  # recalls 1/2, 1/2, 1/2
+    assert evaluation.absent_classes == ["unseen"] and by_name["unseen"].recall is None
     pairs = [(p.true_label, p.predicted_label, p.count) for p in evaluation.confused_pairs]
     assert pairs == [("a", "b", 1), ("b", "a", 1), ("c", "b", 1)]
     assert evaluation.skipped == [("broken.jpg", "truncated")]

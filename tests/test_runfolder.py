@@ -5,16 +5,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tlkit.config import FinetuneConfig
 from tlkit.errors import RunFolderError
+from tlkit.infer.predict import evaluate
 from tlkit.metrics import accuracy_interval
 from tlkit.runfolder import (
+    DATA_FACTS,
     SUMMARY,
     FinishedRun,
     Preprocessing,
     RunSummary,
     open_run,
+    read_data_facts,
     read_skipped,
     read_summary,
     write_skipped,
@@ -60,12 +64,18 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         "feature_cache": {"train": {"reused": False}},
         "auto_decision": {"choices": {"strategy": {"value": "partial", "reason": "why"}}},
         "linear_probe": {"linear_val_acc": 0.9, "knn_val_acc": 0.8, "knn_k": 20},
+        "task": "multi-label",
+        "monitor": "val_map",
+        "best_val_metrics": {"val_map": 0.75, "val_exact_match": 0.5},
+        "test_metrics": {"test_map": 0.7},
+        "decision_thresholds": {"blue": 0.4, "green": 0.5, "red": 0.6},
         "test_acc": 0.75,
         "test_acc_interval": [0.4677, 0.9111],
         "ignored_files": {".ogg": 7858, ".txt": 952},
         "unread_images": {".svg": 248},
     }
     summary = RunSummary.from_dict(values)
+    assert summary.best_monitored == 0.75
     assert summary.preprocessing == Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     write_summary(tmp_path, summary)
     assert read_summary(tmp_path) == summary
@@ -75,6 +85,8 @@ def test_summary_round_trips_through_json(tmp_path: Path):
 def test_an_older_summary_loads_with_defaults_and_unknown_keys_are_kept(tmp_path: Path):
     summary = RunSummary.from_dict(FIRST_SUMMARY)
     assert summary.resumed is False and summary.feature_cache is None
+    assert summary.task == "single-label" and summary.monitor == "val_acc"
+    assert summary.best_monitored == 0.5  # best_val_acc, as older runs monitored it
     assert summary.test_acc_interval is None
     assert summary.ignored_files == {} and summary.unread_images == {}
 
@@ -139,3 +151,33 @@ def test_open_run_refuses_what_is_not_a_finished_run(tiny_run: Path, tmp_path: P
     (unfinished / "config.yaml").write_text("learning_rate: 0.1\n")
     with pytest.raises(RunFolderError, match="config.yaml: unknown config keys: learning_rate"):
         open_run(unfinished)
+
+
+def test_an_old_run_without_a_task_or_data_record_still_evaluates(
+    tiny_run: Path, colour_folder: Path, tmp_path: Path
+):
+    """A run from before tasks: no data.json, a summary without the task's fields, a
+    checkpoint without `task` and `loss_weights`: read as single-label."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old, ignore=shutil.ignore_patterns(DATA_FACTS, "report"))
+    summary = json.loads((old / SUMMARY).read_text())
+    for key in ("task", "monitor", "best_val_metrics", "test_metrics", "decision_thresholds"):
+        del summary[key]
+    (old / SUMMARY).write_text(json.dumps(summary))
+    checkpoint = torch.load(old / "best.ckpt", weights_only=True)
+    for key in ("task", "loss_weights"):
+        del checkpoint["hyper_parameters"][key]
+    torch.save(checkpoint, old / "best.ckpt")
+
+    facts = read_data_facts(old)
+    assert facts.label_kind == "single-label" and facts.classes == ["blue", "green", "red"]
+    counts = {split: summary[f"{split}_images"] for split in ("train", "val", "test")}
+    assert facts.split_images == counts and counts["train"] > 0  # from summary.json
+    assert facts.images_per_class == {} and facts.class_ratio is None
+    assert open_run(old).data == facts and open_run(old).summary.monitor == "val_acc"
+    result = evaluate(old, colour_folder / "test")
+    assert result["task"] == "single-label" and result == {
+        **evaluate(tiny_run, colour_folder / "test"),
+        "run": str(old),
+        "tta": result["tta"],
+    }

@@ -26,6 +26,7 @@ from tlkit.commands.sanity import (
 from tlkit.config import FinetuneConfig
 from tlkit.data.images import write_image_folder
 from tlkit.model.classifier import TransferClassifier
+from tlkit.runfolder import DataFacts
 from tlkit.train.build import build_datamodule, build_model
 
 # Noisy one-colour images: real labels are fitted in a few steps by a linear head on frozen
@@ -85,7 +86,7 @@ def test_healthy_tiny_setup_passes_every_check(config, capsys, caplog):
 
 
 def test_learning_rate_zero_fails_the_overfit_check_only(config, data):
-    model = build_model(config, data[0].classes)
+    model = build_model(config, DataFacts(data[0].classes))
     model.hparams.lr = 0.0  # FinetuneConfig refuses lr 0; the module uses what it is given
     _, _, images, labels = data
     assert check_loss_at_init(model, subset_loader(data[1], data[0].preprocessing, 8)).passed
@@ -100,12 +101,12 @@ def test_shuffled_labels_fail_the_overfit_check(config, data):
     labels = np.random.default_rng(0).permutation([label for _, label in subset])
     shuffled = [(path, int(label)) for (path, _), label in zip(subset, labels, strict=True)]
     # The healthy set-up fits the real labels within the same budget (the test above).
-    assert not overfit(build_model(config, datamodule.classes), data, shuffled).passed
+    assert not overfit(build_model(config, DataFacts(datamodule.classes)), data, shuffled).passed
 
 
 def test_large_head_weights_fail_the_loss_at_init_check_only(config, data):
     datamodule, subset, images, labels = data
-    model = build_model(config, datamodule.classes)
+    model = build_model(config, DataFacts(datamodule.classes))
     with torch.no_grad():
         model.head.classifier.weight.normal_(std=1.0)  # randn: the lecture's "large" init
     result = check_loss_at_init(model, subset_loader(subset, datamodule.preprocessing, 8))
@@ -116,13 +117,13 @@ def test_large_head_weights_fail_the_loss_at_init_check_only(config, data):
 
 
 def test_stages_are_the_backbone_layer_groups(config, data):
-    model = build_model(config, data[0].classes)
+    model = build_model(config, DataFacts(data[0].classes))
     names = list(stage_modules(model.backbone))
     assert names == ["bn1", "blocks.0.0", *(f"blocks.{i}" for i in range(1, 6)), "bn2"]
 
 
 def test_a_dead_stage_is_flagged_vanishing(config, data):
-    model = build_model(config, data[0].classes)
+    model = build_model(config, DataFacts(data[0].classes))
     with torch.no_grad():
         for block in model.backbone.blocks[2]:  # zero the last norm of each block: no output
             block.bn3.weight.zero_()
@@ -137,7 +138,7 @@ def test_gradient_flow_catches_a_leaking_freeze_and_a_dead_parameter(data):
     partial = FinetuneConfig(
         data_dir=str(datamodule.data_dir), pretrained="bundled", img_size=32, strategy="partial"
     )
-    model = build_model(partial, datamodule.classes)
+    model = build_model(partial, DataFacts(datamodule.classes))
     assert check_gradient_flow(model, images, labels).passed
     model.backbone.conv_stem.weight.requires_grad = True  # frozen by the strategy
     model.head.unused = nn.Parameter(torch.zeros(3))  # trainable, never used
@@ -192,7 +193,7 @@ def test_tlkit_head_initialisation_is_the_documented_one():
 
 def test_gradient_flow_leaves_the_zero_classifier_as_it_was(config, data):
     _, _, images, labels = data
-    model = build_model(config, data[0].classes)
+    model = build_model(config, DataFacts(data[0].classes))
     assert check_gradient_flow(model, images, labels).passed
     assert not model.head.classifier.weight.any() and not model.head.classifier.bias.any()
 

@@ -140,7 +140,9 @@ def test_trials_report_every_epoch_and_pruned_trials_stop(colour_folder: Path, t
 
 def test_a_different_seed_draws_different_trials(colour_folder: Path, tmp_path: Path, monkeypatch):
     def instant_finetune(config, **options):
-        return SimpleNamespace(best_val_acc=config.lr, epochs_run=config.epochs)
+        return SimpleNamespace(
+            best_monitored=config.lr, monitor="val_acc", epochs_run=config.epochs
+        )
 
     monkeypatch.setattr(search_module, "finetune", instant_finetune)
     draws = []
@@ -153,7 +155,7 @@ def test_a_different_seed_draws_different_trials(colour_folder: Path, tmp_path: 
 
 
 def test_a_resumed_search_must_keep_its_settings(colour_folder: Path, tmp_path: Path, monkeypatch):
-    finished = SimpleNamespace(best_val_acc=0.5, epochs_run=2)
+    finished = SimpleNamespace(best_monitored=0.5, monitor="val_acc", epochs_run=2)
     monkeypatch.setattr(search_module, "finetune", lambda config, **options: finished)
     run_search(base_config(colour_folder, tmp_path), trials=1)
     changed = base_config(colour_folder, tmp_path)

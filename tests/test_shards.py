@@ -28,7 +28,7 @@ from tlkit.data.shards import MARKER, ShardDataModule, convert, labelled_split, 
 from tlkit.errors import DatasetError, OutputExistsError
 from tlkit.infer.predict import evaluate, predict
 from tlkit.model.backbones import preprocessing
-from tlkit.runfolder import read_split, read_summary
+from tlkit.runfolder import DataFacts, read_split, read_summary
 from tlkit.train.build import augmentation_options, build_datamodule, build_model
 from tlkit.train.features import CachedFeatureDataModule, extract
 from tlkit.train.finetune import finetune
@@ -239,7 +239,7 @@ def test_the_feature_cache_reads_shards(converted: Path, colour_folder: Path, tm
     config = FinetuneConfig(**dict(RUN_CONFIG, strategy="features", data_dir=str(converted)))
     images = build_datamodule(config)
     images.setup()
-    model = build_model(config, images.classes)
+    model = build_model(config, DataFacts(images.classes))
     reused = []
     for _ in range(2):
         cached = CachedFeatureDataModule(model, images, tmp_path, progress=False)

@@ -23,6 +23,7 @@ from tlkit.infer.tta import (
     plan,
 )
 from tlkit.model.classifier import TransferClassifier
+from tlkit.model.tasks import TASKS
 from tlkit.runfolder import Preprocessing
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
@@ -119,6 +120,8 @@ class MirrorSymmetric(nn.Module):
         super().__init__()
         self.inner = inner
 
+    task = TASKS["single-label"]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.inner(images) + self.inner(images.flip(-1))
 
@@ -150,6 +153,26 @@ def test_geometric_average_is_the_softmax_of_mean_logits(tiny_model, photos):
         logits = tiny_model(views.flatten(0, 1)).unflatten(0, views.shape[:2])
     assert torch.allclose(results["geometric"], logits.mean(1).softmax(-1), atol=1e-5)
     assert not torch.allclose(results["probabilities"], results["geometric"])
+
+
+def test_multi_label_views_average_per_class_and_geometric_is_the_mean_log_odds(photos):
+    """Sigmoid outputs are averaged class by class (no renormalisation across classes); the
+    geometric average is the sigmoid of the mean logits, as softmax's is for single-label."""
+    torch.manual_seed(0)
+    model = TransferClassifier(3, "test_resnet", "none", img_size=32, task="multi-label").eval()
+    with torch.no_grad():
+        model.head.classifier.weight.normal_()  # a zero head would give 0.5 everywhere
+    results = {}
+    for average in ("probabilities", "geometric"):
+        tta = plan("ten-crop", PREPROCESSING, average=average)
+        with torch.no_grad():
+            results[average] = TTAModule(model, tta)(scale_batches(photos, tta))
+    views = make_views(scale_batches(photos, tta)[0], tta)
+    with torch.no_grad():
+        logits = model(views.flatten(0, 1)).unflatten(0, views.shape[:2])
+    assert torch.allclose(results["probabilities"], logits.sigmoid().mean(1), atol=1e-6)
+    assert torch.allclose(results["geometric"], logits.mean(1).sigmoid(), atol=1e-5)
+    assert not torch.allclose(results["probabilities"].sum(-1), torch.ones(len(photos)))
 
 
 def test_dense_refuses_fixed_size_backbones():

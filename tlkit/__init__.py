@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _HOMES = {
     "ClassifierHead": "tlkit.model.heads",
+    "DataFacts": "tlkit.runfolder",
     "DatasetError": "tlkit.errors",
     "ExportError": "tlkit.errors",
     "ExportedModel": "tlkit.infer.export",
@@ -35,6 +36,7 @@ _HOMES = {
     "run_sanity_checks": "tlkit.commands.sanity",
     "run_search": "tlkit.commands.search",
     "scan": "tlkit.data.sources",
+    "TASKS": "tlkit.model.tasks",
 }
 
 __all__ = sorted([*_HOMES, "__version__"])

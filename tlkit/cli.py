@@ -7,7 +7,8 @@
     tlkit search DATA_DIR --out DIR [--trials N] [--sampler random|tpe] [--refine] [--space FILE]
     tlkit evaluate RUN_DIR DATA [--out results.json] [--max-image-pixels N]
                    [--csv-paths-outside-root] [--verify full|header|none] [--scan-cache DIR]
-    tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--out preds.csv] [--max-image-pixels N]
+    tlkit predict  RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--threshold P] [--out preds.csv]
+                   [--max-image-pixels N]
     tlkit report   RUN_DIR [DATA] [--out RUN_DIR/report] [--mistakes 16] [--max-image-pixels N]
                    [--csv-paths-outside-root] [--verify full|header|none] [--scan-cache DIR]
     tlkit export   RUN_DIR --format onnx|torchscript|safetensors --out EXPORT_DIR
@@ -217,6 +218,7 @@ def _predict(arguments: argparse.Namespace) -> int:
         arguments.accelerator,
         arguments.tta,
         arguments.max_image_pixels,
+        arguments.threshold,
     )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -254,11 +256,7 @@ def _report(arguments: argparse.Namespace) -> int:
     )
     evaluation = report.evaluation
     if evaluation is not None:
-        print(
-            f"top-1 {evaluation.top1:.4f} on {evaluation.images} images, "
-            f"{evaluation.wrong} wrong, {len(evaluation.skipped)} skipped",
-            file=sys.stderr,
-        )
+        print(f"{evaluation.headline()}, {len(evaluation.skipped)} skipped", file=sys.stderr)
     print(f"wrote {report.page} and {len(report.figures)} figures beside it")
     return 0
 
@@ -448,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=3,
                 help="labels per image, at most the number of classes (default 3)",
             )
+            sub.add_argument(
+                "--threshold",
+                type=float,
+                default=None,
+                help="multi-label models: predict every class whose probability is at least "
+                "this, for all classes (default: each class's threshold, chosen on validation)",
+            )
             sub.add_argument("--out", help="CSV file (default: standard output)")
             sub.set_defaults(handler=_predict)
         add_image_limit_flags(sub, csv_input=name == "evaluate")
@@ -462,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     report = commands.add_parser(
-        "report", help="HTML page: learning curves, confusion matrix, worst mistakes, run card"
+        "report",
+        help="HTML page: learning curves, per-class scores, confusions or precision-recall "
+        "curves, worst mistakes, run card",
     )
     report.add_argument("run", help="run folder written by tlkit finetune")
     report.add_argument(

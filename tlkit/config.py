@@ -33,6 +33,21 @@ DistStrategy = Literal["auto", "ddp", "fsdp"]
 Precision = Literal["32", "16-mixed", "bf16-mixed"]
 Logger = Literal["csv", "tensorboard"]
 Verify = Literal["full", "header", "none"]
+# What a model learns (model/tasks.py TASKS): one class per image, or any number of classes;
+# `auto` reads it from the data (a CSV with a `labels` column is multi-label).
+Task = Literal["single-label", "multi-label"]
+TaskChoice = Literal["auto", Task]
+# The validation metrics that can pick best.ckpt and stop early (tlkit/metrics.py's names), and
+# `auto`, which chooses by task and class balance (model/tasks.py).
+Monitor = Literal["auto", "acc", "balanced_acc", "macro_f1", "map", "micro_f1", "exact_match"]
+# `--monitor auto` watches balanced accuracy instead of accuracy when the training split's largest
+# class holds more than this many times the images of its smallest. Not a measured optimum: on
+# long-tailed Fashion-MNIST at 3:1, 10:1 and 30:1 the two monitors picked the same epoch or
+# epochs 0.5 points apart (docs/benchmarks.md, "Class imbalance"), so switching from 3:1 on
+# costs nothing measured, and the checkpoint is then chosen on what imbalanced data needs.
+BALANCED_MONITOR_ABOVE_RATIO = 3.0
+ClassWeights = Literal["none", "balanced"]
+Sampling = Literal["shuffle", "balanced"]  # data/datasets.py TRAINING_SAMPLERS
 
 
 def value_type(kind: Any) -> Any:
@@ -99,6 +114,13 @@ class FinetuneConfig:
         "csv",
         "training log in the run folder: csv (metrics.csv) or tensorboard (tensorboard/ event "
         "files for `tensorboard --logdir`; needs the tensorboard package)",
+    )
+
+    task: TaskChoice = _option(
+        "auto",
+        "single-label: one class per image (softmax, cross-entropy); multi-label: any number "
+        "of classes per image (a sigmoid per class, binary cross-entropy; a CSV with a "
+        "'labels' column of ';'-separated labels); auto: as the data is labelled",
     )
 
     # Backbone and weights
@@ -168,6 +190,23 @@ class FinetuneConfig:
     )
     label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
     patience: int = _option(5, "early stopping: epochs without validation improvement")
+    monitor: Monitor = _option(
+        "auto",
+        "the validation metric that picks best.ckpt and stops early (single-label: acc, "
+        "balanced_acc, macro_f1; multi-label: map, macro_f1, micro_f1, exact_match); auto: map "
+        f"for multi-label, balanced_acc for single-label data whose largest training class has "
+        f"more than {BALANCED_MONITOR_ABOVE_RATIO:g} times the images of its smallest, else acc",
+    )
+    class_weights: ClassWeights = _option(
+        "none",
+        "balanced: weight each class in the loss by images / (classes x its images); "
+        "multi-label: each class's positives by its negatives / positives",
+    )
+    sampling: Sampling = _option(
+        "shuffle",
+        "training order: shuffle (each image once per epoch) or balanced (images drawn with "
+        "replacement, every class about equally often; the epoch keeps its length)",
+    )
     layer_decay: float = _option(
         1.0,
         "layer-wise learning-rate decay (timm's layer groups): the backbone's last group trains "

@@ -7,6 +7,8 @@ config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies (the test
                accuracy with its 95% interval), files not read, timings (`RunSummary`)
 auto.json      `--strategy auto`'s decision: its evidence and choices, kept for a resumed run
+data.json      what the data says (`DataFacts`): classes, label kind, images per split and per
+               class, whether training flips images; read by the model, auto, report and export
 split.csv      every image used and its split (train, val or test), paths relative to the data
                root; `--resume` trains on exactly this split
 skipped.csv    image files that could not be used, with the reason (at the scan, or while
@@ -25,6 +27,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -51,6 +54,7 @@ LOAD_FAILURES = "load_failures.csv"
 SPLITS = ("train", "val", "test")
 METRICS = "metrics.csv"
 AUTO_DECISION = "auto.json"
+DATA_FACTS = "data.json"
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,64 @@ class Preprocessing:
             interpolation=str(values["interpolation"]),
             crop_pct=float(values["crop_pct"]),
         )
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the data says, as the scan (of folders, CSVs or converted shards) found it: the
+    classes, how images are labelled (`label_kind`: a task name, `config.Task`), images per
+    split and, per split, per class (multi-label: images carrying the class), the training
+    images' median short side as stored (over the `sized_images` whose size the scan read), and
+    whether training shows the model mirror images. Made by the data module after its scan
+    (`BaseImageDataModule.data_facts`), stored in the run folder (data.json), and read by the
+    model, auto, the report and export, so no caller threads these facts through by hand.
+
+    Counts are empty where unknown: a run from before data.json (`read_data_facts`) or a
+    model built without data."""
+
+    classes: list[str]
+    label_kind: str = "single-label"
+    split_images: dict[str, int] = field(default_factory=dict)
+    images_per_class: dict[str, list[int]] = field(default_factory=dict)
+    trained_with_hflip: bool = True
+    source_short_side_median: float | None = None  # None: the scan read no size
+    sized_images: int = 0
+
+    @property
+    def class_ratio(self) -> float | None:
+        """The training split's largest class over its smallest (images); infinite if a class
+        has none, None where the counts are unknown."""
+        counts = self.images_per_class.get("train")
+        if not counts:
+            return None
+        return max(counts) / min(counts) if min(counts) else math.inf
+
+    def classes_without_images(self, split: str) -> list[str]:
+        """The classes a split holds no image of (none where its counts are unknown)."""
+        counts = self.images_per_class.get(split, [])
+        return [name for name, count in zip(self.classes, counts, strict=True) if not count]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = DATA_FACTS) -> DataFacts:
+        """From data.json's object; other keys (a newer tlkit's) are ignored."""
+        try:
+            return cls(
+                classes=[str(name) for name in values["classes"]],
+                label_kind=str(values.get("label_kind", "single-label")),
+                split_images={k: int(v) for k, v in values.get("split_images", {}).items()},
+                images_per_class={
+                    split: [int(count) for count in counts]
+                    for split, counts in values.get("images_per_class", {}).items()
+                },
+                trained_with_hflip=bool(values.get("trained_with_hflip", True)),
+                source_short_side_median=values.get("source_short_side_median"),
+                sized_images=int(values.get("sized_images", 0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise RunFolderError(f"{source}: not a tlkit data record ({error!r})") from None
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> None:
@@ -177,6 +239,12 @@ class RunSummary:
     feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
     auto_decision: dict[str, Any] | None = None  # --strategy auto: evidence, choices, reasons
     linear_probe: dict[str, Any] | None = None  # --lp-ft: the probe the head started from
+    task: str = "single-label"  # model/tasks.py TASKS
+    monitor: str = "val_acc"  # the logged metric that chose best.ckpt and stopped early
+    best_val_metrics: dict[str, float] = field(default_factory=dict)  # at the best epoch
+    test_metrics: dict[str, float] = field(default_factory=dict)  # logged names
+    # multi-label: per class, the probability from which it is predicted (chosen on validation)
+    decision_thresholds: dict[str, float] | None = None
     # test_acc's 95% interval [low, high] (Wilson score, metrics.accuracy_interval)
     test_acc_interval: list[float] | None = None
     # files not read, by extension: not images (.txt, .ogg), and images in formats tlkit does
@@ -185,6 +253,13 @@ class RunSummary:
     unread_images: dict[str, int] = field(default_factory=dict)
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
+
+    @property
+    def best_monitored(self) -> float | None:
+        """The monitored validation metric at the best epoch (older runs: best_val_acc)."""
+        if self.monitor in self.best_val_metrics:
+            return self.best_val_metrics[self.monitor]
+        return self.best_val_acc if self.monitor == "val_acc" else None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of summary.json (unknown keys kept from reading included)."""
@@ -229,6 +304,34 @@ def _json_types(hint: Any) -> tuple[type, ...]:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     kinds = tuple(typing.get_origin(option) or option for option in options)
     return kinds + (int,) if float in kinds else kinds
+
+
+def write_data_facts(run_dir: str | Path, facts: DataFacts) -> None:
+    write_atomic(Path(run_dir) / DATA_FACTS, json.dumps(facts.to_dict(), indent=2) + "\n")
+
+
+def read_data_facts(run_dir: str | Path) -> DataFacts:
+    """A run's data.json; for a run from before it, a single-label record of what its
+    summary.json (classes, images per split) and best checkpoint (horizontal flips) say."""
+    path = Path(run_dir) / DATA_FACTS
+    if path.is_file():
+        try:
+            return DataFacts.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RunFolderError(f"{path}: not valid JSON ({error})") from error
+    summary = read_summary(run_dir)
+    checkpoint = Path(run_dir) / BEST_CHECKPOINT
+    hyperparameters = (
+        read_checkpoint(checkpoint, mmap=True).get("hyper_parameters", {})
+        if checkpoint.is_file()
+        else {}
+    )
+    sizes = {"train": summary.train_images, "val": summary.val_images}
+    return DataFacts(
+        classes=list(summary.classes),
+        split_images=sizes | ({"test": summary.test_images} if summary.test_images else {}),
+        trained_with_hflip=bool(hyperparameters.get("trained_with_hflip", True)),
+    )
 
 
 def write_summary(run_dir: str | Path, summary: RunSummary) -> None:
@@ -307,10 +410,11 @@ def unsafe_checkpoint(path: str | Path, error: Exception) -> UnsafeCheckpointErr
     )
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint loaded with `weights_only=True`: objects that could run code are refused."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint loaded with `weights_only=True`: objects that could run code are refused.
+    `mmap`: tensors are mapped from the file, not read (for its small records alone)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise unsafe_checkpoint(path, error) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
@@ -349,12 +453,14 @@ def best_checkpoint(run_dir: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class FinishedRun:
-    """A finished run folder, read back: its summary, its config and the files it skipped."""
+    """A finished run folder, read back: its summary, its config, the files it skipped and
+    what its data says."""
 
     folder: Path
     summary: RunSummary
     config: FinetuneConfig
     skipped: list[tuple[str, str]]
+    data: DataFacts
 
     @property
     def best_checkpoint(self) -> Path:
@@ -366,4 +472,10 @@ def open_run(run_dir: str | Path) -> FinishedRun:
     what is missing or malformed otherwise."""
     run_dir = Path(run_dir)
     best_checkpoint(run_dir)
-    return FinishedRun(run_dir, read_summary(run_dir), read_config(run_dir), read_skipped(run_dir))
+    return FinishedRun(
+        run_dir,
+        read_summary(run_dir),
+        read_config(run_dir),
+        read_skipped(run_dir),
+        read_data_facts(run_dir),
+    )

@@ -1,14 +1,18 @@
 """`tlkit report`: one self-contained HTML page that shows how a run learned and where it errs.
 
 The page holds the learning curves (summary.json's per-epoch history, written whichever logger
-the run used), the confusion matrix (counts and row-normalised), precision, recall, F1 and
-support per class (worst first), the most confused class pairs, a grid of the highest-loss wrong
-predictions (fastai's `ClassificationInterpretation.plot_top_losses`, wrong ones only) and the
-run's card. Numbers come from `tlkit.metrics` (torchmetrics, the same function `tlkit evaluate`
-uses), figures from matplotlib's Agg canvas (no pyplot state), the page from the Jinja2 template
-tlkit/templates/report.html.j2 with autoescaping (class names are folder names, i.e. user
-input). Each figure is written as a PNG beside the page and embedded in it as a base64 data
-URI, so `report.html` opens offline, alone, in any browser.
+the run used; the monitored metric), the run's card and, for labelled data, what its task's
+entry of `TASK_REPORTS` shows. Single-label: the confusion matrix (counts and row-normalised),
+precision, recall, F1 and support per class (worst first), the most confused class pairs and a
+grid of the highest-loss wrong predictions (fastai's `ClassificationInterpretation.
+plot_top_losses`, wrong ones only). Multi-label: mAP, F1 and exact match at the model's
+thresholds, average precision, precision, recall and F1 per class (worst first), each class's
+precision-recall curve, and grids of the worst false positives and false negatives. Classes
+without images are named, not averaged in. Numbers come from `tlkit.metrics` (torchmetrics, the
+same functions `tlkit evaluate` and training use), figures from matplotlib's Agg canvas (no
+pyplot state), the page from the Jinja2 templates in tlkit/templates/ with autoescaping (class
+names are folder names, i.e. user input). Each figure is written as a PNG beside the page and
+embedded in it as a base64 data URI, so `report.html` opens offline, alone, in any browser.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -39,20 +44,37 @@ from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from tlkit.data.shards import find_converted
 from tlkit.data.sources import OtherFiles
 from tlkit.errors import ConfigError
-from tlkit.infer.predict import LabelledPredictions, load_model, predict_labelled
+from tlkit.infer.predict import LabelledPredictions, Predictor, load_model, predict_labelled
 from tlkit.metrics import (
+    ACCURACY,
     CONFIDENCE,
+    TITLES,
     ClassificationMetrics,
+    ClassMetrics,
+    MultilabelMetrics,
     accuracy_interval,
     classification_metrics,
+    logged_name,
+    multilabel_metrics,
+    precision_recall_curves,
 )
-from tlkit.runfolder import SKIPPED, RunSummary, image_limits, open_run, scan_options
+from tlkit.runfolder import (
+    SKIPPED,
+    DataFacts,
+    RunSummary,
+    image_limits,
+    open_run,
+    scan_options,
+)
 
 REPORT_PAGE = "report.html"
 REPORT_TEMPLATE = "report.html.j2"  # in tlkit/templates/
 LEARNING_CURVES = "learning_curves.png"
 CONFUSION_MATRIX = "confusion_matrix.png"
 WORST_MISTAKES = "worst_mistakes.png"
+PRECISION_RECALL = "precision_recall.png"  # multi-label
+FALSE_POSITIVES = "false_positives.png"
+FALSE_NEGATIVES = "false_negatives.png"
 CONFUSED_PAIRS_SHOWN = 10
 SKIPPED_SHOWN = 20
 THUMBNAIL_SIZE = 160  # pixels, longest side of an image in the worst-mistakes grid
@@ -72,6 +94,14 @@ class Mistake:
     loss: float  # cross-entropy, -ln p(true label)
     image: np.ndarray | None = None  # decoded already (from shards); else read from `path`
 
+    @property
+    def title(self) -> str:
+        return (
+            f"true: {self.true_label}\n"
+            f"predicted: {self.predicted_label} ({self.predicted_probability:.2f})\n"
+            f"loss {self.loss:.2f}"
+        )
+
 
 @dataclass
 class ConfusedPair:
@@ -83,15 +113,23 @@ class ConfusedPair:
     share: float  # of the images of `true_label`
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Evaluation(ClassificationMetrics):
-    """What the report shows about predictions on labelled data: the metrics (`per_class` worst
-    first: lowest F1, then lowest recall), the confusions and the worst mistakes."""
+    """What the report shows about single-label predictions: the metrics (`per_class` in class
+    order, `worst_first` by lowest F1, then lowest recall), the confusions and the worst
+    mistakes."""
 
+    worst_first: list[ClassMetrics]
     confused_pairs: list[ConfusedPair]  # most frequent first
     wrong: int
     mistakes: list[Mistake]  # the highest-loss wrong predictions, highest first
     skipped: list[tuple[str, str]]
+
+    def headline(self) -> str:
+        return (
+            f"top-1 {self.top1:.4f}, balanced accuracy {_number(self.balanced_accuracy, 4)} on "
+            f"{self.images} images, {self.wrong} wrong"
+        )
 
 
 @dataclass
@@ -100,16 +138,18 @@ class Report:
 
     page: Path
     figures: list[Path]
-    evaluation: Evaluation | None
+    evaluation: Evaluation | MultilabelEvaluation | None
+
+
+def _worst_first(per_class: list[ClassMetrics]) -> list[ClassMetrics]:
+    """Classes without images last; the others by lowest F1, then lowest recall."""
+    return sorted(per_class, key=lambda m: (m.support == 0, m.f1 or 0.0, m.recall or 0.0, m.name))
 
 
 def analyse(predictions: LabelledPredictions, classes: list[str], mistakes: int = 16) -> Evaluation:
-    """Metrics, confusions and the `mistakes` highest-loss wrong predictions."""
+    """Single-label: metrics, confusions and the `mistakes` highest-loss wrong predictions."""
     probabilities, labels = predictions.probabilities, predictions.labels
     metrics = classification_metrics(probabilities, labels, classes)
-    worst_first_classes = sorted(
-        metrics.per_class, key=lambda m: (m.support == 0, m.f1, m.recall, m.name)
-    )
 
     predicted = probabilities.argmax(dim=1)
     losses = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels, reduction="none")
@@ -128,10 +168,113 @@ def analyse(predictions: LabelledPredictions, classes: list[str], mistakes: int 
         for index in worst_first[:mistakes].tolist()
     ]
     return Evaluation(
-        **{**vars(metrics), "per_class": worst_first_classes},
+        **vars(metrics),
+        worst_first=_worst_first(metrics.per_class),
         confused_pairs=most_confused(metrics.confusion, classes),
         wrong=len(wrong),
         mistakes=shown,
+        skipped=list(predictions.skipped),
+    )
+
+
+@dataclass
+class LabelMistake:
+    """A wrong multi-label decision: an image, the class decided wrongly, the image's true
+    labels, the model's probability for the class and the threshold it was decided at."""
+
+    path: str
+    labels: list[str]
+    class_name: str
+    probability: float
+    threshold: float
+    loss: float  # binary cross-entropy of this decision
+    image: np.ndarray | None = None
+
+    @property
+    def false_positive(self) -> bool:
+        return self.class_name not in self.labels
+
+    @property
+    def title(self) -> str:
+        kind = "false positive" if self.false_positive else "missed"
+        truth = ", ".join(self.labels) or "(none)"
+        return f"{kind}: {self.class_name}\np {self.probability:.2f} (t {self.threshold:.2f})\n" + (
+            f"true: {truth}"
+        )
+
+
+@dataclass(kw_only=True)
+class MultilabelEvaluation(MultilabelMetrics):
+    """What the report shows about multi-label predictions: the metrics at the model's
+    thresholds (`per_class` in class order, `worst_first` by lowest average precision), each
+    class's precision-recall curve, and the worst false positives (highest probability where
+    the class is absent) and false negatives (lowest probability where it is present)."""
+
+    worst_first: list[ClassMetrics]
+    curves: dict[str, tuple[list[float], list[float]]]  # class -> (recall, precision)
+    false_positives: list[LabelMistake]
+    false_negatives: list[LabelMistake]
+    false_positive_count: int
+    false_negative_count: int
+    skipped: list[tuple[str, str]]
+
+    def headline(self) -> str:
+        return (
+            f"mAP {_number(self.mean_average_precision, 4)}, macro-F1 "
+            f"{_number(self.macro_f1, 4)}, exact match {self.exact_match:.4f} on {self.images} "
+            f"images"
+        )
+
+
+def analyse_multilabel(
+    predictions: LabelledPredictions,
+    classes: list[str],
+    thresholds: list[float],
+    mistakes: int = 16,
+) -> MultilabelEvaluation:
+    """Multi-label: metrics at `thresholds`, precision-recall curves, and the `mistakes` worst
+    false positives and false negatives each."""
+    probabilities, targets = predictions.probabilities, predictions.labels
+    metrics = multilabel_metrics(probabilities, targets, classes, thresholds)
+    limits = torch.tensor(metrics.thresholds)
+    decided = probabilities >= limits
+    present = targets.bool()
+    losses = F.binary_cross_entropy(
+        probabilities.clamp(1e-7, 1 - 1e-7), targets.float(), reduction="none"
+    )
+    curves = {
+        classes[index]: (recall.tolist(), precision.tolist())
+        for index, (precision, recall, _) in precision_recall_curves(probabilities, targets).items()
+    }
+
+    def worst(cells: torch.Tensor) -> list[LabelMistake]:
+        """The (image, class) cells of `cells` with the highest loss, highest first."""
+        rows, columns = cells.nonzero(as_tuple=True)
+        order = losses[rows, columns].argsort(descending=True, stable=True)[:mistakes]
+        return [
+            LabelMistake(
+                path=predictions.paths[row],
+                labels=[classes[c] for c in present[row].nonzero().flatten().tolist()],
+                class_name=classes[column],
+                probability=float(probabilities[row, column]),
+                threshold=float(limits[column]),
+                loss=float(losses[row, column]),
+                image=predictions.shards.rgb(row) if predictions.shards is not None else None,
+            )
+            for row, column in zip(rows[order].tolist(), columns[order].tolist(), strict=True)
+        ]
+
+    return MultilabelEvaluation(
+        **vars(metrics),
+        worst_first=sorted(
+            metrics.per_class,
+            key=lambda m: (m.support == 0, m.average_precision or 0.0, m.name),
+        ),
+        curves=curves,
+        false_positives=worst(decided & ~present),
+        false_negatives=worst(~decided & present),
+        false_positive_count=int((decided & ~present).sum()),
+        false_negative_count=int((~decided & present).sum()),
         skipped=list(predictions.skipped),
     )
 
@@ -170,19 +313,27 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def learning_curves_figure(history: list[dict[str, float]], best_epoch: int | None) -> Figure:
-    """Training (and validation) loss, train and validation accuracy, head learning rate."""
+def learning_curves_figure(
+    history: list[dict[str, float]], best_epoch: int | None, monitor: str = "val_acc"
+) -> Figure:
+    """Training (and validation) loss, the monitored metric (for training too where it is
+    logged), head learning rate."""
     epochs = [record["epoch"] for record in history]
+    metric = monitor.removeprefix("val_")
 
     def series(key: str) -> list[float] | None:
         values = [float(record.get(key, math.nan)) for record in history]
         return None if all(math.isnan(value) for value in values) else values
 
     figure = _figure(13, 3.6)
-    loss_axes, accuracy_axes, lr_axes = figure.subplots(1, 3)
+    loss_axes, metric_axes, lr_axes = figure.subplots(1, 3)
     panels = (
-        (loss_axes, "loss (cross-entropy)", (("loss", "train"), ("val_loss", "validation"))),
-        (accuracy_axes, "top-1 accuracy", (("train_acc", "train"), ("val_acc", "validation"))),
+        (loss_axes, "loss", (("loss", "train"), ("val_loss", "validation"))),
+        (
+            metric_axes,
+            TITLES.get(metric, metric),
+            ((logged_name("train", metric), "train"), (monitor, "validation")),
+        ),
         (lr_axes, "learning rate (new head)", (("lr", "head"),)),
     )
     for axes, title, lines in panels:
@@ -198,6 +349,26 @@ def learning_curves_figure(history: list[dict[str, float]], best_epoch: int | No
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    return figure
+
+
+def precision_recall_figure(evaluation: MultilabelEvaluation) -> Figure:
+    """Each class's precision-recall curve, its chosen threshold's point marked."""
+    figure = _figure(7, 5)
+    axes = figure.subplots()
+    for row in evaluation.per_class:
+        if row.name not in evaluation.curves:
+            continue
+        recall, precision = evaluation.curves[row.name]
+        (line,) = axes.plot(
+            recall, precision, label=f"{row.name} (AP {_number(row.average_precision)})"
+        )
+        if row.recall is not None and row.precision is not None:
+            axes.plot(row.recall, row.precision, "o", color=line.get_color())
+    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.01))
+    axes.set_title("precision-recall per class (dot: at its threshold)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower left")
     return figure
 
 
@@ -234,7 +405,7 @@ def confusion_matrix_figure(confusion: torch.Tensor, classes: list[str]) -> Figu
     return figure
 
 
-def _thumbnail(mistake: Mistake, max_pixels: int) -> np.ndarray:
+def _thumbnail(mistake: Mistake | LabelMistake, max_pixels: int) -> np.ndarray:
     pixels = mistake.image
     image = Image.fromarray(
         pixels if pixels is not None else load_rgb(mistake.path, max_pixels=max_pixels)
@@ -244,11 +415,12 @@ def _thumbnail(mistake: Mistake, max_pixels: int) -> np.ndarray:
 
 
 def worst_mistakes_figure(
-    mistakes: list[Mistake],
+    mistakes: list[Mistake] | list[LabelMistake],
     columns: int = MISTAKE_COLUMNS,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Figure:
-    """The images of `mistakes`, each titled with rank, true and predicted label, probability."""
+    """The images of `mistakes`, each titled with its rank and what went wrong (true and
+    predicted label, probability, loss)."""
     columns = min(columns, len(mistakes))
     rows = math.ceil(len(mistakes) / columns)
     figure = _figure(2.6 * columns, 3.1 * rows)
@@ -261,13 +433,59 @@ def worst_mistakes_figure(
         if mistake is None:
             continue
         axes.imshow(_thumbnail(mistake, max_pixels))
-        axes.set_title(
-            f"#{rank} true: {mistake.true_label}\n"
-            f"predicted: {mistake.predicted_label} ({mistake.predicted_probability:.2f})\n"
-            f"loss {mistake.loss:.2f}",
-            fontsize=9,
-        )
+        axes.set_title(f"#{rank} {mistake.title}", fontsize=9)
     return figure
+
+
+def single_label_figures(evaluation: Evaluation, max_pixels: int) -> dict[str, Figure]:
+    figures = {CONFUSION_MATRIX: confusion_matrix_figure(evaluation.confusion, evaluation.classes)}
+    if evaluation.mistakes:
+        figures[WORST_MISTAKES] = worst_mistakes_figure(evaluation.mistakes, max_pixels=max_pixels)
+    return figures
+
+
+def multi_label_figures(evaluation: MultilabelEvaluation, max_pixels: int) -> dict[str, Figure]:
+    figures = {PRECISION_RECALL: precision_recall_figure(evaluation)}
+    for name, mistakes in (
+        (FALSE_POSITIVES, evaluation.false_positives),
+        (FALSE_NEGATIVES, evaluation.false_negatives),
+    ):
+        if mistakes:
+            figures[name] = worst_mistakes_figure(mistakes, max_pixels=max_pixels)
+    return figures
+
+
+def _analyse_single_label(
+    predictions: LabelledPredictions, model: Predictor, mistakes: int
+) -> Evaluation:
+    return analyse(predictions, model.class_names, mistakes)
+
+
+def _analyse_multi_label(
+    predictions: LabelledPredictions, model: Predictor, mistakes: int
+) -> MultilabelEvaluation:
+    return analyse_multilabel(predictions, model.class_names, model.thresholds, mistakes)
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """What the page shows of one task's predictions: the analysis, its figures, and the
+    template of its sections (macros `headline` and `sections`, in tlkit/templates/)."""
+
+    analyse: Callable[[LabelledPredictions, Predictor, int], Any]
+    figures: Callable[[Any, int], dict[str, Figure]]
+    template: str
+
+
+# One entry per task of model/tasks.py TASKS (a test keeps the keys equal).
+TASK_REPORTS: dict[str, TaskReport] = {
+    "single-label": TaskReport(
+        _analyse_single_label, single_label_figures, "report_single_label.html.j2"
+    ),
+    "multi-label": TaskReport(
+        _analyse_multi_label, multi_label_figures, "report_multi_label.html.j2"
+    ),
+}
 
 
 def _strategy(summary: RunSummary, config: FinetuneConfig) -> str:
@@ -295,19 +513,34 @@ def _augmentation(config: FinetuneConfig) -> str:
     )
 
 
+def _class_balance(data: DataFacts, config: FinetuneConfig) -> str:
+    """The training split's class sizes and what training did about their imbalance."""
+    counts = data.images_per_class.get("train")
+    if not counts:
+        balance = "training images per class not recorded"
+    else:
+        ratio = data.class_ratio
+        shown = f"{ratio:.1f}:1" if ratio is not None and math.isfinite(ratio) else "unbounded"
+        balance = f"{min(counts)}-{max(counts)} training images per class (ratio {shown})"
+    return f"{balance}; class weights {config.class_weights}, sampling {config.sampling}"
+
+
 def run_card(
     run_dir: Path,
     summary: RunSummary,
     config: FinetuneConfig,
     evaluation_seconds: float | None,
-    evaluation: Evaluation | None,
+    evaluation: Evaluation | MultilabelEvaluation | None,
     tta_cost: dict[str, Any] | None = None,
+    data: DataFacts | None = None,
 ) -> list[tuple[str, str]]:
     """(label, value) rows that describe the run: model, weights, training, data, timings."""
     trainable, total = summary.trainable_parameters, summary.total_parameters
     preprocessing = summary.preprocessing
     classes = summary.classes
-    best_val = summary.best_val_acc
+    data = data or DataFacts(list(classes))
+    metric = summary.monitor.removeprefix("val_")
+    best_val = summary.best_monitored
     best = f"{best_val:.4f} at epoch {summary.best_epoch}" if best_val is not None else "?"
     rows = [
         ("run folder", str(run_dir)),
@@ -340,8 +573,14 @@ def run_card(
             f"train {summary.train_images}, validation {summary.val_images}, "
             f"test {summary.test_images}",
         ),
-        ("result", f"{summary.epochs_run} of {config.epochs} epochs; best validation {best}"),
-        ("test estimate", _test_estimate(summary)),
+        ("task", summary.task),
+        ("class balance", _class_balance(data, config)),
+        (
+            "result",
+            f"{summary.epochs_run} of {config.epochs} epochs; best validation "
+            f"{TITLES.get(metric, metric)} (the monitored metric) {best}",
+        ),
+        ("test estimate", _test_estimate(summary, metric)),
         ("test-time augmentation", _tta_description(tta_cost)),
         ("training time", f"{summary.wall_time_s} s"),
     ]
@@ -367,10 +606,22 @@ def run_card(
     return rows
 
 
-def _test_estimate(summary: RunSummary) -> str:
+def _test_estimate(summary: RunSummary, metric: str) -> str:
     """The test accuracy at training time with its image count and interval (computed for
-    summaries written before tlkit recorded it), or why there is none."""
+    summaries written before tlkit recorded it) and the monitored `metric`'s test score; a
+    multi-label run's monitored metric; or why there is none."""
+    test_value = summary.test_metrics.get(logged_name("test", metric))
+    monitored = (
+        f"; {TITLES.get(metric, metric)} {test_value:.4f}"
+        if test_value is not None and metric != ACCURACY
+        else ""
+    )
     if summary.test_acc is None:
+        if test_value is not None:  # multi-label: no accuracy
+            return (
+                f"{TITLES.get(metric, metric)} {test_value:.4f} on {summary.test_images} "
+                "held-out images, at training time"
+            )
         if summary.test_images:
             return f"none: the {summary.test_images} test images were not evaluated"
         return (
@@ -382,7 +633,7 @@ def _test_estimate(summary: RunSummary) -> str:
     )
     return (
         f"{summary.test_acc:.4f} on {summary.test_images} held-out images, {CONFIDENCE:.0%} "
-        f"interval {low:.3f}-{high:.3f} (Wilson), at training time"
+        f"interval {low:.3f}-{high:.3f} (Wilson){monitored}, at training time"
     )
 
 
@@ -401,6 +652,11 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
             f"{evidence.get('train_images')} training images, {evidence.get('classes')} classes",
         ),
         (
+            "class ratio",
+            _number(evidence.get("class_ratio"), 1) + ":1",
+            "training split: the largest class's images over the smallest's",
+        ),
+        (
             "source short side",
             f"{side} px" if side is not None else "unknown",
             f"median of {evidence.get('sampled_files')} files' headers",
@@ -409,14 +665,15 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
             "linear probe / k-NN",
             f"{_number(evidence.get('linear_val_acc'), 4)} / "
             f"{_number(evidence.get('knn_val_acc'), 4)}",
-            f"validation top-1 on cached features at {evidence.get('input_size')} px "
+            f"validation {TITLES.get(evidence.get('probe_metric'), 'top-1 accuracy')} on "
+            f"cached features at {evidence.get('input_size')} px "
             f"({evidence.get('probe_seconds')} s)",
         ),
     ]
     if evidence.get("probe_balanced_acc") is not None:
         rows.append(
             (
-                "probe's balanced accuracy",
+                f"probe's {evidence.get('probe_evidence_metric', 'balanced accuracy')}",
                 f"{_number(evidence['probe_balanced_acc'], 4)}, at least "
                 f"{_number(evidence['probe_balanced_lower_bound'], 4)}",
                 f"95% confidence, on {evidence.get('probe_evidence')} "
@@ -447,7 +704,8 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
             (
                 "head kept",
                 head["kept"],
-                f"validation: linear probe {_number(head['probe_val_acc'], 4)}, trained head "
+                f"validation {TITLES.get(head.get('metric'), 'top-1 accuracy')}: linear probe "
+                f"{_number(head['probe_val_acc'], 4)}, trained head "
                 f"{_number(head['trained_val_acc'], 4)}",
             )
         )
@@ -520,6 +778,7 @@ def build_report(
     out = Path(out) if out is not None else run_dir / "report"
 
     evaluation, evaluation_seconds, tta_cost = None, None, None
+    task_report = TASK_REPORTS[summary.task]
     if data is not None:
         model = load_model(run_dir)
         started = time.perf_counter()
@@ -535,36 +794,35 @@ def build_report(
         )
         evaluation_seconds = time.perf_counter() - started
         tta_cost = predictions.cost
-        evaluation = analyse(predictions, model.class_names, mistakes)
+        evaluation = task_report.analyse(predictions, model, mistakes)
 
     # Class names and file names become text in figures: no $...$ mathtext, no TeX.
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
         figures: dict[str, Figure] = {}
         if summary.history:
-            figures[LEARNING_CURVES] = learning_curves_figure(summary.history, summary.best_epoch)
-        if evaluation is not None:
-            figures[CONFUSION_MATRIX] = confusion_matrix_figure(
-                evaluation.confusion, evaluation.classes
+            figures[LEARNING_CURVES] = learning_curves_figure(
+                summary.history, summary.best_epoch, summary.monitor
             )
-            if evaluation.mistakes:
-                figures[WORST_MISTAKES] = worst_mistakes_figure(
-                    evaluation.mistakes, max_pixels=max_pixels
-                )
+        if evaluation is not None:
+            figures |= task_report.figures(evaluation, max_pixels)
         pngs = {name: _png(figure) for name, figure in figures.items()}
 
     out.mkdir(parents=True, exist_ok=True)
     for name, png in pngs.items():
         (out / name).write_bytes(png)
+
+    def shown_paths(mistakes: list[Mistake] | list[LabelMistake]) -> list[str]:
+        return [_shown_path(mistake.path, data) for mistake in mistakes]
+
     page = _ENVIRONMENT.get_template(REPORT_TEMPLATE).render(
         run_name=run_dir.resolve().name,
         data=str(data) if data is not None else None,
         summary=summary,
-        card=run_card(run_dir, summary, config, evaluation_seconds, evaluation, tta_cost),
+        card=run_card(run_dir, summary, config, evaluation_seconds, evaluation, tta_cost, run.data),
         auto_rows=auto_decision_rows(summary.auto_decision),
         evaluation=evaluation,
-        mistake_paths=[_shown_path(m.path, data) for m in evaluation.mistakes]
-        if evaluation is not None
-        else [],
+        task_template=task_report.template,
+        shown_paths=shown_paths,
         images={
             name: "data:image/png;base64," + base64.b64encode(png).decode("ascii")
             for name, png in pngs.items()
@@ -575,7 +833,11 @@ def build_report(
             "curves": LEARNING_CURVES,
             "confusion": CONFUSION_MATRIX,
             "mistakes": WORST_MISTAKES,
+            "precision_recall": PRECISION_RECALL,
+            "false_positives": FALSE_POSITIVES,
+            "false_negatives": FALSE_NEGATIVES,
         },
+        titles=TITLES,
     )
     (out / REPORT_PAGE).write_text(page, encoding="utf-8")
     return Report(out / REPORT_PAGE, [out / name for name in pngs], evaluation)

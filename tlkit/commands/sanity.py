@@ -1,10 +1,13 @@
 """Sanity checks before spending compute: the lecture's checklist, run on the user's own data.
 
 1. Loss at initialisation: the new head's classifier starts at zero, so every logit is 0 and the
-   mean cross-entropy is ln(C) (2.30 for 10 classes). Far from it, the head's scale is off.
+   mean cross-entropy is ln(C) (2.30 for 10 classes); for a multi-label task's sigmoids, the
+   binary cross-entropy is ln 2 per label (the task's `loss_at_init`). Far from it, the head's
+   scale is off.
 2. Overfit a tiny subset: 20 images per class, augmentation and regularisation off (dropout,
-   weight decay, label smoothing, drop-path 0); the model must fit them (>= 99% accuracy) within
-   a step budget. If it cannot, something between data, labels, model and optimiser is broken.
+   weight decay, label smoothing, drop-path 0); the model must fit them (>= 99% accuracy;
+   multi-label: exact match, the task's `fit_metric`) within a step budget. If it cannot,
+   something between data, labels, model and optimiser is broken.
 3. Activation statistics: mean and std of the output of every backbone stage and of the head,
    recorded with forward hooks and reported like the lecture (`hidden layer 3 had mean ... and
    std ...`); layers whose std collapses towards 0 (vanishing), blows up (exploding) or whose
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -31,7 +34,6 @@ from itertools import islice
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -41,13 +43,21 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.augment import eval_transform
 from tlkit.data.datasets import ImageDataset, LabelledImages
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from tlkit.data.labels import Label, label_indices
 from tlkit.errors import ConfigError
 from tlkit.infer.predict import single_device_trainer
+from tlkit.metrics import TITLES, logged_name
 from tlkit.model.backbones import layer_groups
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.strategies import trainable_parameter_names
 from tlkit.runfolder import Preprocessing
-from tlkit.train.build import build_datamodule, build_model, check_config, provisional_strategy
+from tlkit.train.build import (
+    build_datamodule,
+    build_model,
+    check_config,
+    data_facts,
+    provisional_strategy,
+)
 from tlkit.train.hardware import device_defaults
 
 logger = logging.getLogger(__name__)
@@ -97,23 +107,25 @@ def report_lines(results: list[CheckResult]) -> list[str]:
 
 
 def balanced_subset(
-    samples: list[tuple[str, int]], per_class: int, seed: int
-) -> list[tuple[str, int]]:
-    """`per_class` samples of every class (all of a smaller class), drawn at random, seeded."""
+    samples: list[tuple[str, Label]], per_class: int, seed: int
+) -> list[tuple[str, Label]]:
+    """`per_class` samples of every class (all of a smaller class), drawn at random, seeded; a
+    multi-label image drawn for one of its classes counts once."""
     rng = np.random.default_rng(seed)
-    by_class: dict[int, list[tuple[str, int]]] = {}
+    by_class: dict[int, list[tuple[str, Label]]] = {}
     for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
-    chosen = []
+        for index in label_indices(sample[1]):
+            by_class.setdefault(index, []).append(sample)
+    chosen: dict[str, tuple[str, Label]] = {}
     for label in sorted(by_class):
         members = by_class[label]
         picks = rng.permutation(len(members))[:per_class]
-        chosen += [members[index] for index in sorted(picks)]
-    return chosen
+        chosen |= {members[index][0]: members[index] for index in sorted(picks)}
+    return list(chosen.values())
 
 
 def subset_loader(
-    samples: list[tuple[str, int]],
+    samples: list[tuple[str, Label]],
     preprocessing: Preprocessing,
     batch_size: int,
     shuffle: bool = False,
@@ -121,10 +133,12 @@ def subset_loader(
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     source: LabelledImages | None = None,
+    collate: Callable | None = None,
 ) -> DataLoader:
     """Batches of the samples with the evaluation transform: no augmentation. `source` is the
     dataset the samples were taken from, which reads them (a converted dataset's shards); by
-    default they are image files."""
+    default they are image files. `collate`: the data module's (`collator()`), which batches
+    labels as the task's targets; by default single-label class indices."""
     transform = eval_transform(preprocessing)
     images = (
         source.images_of(samples, transform)
@@ -138,6 +152,7 @@ def subset_loader(
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        collate_fn=collate,
     )
 
 
@@ -155,24 +170,25 @@ def check_loss_at_init(
     batches: int = INIT_LOSS_BATCHES,
     tolerance: float = INIT_LOSS_TOLERANCE,
 ) -> CheckResult:
-    """Mean cross-entropy of the untrained model over a few batches against ln(C).
+    """Mean loss (the task's) of the untrained model over a few batches against the task's
+    expectation for a zero head: ln(C), or ln 2 per label for sigmoids.
 
-    Passes when |measured - ln C| <= tolerance * ln C. Measured in eval mode (no dropout).
+    Passes when |measured - expected| <= tolerance * expected. Measured in eval mode (no
+    dropout), without label smoothing and class weights.
     """
-    num_classes = model.hparams.num_classes
-    expected = math.log(num_classes)
+    expected, what = model.task.loss_at_init(model.hparams.num_classes)
     device = _device_of(model)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for images, labels in islice(loader, batches):
             logits = model(images.to(device))
-            total += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
+            total += model.loss(logits, labels.to(device), training=False).item() * len(labels)
             count += len(labels)
     measured = total / count
     passed = abs(measured - expected) <= tolerance * expected
     summary = (
-        f"{measured:.4f} measured on {count} images, {expected:.4f} expected (ln {num_classes}),"
+        f"{measured:.4f} measured on {count} images, {expected:.4f} expected ({what}),"
         f" tolerance {tolerance * expected:.4f}"
     )
     if not passed:
@@ -187,25 +203,27 @@ def check_loss_at_init(
 class _OverfitProgress(pl.Callback):
     """Prints one line per epoch and stops training once the subset is fitted.
 
-    Accuracy is measured on the subset in eval mode after each epoch (Lightning's validation
-    loop run on the training images), so it is the accuracy of the weights, not a running
-    average over a changing model.
+    The score (`metric`, logged by the model's validation) is measured on the subset in eval
+    mode after each epoch (Lightning's validation loop run on the training images), so it is
+    the score of the weights, not a running average over a changing model.
     """
 
-    def __init__(self, target: float, max_steps: int) -> None:
+    def __init__(self, target: float, max_steps: int, metric: str) -> None:
         self.target = target
         self.max_steps = max_steps
+        self.metric = metric
+        self.title = TITLES.get(metric, metric)
         self.best_accuracy = 0.0
         self.steps_to_target: int | None = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
-        accuracy = float(metrics.get("val_acc", float("nan")))
+        accuracy = float(metrics.get(logged_name("val", self.metric), float("nan")))
         loss = float(metrics.get("train_loss_epoch", float("nan")))
         self.best_accuracy = max(self.best_accuracy, accuracy)
         logger.info(
             f"Overfit epoch {trainer.current_epoch + 1}: step {trainer.global_step} / "
-            f"{self.max_steps}, loss {loss:.4f}, train accuracy {accuracy:.4f}"
+            f"{self.max_steps}, loss {loss:.4f}, train {self.title} {accuracy:.4f}"
         )
         if accuracy >= self.target and self.steps_to_target is None:
             self.steps_to_target = trainer.global_step
@@ -214,7 +232,7 @@ class _OverfitProgress(pl.Callback):
 
 def check_overfit(
     model: TransferClassifier,
-    samples: list[tuple[str, int]],
+    samples: list[tuple[str, Label]],
     preprocessing: Preprocessing,
     batch_size: int,
     steps: int = OVERFIT_STEPS,
@@ -224,19 +242,27 @@ def check_overfit(
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     source: LabelledImages | None = None,
+    collate: Callable | None = None,
 ) -> CheckResult:
     """Train `model` on `samples` alone (evaluation transform) for at most `steps` optimiser
-    steps; pass when its accuracy on them reaches `target`. `source`: as for `subset_loader`.
+    steps; pass when its score on them (the task's `fit_metric`: accuracy, or exact match)
+    reaches `target`. `source` and `collate`: as for `subset_loader`.
 
     The model is trained as configured (its optimiser, learning rate and schedule); build it with
     regularisation off, as `run_sanity_checks` does.
     """
     pl.seed_everything(seed, workers=True, verbose=False)
-    options = {"seed": seed, "num_workers": num_workers, "max_pixels": max_pixels, "source": source}
+    options = {
+        "seed": seed,
+        "num_workers": num_workers,
+        "max_pixels": max_pixels,
+        "source": source,
+        "collate": collate,
+    }
     train_loader = subset_loader(samples, preprocessing, batch_size, True, **options)
     eval_loader = subset_loader(samples, preprocessing, batch_size, False, **options)
     max_epochs = math.ceil(steps / len(train_loader))
-    progress = _OverfitProgress(target, steps)
+    progress = _OverfitProgress(target, steps, model.task.fit_metric)
     trainer = single_device_trainer(
         accelerator,
         progress=False,
@@ -247,17 +273,18 @@ def check_overfit(
     )
     with expected_lightning_warnings_hidden():
         trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=eval_loader)
-    classes = len({label for _, label in samples})
+    classes = len({index for _, label in samples for index in label_indices(label)})
     where = f"{len(samples)} images of {classes} classes"
     if progress.steps_to_target is not None:
         summary = (
-            f"train accuracy {progress.best_accuracy:.4f} >= {target} after "
+            f"train {progress.title} {progress.best_accuracy:.4f} >= {target} after "
             f"{progress.steps_to_target} steps (budget {steps}) on {where}"
         )
         return CheckResult("overfit a tiny subset", True, summary)
     summary = (
-        f"train accuracy {progress.best_accuracy:.4f} < {target} after {trainer.global_step} "
-        f"steps (budget {steps}) on {where}; check labels, learning rate and data"
+        f"train {progress.title} {progress.best_accuracy:.4f} < {target} after "
+        f"{trainer.global_step} steps (budget {steps}) on {where}; check labels, learning rate "
+        "and data"
     )
     return CheckResult("overfit a tiny subset", False, summary)
 
@@ -430,7 +457,7 @@ def check_gradient_flow(
     model.train()
     with after_first_classifier_update(model, images, labels):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        model.loss(model(images), labels, training=False).backward()
         problems, norms, frozen = _gradient_problems(model, trainable)
         model.zero_grad(set_to_none=True)
     if problems:
@@ -454,7 +481,7 @@ def after_first_classifier_update(
     classifier = model.head.classifier
     saved = {name: value.clone() for name, value in classifier.state_dict().items()}
     weights = list(classifier.parameters())
-    gradients = torch.autograd.grad(F.cross_entropy(model(images), labels), weights)
+    gradients = torch.autograd.grad(model.loss(model(images), labels, training=False), weights)
     with torch.no_grad():
         for weight, gradient in zip(weights, gradients, strict=True):
             weight.sub_(FIRST_UPDATE_SIZE * gradient.sign())
@@ -523,6 +550,7 @@ def run_sanity_checks(
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
+    data = data_facts(config, datamodule)
     subset = balanced_subset(datamodule.train_set.samples, per_class, config.seed)
     classes = datamodule.classes
     logger.info(
@@ -531,7 +559,7 @@ def run_sanity_checks(
         f"strategy {config.strategy}"
     )
     device = _device(config.accelerator)
-    model = build_model(config, classes).to(device)
+    model = build_model(config, data).to(device)
     loader = subset_loader(
         subset,
         datamodule.preprocessing,
@@ -540,6 +568,7 @@ def run_sanity_checks(
         config.seed,
         max_pixels=config.max_image_pixels,
         source=datamodule.train_set,
+        collate=datamodule.collator(),
     )
     images, labels = next(iter(loader))
 
@@ -549,7 +578,7 @@ def run_sanity_checks(
     )
     results.append(
         check_overfit(
-            build_model(unregularised, classes),
+            build_model(unregularised, data),
             subset,
             datamodule.preprocessing,
             config.batch_size,
@@ -560,6 +589,7 @@ def run_sanity_checks(
             datamodule.num_workers,
             config.max_image_pixels,
             datamodule.train_set,
+            datamodule.collator(),
         )
     )
     results.append(check_activations(model, images))

@@ -5,7 +5,8 @@ trials repeating the same few values of those, while random trials each try a ne
 every one (Bergstra & Bengio 2012). Learning rate and weight decay are drawn log-uniformly.
 
 - Each trial is an ordinary `tlkit.train.finetune` run (short: `--epochs`), in its own folder under
-  `OUT/trials/`; validation accuracy is reported to Optuna after every epoch and Optuna's
+  `OUT/trials/`; its monitored validation metric (the one that picks its best checkpoint:
+  accuracy, balanced accuracy, mAP, ...) is reported to Optuna after every epoch and Optuna's
   `MedianPruner` stops trials that fall below the median of earlier trials at the same epoch.
   Trials of the `features` strategy share one feature cache, `OUT/cache/`.
 - A trial that its values make fail (training diverged: a learning rate too high) is recorded
@@ -14,8 +15,9 @@ every one (Bergstra & Bengio 2012). Learning rate and weight decay are drawn log
   and the search continues; finished trials are kept, never repeated.
 - `refine=True` runs a second round ("fine") in ranges narrowed around the best trials of the
   first ("coarse").
-- Results: `trials.csv`, `best.yaml` (a config that `tlkit finetune --config best.yaml` runs)
-  and `search.png` (validation accuracy against learning rate and weight decay).
+- Results: `trials.csv` (the score's column named by the monitored metric, e.g. `val_acc`),
+  `best.yaml` (a config that `tlkit finetune --config best.yaml` runs) and `search.png` (the
+  score against learning rate and weight decay).
 
 Samplers are the table `SAMPLERS` (name -> Optuna sampler class; random by default, TPE on
 request). Seeding: the sampler of the k-th trial of a round is seeded from (seed, round, k), so
@@ -53,6 +55,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlkit.config import FinetuneConfig, coerce_value, read_yaml_mapping, value_type
 from tlkit.errors import ConfigError, SearchError, TrainingDivergedError
+from tlkit.metrics import ACCURACY, TITLES, logged_name
 from tlkit.model.strategies import STRATEGIES
 from tlkit.runfolder import write_atomic
 from tlkit.train.finetune import finetune
@@ -228,22 +231,22 @@ def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> 
 # Trials
 
 
-class ReportValidationAccuracy(pl.Callback):
-    """Reports validation accuracy to the Optuna trial after every epoch and stops training
-    when the pruner says so (the trial is then marked pruned).
+class ReportValidationScore(pl.Callback):
+    """Reports the run's monitored validation metric (the one its best checkpoint follows:
+    `trainer.checkpoint_callback.monitor`) to the Optuna trial after every epoch and stops
+    training when the pruner says so (the trial is then marked pruned).
 
     Hand-written because optuna-integration's PyTorchLightningPruningCallback is built on the
     `lightning` package, whose Callback class the `pytorch_lightning.Trainer` tlkit uses does
     not accept.
     """
 
-    def __init__(self, trial: optuna.Trial, monitor: str = "val_acc") -> None:
+    def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
-        self.monitor = monitor
         self.pruned_after_epoch: int | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
+        value = trainer.callback_metrics.get(trainer.checkpoint_callback.monitor)
         if trainer.sanity_checking or value is None:
             return
         self.trial.report(float(value), step=trainer.current_epoch)
@@ -301,7 +304,7 @@ def _objective(
         position = f"{_finished(trial.study) + 1} / {trials}"
         logger.info(f"Trial {trial_name} ({position}): {shown}")
         trial.set_user_attr("run_dir", str(run_dir))
-        report = ReportValidationAccuracy(trial)
+        report = ReportValidationScore(trial)
         try:
             summary = finetune(
                 config, callbacks=[report], enable_progress_bar=False, limit_test_batches=0
@@ -316,9 +319,10 @@ def _objective(
             for checkpoint in run_dir.glob("*.ckpt"):  # trials keep metrics, not weights
                 checkpoint.unlink()
         trial.set_user_attr("epochs_run", summary.epochs_run)
+        trial.set_user_attr("monitor", summary.monitor)
         if report.pruned_after_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {report.pruned_after_epoch}")
-        return summary.best_val_acc
+        return summary.best_monitored
 
     return objective
 
@@ -429,10 +433,15 @@ def _space_from_json(text: str) -> SearchSpace:
 
 
 def write_results(folder: Path, base: FinetuneConfig, studies: list[optuna.Study]) -> dict:
-    """trials.csv, best.yaml and search.png from the studies; returns the best trial's facts."""
+    """trials.csv, best.yaml and search.png from the studies; returns the best trial's facts
+    (`best_score`: its monitored validation metric, named by `monitor`)."""
     rows = [(study.study_name, trial) for study in studies for trial in study.trials]
-    _write_trials_csv(folder / TRIALS_CSV, rows)
-    _plot(folder / PLOT, base, rows)
+    monitor = next(
+        (t.user_attrs["monitor"] for _, t in rows if "monitor" in t.user_attrs),
+        logged_name("val", ACCURACY),  # no trial finished yet; searches before it was recorded
+    )
+    _write_trials_csv(folder / TRIALS_CSV, rows, monitor)
+    _plot(folder / PLOT, base, rows, monitor)
     complete = [(name, t) for name, t in rows if t.state == TrialState.COMPLETE]
     if not complete:
         raise SearchError(f"no trial of the search in {folder} completed")
@@ -440,30 +449,31 @@ def write_results(folder: Path, base: FinetuneConfig, studies: list[optuna.Study
     best_name = f"{round_name}-{best.number:03d}"
     config = dataclasses.replace(base, **best.params, out=str(folder / "best-run"))
     header = (
-        f"# tlkit search: best trial {best_name}, validation accuracy {best.value:.4f} after "
+        f"# tlkit search: best trial {best_name}, {monitor} {best.value:.4f} after "
         f"{best.user_attrs.get('epochs_run')} epochs.\n"
         f"# Run it: tlkit finetune --config {folder / BEST_CONFIG} [--epochs N]\n"
     )
     write_atomic(folder / BEST_CONFIG, header + config.to_yaml())
     logger.info(
-        f"Best trial {best_name}: validation accuracy {best.value:.4f}; wrote "
+        f"Best trial {best_name}: {monitor} {best.value:.4f}; wrote "
         f"{folder / TRIALS_CSV}, {folder / BEST_CONFIG}, {folder / PLOT}"
     )
     return {
         "best_trial": best_name,
-        "best_val_acc": best.value,
+        "monitor": monitor,
+        "best_score": best.value,
         "best_config": config,
         "trials": len(rows),
         "files": [str(folder / name) for name in (TRIALS_CSV, BEST_CONFIG, PLOT)],
     }
 
 
-def _write_trials_csv(path: Path, rows: list[tuple[str, FrozenTrial]]) -> None:
+def _write_trials_csv(path: Path, rows: list[tuple[str, FrozenTrial]], monitor: str) -> None:
     names = list(dict.fromkeys(name for _, t in rows for name in t.params))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
-        ["round", "trial", "state", "val_acc", *names, "epochs_run", "seconds", "run_dir", "reason"]
+        ["round", "trial", "state", monitor, *names, "epochs_run", "seconds", "run_dir", "reason"]
     )
     for round_name, trial in rows:
         seconds = trial.duration.total_seconds() if trial.duration else None
@@ -483,9 +493,11 @@ def _write_trials_csv(path: Path, rows: list[tuple[str, FrozenTrial]]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def _plot(path: Path, base: FinetuneConfig, rows: list[tuple[str, FrozenTrial]]) -> None:
-    """Validation accuracy against learning rate and weight decay (log axes); pruned trials
-    hollow, at their last reported accuracy."""
+def _plot(
+    path: Path, base: FinetuneConfig, rows: list[tuple[str, FrozenTrial]], monitor: str
+) -> None:
+    """The monitored validation metric against learning rate and weight decay (log axes);
+    pruned trials hollow, at their last reported value."""
     figure = Figure(figsize=(10, 4), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
     colours = dict(zip(ROUNDS, ("tab:blue", "tab:orange"), strict=True))
@@ -509,7 +521,8 @@ def _plot(path: Path, base: FinetuneConfig, rows: list[tuple[str, FrozenTrial]])
         axis.set_xscale("log")
         axis.set_xlabel("learning rate" if name == "lr" else "weight decay")
         axis.grid(True, alpha=0.3)
-    axes[0].set_ylabel("validation accuracy")
+    metric = monitor.removeprefix("val_")
+    axes[0].set_ylabel(f"validation {TITLES.get(metric, metric)}")
     axes[1].legend(fontsize=8)
     figure.suptitle("Hyperparameter search")
     figure.savefig(path, dpi=100)

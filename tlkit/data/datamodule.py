@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from tlkit.config import FinetuneConfig
 from tlkit.data.augment import eval_transform, train_transform
@@ -20,10 +21,18 @@ from tlkit.data.datasets import (
     process_sampler,
     read_load_failures,
 )
+from tlkit.data.labels import (
+    LABEL_KINDS,
+    BatchCollator,
+    Label,
+    class_balanced_weights,
+    class_counts,
+    resolve_label_kind,
+)
 from tlkit.data.sources import OtherFiles, ScanResult, data_root, relative_path, scan
 from tlkit.data.split import split_samples
 from tlkit.errors import DatasetError
-from tlkit.runfolder import Preprocessing
+from tlkit.runfolder import DataFacts, Preprocessing
 
 _default = FinetuneConfig.field_default
 logger = logging.getLogger(__name__)
@@ -43,10 +52,12 @@ class BaseImageDataModule(pl.LightningDataModule):
     `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
     jitter); `augment=False` trains on the evaluation transform. `val_fraction` and
     `test_fraction` are the shares of the images held out where the data has no such split of
-    its own (`split.split_samples`). `classes`, `skipped` (unusable image files, with the
-    reason), `other_files` (files not read, counted) and the datasets are available after
-    `setup()`. `recorded_split` ({path relative to the data root:
-    train | val | test}, a run's split.csv) is the split a resumed run must train on. With
+    its own (`split.split_samples`). `task` says how the labels are read (`auto`: as the data
+    is labelled; `labels.LABEL_KINDS`), `sampling` how the training images are drawn
+    (`datasets.TRAINING_SAMPLERS`). `classes`, `label_kind`, `skipped` (unusable image files,
+    with the reason), `other_files` (files not read, counted), the datasets and `data_facts()`
+    are available after `setup()`. `recorded_split` ({path relative to the data root: train |
+    val | test}, a run's split.csv) is the split a resumed run must train on. With
     `load_failure_log`, images that fail to load during training are recorded there
     (`load_failures()`) and skipped instead of stopping the run.
     """
@@ -65,6 +76,8 @@ class BaseImageDataModule(pl.LightningDataModule):
         max_image_pixels: int = _default("max_image_pixels"),
         recorded_split: dict[str, str] | None = None,
         load_failure_log: str | Path | None = None,
+        task: str = _default("task"),
+        sampling: str = _default("sampling"),
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -79,7 +92,10 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.max_image_pixels = max_image_pixels
         self.recorded_split = recorded_split
         self.load_failure_log = Path(load_failure_log) if load_failure_log else None
+        self.task = task
+        self.sampling = sampling
         self.classes: list[str] = []
+        self.label_kind = "single-label"
         self.skipped: list[tuple[str, str]] = []
         self.other_files = OtherFiles()
         # (width, height) as stored, by sample path, of the images whose size the scan read
@@ -89,15 +105,26 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.val_set: LabelledImages | None = None
         self.test_set: LabelledImages | None = None
 
-    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
-        """The `(path, class index)` samples of train, val and (where there is one) test; sets
-        `classes`, `skipped`, `other_files` and `image_sizes`."""
+    def scan_splits(self) -> dict[str, list[tuple[str, Label]]]:
+        """The `(path, label)` samples of train, val and (where there is one) test; sets
+        `classes`, `label_kind`, `skipped`, `other_files` and `image_sizes`."""
         raise NotImplementedError
+
+    def read_as_task(
+        self, splits: dict[str, list[tuple[str, Label]]], found: str
+    ) -> dict[str, list[tuple[str, Label]]]:
+        """The samples with labels of the task's kind (`found`: the data's own); sets
+        `label_kind`."""
+        self.label_kind = resolve_label_kind(self.task, found, str(self.data_dir))
+        if self.label_kind == found:
+            return splits
+        kind = LABEL_KINDS[self.label_kind]
+        return {name: kind.convert(samples, str(self.data_dir)) for name, samples in splits.items()}
 
     def images(
         self,
         split: str,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         augmentation_seed: int | None = None,
     ) -> LabelledImages:
@@ -136,8 +163,46 @@ class BaseImageDataModule(pl.LightningDataModule):
         """`(path, reason)` of the images that failed to load during training, each once."""
         return read_load_failures(self.load_failure_log) if self.load_failure_log else []
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = process_sampler(dataset, train, self.seed, self.trainer)
+    def data_facts(self, trained_with_hflip: bool) -> DataFacts:
+        """What the scanned data says (after `setup`): classes, label kind, images per split
+        and per class, the training images' sizes as the scan read them; `trained_with_hflip`:
+        whether training shows mirror images."""
+        datasets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        present = {split: data for split, data in datasets.items() if data is not None}
+        sizes = [self.image_sizes.get(path) for path, _ in self.train_set.samples]
+        sizes = [size for size in sizes if size]
+        return DataFacts(
+            classes=list(self.classes),
+            label_kind=self.label_kind,
+            split_images={split: len(data) for split, data in present.items()},
+            images_per_class={
+                split: class_counts([label for _, label in data.samples], len(self.classes))
+                for split, data in present.items()
+            },
+            trained_with_hflip=trained_with_hflip,
+            source_short_side_median=(
+                float(statistics.median(min(size) for size in sizes)) if sizes else None
+            ),
+            sized_images=len(sizes),
+        )
+
+    def collator(self) -> BatchCollator:
+        """The loaders' `collate_fn`: images and their labels as the task's targets."""
+        return BatchCollator(self.label_kind, len(self.classes))
+
+    def targets(self, labels: list[Label]) -> torch.Tensor:
+        """Labels as the loss takes them: class indices, or multi-label 0/1 rows."""
+        return LABEL_KINDS[self.label_kind].collate(labels, len(self.classes))
+
+    def sample_weights(self, labels: list[Label]) -> list[float] | None:
+        """Per training image, its weight for the balanced sampler (None when shuffling)."""
+        if self.sampling == "shuffle":
+            return None
+        return class_balanced_weights(labels, len(self.classes))
+
+    def _loader(self, dataset: LabelledImages, train: bool) -> DataLoader:
+        weights = self.sample_weights([label for _, label in dataset.samples]) if train else None
+        sampler = process_sampler(dataset, train, self.seed, self.trainer, self.sampling, weights)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -146,6 +211,7 @@ class BaseImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=self.collator(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -191,7 +257,7 @@ class ImageDataModule(BaseImageDataModule):
     def images(
         self,
         split: str,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         augmentation_seed: int | None = None,
     ) -> ImageDataset:
@@ -202,11 +268,12 @@ class ImageDataModule(BaseImageDataModule):
     def relative_path(self, path: str) -> str:
         return relative_path(path, self.root)
 
-    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
-        """Scan the data and split it: the `(path, class index)` samples of train, val and
-        test (empty with `test_fraction` 0 and no test/ folder, or classes too small to hold
-        one out). Sets `classes`, `skipped` and `other_files`. `setup` builds the datasets from
-        it; `tlkit convert` writes it into shards (and needs no `preprocessing`)."""
+    def scan_splits(self) -> dict[str, list[tuple[str, Label]]]:
+        """Scan the data and split it: the `(path, label)` samples of train, val and test
+        (empty with `test_fraction` 0 and no test/ folder, or classes too small to hold one
+        out). Sets `classes`, `label_kind`, `skipped` and `other_files`. `setup` builds the
+        datasets from it; `tlkit convert` writes it into shards (and needs no
+        `preprocessing`)."""
         split_dir = self.data_dir / "train"
         train_scan = self._scan(split_dir if split_dir.is_dir() else self.data_dir)
         self.classes = train_scan.classes
@@ -233,11 +300,11 @@ class ImageDataModule(BaseImageDataModule):
         splits = {"train": splits["train"], "val": [], "test": [], **splits, **given}
         if self.recorded_split is not None:
             splits = self._follow_recorded_split(splits, self.recorded_split)
-        return splits
+        return self.read_as_task(splits, train_scan.label_kind)
 
     def _follow_recorded_split(
-        self, scanned: dict[str, list[tuple[str, int]]], recorded: dict[str, str]
-    ) -> dict[str, list[tuple[str, int]]]:
+        self, scanned: dict[str, list[tuple[str, Label]]], recorded: dict[str, str]
+    ) -> dict[str, list[tuple[str, Label]]]:
         """The scanned samples regrouped as `recorded` says; recorded files no longer found
         are added to `skipped`, files found but not recorded are left out (and counted)."""
         by_path = {
@@ -246,7 +313,7 @@ class ImageDataModule(BaseImageDataModule):
             for path, label in samples
         }
         already_skipped = {self.relative_path(path) for path, _ in self.skipped}
-        splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+        splits: dict[str, list[tuple[str, Label]]] = {"train": [], "val": [], "test": []}
         for relative, split in recorded.items():
             if relative in by_path:
                 splits[split].append(by_path[relative])

@@ -10,6 +10,7 @@ import csv
 import io
 import os
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -20,8 +21,10 @@ from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from tlkit.config import Sampling
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
-from tlkit.errors import DatasetError
+from tlkit.data.labels import Label
+from tlkit.errors import ConfigError, DatasetError
 
 
 def record_load_failure(log: Path, path: str, reason: str) -> None:
@@ -51,7 +54,7 @@ def read_load_failures(log: Path) -> list[tuple[str, str]]:
 
 
 class LabelledImages(Dataset):
-    """(image tensor, class index) pairs of one split: its samples, a transform, the epoch.
+    """(image tensor, label) pairs of one split: its samples, a transform, the epoch.
 
     The base of `ImageDataset` (image files) and `shards.ShardImages` (a converted split):
     they differ only in how a sample's image is read (`read_rgb`) and how a subset is made
@@ -71,7 +74,7 @@ class LabelledImages(Dataset):
 
     def __init__(
         self,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         augmentation_seed: int | None = None,
@@ -111,7 +114,7 @@ class LabelledImages(Dataset):
         images.transform, images.augmentation_seed = transform, augmentation_seed
         return images
 
-    def images_of(self, samples: list[tuple[str, int]], transform) -> LabelledImages:
+    def images_of(self, samples: list[tuple[str, Label]], transform) -> LabelledImages:
         """Some of these images (`samples` taken from `self.samples`) with `transform`."""
         position_of = {path: position for position, (path, _) in enumerate(self.samples)}
         chosen = self.subset([position_of[path] for path, _ in samples])
@@ -124,7 +127,7 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Label]:
         if not 0 <= index < len(self.samples):
             raise IndexError(f"image {index} of {len(self.samples)}")  # ends iteration
         for offset in range(len(self.samples)):
@@ -147,11 +150,11 @@ class LabelledImages(Dataset):
 
 
 class ImageDataset(LabelledImages):
-    """`LabelledImages` from image files: samples are `(path, class index)`."""
+    """`LabelledImages` from image files: samples are `(path, label)`."""
 
     def __init__(
         self,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         augmentation_seed: int | None = None,
@@ -215,21 +218,78 @@ class EpochSampler(DistributedSampler):
             set_dataset_epoch(epoch)
 
 
+class ClassBalancedSampler(EpochSampler):
+    """The training sampler of `--sampler balanced`: each epoch draws as many images as the
+    dataset holds, with replacement, image i with probability proportional to `weights[i]`
+    (`labels.class_balanced_weights`: every class about equally often).
+
+    Hand-written because torch's `WeightedRandomSampler` serves one process only: here the
+    whole epoch is drawn from (seed, epoch), the same on every process, and each takes every
+    `num_replicas`-th draw from its rank on, as `DistributedSampler` shares its permutation; a
+    new epoch (Lightning's `set_epoch`) draws anew and reseeds the augmentation as
+    `EpochSampler` does."""
+
+    def __init__(
+        self, dataset: Dataset, weights: Sequence[float], num_replicas: int, rank: int, seed: int
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if len(weights) != len(dataset):
+            raise ValueError(f"{len(weights)} sampling weights for {len(dataset)} images")
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, True, generator=generator)
+        return iter(drawn[self.rank : self.total_size : self.num_replicas].tolist())
+
+
+def _shuffled(
+    dataset: Dataset, processes: int, rank: int, seed: int, weights: Sequence[float] | None
+) -> EpochSampler:
+    return EpochSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=seed)
+
+
+def _class_balanced(
+    dataset: Dataset, processes: int, rank: int, seed: int, weights: Sequence[float] | None
+) -> ClassBalancedSampler:
+    if weights is None:
+        raise ConfigError("the balanced sampler needs each image's sampling weight")
+    return ClassBalancedSampler(dataset, weights, processes, rank, seed)
+
+
+# Each training sampler: (dataset, processes, this process's rank, seed, per-image sampling
+# weights) -> the sampler of this process's share. The keys are config.Sampling's.
+TRAINING_SAMPLERS: dict[Sampling, Callable[..., EpochSampler]] = {
+    "shuffle": _shuffled,
+    "balanced": _class_balanced,
+}
+
+
 def process_sampler(
-    dataset: Dataset, train: bool, seed: int, trainer: pl.Trainer | None
+    dataset: Dataset,
+    train: bool,
+    seed: int,
+    trainer: pl.Trainer | None,
+    sampler: str = "shuffle",
+    sample_weights: Sequence[float] | None = None,
 ) -> Sampler | None:
     """The sampler of one process's loader, from Lightning's process count and rank.
 
-    Training: an `EpochSampler` (shuffled; padded to equal shares, as DDP's gradient averaging
-    needs). Validation and test under several processes: Lightning's
-    `UnrepeatedDistributedSampler`, which hands every image to exactly one process where
-    Lightning's default sampler pads the shares with repeated images, so that the synchronised
-    metrics count every image once. None (in order) for one process.
+    Training: `TRAINING_SAMPLERS[sampler]`, an `EpochSampler` (shuffled, or drawn by
+    `sample_weights`; padded to equal shares, as DDP's gradient averaging needs). Validation
+    and test under several processes: Lightning's `UnrepeatedDistributedSampler`, which hands
+    every image to exactly one process where Lightning's default sampler pads the shares with
+    repeated images, so that the synchronised metrics count every image once. None (in order)
+    for one process.
     """
     shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
     processes, rank = shard.get("num_replicas", 1), shard.get("rank", 0)
     if train:
-        return EpochSampler(dataset, num_replicas=processes, rank=rank, shuffle=True, seed=seed)
+        if sampler not in TRAINING_SAMPLERS:
+            choices = ", ".join(TRAINING_SAMPLERS)
+            raise ConfigError(f"unknown sampler '{sampler}': choose one of {choices}")
+        return TRAINING_SAMPLERS[sampler](dataset, processes, rank, seed, sample_weights)
     if processes == 1:
         return None
     if len(dataset) < processes:

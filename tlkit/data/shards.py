@@ -53,6 +53,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 # with the same credentials), for the few small files tlkit keeps beside the shards.
 from litdata.streaming.fs_provider import _get_fs_provider
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from tlkit import __version__
 from tlkit.choices import SHARD_CHUNK_BYTES
@@ -64,6 +65,7 @@ from tlkit.data.datasets import (
     seed_augmentation,
 )
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
+from tlkit.data.labels import LABEL_KINDS, Label
 from tlkit.data.sources import OtherFiles, relative_path
 from tlkit.errors import ConfigError, DatasetError, OutputExistsError, RunFolderError
 from tlkit.runfolder import Preprocessing, write_atomic
@@ -183,6 +185,11 @@ class ConvertedDataset:
     def max_image_pixels(self) -> int:
         return int(self.metadata["max_image_pixels"])
 
+    @property
+    def label_kind(self) -> str:
+        """How its images are labelled (conversions from before multi-label: single-label)."""
+        return str(self.metadata.get("label_kind", "single-label"))
+
     def split_location(self, split: str) -> str:
         """The LitData dataset (index.json and chunks) of one split."""
         return join(self.location, split)
@@ -197,15 +204,17 @@ class ConvertedDataset:
             if row.get("width") and row.get("height")
         }
 
-    def samples(self) -> dict[str, list[tuple[str, int]]]:
-        """Per split, `(path relative to the data root, class index)` in the shards' order."""
+    def samples(self) -> dict[str, list[tuple[str, Label]]]:
+        """Per split, `(path relative to the data root, label)` in the shards' order."""
         text = _read_text(self.location, SPLIT_TABLE)
         if text is None:
             raise DatasetError(f"{join(self.location, SPLIT_TABLE)} is missing")
         index_of = {name: index for index, name in enumerate(self.classes)}
-        splits: dict[str, list[tuple[str, int]]] = {split: [] for split in self.counts}
+        kind = LABEL_KINDS[self.label_kind]
+        splits: dict[str, list[tuple[str, Label]]] = {split: [] for split in self.counts}
         for row in csv.DictReader(io.StringIO(text)):
-            splits[row["split"]].append((row["path"], index_of[row["label"]]))
+            indices = [index_of[name] for name in kind.names_of(row["label"])]
+            splits[row["split"]].append((row["path"], kind.from_indices(indices)))
         if {split: len(rows) for split, rows in splits.items()} != self.counts:
             raise DatasetError(f"{self.location}: {SPLIT_TABLE} does not match {MARKER}")
         return splits
@@ -265,9 +274,10 @@ def find_converted(location: str | Path) -> tuple[ConvertedDataset, str | None] 
 # Conversion
 
 
-def encoded_sample(item: tuple[str, int, str, int]) -> dict[str, Any]:
+def encoded_sample(item: tuple[str, int | str, str, int]) -> dict[str, Any]:
     """One shard sample (run by `litdata.optimize`'s worker processes): the file's bytes as
-    stored, never re-encoded, with its label, relative path and index in its split."""
+    stored, never re-encoded, with its label (as `LabelKind.stored` gives it), relative path
+    and index in its split."""
     path, label, relative, index = item
     return {"index": index, "image": Path(path).read_bytes(), "label": label, "path": relative}
 
@@ -302,6 +312,7 @@ def convert(
         csv_paths_outside_root=csv_paths_outside_root,
     )
     splits = images.scan_splits()
+    kind = LABEL_KINDS[images.label_kind]
     _write_text(out, CONVERTING, f"tlkit convert {data} started {_now()}\n")
     for name in (MARKER, *SPLITS):  # what an overwritten or interrupted conversion left
         _remove(out, name)
@@ -313,16 +324,21 @@ def convert(
             continue
         # A seeded random order, so that every chunk holds a mix of classes.
         order = np.random.default_rng([seed, split_number]).permutation(len(samples))
+        chosen = [samples[index] for index in order.tolist()]
         items = [
-            (path, label, relative_path(path, images.root), int(index))
-            for index in order.tolist()
-            for path, label in [samples[index]]
+            (path, kind.stored(label), relative_path(path, images.root), int(index))
+            for index, (path, label) in zip(order.tolist(), chosen, strict=True)
         ]
         logger.info(f"Writing {len(items)} {split} images to {join(out, split)}")
         _optimize(items, join(out, split), workers, chunk_bytes, progress)
         rows += [
-            (relative, split, images.classes[label], *images.image_sizes.get(path, ("", "")))
-            for path, label, relative, _ in items
+            (
+                relative,
+                split,
+                kind.text(label, images.classes),
+                *images.image_sizes.get(path, ("", "")),
+            )
+            for (path, _, relative, _), (_, label) in zip(items, chosen, strict=True)
         ]
         counts[split] = len(items)
 
@@ -341,6 +357,7 @@ def convert(
         "created": _now(),
         "source": os.path.abspath(data),
         "classes": images.classes,
+        "label_kind": images.label_kind,
         "counts": counts,
         "skipped_files": len(images.skipped),
         **dict(zip(OTHER_FILES_KEYS, images.other_files.counts(), strict=True)),
@@ -373,7 +390,7 @@ def _check_output(out: str, overwrite: bool) -> None:
 
 
 def _optimize(
-    items: list[tuple[str, int, str, int]],
+    items: list[tuple[str, int | str, str, int]],
     output_dir: str,
     workers: int,
     chunk_bytes: str | int,
@@ -438,9 +455,11 @@ def decode_sample(
     epoch: int,
     max_pixels: int,
     location: str,
-) -> tuple[torch.Tensor, int]:
-    """(image tensor, class index) of a shard sample: `load_rgb` on its bytes, then `transform`,
-    reseeded per (seed, epoch, index) as `ImageDataset` does when `seed` is given."""
+    label_kind: str = "single-label",
+) -> tuple[torch.Tensor, Label]:
+    """(image tensor, label) of a shard sample: `load_rgb` on its bytes, then `transform`,
+    reseeded per (seed, epoch, index) as `ImageDataset` does when `seed` is given; the label
+    read as `label_kind` stores it."""
     try:
         image = load_rgb(io.BytesIO(sample["image"]), max_pixels=max_pixels)
     except LOAD_ERRORS as error:  # the bytes decoded at conversion: the shard is damaged
@@ -449,14 +468,14 @@ def decode_sample(
         ) from error
     if seed is not None:
         seed_augmentation(transform, seed, epoch, int(sample["index"]))
-    return transform(image=image)["image"], int(sample["label"])
+    return transform(image=image)["image"], LABEL_KINDS[label_kind].from_stored(sample["label"])
 
 
 class ShardImages(LabelledImages):
     """`LabelledImages` of one converted split, read by index: the shards' twin of
     `ImageDataset` for evaluation, inference and subsets (sanity checks).
 
-    `samples` are `(relative path, class index)` in the shards' order. The `StreamingDataset`
+    `samples` are `(relative path, label)` in the shards' order. The `StreamingDataset`
     is opened on first use in each process (data-loader workers open their own), so nothing
     of LitData's reader state is copied between processes. `chunk_cache_dir`: where LitData
     keeps the chunks it downloads from an object store (None: LitData's default).
@@ -465,7 +484,7 @@ class ShardImages(LabelledImages):
     def __init__(
         self,
         location: str,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         augmentation_seed: int | None = None,
@@ -527,7 +546,8 @@ class ShardImages(LabelledImages):
 class ShardTrainingDataset(StreamingDataset):
     """The training split as LitData streams it: each process and worker reads its share of
     the chunks, reshuffled every epoch from `seed`; each sample is decoded and augmented as in
-    `ImageDataset`, seeded by (seed, epoch, the sample's index in the split)."""
+    `ImageDataset`, seeded by (seed, epoch, the sample's index in the split); its label read
+    as the converted dataset's `label_kind` stores it, then as the task's."""
 
     def __init__(
         self,
@@ -538,6 +558,8 @@ class ShardTrainingDataset(StreamingDataset):
         max_pixels: int,
         drop_last: bool,
         chunk_cache_dir: str | None = None,
+        stored_kind: str = "single-label",
+        label_kind: str = "single-label",
     ) -> None:
         super().__init__(
             location,
@@ -551,20 +573,26 @@ class ShardTrainingDataset(StreamingDataset):
         self.augmentation_seed = augmentation_seed
         self.max_pixels = max_pixels
         self.location = location
+        self.stored_kind = stored_kind
+        self.label_kind = label_kind
 
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, Label]:
         sample = super().__getitem__(index)
         # LitData counts epochs from 1 (StreamingDataLoader sets it, and its worker copies
         # advance it themselves); Lightning and ImageDataset count from 0.
         epoch = self.current_epoch - 1
-        return decode_sample(
+        image, label = decode_sample(
             sample,
             self.image_transform,
             self.augmentation_seed,
             epoch,
             self.max_pixels,
             self.location,
+            self.stored_kind,
         )
+        if self.stored_kind != self.label_kind:  # e.g. single-label data, multi-label task
+            ((_, label),) = LABEL_KINDS[self.label_kind].convert([(sample["path"], label)], "")
+        return image, label
 
 
 class ShardDataModule(BaseImageDataModule):
@@ -603,7 +631,7 @@ class ShardDataModule(BaseImageDataModule):
         self._train_loader: StreamingDataLoader | None = None
         self._train_loader_state: dict[str, Any] | None = None
 
-    def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
+    def scan_splits(self) -> dict[str, list[tuple[str, Label]]]:
         converted = open_converted(self.data_dir)
         if converted is None:
             raise DatasetError(f"{self.data_dir}: not a converted dataset ({MARKER} is missing)")
@@ -634,12 +662,12 @@ class ShardDataModule(BaseImageDataModule):
         samples = converted.samples()
         if self.recorded_split is not None:
             self._check_recorded_split(samples)
-        return samples
+        return self.read_as_task(samples, converted.label_kind)
 
     def images(
         self,
         split: str,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, Label]],
         transform,
         augmentation_seed: int | None = None,
     ) -> ShardImages:
@@ -653,7 +681,7 @@ class ShardDataModule(BaseImageDataModule):
             failure_log=self.load_failure_log,
         )
 
-    def _check_recorded_split(self, samples: dict[str, list[tuple[str, int]]]) -> None:
+    def _check_recorded_split(self, samples: dict[str, list[tuple[str, Label]]]) -> None:
         converted = {path: split for split, rows in samples.items() for path, _ in rows}
         if converted != self.recorded_split:
             raise RunFolderError(
@@ -661,7 +689,11 @@ class ShardDataModule(BaseImageDataModule):
                 "again?); a resumed run needs the same images (start a new run)"
             )
 
-    def train_dataloader(self) -> StreamingDataLoader:
+    def train_dataloader(self) -> StreamingDataLoader | DataLoader:
+        """LitData's streaming loader; for `--sampler balanced`, which draws images by their
+        weights, the training shards read by index as validation reads them."""
+        if self.sampling != "shuffle":
+            return super().train_dataloader()
         processes = self.trainer.world_size if self.trainer is not None else 1
         images = len(self.train_set)
         per_process = images // processes
@@ -685,6 +717,8 @@ class ShardDataModule(BaseImageDataModule):
             self.max_image_pixels,
             drop_last,
             self.chunk_cache_dir,
+            self.converted.label_kind,
+            self.label_kind,
         )
         self._train_loader = StreamingDataLoader(
             dataset,
@@ -692,6 +726,7 @@ class ShardDataModule(BaseImageDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=self.collator(),
         )
         if self._train_loader_state is not None:
             self._train_loader.load_state_dict(self._train_loader_state)

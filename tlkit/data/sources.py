@@ -11,7 +11,9 @@ and per DDP rank. Layouts understood:
 
 - ``DATA/train/<class>/...`` with optional ``DATA/val/`` and ``DATA/test/``;
 - ``DATA/<class>/...``: one folder;
-- ``labels.csv`` with columns ``path,label`` (paths relative to the CSV's folder).
+- ``labels.csv`` with columns ``path,label`` (paths relative to the CSV's folder), or
+  ``path,labels`` for multi-label data: each row's class names separated by ``;``, empty for an
+  image of none of the classes (`labels.LABEL_KINDS`).
 
 (The splits a layout lacks are held out of its training images by `split.split_samples`.)
 
@@ -42,6 +44,7 @@ from tlkit.data.images import (
     UNREAD_IMAGE_FORMATS,
     inspect_images,
 )
+from tlkit.data.labels import LABEL_KINDS, Label
 from tlkit.data.scan_index import FileCheck, ListedFile, ScanStatistics, checked_files
 from tlkit.errors import ConfigError, DatasetError
 
@@ -135,15 +138,17 @@ def _by_extension(counts: dict[str, int]) -> str:
 
 @dataclass
 class ScanResult:
-    """Usable samples `(path, class index)`, the class names, and what was skipped and why;
-    the stored width and height of each usable image whose header was read (not with verify
-    `none`), how the scan went (`statistics`) and the files it did not read (`other_files`)."""
+    """Usable samples `(path, label)`, the class names, and what was skipped and why; the
+    stored width and height of each usable image whose header was read (not with verify
+    `none`), how the scan went (`statistics`), the files it did not read (`other_files`), and
+    how the data is labelled (`label_kind`, a key of `labels.LABEL_KINDS`)."""
 
-    samples: list[tuple[str, int]]
+    samples: list[tuple[str, Label]]
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     statistics: ScanStatistics | None = None
+    label_kind: str = "single-label"
     other_files: OtherFiles = field(default_factory=OtherFiles)
 
 
@@ -254,7 +259,7 @@ def scan_folder(
     classes = _known_classes([entry.name for entry in class_dirs], classes, root, "classes")
     index_of = {name: index for index, name in enumerate(classes)}
     listed: list[ListedFile] = []
-    labels: list[int] = []
+    labels: list[Label] = []
     skipped: list[tuple[str, str]] = []
     other_files = OtherFiles()
     for class_dir in class_dirs:
@@ -285,13 +290,13 @@ def read_csv(
     scan_cache: str = _default("scan_cache"),
     use_index: bool = True,
 ) -> ScanResult:
-    """Read `path,label` rows; paths are relative to the CSV's folder and must stay inside it
-    unless `allow_outside_root`. A file listed twice is an error naming both lines. Rows naming
-    an image format tlkit does not read are counted (`OtherFiles`), not checked. The other
-    arguments are `scan`'s."""
+    """Read `path,label` (or multi-label `path,labels`) rows; paths are relative to the CSV's
+    folder and must stay inside it unless `allow_outside_root`. A file listed twice is an error
+    naming both lines. Rows naming an image format tlkit does not read are counted
+    (`OtherFiles`), not checked. The other arguments are `scan`'s."""
     csv_path = Path(csv_path)
     root = csv_path.parent.resolve()
-    rows = csv_rows(csv_path)
+    kind, rows = csv_rows(csv_path)
     if not rows:
         raise DatasetError(f"{csv_path}: no rows")
     missing, outside, listed, listed_labels = [], [], [], []
@@ -328,30 +333,43 @@ def read_csv(
         raise DatasetError(
             f"{csv_path}: {len(missing)} listed files do not exist, e.g. {missing[:5]}"
         )
-    unread_only = sorted({label for _, _, label in rows} - set(listed_labels))
+    found = sorted({name for _, _, names in rows for name in names})
+    unread_only = sorted(set(found) - {name for names in listed_labels for name in names})
     if unread_only:
         raise DatasetError(
             f"{csv_path}: labels {unread_only} have no image in a format tlkit reads"
             + "".join(f". {line}" for line in other_files.messages())
         )
-    classes = _known_classes(sorted({label for _, _, label in rows}), classes, csv_path, "labels")
+    classes = _known_classes(found, classes, csv_path, "labels")
     index_of = {name: index for index, name in enumerate(classes)}
-    labels = [index_of[label] for label in listed_labels]
+    labels = [
+        LABEL_KINDS[kind].from_indices([index_of[name] for name in names])
+        for names in listed_labels
+    ]
     checks = _ScanChecks(verify, max_pixels, scan_cache, use_index)
-    return _keep_usable(listed, labels, classes, [], other_files, csv_path, str(root), checks)
+    result = _keep_usable(listed, labels, classes, [], other_files, csv_path, str(root), checks)
+    result.label_kind = kind
+    return result
 
 
-def csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
-    """(line number, path, label) of each row; a row with missing or extra fields or an empty
-    path or label is an error naming its line. A UTF-8 byte-order mark (Excel's "CSV UTF-8")
-    is accepted."""
+def csv_rows(csv_path: Path) -> tuple[str, list[tuple[int, str, list[str]]]]:
+    """The CSV's label kind (a `label` column: single-label; `labels`: multi-label) and its
+    rows: (line number, path, class names). A row with missing or extra fields, an empty path
+    or an empty single label is an error naming its line (a multi-label row may have no
+    labels). A UTF-8 byte-order mark (Excel's "CSV UTF-8") is accepted."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
-            if header is None or not {"path", "label"} <= set(header):
-                raise DatasetError(f"{csv_path}: needs a header with columns 'path' and 'label'")
-            path_column, label_column = header.index("path"), header.index("label")
+            columns = [kind.csv_column for kind in LABEL_KINDS.values()]
+            given = [column for column in columns if header and column in header]
+            if header is None or "path" not in header or len(given) != 1:
+                raise DatasetError(
+                    f"{csv_path}: needs a header with columns 'path' and either 'label' (one "
+                    "class per image) or 'labels' (multi-label, separated by ';')"
+                )
+            kind = next(k for k in LABEL_KINDS.values() if k.csv_column == given[0])
+            path_column, label_column = header.index("path"), header.index(given[0])
             rows = []
             for fields in reader:
                 where = f"{csv_path}, line {reader.line_num}"
@@ -362,16 +380,17 @@ def csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
                         f"{where}: expected {len(header)} fields ({','.join(header)}), "
                         f"found {len(fields)}"
                     )
-                path, label = fields[path_column], fields[label_column]
-                for name, value in (("path", path), ("label", label)):
-                    if not value.strip():
-                        raise DatasetError(f"{where}: empty {name}")
-                rows.append((reader.line_num, path, label))
+                path, names = fields[path_column], kind.names_of(fields[label_column])
+                if not path.strip():
+                    raise DatasetError(f"{where}: empty path")
+                if not names and not kind.may_be_unlabelled:
+                    raise DatasetError(f"{where}: empty label")
+                rows.append((reader.line_num, path, names))
     except UnicodeDecodeError as error:
         raise DatasetError(
             f"{csv_path}: not UTF-8 text ({error}); save it as UTF-8 (Excel: 'CSV UTF-8')"
         ) from error
-    return rows
+    return kind.name, rows
 
 
 def _known_classes(
@@ -438,7 +457,7 @@ class _ScanChecks:
 
 def _keep_usable(
     listed: list[ListedFile],
-    labels: list[int],
+    labels: list[Label],
     classes: list[str],
     skipped: list[tuple[str, str]],
     other_files: OtherFiles,
@@ -449,7 +468,7 @@ def _keep_usable(
     """The scan's result: the files that passed their check, the others with the reason, and
     the files not read (`other_files`, as the listing counted them)."""
     outcomes, statistics = checks.run(listed, source, root)
-    samples: list[tuple[str, int]] = []
+    samples: list[tuple[str, Label]] = []
     image_sizes: dict[str, tuple[int, int]] = {}
     skipped = list(skipped)
     for (path, _, _), label, (width, height, problem) in zip(listed, labels, outcomes, strict=True):
@@ -478,7 +497,7 @@ def _keep_usable(
             f"{source}: no usable image ({len(skipped)} files skipped{example})"
             + "".join(f". {line}" for line in other_files.messages())
         )
-    return ScanResult(samples, classes, skipped, image_sizes, statistics, other_files)
+    return ScanResult(samples, classes, skipped, image_sizes, statistics, other_files=other_files)
 
 
 def data_root(source: str | Path) -> Path:

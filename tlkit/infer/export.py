@@ -1,11 +1,12 @@
 """Ship a run's model: ONNX, TorchScript or safetensors, with a JSON card beside it.
 
-The exported network is the run's best checkpoint in eval mode: backbone, head and a softmax.
-It takes a preprocessed float32 batch ``images`` (N, 3, S, S), N free, and returns
-``probabilities`` (N, C), the numbers `tlkit predict` reports. The card (``card.json``) holds what
-serving needs without tlkit: class names, the preprocessing (resize, centre crop, mean, std),
-where the model came from and how accurate it measured, library versions, and the SHA-256 of
-the model file, checked before the file is loaded.
+The exported network is the run's best checkpoint in eval mode: backbone, head and the task's
+output layer (a softmax; multi-label: a sigmoid). It takes a preprocessed float32 batch
+``images`` (N, 3, S, S), N free, and returns ``probabilities`` (N, C), the numbers `tlkit
+predict` reports. The card (``card.json``) holds what serving needs without tlkit: the task,
+class names and (multi-label) each class's decision threshold, the preprocessing (resize, centre
+crop, mean, std), where the model came from and how it measured, library versions, and the
+SHA-256 of the model file, checked before the file is loaded.
 
 Every export is verified before it is kept: the written file is loaded back exactly as
 `predict` loads it, and its probabilities on a few real images of the run's data (seeded random
@@ -46,10 +47,19 @@ from tlkit.data.augment import eval_transform
 from tlkit.data.images import UNREAD_IMAGE_FORMATS, find_decode_problems, load_rgb
 from tlkit.data.sources import csv_rows, walk_images
 from tlkit.errors import DatasetError, ExportError, OutputExistsError
+from tlkit.metrics import DEFAULT_THRESHOLD
 from tlkit.model.backbones import create_backbone, pooled_feature_width
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.heads import ClassifierHead
-from tlkit.runfolder import BEST_CHECKPOINT, Preprocessing, RunSummary, open_run, write_atomic
+from tlkit.model.tasks import TaskDefinition, task_of
+from tlkit.runfolder import (
+    BEST_CHECKPOINT,
+    DataFacts,
+    Preprocessing,
+    RunSummary,
+    open_run,
+    write_atomic,
+)
 
 CARD = "card.json"
 CARD_VERSION = 1
@@ -61,11 +71,6 @@ OUTPUT_NAME = "probabilities"
 TOLERANCE = 1e-4
 VERIFICATION_IMAGES = 8
 SHIPPED_FILE_MODE = 0o644  # temporary files are created private; what ships is readable
-OUTPUT_SEMANTICS = (
-    "class probabilities (softmax of the head's logits), one row per image summing to 1, "
-    "columns in the order of 'classes'; log(probabilities) are the logits up to a per-row "
-    "constant"
-)
 # The OpenCV flag tlkit resizes with (augment.INTERPOLATIONS, which falls back to bilinear for
 # other names), named in the card so that serving code resizes identically: Pillow's kernels of
 # the same names differ slightly. A test keeps the two tables equal.
@@ -97,15 +102,21 @@ class ExportFormat:
     libraries: tuple[str, ...]  # whose versions the card records, beside torch and timm
 
 
-def inference_network(backbone: nn.Module, head: nn.Module) -> nn.Sequential:
-    """Backbone, head and softmax, in eval mode: the network every format holds (state-dict keys
-    ``backbone.*`` and ``head.*``)."""
-    layers = OrderedDict(backbone=backbone, head=head, softmax=nn.Softmax(dim=1))
+def inference_network(backbone: nn.Module, head: nn.Module, task: TaskDefinition) -> nn.Sequential:
+    """Backbone, head and the task's output layer, in eval mode: the network every format holds
+    (state-dict keys ``backbone.*`` and ``head.*``; the output layer has none)."""
+    layers = OrderedDict(backbone=backbone, head=head, output=task.output_layer())
     return nn.Sequential(layers).eval()
 
 
+def card_task(card: dict[str, Any]) -> TaskDefinition:
+    """The task of an exported model (cards from before the field: single-label)."""
+    return task_of(card.get("task", "single-label"))
+
+
 def build_network(card: dict[str, Any]) -> nn.Sequential:
-    """An untrained network of the card's architecture (timm backbone + tlkit head)."""
+    """An untrained network of the card's architecture (timm backbone + tlkit head + the
+    task's output layer)."""
     model = card["model"]
     size = card["preprocessing"]["input_size"]
     backbone = create_backbone(model["backbone"], pretrained="none", img_size=size)
@@ -115,7 +126,7 @@ def build_network(card: dict[str, Any]) -> nn.Sequential:
         model["head_dropout"],
         model["head_hidden"],
     )
-    return inference_network(backbone, head)
+    return inference_network(backbone, head, card_task(card))
 
 
 # ONNX ---------------------------------------------------------------------------------------
@@ -227,9 +238,9 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "onnx") -> di
         if (out / name).exists():
             raise OutputExistsError(f"{out} already holds {what} ({name}); choose another --out")
     model = TransferClassifier.load_checkpoint(run.best_checkpoint)
-    network = inference_network(model.backbone, model.head)
+    network = inference_network(model.backbone, model.head, model.task)
     images, source = verification_images(run.config, model.preprocessing)
-    card = _card(model, run.summary, run.folder, format)
+    card = _card(model, run.summary, run.data, run.folder, format)
     out.mkdir(parents=True, exist_ok=True)
     data, difference = _write_verified(FORMATS[format], network, images, card, out)
     card["sha256"] = hashlib.sha256(data).hexdigest()
@@ -283,18 +294,20 @@ def _write_verified(
 
 
 def _card(
-    model: TransferClassifier, summary: RunSummary, run_dir: Path, format: str
+    model: TransferClassifier, summary: RunSummary, data: DataFacts, run_dir: Path, format: str
 ) -> dict[str, Any]:
     hparams = model.hparams
     preprocessing = model.preprocessing
     size = preprocessing.input_size
     classes = model.class_names
     libraries = ("torch", "timm", *FORMATS[format].libraries)
+    thresholds = dict(zip(classes, model.thresholds, strict=True))
     return {
         "tlkit_export_card": CARD_VERSION,
         "format": format,
         "model_file": FORMATS[format].model_file,
         "sha256": None,  # filled in once the file is verified
+        "task": model.task.name,
         "input": {
             "name": INPUT_NAME,
             "shape": ["batch", 3, size, size],
@@ -304,9 +317,10 @@ def _card(
         "output": {
             "name": OUTPUT_NAME,
             "shape": ["batch", len(classes)],
-            "semantics": OUTPUT_SEMANTICS,
+            "semantics": model.task.output_semantics,
         },
         "classes": classes,
+        "thresholds": thresholds if model.task.thresholded else None,
         "preprocessing": {
             "input_size": size,
             "resize_short_side": round(size / preprocessing.crop_pct),
@@ -330,17 +344,23 @@ def _card(
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
         },
         "metrics": {
-            key: getattr(summary, key)
-            for key in (
-                "best_val_acc",
-                "best_epoch",
-                "test_acc",
-                "test_acc_interval",
-                "test_acc_top5",
-                "train_images",
-                "val_images",
-                "test_images",
-            )
+            **{
+                key: getattr(summary, key)
+                for key in (
+                    "best_val_acc",
+                    "best_epoch",
+                    "test_acc",
+                    "test_acc_interval",
+                    "test_acc_top5",
+                    "train_images",
+                    "val_images",
+                    "test_images",
+                    "monitor",
+                    "best_val_metrics",
+                    "test_metrics",
+                )
+            },
+            "train_images_per_class": data.images_per_class.get("train"),
         },
         "source": {"run": str(run_dir.resolve()), "checkpoint": BEST_CHECKPOINT},
         "versions": {
@@ -380,16 +400,17 @@ def verification_images(
 def _images_by_class(data: Path, count: int, allow_outside_root: bool = False) -> list[str]:
     """Up to `count` image files from each class, interleaved across classes: the folders of a
     class-folder tree (the first `count` of them holding images) or the labels of a path,label
-    CSV (paths outside the CSV's folder only if `allow_outside_root`)."""
+    CSV (multi-label: of each label set; paths outside the CSV's folder only if
+    `allow_outside_root`)."""
     if data.is_file() and data.suffix.lower() == ".csv":
         groups: dict[str, list[str]] = {}
         root = data.parent.resolve()
         try:
-            rows = csv_rows(data)
+            _kind, rows = csv_rows(data)
         except DatasetError:  # changed since training: verify on random tensors instead
             rows = []
-        for _line, relative, label in rows:
-            group = groups.setdefault(label, [])
+        for _line, relative, names in rows:
+            group = groups.setdefault(";".join(names), [])
             if len(group) < count:
                 path = (root / relative).resolve()
                 readable = path.suffix.lower() not in UNREAD_IMAGE_FORMATS and path.is_file()
@@ -450,6 +471,17 @@ class ExportedModel:
         """Whether training flipped images horizontally; cards from before the field was
         recorded come from runs that did, unless told otherwise."""
         return bool(self.card["model"].get("trained_with_hflip", True))
+
+    @property
+    def task(self) -> TaskDefinition:
+        return card_task(self.card)
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Per class, the probability from which a multi-label prediction includes it (the
+        card's, chosen on validation)."""
+        chosen = self.card.get("thresholds") or {}
+        return [float(chosen.get(name, DEFAULT_THRESHOLD)) for name in self.class_names]
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, C) of a preprocessed batch (N, 3, S, S), computed on the CPU."""

@@ -1,9 +1,11 @@
 """Evaluate and predict with a run folder's best checkpoint or an exported model.
 
-Both are a `Predictor`: class names, the preprocessing they expect, and class probabilities of a
-preprocessed batch. Anything that changes how a batch becomes probabilities (test-time
-augmentation, for one) wraps `Predictor.predict_batch` and is then available to both. Images
-are found by `data.find_images`, and checkpoints run on `distributed.single_device_trainer`.
+Both are a `Predictor`: class names, the preprocessing they expect, the task (what the
+probabilities mean, how they are scored and turned into predictions: `model.tasks.TASKS`), and
+class probabilities of a preprocessed batch. Anything that changes how a batch becomes
+probabilities (test-time augmentation, for one) wraps `Predictor.predict_batch` and is then
+available to both. Images are found by `data.find_images`, and checkpoints run on
+`single_device_trainer`.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from tlkit.data.images import (
     UNREAD_IMAGE_FORMATS,
     find_decode_problems,
 )
+from tlkit.data.labels import LABEL_KINDS, Label, images_only, label_indices
 from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split
 from tlkit.data.sources import OtherFiles, find_images, scan
 from tlkit.errors import ConfigError, DatasetError, InputNotFoundError
 from tlkit.infer.export import is_export_folder, load_exported
 from tlkit.infer.tta import ScaleSquares, TTAModule, loader_batch_size, plan
-from tlkit.metrics import classification_metrics
 from tlkit.model.classifier import TransferClassifier
+from tlkit.model.tasks import TaskDefinition
 from tlkit.runfolder import Preprocessing, best_checkpoint, image_limits, scan_options
 
 
@@ -50,6 +53,16 @@ class Predictor(Protocol):
     @property
     def trained_with_hflip(self) -> bool:
         """Whether training showed the model mirror images (TTA mirrors views only then)."""
+        ...
+
+    @property
+    def task(self) -> TaskDefinition:
+        """What the model's probabilities mean: softmax over classes, or a sigmoid each."""
+        ...
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Per class, the probability from which a multi-label prediction includes it."""
         ...
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,7 +121,12 @@ def predict_probabilities(
     else:
         dataset = ImageDataset(samples, views, max_pixels)
     images_per_batch = loader_batch_size(tta_plan, batch_size)
-    loader = DataLoader(dataset, batch_size=images_per_batch, num_workers=default_num_workers())
+    loader = DataLoader(
+        dataset,
+        batch_size=images_per_batch,
+        num_workers=default_num_workers(),
+        collate_fn=images_only,
+    )
     # At most one loader batch of views per forward pass: larger batches are slower per image
     # on CPUs (measured: 943 img/s at 64, 406 at 256 for Lite0 at 64px); raise --batch-size
     # on GPUs.
@@ -143,8 +161,8 @@ class LabelledPredictions:
     """Class probabilities per image of a labelled folder or CSV, in the scanned order."""
 
     paths: list[str]
-    labels: torch.Tensor  # (N,) true class indices
-    probabilities: torch.Tensor  # (N, C) softmax outputs
+    labels: torch.Tensor  # the task's targets: (N,) class indices, or (N, C) 0/1 rows
+    probabilities: torch.Tensor  # (N, C): the task's activation of the logits
     skipped: list[tuple[str, str]]  # (path, reason) of the image files that could not be used
     cost: dict[str, Any] = field(default_factory=dict)  # TTA preset, views/image, images/s
     shards: ShardImages | None = None  # the converted split the images come from, if any
@@ -168,17 +186,23 @@ def predict_labelled(
     if converted is not None:
         return _predict_converted(model, *converted, batch_size, accelerator, tta, max_pixels)
     scanned = scan(data, model.class_names, max_pixels, csv_paths_outside_root, **scan_options)
+    samples = model.task.labels.convert(scanned.samples, str(data))
     probabilities, cost = predict_probabilities(
-        model, scanned.samples, tta, batch_size, accelerator, max_pixels=max_pixels
+        model, samples, tta, batch_size, accelerator, max_pixels=max_pixels
     )
     return LabelledPredictions(
-        paths=[path for path, _ in scanned.samples],
-        labels=torch.tensor([label for _, label in scanned.samples]),
+        paths=[path for path, _ in samples],
+        labels=_targets(model, [label for _, label in samples]),
         probabilities=probabilities,
         skipped=scanned.skipped,
         cost=cost,
         other_files=scanned.other_files,
     )
+
+
+def _targets(model: Predictor, labels: list[Label]) -> torch.Tensor:
+    """Labels as the model's task scores them: class indices, or 0/1 rows."""
+    return model.task.labels.collate(labels, len(model.class_names))
 
 
 def _predict_converted(
@@ -206,9 +230,15 @@ def _predict_converted(
         model, samples, tta, batch_size, accelerator, max_pixels=max_pixels, source=images
     )
     split_folder = os.path.join(converted.metadata["source"], split) + os.sep
+    stored = LABEL_KINDS[converted.label_kind]
+    in_model_classes = [
+        (path, stored.from_indices([model_label[index] for index in label_indices(label)]))
+        for path, label in samples
+    ]
+    labels = [label for _, label in model.task.labels.convert(in_model_classes, str(split))]
     return LabelledPredictions(
         paths=[path for path, _ in samples],
-        labels=torch.tensor([model_label[label] for _, label in samples]),
+        labels=_targets(model, labels),
         probabilities=probabilities,
         skipped=[row for row in converted.skipped() if row[0].startswith(split_folder)],
         cost=cost,
@@ -227,8 +257,11 @@ def evaluate(
     verify: str | None = None,
     scan_cache: str | None = None,
 ) -> dict[str, Any]:
-    """Top-1, top-5, per-class accuracy and the confusion matrix on a labelled folder or CSV,
-    with the test-time averaging preset `tta` and its cost.
+    """The model's task's evaluation on a labelled folder or CSV (single-label: top-1, top-5,
+    balanced accuracy, macro-F1, per-class scores, the confusion matrix; multi-label: mAP,
+    macro- and micro-F1, exact match and per-class scores at the model's thresholds; classes
+    without images listed, not averaged in), with the test-time averaging preset `tta` and
+    its cost.
 
     `run_dir` is a run folder or an export folder. `max_image_pixels`,
     `csv_paths_outside_root`, `verify` and `scan_cache` default to the run's own
@@ -238,26 +271,20 @@ def evaluate(
     limits = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
     options = scan_options(run_dir, verify, scan_cache)
     predictions = predict_labelled(model, data, batch_size, accelerator, tta, *limits, **options)
-    metrics = classification_metrics(
-        predictions.probabilities, predictions.labels, model.class_names
+    metrics = model.task.evaluate(
+        predictions.probabilities, predictions.labels, model.class_names, model.thresholds
     )
     ignored_files, unread_images = predictions.other_files.counts()
     return {
         "run": str(run_dir),
         "data": str(data),
-        "images": metrics.images,
+        "task": model.task.name,
         "tta": predictions.cost,
         "skipped_files": len(predictions.skipped),
         "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
         "ignored_files": ignored_files,  # not images, by extension
         "unread_images": unread_images,  # images in formats tlkit does not read, by extension
-        "top1": metrics.top1,
-        "top5": metrics.top_k_accuracy,  # top-k with k = min(5, classes)
-        "per_class_accuracy": {  # a class's accuracy is its recall
-            row.name: row.recall if row.support else None for row in metrics.per_class
-        },
-        "classes": metrics.classes,
-        "confusion_matrix": metrics.confusion.tolist(),
+        **metrics.summary(),
     }
 
 
@@ -295,18 +322,30 @@ def predict(
     accelerator: str = "auto",
     tta: str = "none",
     max_image_pixels: int | None = None,
+    threshold: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], OtherFiles]:
-    """Top-k labels and probabilities per image; also the files that could not be used (with
-    the reason) and the files not read (not images, or images in a format tlkit does not read:
-    counted by extension).
-    `inputs` are image files, folders of them, or splits of converted datasets (their images
-    follow the files', with the paths they had in the converted folder).
+    """The task's prediction per image (single-label: the top-k labels and probabilities;
+    multi-label: the labels at or above their thresholds, then the top k); also the files that
+    could not be used (with the reason) and the files not read (not images, or images in a
+    format tlkit does not read: counted by extension). `inputs` are image files, folders of
+    them, or splits of converted datasets (their images follow the files', with the paths they
+    had in the converted folder).
 
-    `run_dir` is a run folder or an export folder; `max_image_pixels` defaults to the run's.
+    `run_dir` is a run folder or an export folder; `max_image_pixels` defaults to the run's;
+    `threshold` replaces a multi-label model's per-class thresholds (chosen on validation).
     """
     if top_k < 1:
         raise ConfigError(f"top_k must be 1 or more, not {top_k}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"--threshold must lie between 0 and 1, not {threshold}")
     model = load_predictor(run_dir)
+    if threshold is not None and not model.task.thresholded:
+        raise ConfigError(
+            f"--threshold applies to multi-label models; this one is {model.task.name} (it "
+            "predicts the most probable classes)"
+        )
+    classes = model.class_names
+    thresholds = model.thresholds if threshold is None else [threshold] * len(classes)
     max_pixels, _ = image_limits(run_dir, max_image_pixels)
     converted = [labelled_split(item) for item in inputs]
     files = [item for item, found in zip(inputs, converted, strict=True) if not found]
@@ -328,16 +367,8 @@ def predict(
     if not usable:
         return [], skipped, other_files
     probabilities = torch.cat(batches)
-    k = min(top_k, probabilities.shape[1])
-    values, indices = probabilities.topk(k, dim=1)
-    classes = model.class_names
-    rows = []
-    for path, top_values, top_indices in zip(
-        usable, values.tolist(), indices.tolist(), strict=True
-    ):
-        row: dict[str, Any] = {"path": path}
-        for rank, (value, index) in enumerate(zip(top_values, top_indices, strict=True), start=1):
-            row[f"label_{rank}"] = classes[index]
-            row[f"prob_{rank}"] = round(value, 6)
-        rows.append(row)
+    rows = [
+        {"path": path, **model.task.prediction_row(row, classes, top_k, thresholds)}
+        for path, row in zip(usable, probabilities, strict=True)
+    ]
     return rows, skipped, other_files

@@ -50,6 +50,7 @@ from torch import nn
 
 from tlkit.data.augment import eval_transform, interpolation_flag
 from tlkit.errors import ConfigError
+from tlkit.model.tasks import TASKS, TaskDefinition
 from tlkit.runfolder import Preprocessing
 
 RESNET_SCALES = (224 / 224, 256 / 224, 384 / 224, 480 / 224, 640 / 224)
@@ -209,34 +210,42 @@ def make_views(squares: torch.Tensor, tta: TTAPlan) -> torch.Tensor:
     return torch.cat([views, views.flip(-1)], dim=1) if tta.mirrored else views
 
 
-def _mean(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _mean(probabilities: torch.Tensor, weights: torch.Tensor, task: TaskDefinition) -> torch.Tensor:
     return (probabilities * weights).sum(dim=1)
 
 
-def _geometric_mean(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (probabilities.clamp_min(1e-30).log() * weights).sum(dim=1).softmax(dim=-1)
+def _mean_logits(
+    probabilities: torch.Tensor, weights: torch.Tensor, task: TaskDefinition
+) -> torch.Tensor:
+    return task.activation((task.logits_of(probabilities) * weights).sum(dim=1))
 
 
-# Each average: (B, V, K) probabilities of the views and their (1, V, 1) weights -> (B, K).
-AVERAGES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+# Each average: (B, V, K) probabilities of the views, their (1, V, 1) weights and the model's
+# task -> (B, K).
+AVERAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, TaskDefinition], torch.Tensor]] = {
     "probabilities": _mean,
-    "geometric": _geometric_mean,
+    "geometric": _mean_logits,
 }
 
 
 def average_views(
-    probabilities: torch.Tensor, average: str, weights: torch.Tensor | None = None
+    probabilities: torch.Tensor,
+    average: str,
+    weights: torch.Tensor | None = None,
+    task: TaskDefinition = TASKS["single-label"],
 ) -> torch.Tensor:
     """(B, V, K) class probabilities of every view -> (B, K), each view weighted by `weights`
     (V,), which sum to 1 (default: equal weights).
 
-    `probabilities`: their weighted mean. `geometric`: the renormalised weighted geometric mean,
-    which equals the softmax of the weighted mean logits (each view's log-probabilities differ
-    from its logits by a constant per view).
+    `probabilities`: their weighted mean (per class, for either task). `geometric`: the task's
+    activation of the weighted mean logits, recovered from the probabilities
+    (`TaskDefinition.logits_of`): for softmax the renormalised weighted geometric mean (each
+    view's log-probabilities differ from its logits by a constant per view), for sigmoids the
+    mean log-odds.
     """
     if weights is None:
         weights = probabilities.new_full(probabilities.shape[1:2], 1 / probabilities.shape[1])
-    return AVERAGES[average](probabilities, weights.to(probabilities).view(1, -1, 1))
+    return AVERAGES[average](probabilities, weights.to(probabilities).view(1, -1, 1), task)
 
 
 def check_accepts_any_size(model, tta: TTAPlan) -> None:
@@ -280,7 +289,8 @@ class TTAModule(pl.LightningModule):
         weights = torch.cat(
             [torch.full((v.shape[1],), 1 / (v.shape[1] * len(views))) for v in views]
         )
-        return average_views(torch.cat(views, dim=1).float(), self.tta.average, weights)
+        probabilities = torch.cat(views, dim=1).float()
+        return average_views(probabilities, self.tta.average, weights, self.model.task)
 
     def _view_probabilities(self, views: torch.Tensor) -> torch.Tensor:
         per_image = views.shape[1]

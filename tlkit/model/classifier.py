@@ -13,13 +13,17 @@ from dataclasses import asdict, dataclass, replace
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from tlkit.config import FinetuneConfig, Optimizer
 from tlkit.errors import ConfigError
+from tlkit.metrics import (
+    DEFAULT_THRESHOLD,
+    PredictionsAndTargets,
+    f1_optimal_thresholds,
+    logged_name,
+)
 from tlkit.model.backbones import create_backbone, pooled_feature_width, preprocessing
 from tlkit.model.heads import ClassifierHead
 from tlkit.model.strategies import (
@@ -28,6 +32,7 @@ from tlkit.model.strategies import (
     optimizer_parameter_groups,
     set_trainable,
 )
+from tlkit.model.tasks import TaskDefinition, task_of
 from tlkit.runfolder import Preprocessing, unsafe_checkpoint
 
 # Defaults are FinetuneConfig's, so that the API and the CLI cannot drift apart; the parameters
@@ -54,11 +59,18 @@ OPTIMIZERS: dict[Optimizer, Callable[[list[dict]], torch.optim.Optimizer]] = {
 class TransferClassifier(pl.LightningModule):
     """Image classifier fine-tuned from a pretrained timm backbone.
 
-    Cross-entropy (optional label smoothing), AdamW or SGD, linear warm-up then cosine decay
-    stepped every batch, top-1/top-5 accuracy from torchmetrics. Frozen parts of the backbone
-    stay in eval mode whenever the module is put in train mode. `trained_with_hflip` records
-    whether the training data is flipped horizontally: test-time averaging mirrors views only
-    then (checkpoints without it come from runs that flipped).
+    The `task` (model/tasks.py) gives the loss and output activation and the epoch metrics
+    (single-label: cross-entropy with optional label smoothing, softmax, accuracies, balanced
+    accuracy, macro-F1; multi-label: binary cross-entropy, sigmoids, mAP and F1); AdamW or SGD,
+    linear warm-up then cosine decay stepped every batch. `loss_weights` weigh the classes in
+    the training loss (`--class-weights`). Frozen parts of the backbone stay in eval mode
+    whenever the module is put in train mode. `trained_with_hflip` records whether the training
+    data is flipped horizontally: test-time averaging mirrors views only then (checkpoints
+    without it come from runs that flipped; without `task`, from single-label runs).
+
+    Multi-label: at the end of every validation the per-class thresholds that maximise F1 on
+    it are chosen (`decision_thresholds`) and saved with the checkpoint, so best.ckpt holds the
+    thresholds of its own validation; test scores are computed at them.
     """
 
     def __init__(
@@ -82,25 +94,48 @@ class TransferClassifier(pl.LightningModule):
         class_names: list[str] | None = None,
         channels_last: bool = _default("channels_last"),
         trained_with_hflip: bool = True,
+        task: str = "single-label",
+        loss_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
+        if loss_weights is not None and len(loss_weights) != num_classes:
+            raise ConfigError(f"{len(loss_weights)} loss weights for {num_classes} classes")
         self.save_hyperparameters()
+        self.task: TaskDefinition = task_of(task)
         self._resumed_schedule: tuple[SchedulePlan, int] | None = None  # set on --resume
+        self.decision_thresholds: list[float] | None = None  # multi-label, chosen on validation
         self.backbone = create_backbone(backbone, pretrained, drop_path_rate, img_size)
         self.head = ClassifierHead(
             pooled_feature_width(self.backbone), num_classes, dropout, head_hidden
         )
         set_trainable(self.backbone, strategy, unfreeze_stages)
         keep_frozen_modules_in_eval(self.backbone)
-        top_k = min(5, num_classes)
+        weights = None if loss_weights is None else torch.tensor(loss_weights)
+        self.register_buffer("class_loss_weights", weights, persistent=False)
+        epoch_metrics = {
+            "train": self.task.train_metrics(num_classes),
+            "val": self.task.epoch_metrics(num_classes),
+            "test": self.task.epoch_metrics(num_classes),
+        }
         self.metrics = nn.ModuleDict(
             {
-                f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
-                for split in ("train", "val", "test")
-                for name, k in (("acc", 1), ("acc_top5", top_k))
+                logged_name(split, name): metric
+                for split, metrics in epoch_metrics.items()
+                for name, metric in metrics.items()
             }
+        )
+        # each split's first metric is also shown on the progress bar
+        self._shown_metrics = {
+            logged_name(split, next(iter(metrics)))
+            for split, metrics in epoch_metrics.items()
+            if metrics
+        }
+        self.predictions = nn.ModuleDict(
+            {split: PredictionsAndTargets() for split in ("val", "test")}
+            if self.task.scores_from_predictions
+            else {}
         )
         # Validation and test loss as torchmetrics means (sums of loss x images and of images,
         # synchronised across processes): exact with uneven shares of the split, where
@@ -132,6 +167,13 @@ class TransferClassifier(pl.LightningModule):
         names = self.hparams.class_names
         return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
 
+    @property
+    def thresholds(self) -> list[float]:
+        """Per class, the probability from which a multi-label prediction includes it: those
+        chosen on validation, else `metrics.DEFAULT_THRESHOLD`."""
+        chosen = self.decision_thresholds
+        return list(chosen) if chosen else [DEFAULT_THRESHOLD] * self.hparams.num_classes
+
     def trainable_parameters(self) -> int:
         return count_parameters(self, trainable_only=True)
 
@@ -154,23 +196,51 @@ class TransferClassifier(pl.LightningModule):
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, training: bool) -> torch.Tensor:
+        """The task's loss; in training with label smoothing and the class weights."""
+        if not training:
+            return self.task.loss(logits, targets, None, 0.0)
+        return self.task.loss(
+            logits, targets, self.class_loss_weights, self.hparams.label_smoothing
+        )
+
     def _step(self, batch, split: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        loss = self.loss(logits, labels, training=split == "train")
         if split == "train":
             self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True, prog_bar=True)
         else:
             self.mean_losses[split].update(loss, weight=len(labels))
             self.log(f"{split}_loss", self.mean_losses[split], on_epoch=True, prog_bar=True)
-        for name in ("acc", "acc_top5"):
-            metric = self.metrics[f"{split}_{name}"]
-            metric.update(logits, labels)  # epoch-level only: no per-batch value to compute
-            self.log(
-                f"{split}_{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
-            )
+        prefix = logged_name(split, "")
+        for name, metric in self.metrics.items():
+            if name.startswith(prefix):
+                metric.update(logits, labels)  # epoch-level only: no per-batch value to compute
+                shown = name in self._shown_metrics
+                self.log(name, metric, on_step=False, on_epoch=True, prog_bar=shown)
+        if split in self.predictions:
+            self.predictions[split].update(self.task.activation(logits), labels)
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """Multi-label: choose the thresholds on this validation, then score it at them."""
+        if "val" in self.predictions:
+            probabilities, targets = self.predictions["val"].compute()
+            self.decision_thresholds = f1_optimal_thresholds(probabilities, targets)
+            self._log_scores("val", probabilities, targets)
+
+    def on_test_epoch_end(self) -> None:
+        if "test" in self.predictions:
+            self._log_scores("test", *self.predictions["test"].compute())
+
+    def _log_scores(self, split: str, probabilities: torch.Tensor, targets: torch.Tensor) -> None:
+        """Log a split's scores, computed from all its predictions (gathered from every
+        process, so each computes the same numbers) as `evaluate` computes them."""
+        self.predictions[split].reset()
+        scores = self.task.evaluate(probabilities, targets, self.class_names, self.thresholds)
+        for name, value in scores.scores().items():
+            self.log(logged_name(split, name), float(value), sync_dist=True)
 
     def training_step(self, batch, batch_index: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -183,7 +253,7 @@ class TransferClassifier(pl.LightningModule):
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a preprocessed batch (`tlkit.infer.predict.Predictor`)."""
-        return self(images).softmax(dim=-1)
+        return self.task.activation(self(images))
 
     def predict_step(self, batch, batch_index: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -199,10 +269,14 @@ class TransferClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[SCHEDULE_KEY] = asdict(self.schedule_plan)  # plain numbers: weights_only-safe
+        if self.decision_thresholds is not None:
+            checkpoint[THRESHOLDS_KEY] = [float(value) for value in self.decision_thresholds]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """On --resume, remember the schedule and step the run stopped at, so that a longer run
-        continues the decay from there (see `SchedulePlan.continued`)."""
+        """The checkpoint's decision thresholds; on --resume, also the schedule and step the
+        run stopped at, so that a longer run continues the decay from there (see
+        `SchedulePlan.continued`)."""
+        self.decision_thresholds = checkpoint.get(THRESHOLDS_KEY)
         if SCHEDULE_KEY in checkpoint:
             plan = SchedulePlan(**checkpoint[SCHEDULE_KEY])
             self._resumed_schedule = (plan, checkpoint["global_step"])
@@ -250,6 +324,7 @@ MAX_WARMUP_SHARE = 0.1
 
 
 SCHEDULE_KEY = "tlkit_lr_schedule"  # the SchedulePlan in every checkpoint
+THRESHOLDS_KEY = "tlkit_decision_thresholds"  # multi-label: per class, chosen on validation
 
 
 class ScheduleFinishedError(ConfigError):

@@ -1,12 +1,13 @@
 """`--strategy auto`: measure the data cheaply, then choose how to fine-tune.
 
-Before training, `resolve_auto` measures (`measure`): images per class in the training split,
-the source images' short side (from the file headers of a seeded sample, nothing decoded), and
-a linear probe and a k-NN classifier on the frozen backbone's cached features (tlkit/train/probe.py,
-validation accuracy; the cache is the `features` strategy's, so choosing `features` reuses it).
+Before training, `resolve_auto` measures (`measure`): images per class in the training split and
+its class ratio (largest over smallest class), the source images' short side (from the file
+headers of a seeded sample, nothing decoded), and a linear probe and a k-NN classifier on the
+frozen backbone's cached features (tlkit/train/probe.py, validation top-1, or mAP for a
+multi-label task; the cache is the `features` strategy's, so choosing `features` reuses it).
 From that evidence the pure functions `choose_input_size` and `decide` choose what the user left
 open: strategy and stages, the pretrained layers' learning rate, schedule length, input size,
-augmentation and LP-FT. Every choice a
+augmentation, LP-FT and the monitored metric. Every choice a
 flag or config key gives is kept. The rules and the measurements behind each threshold are in
 docs/strategies.md ("How auto decides").
 
@@ -23,7 +24,6 @@ import math
 import random
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +32,12 @@ from timm.models import get_pretrained_cfg
 
 from tlkit.config import FIXED_CHOICES, FinetuneConfig, parse_duration
 from tlkit.data.datamodule import BaseImageDataModule
+from tlkit.metrics import ACCURACY, TITLES
 from tlkit.model.backbones import layer_groups, preprocessing
+from tlkit.model.tasks import resolve_monitor
+from tlkit.runfolder import DataFacts
 from tlkit.train import budget
-from tlkit.train.build import build_datamodule, build_model, cache_folder
+from tlkit.train.build import build_datamodule, build_model, cache_folder, data_facts
 from tlkit.train.hardware import training_device
 from tlkit.train.probe import fit_probe, probe_features
 
@@ -51,8 +54,9 @@ MIN_INPUT_SIZE = 64
 # Strategy, by median training images per class and the linear probe's balanced accuracy.
 FEATURES_BELOW_PER_CLASS = 40  # fewer: only the head trains
 # The frozen features already separate the classes, only the head trains, when the probe's
-# balanced accuracy is at least this with 95% confidence (`probe.balanced_accuracy_bound`: a
-# probe that is 90% right and scores 10 of 10 does not pass, nor one that ignores a minority).
+# balanced accuracy (multi-label: mAP) is at least this with 95% confidence
+# (`TaskDefinition.probe_evidence`: a probe that is 90% right and scores 10 of 10 does not
+# pass, nor one that ignores a minority).
 PROBE_SOLVED = 0.97
 TWO_STAGES_FROM_PER_CLASS = 400
 FULL_FROM_PER_CLASS = 5_000
@@ -103,9 +107,14 @@ class Evidence:
     pretrained_input_size: int  # the backbone's, from timm's pretrained config
     backbone_stages: int  # timm layer groups, stem first
     input_size: int  # the size the probe ran at
-    linear_val_acc: float | None = None  # None: not probed
+    linear_val_acc: float | None = None  # None: not probed; the probe's `probe_metric`
     knn_val_acc: float | None = None
     probe_seconds: float | None = None  # extraction (or cache read) and fit
+    task: str = "single-label"  # how the data is labelled (model/tasks.py)
+    class_ratio: float | None = None  # training split: largest class over smallest (images)
+    probe_metric: str = ACCURACY  # what linear_val_acc and knn_val_acc measure (map: multi-label)
+    # what probe_balanced_acc and its bound measure: balanced accuracy, or mAP (multi-label)
+    probe_evidence_metric: str = "balanced accuracy"
     images_per_class_max: int | None = None
     val_images: int = 0
     probe_balanced_acc: float | None = None
@@ -191,15 +200,16 @@ def choose_strategy(evidence: Evidence, lp_ft: bool = False) -> tuple[Choice, Ch
     fine-tunes from the probe, so the strategy is not `features`."""
     per_class = evidence.images_per_class_median
     bound = evidence.probe_balanced_lower_bound
+    metric = evidence.probe_evidence_metric  # balanced accuracy; multi-label: mAP
     if not lp_ft and per_class < FEATURES_BELOW_PER_CLASS:
         return Choice("features", f"{per_class:.0f} images per class: too few to fine-tune"), None
     if not lp_ft and bound is not None and bound >= PROBE_SOLVED:
         reason = (
-            f"linear probe's balanced accuracy {evidence.probe_balanced_acc:.3f}, at least "
+            f"linear probe's {metric} {evidence.probe_balanced_acc:.3f}, at least "
             f"{bound:.3f} with 95% confidence >= {PROBE_SOLVED}: frozen features suffice"
         )
         return Choice("features", reason), None
-    probed = f", probe's balanced accuracy {evidence.probe_balanced_acc:.3f}" if bound else ""
+    probed = f", probe's {metric} {evidence.probe_balanced_acc:.3f}" if bound else ""
     lp_ft_note = " (--lp-ft: fine-tuned from the probe)" if lp_ft else ""
     if per_class >= FULL_FROM_PER_CLASS:
         return Choice("full", f"{per_class:.0f} images per class{probed}{lp_ft_note}"), None
@@ -260,6 +270,13 @@ def choose_lp_ft(strategy: str, linear_head: bool) -> Choice:
     return Choice(False, "measured worse than a zero head on the goal set-up (--lp-ft: on)")
 
 
+def choose_monitor(evidence: Evidence) -> Choice:
+    """The validation metric that picks the best checkpoint: the task's rule
+    (`tasks.resolve_monitor`), from the training split's class ratio."""
+    decision = resolve_monitor(evidence.task, "auto", evidence.class_ratio)
+    return Choice(decision.value, decision.reason)
+
+
 def decide(
     evidence: Evidence,
     open_choices: list[str],
@@ -295,6 +312,8 @@ def decide(
     passes = schedule.images / max(evidence.train_images, 1)
     augmentation = choose_augmentation(evidence, passes, chosen_strategy)
     choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
+    if "monitor" in open_choices:
+        choices["monitor"] = choose_monitor(evidence)
     return choices
 
 
@@ -302,13 +321,17 @@ def decide(
 # Measuring
 
 
-def source_short_side(images: BaseImageDataModule, seed: int) -> tuple[float | None, int]:
+def source_short_side(
+    images: BaseImageDataModule, facts: DataFacts, seed: int
+) -> tuple[float | None, int]:
     """Median short side of the training images and how many files it rests on: the sizes the
-    scan stored for every file (folders, CSVs and converted datasets alike); where the scan
-    read none (--verify none), the headers of a seeded sample of the files."""
+    scan stored for every file (`DataFacts`; folders, CSVs and converted datasets alike); where
+    the scan read none (--verify none), the headers of a seeded sample of the files."""
+    if facts.sized_images:
+        return facts.source_short_side_median, facts.sized_images
     samples = images.train_set.samples
-    sizes = [images.image_sizes[path] for path, _ in samples if path in images.image_sizes]
-    if not sizes:
+    sizes: list[tuple[int, int]] = []
+    if samples:
         count = min(SIZE_SAMPLE_FILES, len(samples))
         positions = random.Random(seed).sample(range(len(samples)), count)
         sizes = [size for size in map(images.train_set.stored_size, positions) if size]
@@ -333,16 +356,16 @@ def measure(
     )
     images = build_datamodule(probe_config)
     images.setup("fit")
-    labels = Counter(label for _path, label in images.train_set.samples)
-    per_class = [labels.get(index, 0) for index in range(len(images.classes))]
-    side, sized = source_short_side(images, config.seed)
+    facts = data_facts(probe_config, images)
+    per_class = facts.images_per_class["train"]
+    side, sized = source_short_side(images, facts, config.seed)
     fixed = bool(getattr(get_pretrained_cfg(config.backbone), "fixed_input_size", False))
     size = (
         Choice(config.img_size, "given")
         if config.img_size is not None
         else choose_input_size(side, pretrained.input_size, fixed)
     )
-    model = build_model(dataclasses.replace(probe_config, img_size=size.value), images.classes)
+    model = build_model(dataclasses.replace(probe_config, img_size=size.value), facts)
     device = training_device(config)
     probe_started = time.perf_counter()
     features = probe_features(
@@ -354,7 +377,14 @@ def measure(
         per_class=PROBE_IMAGES_PER_CLASS,
         seed=config.seed,
     )
-    probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed, device=device)
+    ratio = facts.class_ratio
+    probe = fit_probe(
+        *features,
+        num_classes=len(images.classes),
+        seed=config.seed,
+        device=device,
+        task=facts.label_kind,
+    )
     evidence = Evidence(
         classes=len(images.classes),
         train_images=len(images.train_set),
@@ -367,6 +397,10 @@ def measure(
         linear_val_acc=round(probe.linear_val_acc, 4),
         knn_val_acc=round(probe.knn_val_acc, 4),
         probe_seconds=round(time.perf_counter() - probe_started, 2),
+        task=facts.label_kind,
+        class_ratio=round(ratio, 2) if ratio is not None and math.isfinite(ratio) else None,
+        probe_metric=probe.metric,
+        probe_evidence_metric=probe.evidence_metric,
         images_per_class_max=max(per_class),
         val_images=len(images.val_set),
         probe_balanced_acc=round(probe.balanced_acc, 4),
@@ -388,7 +422,8 @@ def resolve_auto(
     the measured throughput and the planned schedule). `started`: when the run started
     (`time.perf_counter()`), from which a budget counts; default now."""
     started = time.perf_counter() if started is None else started
-    open_choices = ["strategy", *config.choices_left_to_auto()]
+    monitor = ["monitor"] if config.monitor == "auto" else []
+    open_choices = ["strategy", *config.choices_left_to_auto(), *monitor]
     evidence, size, sized, images = measure(config, progress)
     options = {"linear_head": config.head_hidden == 0, "lp_ft": bool(config.lp_ft)}
     choices = decide(evidence, open_choices, batch_size=config.batch_size, **options)
@@ -403,7 +438,7 @@ def resolve_auto(
     record = {
         "evidence": dataclasses.asdict(evidence) | {"sampled_files": sized},
         "choices": {name: dataclasses.asdict(choice) for name, choice in choices.items()},
-        "given": [name for name in FIXED_CHOICES if name not in open_choices],
+        "given": [name for name in (*FIXED_CHOICES, "monitor") if name not in open_choices],
         "seconds": round(time.perf_counter() - started, 2),
     }
     if planned is not None:
@@ -557,8 +592,11 @@ def log_decision(record: dict[str, Any]) -> None:
     made for one reason share a line), the choices given, and a budget's plan."""
     evidence = record["evidence"]
     side = evidence["source_short_side_median"]
+    ratio = evidence.get("class_ratio")
     probe = (
-        f"linear probe {evidence['linear_val_acc']:.4f} (balanced "
+        f"linear probe {evidence['linear_val_acc']:.4f} "
+        f"({TITLES[evidence.get('probe_metric', ACCURACY)]}; "
+        f"{evidence.get('probe_evidence_metric', 'balanced accuracy')} "
         f"{evidence['probe_balanced_acc']:.4f}, at least "
         f"{evidence['probe_balanced_lower_bound']:.4f} with 95% confidence, on "
         f"{evidence['probe_evidence']}), k-NN {evidence['knn_val_acc']:.4f}"
@@ -568,7 +606,9 @@ def log_decision(record: dict[str, Any]) -> None:
     logger.info(
         f"Auto evidence: {evidence['train_images']} train images, {evidence['classes']} classes "
         f"({evidence['images_per_class_min']}-{evidence['images_per_class_median']:.0f} per "
-        f"class, min-median); sources' short side "
+        f"class, min-median; class ratio "
+        + (f"{ratio:.1f}:1" if ratio is not None else "unknown")
+        + f", {evidence.get('task', 'single-label')}); sources' short side "
         + (f"{side:.0f} px" if side is not None else "unknown")
         + f" (median of {evidence['sampled_files']} files); {probe} at "
         f"{evidence['input_size']} px ({evidence['probe_seconds']:.1f} s)"

@@ -23,16 +23,38 @@ from tlkit.errors import ConfigError
 from tlkit.model.backbones import create_backbone, preprocessing
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.strategies import trainable_parameter_names
+from tlkit.model.tasks import CLASS_WEIGHTS, resolve_monitor, task_of
+from tlkit.runfolder import DataFacts
 
 
-def build_model(config: FinetuneConfig, class_names: list[str]) -> TransferClassifier:
-    """The LightningModule a config describes."""
-    return TransferClassifier(
-        num_classes=len(class_names),
-        class_names=class_names,
-        trained_with_hflip=trains_with_hflip(config),
-        **config_kwargs(config, TransferClassifier),
-    )
+def build_model(config: FinetuneConfig, data: DataFacts) -> TransferClassifier:
+    """The LightningModule a config describes, for the data `data` describes (classes, task,
+    class counts for `--class-weights`, horizontal flips)."""
+    options = config_kwargs(config, TransferClassifier) | {
+        "num_classes": len(data.classes),
+        "class_names": list(data.classes),
+        "task": data.label_kind,
+        "trained_with_hflip": data.trained_with_hflip,
+        "loss_weights": class_loss_weights(config, data),
+    }
+    return TransferClassifier(**options)
+
+
+def data_facts(config: FinetuneConfig, images: BaseImageDataModule) -> DataFacts:
+    """What the set-up data module's data says, with whether this config's training shows the
+    model mirror images."""
+    return images.data_facts(trains_with_hflip(config))
+
+
+def class_loss_weights(config: FinetuneConfig, data: DataFacts) -> list[float] | None:
+    """The per-class loss weights `--class-weights` asks for, from the training class counts."""
+    counts = data.images_per_class.get("train")
+    if config.class_weights != "none" and not counts:
+        raise ConfigError(f"--class-weights {config.class_weights} needs the training class counts")
+    if config.class_weights not in CLASS_WEIGHTS:
+        raise ConfigError(f"unknown class weights '{config.class_weights}'")
+    weigh = CLASS_WEIGHTS[config.class_weights]
+    return weigh(task_of(data.label_kind), counts or [], data.split_images.get("train", 0))
 
 
 def augmentation_options(config: FinetuneConfig) -> dict[str, Any]:
@@ -72,6 +94,8 @@ def check_config(config: FinetuneConfig) -> None:
     except TypeError as error:  # timm hands options a model does not take to its class
         raise ConfigError(f"{config.backbone} cannot be built as configured: {error}") from error
     trainable_parameter_names(backbone, config.strategy, config.unfreeze_stages)
+    if config.task != "auto":  # a monitored metric the task does not log
+        resolve_monitor(config.task, config.monitor, None)
     if config.lp_ft and config.strategy == "features":
         raise ConfigError(
             "--lp-ft starts partial or full fine-tuning from a linear probe; the features "

@@ -35,12 +35,17 @@ class EpochProgressBar(TQDMProgressBar):
 
 
 class EpochSummary(Callback):
-    """Logs one line per epoch, in the lecture's style, and keeps the history.
+    """Logs one line per epoch, in the lecture's style, and keeps the history: per epoch, the
+    training loss, the learning rate, the time, and every epoch metric logged for training and
+    validation (by their logged names).
 
-    `Finished epoch 3 / 10: loss 0.4123, train 0.8812, val 0.8710, lr 1.00e-03`
+    `Finished epoch 3 / 10: loss 0.4123, train acc 0.8812, val acc 0.8710, lr 1.00e-03`: the
+    line shows `train_metric` (none for a task without one) and the `monitored` metric.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, monitored: str, train_metric: str | None = None) -> None:
+        self.monitored = monitored
+        self.train_metric = train_metric
         self.history: list[dict[str, float]] = []
         self._epoch_started = 0.0
 
@@ -50,20 +55,28 @@ class EpochSummary(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         head_lr = trainer.optimizers[0].param_groups[-1]["lr"]
+        epoch_metrics = {
+            key: value
+            for key, value in metrics.items()
+            if key.startswith(("train_", "val_")) and not key.startswith("train_loss")
+        }
         record = {
             "epoch": trainer.current_epoch + 1,
             "loss": metrics.get("train_loss_epoch", float("nan")),
-            "train_acc": metrics.get("train_acc", float("nan")),
-            "val_acc": metrics.get("val_acc", float("nan")),
+            **epoch_metrics,
             "val_loss": metrics.get("val_loss", float("nan")),
             "lr": head_lr,
             "seconds": round(time.perf_counter() - self._epoch_started, 3),
         }
         self.history.append(record)
+        shown = [self.train_metric] if self.train_metric else []
+        values = ", ".join(
+            f"{name.replace('_', ' ', 1)} {record.get(name, float('nan')):.4f}"
+            for name in (*shown, self.monitored)
+        )
         line = (
             f"Finished epoch {record['epoch']} / {trainer.max_epochs}: "
-            f"loss {record['loss']:.4f}, train {record['train_acc']:.4f}, "
-            f"val {record['val_acc']:.4f}, lr {head_lr:.2e}"
+            f"loss {record['loss']:.4f}, {values}, lr {head_lr:.2e}"
         )
         if trainer.is_global_zero:
             logger.info(line)

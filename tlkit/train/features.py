@@ -49,6 +49,7 @@ from tlkit import __version__
 from tlkit.data.augment import eval_transform
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import LabelledImages, drops_last_batch, process_sampler
+from tlkit.data.labels import images_only
 from tlkit.model.backbones import weights_digest
 from tlkit.model.classifier import TransferClassifier
 
@@ -110,7 +111,9 @@ def extract(
     (`CachedFeatureDataModule.prepare_data`), where the fitting Trainer cannot also predict.
     The random state is left as it was, so training draws the same numbers cached or not.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=images_only
+    )
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     backbone.eval().to(device, memory_format=memory_format)
     batches = []
@@ -234,9 +237,9 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         return split == "train" and self.augmented_views > 0
 
     def labelled_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's cached (views, N, D) features, extracted first if needed, and its (N,)
-        labels."""
-        labels = torch.tensor([label for _, label in self._sources()[split].samples])
+        """The split's cached (views, N, D) features, extracted first if needed, and its
+        labels as the task's targets ((N,) class indices, or (N, C) for multi-label)."""
+        labels = self.images.targets([label for _, label in self._sources()[split].samples])
         return self._features(split), labels
 
     def _features(self, split: str) -> torch.Tensor:
@@ -284,7 +287,12 @@ class CachedFeatureDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset, batch_size = self.splits[split], self.images.batch_size
-        sampler = process_sampler(dataset, train, self.images.seed, self.trainer)
+        labels = [label for _, label in self._sources()[split].samples]
+        weights = self.images.sample_weights(labels) if train else None
+        images = self.images
+        sampler = process_sampler(
+            dataset, train, images.seed, self.trainer, images.sampling, weights
+        )
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,8 +27,17 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
-from tlkit.metrics import CONFIDENCE, accuracy_interval
-from tlkit.model.classifier import TransferClassifier
+from tlkit.metrics import (
+    ACCURACY,
+    CONFIDENCE,
+    TITLES,
+    TOP_K_ACCURACY,
+    accuracy_interval,
+    f1_optimal_thresholds,
+    logged_name,
+)
+from tlkit.model.classifier import THRESHOLDS_KEY, TransferClassifier
+from tlkit.model.tasks import Decision, resolve_monitor
 from tlkit.runfolder import (
     AUTO_DECISION,
     BEST_CHECKPOINT,
@@ -35,6 +45,7 @@ from tlkit.runfolder import (
     LAST_CHECKPOINT,
     LOAD_FAILURES,
     SKIPPED,
+    DataFacts,
     RunSummary,
     read_auto_decision,
     read_checkpoint,
@@ -42,13 +53,20 @@ from tlkit.runfolder import (
     read_metrics,
     read_split,
     write_atomic,
+    write_data_facts,
     write_metrics,
     write_skipped,
     write_split,
     write_summary,
 )
 from tlkit.train.auto import resolve_auto
-from tlkit.train.build import build_datamodule, build_model, cache_folder, check_config
+from tlkit.train.build import (
+    build_datamodule,
+    build_model,
+    cache_folder,
+    check_config,
+    data_facts,
+)
 from tlkit.train.callbacks import (
     TRAINING_WEIGHTS_KEY,
     EpochProgressBar,
@@ -99,12 +117,12 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     folder = open_run_folder(config, resume)
     config, decision = decide(config, folder, progress, started)
     run = build(config, folder, decision, progress)
-    trainer, history = fit(config, run, folder, trainer_options)
+    trainer, history = fit(run, folder, trainer_options)
     if decision is not None and config.strategy == "features":
-        decision = keep_the_better_head(config, run, trainer, history, decision)
+        decision = keep_the_better_head(run, trainer, history, decision)
     test_metrics = test(trainer, run)
-    summary = summarise(config, run, folder, decision, history, test_metrics, started)
-    _write_at_end(folder.out, summary, run.skipped_files())
+    summary = summarise(run, folder, decision, history, test_metrics, started)
+    _write_at_end(folder.out, summary, run.skipped_files(), run.data)
     return summary
 
 
@@ -186,13 +204,31 @@ def follow_first_process(config: FinetuneConfig, out: Path) -> tuple[FinetuneCon
 
 @dataclass
 class BuiltRun:
-    """What `build` makes: the images, the model, and the data it trains on (the images, or
-    their cached features)."""
+    """What `build` makes: the config as the data resolved it (its monitored metric), what
+    the data says, the images, the model, and the data it trains on (the images, or their
+    cached features)."""
 
+    config: FinetuneConfig
+    data: DataFacts
+    monitor: Decision  # the validation metric that picks best.ckpt, and why
     images: BaseImageDataModule
     model: TransferClassifier
     training_data: pl.LightningDataModule
     linear_probe: dict[str, Any] | None  # --lp-ft: the probe the head started from
+
+    @property
+    def monitored(self) -> str:
+        """The logged name of the monitored validation metric ("val_acc", ...)."""
+        return logged_name("val", self.monitor.value)
+
+    def best_record(self, history: list[dict[str, float]]) -> dict[str, float]:
+        """The epoch record of best.ckpt: the best of the monitored metric (empty if none)."""
+
+        def monitored(record: dict[str, float]) -> float:
+            value = record.get(self.monitored, math.nan)
+            return -math.inf if math.isnan(value) else value
+
+        return max(history, key=monitored) if history else {}
 
     def skipped_files(self) -> list[tuple[str, str]]:
         """Files the scan skipped, then those that failed to load during training."""
@@ -204,45 +240,53 @@ class BuiltRun:
 def build(
     config: FinetuneConfig, folder: RunFolder, decision: dict[str, Any] | None, progress: bool
 ) -> BuiltRun:
-    """Step 3: scan and split the data (a resumed run: its recorded split), write the run
-    folder's first files, build the model (LP-FT: from a linear probe's head) and the data it
-    trains on."""
+    """Step 3: scan and split the data (a resumed run: its recorded split), choose the
+    monitored metric from what it says, write the run folder's first files, build the model
+    (LP-FT: from a linear probe's head) and the data it trains on."""
     pl.seed_everything(config.seed, workers=True, verbose=False)
     images = build_datamodule(config, folder.recorded_split, folder.out / LOAD_FAILURES)
     images.setup("fit")
     if folder.resume_from:
         _check_same_classes(folder.resume_from, images.classes)
-    _write_at_start(folder.out, config, images, decision)
-    model = build_model(config, images.classes)
+    data = data_facts(config, images)
+    monitor = resolve_monitor(data.label_kind, config.monitor, data.class_ratio)
+    chosen_by_auto = ((decision or {}).get("choices") or {}).get("monitor")
+    if chosen_by_auto:  # --strategy auto chose it: its reason, not "given"
+        monitor = Decision(monitor.value, chosen_by_auto["reason"])
+    config = replace(config, monitor=monitor.value)  # config.yaml records the choice
+    _write_at_start(folder.out, config, images, decision, data)
+    model = build_model(config, data)
     linear_probe = None
     if config.lp_ft and not folder.resume_from:  # resumed: the head comes from the checkpoint
         linear_probe = start_from_linear_probe(config, model, images, progress)
     training_data = _training_data(config, model, images, progress)
-    return BuiltRun(images, model, training_data, linear_probe)
+    return BuiltRun(config, data, monitor, images, model, training_data, linear_probe)
 
 
 def fit(
-    config: FinetuneConfig, run: BuiltRun, folder: RunFolder, trainer_options: dict[str, Any]
+    run: BuiltRun, folder: RunFolder, trainer_options: dict[str, Any]
 ) -> tuple[pl.Trainer, list[dict[str, float]]]:
     """Step 4: Lightning's Trainer with tlkit's callbacks fits the model (from the checkpoint,
     when resumed); returns the Trainer and the per-epoch history."""
+    config = run.config
     trainer_options = dict(trainer_options)
-    summary_callback = EpochSummary()
+    train_metric = next((name for name in run.model.metrics if name.startswith("train_")), None)
+    summary_callback = EpochSummary(run.monitored, train_metric)
     callbacks = [
         ModelCheckpoint(
             dirpath=folder.out,
             filename="best",
-            monitor="val_acc",
+            monitor=run.monitored,
             mode="max",
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
         # last.ckpt, for --resume: the state at every epoch's end. (Lightning 2.6's save_last
-        # writes it only in epochs whose val_acc improved, so a resume would repeat the others.)
+        # writes it only in epochs whose metric improved, so a resume would repeat the others.)
         ModelCheckpoint(
             dirpath=folder.out, filename=Path(LAST_CHECKPOINT).stem, enable_version_counter=False
         ),
-        EarlyStopping(monitor="val_acc", mode="max", patience=config.patience),
+        EarlyStopping(monitor=run.monitored, mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),
         summary_callback,
@@ -268,7 +312,7 @@ def fit(
     }
     with expected_lightning_warnings_hidden():
         trainer = pl.Trainer(**options)
-        _report_settings(trainer, config, run.model, run.images)
+        _report_settings(trainer, run)
         pl.seed_everything(config.seed, workers=True, verbose=False)  # same state, cached or not
         trainer.fit(
             run.model,
@@ -282,7 +326,6 @@ def fit(
 
 
 def keep_the_better_head(
-    config: FinetuneConfig,
     run: BuiltRun,
     trainer: pl.Trainer,
     history: list[dict[str, float]],
@@ -290,8 +333,10 @@ def keep_the_better_head(
 ) -> dict[str, Any]:
     """Step 4b, for auto's `features` runs: the linear probe, fitted by L-BFGS (its penalty
     chosen on validation) on the run's cached features of every training image, competes on
-    the validation split with the head that training fitted; the better one is kept in
-    best.ckpt (ties: the trained one), and the decision records both scores."""
+    the validation split with best.ckpt's head on the run's monitored metric; the better one
+    is kept in best.ckpt (ties: the trained one; multi-label: with thresholds chosen on the
+    probe's validation probabilities), and the decision records both scores."""
+    config = run.config
     if config.head_hidden or not config.cache or not history:
         return decision
     features = run.training_data
@@ -305,29 +350,53 @@ def keep_the_better_head(
         num_classes=len(run.images.classes),
         seed=config.seed,
         device=training_device(config),
+        task=run.data.label_kind,
     )
-    trained = max(record["val_acc"] for record in history)
-    kept = "probe" if probe.linear_val_acc > trained else "trained"
+    task, metric = run.model.task, run.monitor.value
+    probabilities = task.activation(val_x[0].float().cpu() @ probe.weight.T + probe.bias)
+    val_y = val_y.cpu()
+    # multi-label: thresholds chosen on the probe's own validation probabilities
+    thresholds = f1_optimal_thresholds(probabilities, val_y) if task.thresholded else None
+    evaluation = task.evaluate(probabilities, val_y, run.images.classes, thresholds)
+    probe_score = evaluation.scores()[metric]
+    trained = run.best_record(history).get(run.monitored, -math.inf)
+    kept = "probe" if probe_score > trained else "trained"
     if kept == "probe":
         best = trainer.checkpoint_callback.best_model_path
         if trainer.is_global_zero:
-            _write_head(best, run.model, probe)
+            _write_head(best, run.model, probe, thresholds)
         trainer.strategy.barrier()  # every process tests the checkpoint as written
-    head = {"probe_val_acc": round(probe.linear_val_acc, 4), "trained_val_acc": trained}
+    head = {
+        "metric": metric,  # the monitored metric, which both scores are
+        "probe_val_acc": round(probe_score, 4),  # named as when only accuracy was compared
+        "trained_val_acc": trained,
+        # every validation score of the probe's head, which best.ckpt holds if it is kept
+        "probe_val_metrics": {
+            logged_name("val", name): value for name, value in evaluation.scores().items()
+        },
+    }
     if trainer.is_global_zero:
         logger.info(
-            f"Auto head: linear probe {probe.linear_val_acc:.4f} against the trained head "
-            f"{trained:.4f} on validation: the {kept} one is kept"
+            f"Auto head: linear probe {probe_score:.4f} against the trained head "
+            f"{trained:.4f} on validation {TITLES[metric]}: the {kept} one is kept"
         )
     return {**decision, "head": {**head, "kept": kept}}
 
 
-def _write_head(checkpoint_path: str, model: TransferClassifier, probe: ProbeResult) -> None:
-    """Put the probe's weights in place of the classifier's in a checkpoint, atomically."""
+def _write_head(
+    checkpoint_path: str,
+    model: TransferClassifier,
+    probe: ProbeResult,
+    thresholds: list[float] | None,
+) -> None:
+    """Put the probe's weights in place of the classifier's in a checkpoint (multi-label: and
+    its decision thresholds), atomically."""
     checkpoint = read_checkpoint(checkpoint_path)
     prefix = next(name for name, module in model.named_modules() if module is model.head.classifier)
     checkpoint["state_dict"][f"{prefix}.weight"] = probe.weight
     checkpoint["state_dict"][f"{prefix}.bias"] = probe.bias
+    if thresholds is not None:
+        checkpoint[THRESHOLDS_KEY] = [float(value) for value in thresholds]
     written = io.BytesIO()
     torch.save(checkpoint, written)
     write_atomic(checkpoint_path, written.getvalue())
@@ -349,7 +418,6 @@ def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
 
 
 def summarise(
-    config: FinetuneConfig,
     run: BuiltRun,
     folder: RunFolder,
     decision: dict[str, Any] | None,
@@ -358,14 +426,21 @@ def summarise(
     started: float,
 ) -> RunSummary:
     """Step 6: the run summary (summary.json) from what the other steps made."""
-    images, model = run.images, run.model
-    best = max(history, key=lambda record: record["val_acc"]) if history else {}
+    config, images, model = run.config, run.images, run.model
+    best = run.best_record(history)
+    head = (decision or {}).get("head")
+    if head and head["kept"] == "probe":  # best.ckpt holds the probe's head: its scores
+        best = {**best, **head["probe_val_metrics"]}
+    best_checkpoint = folder.out / BEST_CHECKPOINT
+    thresholds = (
+        read_checkpoint(best_checkpoint, mmap=True).get(THRESHOLDS_KEY)
+        if best_checkpoint.is_file()
+        else None
+    )
     test_images = len(images.test_set) if images.test_set is not None else 0
-    test_acc = test_metrics.get("test_acc")
+    test_acc = test_metrics.get(logged_name("test", ACCURACY))
     interval = accuracy_interval(test_acc, test_images) if test_acc is not None else None
     ignored_files, unread_images = images.other_files.counts()
-    head = (decision or {}).get("head")
-    best_val = head["probe_val_acc"] if head and head["kept"] == "probe" else best.get("val_acc")
     return RunSummary(
         tlkit_version=__version__,
         backbone=config.backbone,
@@ -381,10 +456,10 @@ def summarise(
         test_images=test_images,
         epochs_run=len(history),
         best_epoch=best.get("epoch"),
-        best_val_acc=best_val,
+        best_val_acc=best.get(logged_name("val", ACCURACY)),
         test_acc=test_acc,
         test_acc_interval=[round(bound, 4) for bound in interval] if interval else None,
-        test_acc_top5=test_metrics.get("test_acc_top5"),
+        test_acc_top5=test_metrics.get(logged_name("test", TOP_K_ACCURACY)),
         history=history,
         resumed=folder.resume_from is not None,
         feature_cache=getattr(run.training_data, "report", None),
@@ -394,17 +469,21 @@ def summarise(
         ignored_files=ignored_files,
         unread_images=unread_images,
         wall_time_s=round(time.perf_counter() - started, 2),
+        task=run.data.label_kind,
+        monitor=run.monitored,
+        best_val_metrics={key: value for key, value in best.items() if key.startswith("val_")},
+        test_metrics={key: value for key, value in test_metrics.items() if key.startswith("test_")},
+        decision_thresholds=(
+            dict(zip(images.classes, thresholds, strict=True)) if thresholds else None
+        ),
     )
 
 
-def _report_settings(
-    trainer: pl.Trainer,
-    config: FinetuneConfig,
-    model: TransferClassifier,
-    datamodule: BaseImageDataModule,
-) -> None:
-    """Log the resolved settings once: model, data, batch size and learning rate; with
-    --scale-lr, first scale the learning rate to the effective batch size."""
+def _report_settings(trainer: pl.Trainer, run: BuiltRun) -> None:
+    """Log the resolved settings once: model, data, batch size and learning rate, the
+    monitored metric; with --scale-lr, first scale the learning rate to the effective batch
+    size."""
+    config, model, datamodule = run.config, run.model, run.images
     effective = effective_batch_size(trainer, config)
     if config.scale_lr:
         model.hparams.lr = config.lr * effective / config.batch_size
@@ -424,6 +503,15 @@ def _report_settings(
         f"Effective batch size {effective} ({config.batch_size} per device x "
         f"{trainer.world_size} processes x {config.accumulate_grad_batches} accumulated); "
         f"learning rate {model.hparams.lr:.2e}" + (" (scaled)" if config.scale_lr else "")
+    )
+    balancing = [
+        f"--class-weights {config.class_weights}" if config.class_weights != "none" else "",
+        f"--sampling {config.sampling}" if config.sampling != "shuffle" else "",
+    ]
+    balanced = ", ".join(filter(None, balancing))
+    logger.info(
+        f"{run.data.label_kind.capitalize()} task; best.ckpt and early stopping follow "
+        f"{run.monitored} ({run.monitor.reason})" + (f"; {balanced}" if balanced else "")
     )
 
 
@@ -487,11 +575,13 @@ def start_from_linear_probe(
         device=training_device(config),
     )
     extraction_s = time.perf_counter() - started
-    probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed)
+    probe = fit_probe(
+        *features, num_classes=len(images.classes), seed=config.seed, task=images.label_kind
+    )
     probe.copy_into(model)
     if rank_zero_only.rank == 0:
         logger.info(
-            f"LP-FT: linear probe on cached features: validation top-1 "
+            f"LP-FT: linear probe on cached features: validation {TITLES[probe.metric]} "
             f"{probe.linear_val_acc:.4f} (k-NN {probe.knn_val_acc:.4f}, k={probe.knn_k}; L2 "
             f"{probe.l2_penalty:g}), fitted in {probe.fit_seconds:.2f} s; fine-tuning starts "
             "from its head"
@@ -521,8 +611,10 @@ def _write_at_start(
     config: FinetuneConfig,
     datamodule: BaseImageDataModule,
     auto_decision: dict[str, Any] | None,
+    data: DataFacts,
 ) -> None:
     write_atomic(out / CONFIG, config.to_yaml())  # there from the start, for --resume
+    write_data_facts(out, data)
     if auto_decision is not None:  # for the summary of a resumed run
         write_atomic(out / AUTO_DECISION, json.dumps(auto_decision, indent=2) + "\n")
     write_split(out, datamodule.split_rows())
@@ -546,13 +638,22 @@ def _epoch(row: dict[str, str]) -> int:
 
 
 @rank_zero_only
-def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]) -> None:
+def _write_at_end(
+    out: Path, summary: RunSummary, skipped: list[tuple[str, str]], data: DataFacts
+) -> None:
     write_skipped(out, skipped)  # with the files that failed to load during training
     if summary.auto_decision is not None:  # with what training added (the head kept)
         write_atomic(out / AUTO_DECISION, json.dumps(summary.auto_decision, indent=2) + "\n")
     write_summary(out, summary)
     if skipped:
         logger.info(f"Skipped {len(skipped)} unusable image files, listed in {out / SKIPPED}")
+    for split in ("val", "test"):
+        absent = data.classes_without_images(split) if split in data.split_images else []
+        if absent:
+            logger.info(
+                f"The {split} split has no images of {len(absent)} classes, left out of its "
+                f"averages: {', '.join(absent)}"
+            )
     planned = (summary.auto_decision or {}).get("budget")
     if planned is not None:
         logger.info(
@@ -563,15 +664,25 @@ def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]
 
 
 def final_line(summary: RunSummary, out: Path) -> str:
-    """The run's last word: the test accuracy with its image count and 95% interval, or, with
-    no test split, what the validation score is (it also chose the model) and how to get an
-    honest estimate."""
-    best = f"Best val {_accuracy(summary.best_val_acc)} at epoch {summary.best_epoch}"
+    """The run's last word: the best validation score of the monitored metric; the test
+    accuracy with its image count and 95% interval (and the monitored metric's test score), or
+    a multi-label run's monitored test score; or, with no test split, what the validation score
+    is (it also chose the model) and how to get an honest estimate."""
+    metric = summary.monitor.removeprefix("val_")
+    named = "" if metric == ACCURACY else f"{TITLES.get(metric, metric)} "
+    best = f"Best val {named}{_accuracy(summary.best_monitored)} at epoch {summary.best_epoch}"
+    test_value = summary.test_metrics.get(logged_name("test", metric))
     if summary.test_acc is not None:
         low, high = summary.test_acc_interval
+        monitored = f"; test {named}{test_value:.4f}" if named and test_value is not None else ""
         return (
             f"{best}; test {summary.test_acc:.4f} on {summary.test_images} held-out images "
-            f"({CONFIDENCE:.0%} interval {low:.3f}-{high:.3f}); run folder {out}"
+            f"({CONFIDENCE:.0%} interval {low:.3f}-{high:.3f}){monitored}; run folder {out}"
+        )
+    if test_value is not None:  # multi-label: no accuracy
+        return (
+            f"{best}; test {named}{test_value:.4f} on {summary.test_images} held-out images; "
+            f"run folder {out}"
         )
     if summary.test_images:  # held out, not evaluated (limit_test_batches=0: search trials)
         return f"{best}; the {summary.test_images} test images not evaluated; run folder {out}"

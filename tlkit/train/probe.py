@@ -7,7 +7,12 @@ probe's head, and `--strategy auto` reads both accuracies as evidence.
 
 The probe follows the classic linear-probe protocol (CLIP, BiT): multinomial logistic
 regression on standardised features, its L2 penalty chosen on the validation split from a short
-grid. It is fitted by full-batch L-BFGS in torch (`torch.optim.LBFGS`, strong-Wolfe line
+grid. For a multi-label task it is one-vs-rest logistic regression (the task's loss, binary
+cross-entropy per class, fitted jointly) and its score is mAP, not top-1; k-NN scores a class
+by its neighbours' weighted votes for it (`TaskDefinition.probe_score`). Auto's evidence is the
+task's too (`TaskDefinition.probe_evidence`): balanced accuracy, or mAP, with a lower bound.
+
+It is fitted by full-batch L-BFGS in torch (`torch.optim.LBFGS`, strong-Wolfe line
 search), warm-started along the grid from the strongest penalty to the weakest, 20 iterations
 per penalty. Measured on an idle 2-core CPU on 9,979 train / 1,133 validation vectors of 1,280
 features (Lite0, Fashion-MNIST, 64px): the three fits in 1.2 s, validation top-1 0.8703
@@ -19,7 +24,6 @@ this fit for all three, and returns numpy arrays to move back into the head.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -30,8 +34,11 @@ import torch.nn.functional as F
 
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import LabelledImages
+from tlkit.data.labels import label_indices
 from tlkit.errors import ConfigError, DatasetError
+from tlkit.metrics import ACCURACY
 from tlkit.model.classifier import TransferClassifier
+from tlkit.model.tasks import TaskDefinition, task_of
 from tlkit.train.features import CachedFeatureDataModule
 
 logger = logging.getLogger(__name__)
@@ -44,7 +51,6 @@ LBFGS_ITERATIONS = 20  # per penalty: within 0.2 points of convergence (measured
 # Fewer validation images than this: the probe's evidence is k-fold cross-validation instead.
 CROSS_VALIDATE_BELOW = 200
 CROSS_VALIDATION_FOLDS = 5
-ONE_SIDED_95 = 1.645  # the normal quantile of a one-sided 95% bound
 # k-NN votes: each neighbour's weight is exp(similarity / temperature), as DINO's k-NN
 # evaluation weighs them (Caron et al. 2021): always positive, so a dissimilar neighbour votes
 # weakly for its class, never against it.
@@ -54,18 +60,22 @@ KNN_CHUNK = 1024  # validation rows per similarity matmul (bounds memory at chun
 
 @dataclass
 class ProbeResult:
-    """A fitted linear probe and the k-NN classifier's accuracy on the same features."""
+    """A fitted linear probe and the k-NN classifier's score on the same features: validation
+    top-1, or for a multi-label task mAP (`metric`)."""
 
-    linear_val_acc: float  # validation top-1 of the linear probe
-    knn_val_acc: float  # validation top-1 of the k-NN classifier (cosine, same features)
+    linear_val_acc: float  # validation score (`metric`) of the linear probe
+    knn_val_acc: float  # validation score of the k-NN classifier (cosine, same features)
     knn_k: int
     fit_seconds: float  # time to fit the linear probe (not extraction)
     weight: torch.Tensor  # (num_classes, feature_dim): the head's classifier weight
     bias: torch.Tensor  # (num_classes,)
     l2_penalty: float = 0.0  # the penalty chosen on validation
-    # Balanced accuracy (mean recall over the classes with images) and a one-sided 95% lower
-    # bound on it (`balanced_accuracy_bound`), on validation or, where the validation split is
+    metric: str = ACCURACY  # the name of what linear_val_acc and knn_val_acc measure
+    # The task's evidence (`evidence_metric`): balanced accuracy (mean recall over the classes
+    # with images), or for multi-label mAP, and a one-sided 95% lower bound on it
+    # (`TaskDefinition.probe_evidence`), on validation or, where the validation split is
     # small, on out-of-fold predictions of the training features (`evidence`).
+    evidence_metric: str = "balanced accuracy"
     balanced_acc: float = float("nan")
     balanced_lower_bound: float = float("nan")
     evidence: str = "validation"  # or "5-fold cross-validation"
@@ -88,6 +98,8 @@ class ProbeResult:
             "knn_k": self.knn_k,
             "l2_penalty": self.l2_penalty,
             "fit_seconds": round(self.fit_seconds, 3),
+            "metric": self.metric,
+            "evidence_metric": self.evidence_metric,
             "balanced_acc": round(self.balanced_acc, 4),
             "balanced_lower_bound": round(self.balanced_lower_bound, 4),
             "evidence": self.evidence,
@@ -103,37 +115,49 @@ def fit_probe(
     num_classes: int,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    task: str = "single-label",
 ) -> ProbeResult:
     """Fit the linear probe (penalty chosen on validation) and measure k-NN on the same features.
+    Labels are the task's targets: (N,) class indices, or (N, C) 0/1 rows for multi-label.
 
     Deterministic for the same inputs (full-batch L-BFGS from zero weights; `seed` fixes torch's
     generator for anything random), so every DDP process fitting it gets the same head.
     The returned weight and bias act on the raw features (on the CPU): the standardisation is
-    folded in. Its balanced accuracy comes with a lower confidence bound; where the validation
+    folded in. Its evidence (balanced accuracy; multi-label: mAP) comes with a lower confidence
+    bound; where the validation
     split holds fewer than `CROSS_VALIDATE_BELOW` images, that evidence comes from k-fold
     cross-validation on the training and validation features together instead.
     """
+    definition = task_of(task)
     _check_features(train_x, train_y, val_x, val_y, num_classes)
     device = torch.device(device)
     train_x, val_x = train_x.float().to(device), val_x.float().to(device)
-    train_y, val_y = train_y.long().to(device), val_y.long().to(device)
+    train_y, val_y = train_y.to(device), val_y.to(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fitted = _fit_penalties(train_x, train_y, num_classes)
-        scored = [(_accuracy(head(val_x), val_y), penalty, head) for penalty, head in fitted]
+        fitted = _fit_penalties(train_x, train_y, num_classes, definition)
+        scored = [
+            (definition.probe_score(head(val_x).cpu(), val_y.cpu()), penalty, head)
+            for penalty, head in fitted
+        ]
         # the best on validation; ties: the stronger penalty, tried first
         accuracy, penalty, head = max(scored, key=lambda row: (row[0], row[1]))
-        predicted = head(val_x).argmax(1)
-        balanced, bound = balanced_accuracy_bound(predicted, val_y, num_classes)
+        balanced, bound = definition.probe_evidence(head(val_x).cpu(), val_y.cpu(), num_classes)
         evidence, evidence_images = "validation", len(val_y)
         if len(val_y) < CROSS_VALIDATE_BELOW:
             balanced, bound, evidence_images = _cross_validated(
-                torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), num_classes, seed
+                torch.cat([train_x, val_x]),
+                torch.cat([train_y, val_y]),
+                num_classes,
+                seed,
+                definition,
             )
             evidence = f"{CROSS_VALIDATION_FOLDS}-fold cross-validation"
     fit_seconds = time.perf_counter() - started
-    knn_accuracy, knn_k = knn_accuracy_best_k(train_x, train_y, val_x, val_y, num_classes)
+    knn_accuracy, knn_k = knn_accuracy_best_k(
+        train_x, train_y, val_x, val_y, num_classes, task=task
+    )
     return ProbeResult(
         linear_val_acc=accuracy,
         knn_val_acc=knn_accuracy,
@@ -142,6 +166,8 @@ def fit_probe(
         weight=head.weight.cpu(),
         bias=head.bias.cpu(),
         l2_penalty=penalty,
+        metric=definition.probe_metric,
+        evidence_metric=definition.probe_evidence_metric,
         balanced_acc=balanced,
         balanced_lower_bound=bound,
         evidence=evidence,
@@ -161,7 +187,7 @@ class _LinearHead:
 
 
 def _fit_penalties(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, task: TaskDefinition
 ) -> list[tuple[float, _LinearHead]]:
     """The probe fitted at each of `L2_PENALTIES` (strongest first, each warm-started from the
     last) on standardised features, each folded back to act on the raw features."""
@@ -172,7 +198,7 @@ def _fit_penalties(
     bias = torch.zeros(num_classes, requires_grad=True, device=features.device)
     fitted = []
     for penalty in L2_PENALTIES:
-        _minimise(standardised, labels, weight, bias, penalty)
+        _minimise(standardised, labels, weight, bias, penalty, task)
         # logits = W (x - mean) / std + b = (W / std) x + (b - (W / std) mean)
         folded = weight.detach() / std
         fitted.append((penalty, _LinearHead(folded, bias.detach() - folded @ mean)))
@@ -180,57 +206,40 @@ def _fit_penalties(
 
 
 def _cross_validated(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    seed: int,
+    task: TaskDefinition,
 ) -> tuple[float, float, int]:
-    """(balanced accuracy, its lower bound, images) of out-of-fold predictions: stratified
-    k-fold, each fold predicted by the probe fitted on the others at the penalty that is best
-    over all folds."""
+    """(the task's evidence, its lower bound, images) of out-of-fold predictions: stratified
+    k-fold (by class; multi-label: by each image's rarest class), each fold predicted by the
+    probe fitted on the others at the penalty that is best over all folds."""
     generator = torch.Generator().manual_seed(seed)
+    strata = task.probe_strata(labels).cpu()
     fold_of = torch.empty(len(labels), dtype=torch.long)
-    for label in labels.unique():  # each class dealt round the folds in a seeded order
-        members = (labels == label).nonzero().flatten().cpu()
+    for stratum in strata.unique():  # each stratum dealt round the folds in a seeded order
+        members = (strata == stratum).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         fold_of[members] = torch.arange(len(members)) % CROSS_VALIDATION_FOLDS
     fold_of = fold_of.to(labels.device)
-    predictions = {penalty: torch.empty_like(labels) for penalty in L2_PENALTIES}
+    logits = {
+        penalty: torch.zeros(len(labels), num_classes, device=features.device)
+        for penalty in L2_PENALTIES
+    }
     for fold in range(CROSS_VALIDATION_FOLDS):
         held_out = fold_of == fold
         if held_out.all() or not held_out.any():
             continue
-        for penalty, head in _fit_penalties(features[~held_out], labels[~held_out], num_classes):
-            predictions[penalty][held_out] = head(features[held_out]).argmax(1)
+        fitted = _fit_penalties(features[~held_out], labels[~held_out], num_classes, task)
+        for penalty, head in fitted:
+            logits[penalty][held_out] = head(features[held_out])
     scores = [
-        balanced_accuracy_bound(predicted, labels, num_classes)
-        for predicted in predictions.values()
+        task.probe_evidence(fold_logits.cpu(), labels.cpu(), num_classes)
+        for fold_logits in logits.values()
     ]
-    balanced, bound = max(scores)
-    return balanced, bound, len(labels)
-
-
-def balanced_accuracy_bound(
-    predicted: torch.Tensor, labels: torch.Tensor, num_classes: int
-) -> tuple[float, float]:
-    """(balanced accuracy, its one-sided 95% lower bound) of predicted against true labels.
-
-    Balanced accuracy is the mean recall over the classes that have images. The bound is the
-    normal approximation to the mean of the per-class binomial proportions, each smoothed as
-    Laplace's rule of succession does ((k + 1) / (n + 2)), so that a class of 10 images all
-    right still counts as uncertain: 10 of 10 right in each of two classes bounds the balanced
-    accuracy at 0.90, 100 of 100 at 0.99.
-    """
-    recalls, variances = [], []
-    for label in range(num_classes):
-        members = labels == label
-        count = int(members.sum())
-        if count == 0:
-            continue
-        right = int((predicted[members] == label).sum())
-        recalls.append(right / count)
-        smoothed = (right + 1) / (count + 2)
-        variances.append(smoothed * (1 - smoothed) / count)
-    balanced = sum(recalls) / len(recalls)
-    spread = math.sqrt(sum(variances)) / len(recalls)
-    return balanced, max(0.0, balanced - ONE_SIDED_95 * spread)
+    score, bound = max(scores)
+    return score, bound, len(labels)
 
 
 def _check_features(
@@ -247,7 +256,9 @@ def _check_features(
     if len(train_y) != len(train_x) or len(val_y) != len(val_x):
         raise ValueError("one label per feature vector expected")
     labels = torch.cat([train_y, val_y])
-    if labels.min() < 0 or labels.max() >= num_classes:
+    if labels.ndim == 2 and labels.shape[1] != num_classes:
+        raise ValueError(f"multi-label targets must have {num_classes} columns")
+    if labels.ndim == 1 and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes})")
 
 
@@ -257,9 +268,10 @@ def _minimise(
     weight: torch.Tensor,
     bias: torch.Tensor,
     penalty: float,
+    task: TaskDefinition,
 ) -> None:
-    """Mean cross-entropy + penalty / 2 * |weight|^2 by full-batch L-BFGS, from the current
-    weight and bias (a warm start)."""
+    """The task's mean loss (cross-entropy; multi-label: binary cross-entropy) + penalty / 2 *
+    |weight|^2 by full-batch L-BFGS, from the current weight and bias (a warm start)."""
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1.0,
@@ -272,16 +284,12 @@ def _minimise(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, labels)
+        loss = task.loss(features @ weight.T + bias, labels, None, 0.0)
         loss = loss + 0.5 * penalty * weight.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -292,27 +300,45 @@ def knn_accuracy_best_k(
     val_y: torch.Tensor,
     num_classes: int,
     neighbour_counts: tuple[int, ...] = KNN_NEIGHBOURS,
+    task: str = "single-label",
 ) -> tuple[float, int]:
-    """(validation top-1, k) of the best cosine-similarity k-NN classifier over `neighbour_counts`
-    (counts above the training size are left out). Neighbours vote with exp(similarity /
-    `KNN_TEMPERATURE`): the nearest count most, none counts against its class."""
+    """(validation score, k) of the best cosine-similarity k-NN classifier over
+    `neighbour_counts` (counts above the training size are left out): top-1, or for a
+    multi-label task mAP of the votes. Neighbours vote (for each of their labels) with
+    exp(similarity / `KNN_TEMPERATURE`): the nearest count most, none counts against its
+    class."""
+    score = task_of(task).probe_score
     counts = [k for k in neighbour_counts if k <= len(train_x)] or [len(train_x)]
     train = F.normalize(train_x.float(), dim=1)
     train_y = train_y.to(train.device)
+    class_indices = train_y.ndim == 1
+    # top-1 is a mean over images, summed chunk by chunk; mAP needs every image's votes
     correct = torch.zeros(len(counts))
+    votes = [] if class_indices else [torch.zeros(len(val_x), num_classes) for _ in counts]
     for start in range(0, len(val_x), KNN_CHUNK):
         chunk = F.normalize(val_x[start : start + KNN_CHUNK].float(), dim=1)
         similarity, index = (chunk @ train.T).topk(max(counts), dim=1)
         neighbour_labels = train_y[index]
         weights = (similarity / KNN_TEMPERATURE).exp()
-        truth = val_y[start : start + KNN_CHUNK].to(train.device)
+        truth = val_y[start : start + KNN_CHUNK].cpu()
         for position, k in enumerate(counts):
-            votes = torch.zeros(len(chunk), num_classes, device=train.device)
-            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
-            correct[position] += (votes.argmax(1) == truth).sum().cpu()
-    accuracies = correct / len(val_x)
-    best = int(accuracies.argmax())  # ties: the smaller k
-    return float(accuracies[best]), counts[best]
+            if class_indices:
+                chunk_votes = torch.zeros(len(chunk), num_classes, device=train.device)
+                chunk_votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+                correct[position] += score(chunk_votes.cpu(), truth) * len(chunk)
+            else:  # multi-label 0/1 rows: each neighbour votes for each of its labels
+                # as a share of the neighbours' weight, a probability that ranks across images
+                # (a raw sum would rank images by how dense their neighbourhood is)
+                chunk_votes = torch.einsum(
+                    "nk,nkc->nc", weights[:, :k], neighbour_labels[:, :k].float()
+                ) / weights[:, :k].sum(dim=1, keepdim=True)
+                votes[position][start : start + KNN_CHUNK] = chunk_votes.cpu()
+    if class_indices:
+        scores = correct / len(val_x)
+    else:
+        scores = torch.tensor([score(vote, val_y.cpu()) for vote in votes])
+    best = int(scores.argmax())  # ties: the smaller k
+    return float(scores[best]), counts[best]
 
 
 def probe_features(
@@ -351,7 +377,8 @@ def per_class_sample(images: LabelledImages, per_class: int, seed: int) -> Label
     every time, so its cached features are found again); all of them if none has more."""
     by_class: dict[int, list[int]] = {}
     for position, (_path, label) in enumerate(images.samples):
-        by_class.setdefault(label, []).append(position)
+        # a multi-label image is drawn as one of its first class (unlabelled: a group)
+        by_class.setdefault(min(label_indices(label), default=-1), []).append(position)
     if all(len(positions) <= per_class for positions in by_class.values()):
         return images
     generator = random.Random(seed)
