@@ -9,28 +9,44 @@ are found by `data.find_images`, and checkpoints run on `distributed.single_devi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from tlkit.console import expected_lightning_warnings_hidden
-from tlkit.data.datasets import ImageDataset, LabelledImages, default_num_workers
+from tlkit.data.datasets import (
+    ImageDataset,
+    LabelledImages,
+    default_num_workers,
+    loader_leaving_out_failures,
+)
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, find_decode_problems
-from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split
-from tlkit.data.sources import find_images, scan
+from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split, open_converted
+from tlkit.data.sources import data_root, find_images, scan
 from tlkit.errors import ConfigError, DatasetError, InputNotFoundError
 from tlkit.infer.export import is_export_folder, load_exported
 from tlkit.infer.tta import ScaleSquares, TTAModule, loader_batch_size, plan
 from tlkit.metrics import classification_metrics
 from tlkit.model.classifier import TransferClassifier
-from tlkit.runfolder import Preprocessing, best_checkpoint, image_limits, scan_options
+from tlkit.runfolder import (
+    SPLIT,
+    Preprocessing,
+    best_checkpoint,
+    image_limits,
+    read_config,
+    read_split,
+    scan_options,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -80,6 +96,16 @@ def load_predictor(source: str | Path) -> Predictor:
     return load_exported(source) if is_export_folder(source) else load_model(source)
 
 
+@dataclass
+class Probabilities:
+    """Class probabilities of the samples that loaded, and what it cost."""
+
+    values: torch.Tensor  # (M, K), one row per sample that loaded
+    kept: list[int]  # the positions in the samples of those M rows, in order
+    skipped: list[tuple[str, str]]  # (path, reason) of the samples that failed to load
+    cost: dict[str, Any]  # TTA preset, views per image, images per second
+
+
 def predict_probabilities(
     model: Predictor,
     samples: list[tuple[str, int]],
@@ -90,12 +116,13 @@ def predict_probabilities(
     average: str = "probabilities",
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     source: LabelledImages | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(N, K) class probabilities for `(path, label)` samples with a TTA preset, and its cost.
+) -> Probabilities:
+    """Class probabilities for `(path, label)` samples with a TTA preset, and its cost.
 
     Mirrored views only for models trained with horizontal flips; the loader's batches are
     smaller than `batch_size` where the plan's views would exceed `tta.TTA_MEMORY_BUDGET`.
-    The samples are image files, or with `source` images of that converted split.
+    The samples are image files, or with `source` images of that converted split. A sample
+    that fails to load (a file truncated or gone since the scan) is left out, with its reason.
     """
     tta_plan = plan(tta, model.preprocessing, scales, average, model.trained_with_hflip)
     views = ScaleSquares(tta_plan, model.preprocessing)
@@ -104,7 +131,7 @@ def predict_probabilities(
     else:
         dataset = ImageDataset(samples, views, max_pixels)
     images_per_batch = loader_batch_size(tta_plan, batch_size)
-    loader = DataLoader(dataset, batch_size=images_per_batch, num_workers=default_num_workers())
+    loader = loader_leaving_out_failures(dataset, images_per_batch, default_num_workers())
     # At most one loader batch of views per forward pass: larger batches are slower per image
     # on CPUs (measured: 943 img/s at 64, 406 at 256 for Lite0 at 64px); raise --batch-size
     # on GPUs.
@@ -117,7 +144,7 @@ def predict_probabilities(
             batches = trainer.predict(averaging, dataloaders=loader)
     else:  # exported models run on the CPU, in their own runtime
         with torch.inference_mode():
-            batches = [averaging(scales) for scales, _ in loader]
+            batches = [averaging.predict_step(batch, index) for index, batch in enumerate(loader)]
     seconds = time.perf_counter() - started
     images_per_second = len(samples) / seconds
     cost = {
@@ -131,7 +158,16 @@ def predict_probabilities(
         "images_per_second": round(images_per_second, 2),
         "views_per_second": round(images_per_second * tta_plan.views_per_image, 2),
     }
-    return torch.cat(batches).float().cpu(), cost
+    loaded = [(values, positions) for values, positions, _ in batches if values is not None]
+    values = [values.float().cpu() for values, _ in loaded]
+    return Probabilities(
+        values=torch.cat(values) if values else torch.empty(0, len(model.class_names)),
+        kept=[position for _, positions in loaded for position in positions.tolist()],
+        skipped=[
+            (samples[position][0], reason) for *_, failed in batches for position, reason in failed
+        ],
+        cost=cost,
+    )
 
 
 @dataclass
@@ -144,6 +180,7 @@ class LabelledPredictions:
     skipped: list[tuple[str, str]]  # (path, reason) of the files that could not be used
     cost: dict[str, Any] = field(default_factory=dict)  # TTA preset, views/image, images/s
     shards: ShardImages | None = None  # the converted split the images come from, if any
+    root: str | None = None  # the folder `paths` are relative to (shards' source); None: files
 
 
 def predict_labelled(
@@ -163,15 +200,16 @@ def predict_labelled(
     if converted is not None:
         return _predict_converted(model, *converted, batch_size, accelerator, tta, max_pixels)
     scanned = scan(data, model.class_names, max_pixels, csv_paths_outside_root, **scan_options)
-    probabilities, cost = predict_probabilities(
+    predicted = predict_probabilities(
         model, scanned.samples, tta, batch_size, accelerator, max_pixels=max_pixels
     )
+    kept = [scanned.samples[position] for position in predicted.kept]
     return LabelledPredictions(
-        paths=[path for path, _ in scanned.samples],
-        labels=torch.tensor([label for _, label in scanned.samples]),
-        probabilities=probabilities,
-        skipped=scanned.skipped,
-        cost=cost,
+        paths=[path for path, _ in kept],
+        labels=torch.tensor([label for _, label in kept], dtype=torch.int64),
+        probabilities=predicted.values,
+        skipped=scanned.skipped + predicted.skipped,
+        cost=predicted.cost,
     )
 
 
@@ -196,17 +234,20 @@ def _predict_converted(
     model_label = [model.class_names.index(name) for name in converted.classes]
     samples = converted.samples()[split]
     images = ShardImages(converted.split_location(split), samples, None, max_pixels)
-    probabilities, cost = predict_probabilities(
+    predicted = predict_probabilities(
         model, samples, tta, batch_size, accelerator, max_pixels=max_pixels, source=images
     )
     split_folder = os.path.join(converted.metadata["source"], split) + os.sep
+    converted_skipped = [row for row in converted.skipped() if row[0].startswith(split_folder)]
+    kept = [samples[position] for position in predicted.kept]
     return LabelledPredictions(
-        paths=[path for path, _ in samples],
-        labels=torch.tensor([model_label[label] for _, label in samples]),
-        probabilities=probabilities,
-        skipped=[row for row in converted.skipped() if row[0].startswith(split_folder)],
-        cost=cost,
-        shards=images,
+        paths=[path for path, _ in kept],
+        labels=torch.tensor([model_label[label] for _, label in kept], dtype=torch.int64),
+        probabilities=predicted.values,
+        skipped=converted_skipped + predicted.skipped,
+        cost=predicted.cost,
+        shards=images.subset(predicted.kept),
+        root=str(data_root(converted.metadata["source"])),
     )
 
 
@@ -235,10 +276,19 @@ def evaluate(
     metrics = classification_metrics(
         predictions.probabilities, predictions.labels, model.class_names
     )
+    seen = images_seen_in_training(run_dir, predictions)
+    if seen and any(seen.values()):
+        logger.warning(
+            f"{sum(seen.values())} of the {metrics.images} images evaluated are the run's own, "
+            f"in its split.csv as train ({seen['train']}) or val ({seen['val']}) images: these "
+            "numbers overstate how the model does on new images; evaluate on held-out data "
+            "(such as DATA/test)"
+        )
     return {
         "run": str(run_dir),
         "data": str(data),
         "images": metrics.images,
+        "images_seen_in_training": seen,
         "tta": predictions.cost,
         "skipped_files": len(predictions.skipped),
         "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
@@ -250,6 +300,40 @@ def evaluate(
         "classes": metrics.classes,
         "confusion_matrix": metrics.confusion.tolist(),
     }
+
+
+def images_seen_in_training(
+    run_dir: str | Path, predictions: LabelledPredictions
+) -> dict[str, int] | None:
+    """How many of the evaluated images the run trained on (`train`) and chose its best
+    checkpoint on (`val`), by its split.csv; None where the split is unknown (an export folder,
+    a run from before split.csv).
+
+    Images are compared by their real paths: split.csv's relative to the run's data root (a
+    converted dataset's: its source's), so the evaluated folder may be the run's data folder,
+    a folder in it (DATA/train) or a conversion of it. A relative DATA_DIR is taken as relative
+    to the current folder, as the run took it."""
+    if not (Path(run_dir) / SPLIT).is_file():
+        return None
+    data_dir = read_config(run_dir).data_dir
+    try:
+        converted = open_converted(data_dir)
+    except (DatasetError, OSError):  # an unfinished or unreachable conversion: the split's own
+        converted = None
+    root = data_root(converted.metadata["source"] if converted is not None else data_dir)
+    split_of = {
+        os.path.realpath(os.path.join(root, relative)): split
+        for relative, split in read_split(run_dir).items()
+        if split in ("train", "val")
+    }
+    folder = predictions.root
+    paths = (
+        predictions.paths
+        if folder is None
+        else [os.path.join(folder, p) for p in predictions.paths]
+    )
+    found = Counter(split_of.get(os.path.realpath(path)) for path in paths)
+    return {"train": found["train"], "val": found["val"]}
 
 
 def image_paths(inputs: list[str | Path]) -> list[str]:
@@ -294,12 +378,15 @@ def predict(
     batches = []
     if usable:
         samples = [(path, -1) for path in usable]
-        batches.append(
-            predict_probabilities(model, samples, *predict_options, max_pixels=max_pixels)[0]
-        )
+        predicted = predict_probabilities(model, samples, *predict_options, max_pixels=max_pixels)
+        usable = [usable[position] for position in predicted.kept]
+        skipped += predicted.skipped
+        batches.append(predicted.values)
     for found in filter(None, converted):  # a converted split: the images in its shards
         labelled = _predict_converted(model, *found, batch_size, accelerator, tta, max_pixels)
         usable += labelled.paths
+        at_conversion = set(found[0].skipped())  # listed are the images failing now, only
+        skipped += [row for row in labelled.skipped if row not in at_conversion]
         batches.append(labelled.probabilities)
     if not usable:
         return [], skipped
