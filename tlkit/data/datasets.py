@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
@@ -99,6 +100,11 @@ class LabelledImages(Dataset):
 
     def subset(self, positions: list[int]) -> LabelledImages:
         """The samples at `positions`, with this transform, seed and failure log."""
+        raise NotImplementedError
+
+    def stored_size(self, position: int) -> tuple[int, int] | None:
+        """(width, height) of sample `position` from its header, no pixels decoded; None if
+        it cannot be read."""
         raise NotImplementedError
 
     def fingerprint(self) -> str | None:
@@ -255,6 +261,13 @@ class ImageDataset(LabelledImages):
     def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
         image = load_rgb(self.samples[position][0], max_pixels=self.max_pixels)
         return image, position if self.split_indices is None else self.split_indices[position]
+
+    def stored_size(self, position: int) -> tuple[int, int] | None:
+        try:
+            with Image.open(self.samples[position][0]) as image:
+                return image.size
+        except LOAD_ERRORS:
+            return None
 
     def subset(self, positions: list[int]) -> ImageDataset:
         indices = self.split_indices or range(len(self.samples))
