@@ -1,5 +1,5 @@
 """Images that fail to load after the scan (truncated, or gone): training substitutes a random
-loadable image of the split, trying and recording each failure once per process; extraction
+loadable image of the split, trying and recording each failure once in all; extraction
 and evaluation leave the image out with its label, record it and count it."""
 
 import csv
@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import write_colour_images
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from tlkit.data import datasets
 from tlkit.data.augment import eval_transform
@@ -38,6 +39,18 @@ def numbered_images(folder: Path, classes: int, per_class: int) -> list[tuple[st
     return samples
 
 
+def counted_opens(monkeypatch) -> Counter[str]:
+    """How often each file is opened by the datasets (of this process) from now on."""
+    opened: Counter[str] = Counter()
+
+    def counted(path, *arguments, **options):
+        opened[path] += 1
+        return load_rgb(path, *arguments, **options)
+
+    monkeypatch.setattr(datasets, "load_rgb", counted)
+    return opened
+
+
 def untransformed(image: np.ndarray) -> dict[str, np.ndarray]:
     return {"image": image}
 
@@ -46,22 +59,13 @@ def sample_shown(image: np.ndarray) -> int:
     return int(image[0, 0, 0])
 
 
-def test_files_that_vanish_together_are_opened_and_recorded_once_per_process(
-    tmp_path: Path, monkeypatch
-):
+def test_files_that_vanish_together_are_opened_and_recorded_once(tmp_path: Path, monkeypatch):
     """200 of 225 files vanish: each is opened once and recorded once, not B(B+1)/2 times."""
     samples = numbered_images(tmp_path / "data", classes=9, per_class=25)
     for path, label in samples:
         if label < 8:
             Path(path).unlink()
-    opened: Counter[str] = Counter()
-    load_rgb = datasets.load_rgb
-
-    def counted(path, *arguments, **options):
-        opened[path] += 1
-        return load_rgb(path, *arguments, **options)
-
-    monkeypatch.setattr(datasets, "load_rgb", counted)
+    opened = counted_opens(monkeypatch)
     log = tmp_path / "load_failures.csv"
     dataset = ImageDataset(samples, untransformed, failure_log=log)
     for epoch in range(2):
@@ -73,6 +77,28 @@ def test_files_that_vanish_together_are_opened_and_recorded_once_per_process(
     assert len(rows) == 200 and len(read_load_failures(log)) == 200  # was 20,100 per epoch
     vanished = [path for path, label in samples if label < 8]
     assert [opened[path] for path in vanished] == [1] * 200  # never tried again
+
+
+def test_a_workers_failures_are_known_to_the_main_process_and_later_epochs(
+    tmp_path: Path, monkeypatch
+):
+    """A persistent data-loader worker meets the 200 vanished files in two epochs: 200 rows;
+    then the main process (another process) opens none of them and records nothing more."""
+    samples = numbered_images(tmp_path / "data", classes=9, per_class=25)
+    vanished = {path for path, label in samples if label < 8}
+    for path in vanished:
+        Path(path).unlink()
+    log = tmp_path / "load_failures.csv"
+    dataset = ImageDataset(samples, untransformed, failure_log=log)
+    loader = DataLoader(dataset, batch_size=25, num_workers=1, persistent_workers=True)
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        assert sum(len(labels) for _, labels in loader) == 225
+    assert len(log.read_text().splitlines()) == 200
+    opened = counted_opens(monkeypatch)  # in this process, after the worker's epochs
+    assert len([dataset[index] for index in range(len(dataset))]) == 225
+    assert not vanished & set(opened) and opened.total() == 225  # class8's files only
+    assert len(log.read_text().splitlines()) == 200
 
 
 class SeedableIdentity:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -70,10 +71,11 @@ class LabelledImages(Dataset):
     damaged shard bytes) is an error naming it. With a `failure_log`, training goes on instead,
     as timm's datasets do: the image is recorded there and replaced by a substitute
     (`substitute_positions`: a random loadable sample of the same split, drawn from (seed,
-    epoch, index), so not biased towards the next class). A process tries a sample that failed
-    once never again and records it once. Extraction and evaluation never substitute, since a
-    substitute would pair one image with another's label or name: they read the images through
-    `loader_leaving_out_failures`, which leaves a failed image out and says so.
+    epoch, index), so not biased towards the next class). A sample that failed once is marked
+    in shared memory, so that no process (the main one, any data-loader worker, in any later
+    epoch) opens it again, and it is recorded once. Extraction and evaluation never substitute,
+    since a substitute would pair one image with another's label or name: they read the images
+    through `loader_leaving_out_failures`, which leaves a failed image out and says so.
     """
 
     def __init__(
@@ -90,9 +92,9 @@ class LabelledImages(Dataset):
         self.augmentation_seed = augmentation_seed
         self.failure_log = failure_log
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        # Positions this process saw fail to load, with the reason (each data-loader worker
-        # has its own copy; persistent workers keep it from epoch to epoch).
-        self._failed: dict[int, str] = {}
+        # The samples found to fail to load in training, in shared memory like the epoch: the
+        # data-loader workers (started before or after) and the main process all see them.
+        self._failed = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
     def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
         """The decoded image of sample `position` and its index in its whole split."""
@@ -136,15 +138,11 @@ class LabelledImages(Dataset):
 
     def load(self, position: int) -> tuple[torch.Tensor, int] | str:
         """Sample `position` decoded and transformed, with its label; or, if it cannot be
-        loaded (now or at an earlier try in this process), why not."""
-        if position in self._failed:
-            return self._failed[position]
+        loaded, why not."""
         try:
             image, split_index = self.read_rgb(position)
         except LOAD_ERRORS as error:
-            reason = f"failed to load after the scan: {type(error).__name__}: {error}"
-            self._failed[position] = reason
-            return reason
+            return f"failed to load after the scan: {type(error).__name__}: {error}"
         if self.augmentation_seed is not None:
             seed = augmentation_seed(self.augmentation_seed, int(self._epoch), split_index)
             self.transform.set_random_seed(seed)
@@ -153,28 +151,22 @@ class LabelledImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < len(self.samples):
             raise IndexError(f"image {index} of {len(self.samples)}")  # ends iteration
-        known = len(self._failed)
-        loaded = self.load(index)
-        if isinstance(loaded, tuple):
-            return loaded
         if self.failure_log is None:
-            raise DatasetError(f"{self.samples[index][0]} {loaded}")
-        self._record_new_failures(known)
+            loaded = self.load(index)
+            if isinstance(loaded, str):
+                raise DatasetError(f"{self.samples[index][0]} {loaded}")
+            return loaded
         seed = 0 if self.augmentation_seed is None else self.augmentation_seed
-        for position in substitute_positions(len(self.samples), seed, int(self._epoch), index):
-            if position in self._failed:
+        substitutes = substitute_positions(len(self.samples), seed, int(self._epoch), index)
+        for position in itertools.chain([index], substitutes):
+            if self._failed[position]:
                 continue  # known to fail: not opened again
-            known = len(self._failed)
             loaded = self.load(position)
             if isinstance(loaded, tuple):
                 return loaded
-            self._record_new_failures(known)
+            self._failed[position] = True
+            record_load_failure(self.failure_log, self.samples[position][0], loaded)
         raise DatasetError(f"none of the {len(self.samples)} images can be loaded any more")
-
-    def _record_new_failures(self, known: int) -> None:
-        """Append the failures this process found since it knew of `known` to the log."""
-        for position, reason in list(self._failed.items())[known:]:
-            record_load_failure(self.failure_log, self.samples[position][0], reason)
 
 
 def substitute_positions(samples: int, seed: int, epoch: int, index: int) -> Iterator[int]:
