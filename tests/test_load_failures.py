@@ -102,9 +102,9 @@ def test_a_workers_failures_are_known_to_the_main_process_and_later_epochs(
 
 
 class SeedableIdentity:
-    """A transform with albumentations' `set_random_seed` that returns the image unchanged."""
+    """A transform with albumentations' `set_random_state` that returns the image unchanged."""
 
-    def set_random_seed(self, seed: int) -> None:
+    def set_random_state(self, numpy_generator, python_generator) -> None:
         pass
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:

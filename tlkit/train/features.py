@@ -120,9 +120,11 @@ def extract(
     num_workers: int,
     progress: bool = True,
     description: str = "features",
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
     """(M, D) pooled float32 features of the M images that load, computed on `device` in eval
-    mode; their (M,) positions in `images`; and `(position, reason)` of each image that failed
+    mode (with `channels_last`, in that memory format, as `TransferClassifier` trains with
+    it); their (M,) positions in `images`; and `(position, reason)` of each image that failed
     to load, left out (never replaced by another image, whose features would then be filed
     under this one's label).
 
@@ -131,13 +133,15 @@ def extract(
     The random state is left as it was, so training draws the same numbers cached or not.
     """
     loader = loader_leaving_out_failures(images, batch_size, num_workers)
-    backbone.eval().to(device)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    backbone.eval().to(device, memory_format=memory_format)
     batches, positions, failures = [], [], []
     with isolate_rng():
         for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
             failures += batch.failures
             if batch.images is not None:
-                batches.append(backbone(batch.images.to(device)).float().cpu())
+                batch_images = batch.images.to(device, memory_format=memory_format)
+                batches.append(backbone(batch_images).float().cpu())
                 positions.append(batch.positions)
     if not batches:
         example = (
@@ -166,6 +170,7 @@ def extract_views(
     num_workers: int,
     progress: bool = True,
     description: str = "features",
+    channels_last: bool = False,
 ) -> ExtractedFeatures:
     """`extract` once per view (view k: the augmentation of epoch k); an image that fails to
     load in one view is left out of all of them, so that every view has the same rows."""
@@ -175,7 +180,14 @@ def extract_views(
     for view in range(views):
         images.set_epoch(view)
         features, loaded, failures = extract(
-            backbone, images, batch_size, device, num_workers, progress, description
+            backbone,
+            images,
+            batch_size,
+            device,
+            num_workers,
+            progress,
+            description,
+            channels_last,
         )
         if failures:
             skipped += [(images.samples[position][0], reason) for position, reason in failures]
@@ -362,6 +374,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
                 self.images.num_workers,
                 self.progress,
                 f"Extracting {split} features on {device}",
+                self.model.hparams.channels_last,
             )
 
         extracted, reused = load_or_extract(path, key, make, len(samples))
