@@ -230,7 +230,9 @@ def _load_or_extract_locked(
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
         temporary = Path(tmp.name)
     tensors = {"features": extracted.features.contiguous(), "positions": extracted.positions}
-    metadata = {"key": key, "skipped": json.dumps(extracted.skipped)}
+    metadata = {"key": key}
+    if extracted.skipped:  # only then: safetensors writes several metadata keys in any order
+        metadata["skipped"] = json.dumps(extracted.skipped)
     save_file(tensors, str(temporary), metadata=metadata)
     os.replace(temporary, path)
     return extracted, False
