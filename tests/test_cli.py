@@ -11,7 +11,7 @@ import yaml
 from conftest import TINY_RUN_FLAGS
 
 from tlkit.cli import main
-from tlkit.runfolder import read_summary
+from tlkit.runfolder import read_split, read_summary
 
 
 def test_finetune_writes_a_complete_run_folder(tiny_run: Path):
@@ -47,6 +47,34 @@ def test_evaluate_prints_metrics_as_json(tiny_run: Path, colour_folder: Path, ca
     assert set(results["per_class_accuracy"]) == {"blue", "green", "red"}
     assert results["top5"] == 1.0  # three classes: the true one is always in the top 5
     assert results["top1"] == pytest.approx(read_summary(tiny_run).test_acc)
+    assert results["images_seen_in_training"] == {"train": 0, "val": 0}
+
+
+def test_evaluate_on_the_runs_own_images_warns_with_their_count(
+    tiny_run: Path, colour_folder: Path, capsys, tmp_path: Path
+):
+    """DATA/train holds the run's 30 training and validation images: counted by split.csv,
+    whether evaluated as that folder or listed in a CSV elsewhere (through a symbolic link)."""
+    recorded = list(read_split(tiny_run).values())
+    expected = {"train": recorded.count("train"), "val": recorded.count("val")}
+    assert sum(expected.values()) == 30 and min(expected.values()) > 0
+    (tmp_path / "linked").symlink_to(colour_folder / "train")
+    listed = tmp_path / "labels.csv"
+    rows = [
+        f"linked/{image.parent.name}/{image.name},{image.parent.name}"
+        for image in sorted((colour_folder / "train").rglob("*.*"))
+    ]
+    listed.write_text("path,label\n" + "\n".join(rows[::2]) + "\n")
+    outside = ["--csv-paths-outside-root"]  # the link leads out of the CSV's folder
+    for data, images, flags in ((colour_folder / "train", 30, []), (listed, 15, outside)):
+        assert main(["evaluate", str(tiny_run), str(data), *flags]) == 0
+        captured = capsys.readouterr()
+        results = json.loads(captured.out)
+        seen = results["images_seen_in_training"]
+        assert results["images"] == sum(seen.values()) == images
+        if images == 30:
+            assert seen == expected
+        assert f"{images} of the {images} images evaluated" in captured.err
 
 
 def test_predict_writes_top_k_csv_and_reports_unreadable_files(

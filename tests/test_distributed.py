@@ -139,7 +139,7 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
     data = ImageDataModule(colour_folder, model.preprocessing, num_workers=0, val_fraction=0.4)
     data.setup()
     assert len(data.val_set) == summary.val_images and summary.val_images % 2 == 1
-    probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
+    probabilities = predict_probabilities(model, data.val_set.samples, accelerator="cpu").values
     labels = torch.tensor([label for _, label in data.val_set.samples])
     single = (probabilities.argmax(1) == labels).float().mean().item()
     # Counted over exactly the split's images (padding would count k of n + 1: not a multiple
@@ -234,7 +234,7 @@ def test_ddp_batches_augmentation_and_metrics_per_rank(identical_images: Path, t
     model = load_model(out)
     data = ImageDataModule(identical_images, model.preprocessing, num_workers=0)
     data.setup()
-    probabilities, _ = predict_probabilities(model, data.val_set.samples, accelerator="cpu")
+    probabilities = predict_probabilities(model, data.val_set.samples, accelerator="cpu").values
     labels = torch.tensor([label for _, label in data.val_set.samples])
     single_loss = torch.nn.functional.nll_loss(probabilities.log(), labels).item()
     best = summary.history[summary.best_epoch - 1]

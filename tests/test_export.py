@@ -129,6 +129,7 @@ def test_predict_cli_gives_the_same_csv_for_an_export_folder(
 def test_evaluate_accepts_an_export_folder(export_folder, tiny_run: Path, colour_folder: Path):
     results = evaluate(export_folder("safetensors"), colour_folder / "test")
     assert results["images"] == 12
+    assert results["images_seen_in_training"] is None  # an export folder has no split.csv
     assert results["top1"] == pytest.approx(read_summary(tiny_run).test_acc)
 
 

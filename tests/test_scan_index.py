@@ -1,6 +1,7 @@
 """The scan index: each file checked once, re-checked only when it changes, never trusted when
 damaged, shared by concurrent processes; and what each verify mode skips."""
 
+import errno
 import io
 import logging
 import multiprocessing
@@ -204,7 +205,34 @@ def test_nothing_is_written_into_the_data_folder_and_an_unusable_cache_is_no_err
     with caplog.at_level(logging.WARNING, logger="tlkit"):
         without = scan(folder, scan_cache=str(blocked / "scan"))
     assert without.statistics.index is None and without.samples == result.samples
-    assert any("checking every file without it" in line for line in caplog.messages)
+    assert any("cannot be saved" in line for line in caplog.messages)
+
+
+def test_an_index_that_cannot_be_saved_costs_no_second_check_and_is_told_once(
+    folder: Path, tmp_path: Path, monkeypatch, caplog
+):
+    """A cache folder whose lock can be taken but whose index cannot be written (read-only
+    by permission with the lock file left from before, a full disk): each file is checked
+    once per scan, what a readable index knows is used, the user is told once."""
+    cache = str(tmp_path / "cache")
+    cold = scan(folder, scan_cache=cache)
+    (folder / "red" / "000.jpg").unlink()
+    Image.new("RGB", (40, 40), (200, 40, 40)).save(folder / "red" / "new.png")
+    checked = recording_checks(monkeypatch)
+
+    def refuse(path, text):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(scan_index, "write_atomic", refuse)
+    monkeypatch.setattr(scan_index, "SAVE_EVERY_S", 0.0)  # the periodic saves fail too
+    monkeypatch.setattr(scan_index, "CHECK_CHUNK", 1)
+    with caplog.at_level(logging.WARNING, logger="tlkit"):
+        first, second = scan(folder, scan_cache=cache), scan(folder, scan_cache=cache)
+    assert checked == [str(folder / "red" / "new.png")] * 2  # once per scan, not twice
+    assert first.statistics.index is None and first.statistics.reused == 8
+    assert first.samples == second.samples == scan(folder, use_index=False).samples
+    assert len(first.samples) == len(cold.samples)
+    assert sum("cannot be saved" in line for line in caplog.messages) == 1
 
 
 def scan_logging_to(folder: str, cache: str, log: str) -> int:

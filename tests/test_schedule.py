@@ -9,6 +9,7 @@ from conftest import TINY_CONFIG
 
 from tlkit.config import FinetuneConfig
 from tlkit.model.classifier import TransferClassifier
+from tlkit.runfolder import read_split
 from tlkit.train.finetune import finetune
 
 
@@ -79,8 +80,9 @@ class StopAfterEpochs(pl.Callback):
             trainer.should_stop = True
 
 
-def tiny_config(data: Path, out: Path, epochs: int) -> FinetuneConfig:
-    return FinetuneConfig(data_dir=str(data), out=str(out), epochs=epochs, lr=1e-2, **TINY_CONFIG)
+def tiny_config(data: Path, out: Path, epochs: int, batch_size: int = 8) -> FinetuneConfig:
+    settings = {**TINY_CONFIG, "batch_size": batch_size}
+    return FinetuneConfig(data_dir=str(data), out=str(out), epochs=epochs, lr=1e-2, **settings)
 
 
 def test_resume_with_more_epochs_continues_the_decay(colour_folder, tmp_path: Path):
@@ -111,3 +113,48 @@ def test_resume_of_a_finished_schedule_with_more_epochs_is_refused(colour_folder
     learning_rates(tiny_config(colour_folder, run, 2))
     with pytest.raises(ValueError, match="finished its schedule"):
         learning_rates(tiny_config(colour_folder, run, 4), resume=True)
+
+
+class RecordFinalLearningRate(pl.Callback):
+    """The head's learning rate once training ends: after the last step of the schedule."""
+
+    def on_train_end(self, trainer, module) -> None:
+        self.rate = trainer.optimizers[0].param_groups[-1]["lr"]
+
+
+@pytest.mark.parametrize("batch_sizes", [(4, 8), (8, 4)])
+def test_resume_with_another_batch_size_continues_the_decay_in_the_new_steps(
+    colour_folder, tmp_path: Path, batch_sizes
+):
+    """Resumed after 2 of 4 epochs with the other batch size (more or fewer steps per
+    epoch), the rate goes on from where it was, decays in every new step and reaches 0 at the
+    new end (before the fix: 0 from the resume on, or never 0)."""
+    first, then = batch_sizes
+    run = tmp_path / "run"
+    recorder = RecordHeadLearningRate()
+    finetune(
+        tiny_config(colour_folder, run, 4, first),
+        callbacks=[recorder, StopAfterEpochs(2)],
+        enable_progress_bar=False,
+        limit_test_batches=0,
+    )
+    before = recorder.rates
+    resumed_recorder, final = RecordHeadLearningRate(), RecordFinalLearningRate()
+    finetune(
+        tiny_config(colour_folder, run, 4, then),
+        resume=True,
+        callbacks=[resumed_recorder, final],
+        enable_progress_bar=False,
+        limit_test_batches=0,
+    )
+    resumed = resumed_recorder.rates
+    train_images = list(read_split(run).values()).count("train")
+    assert len(before) == 2 * (train_images // first)
+    assert len(resumed) == 2 * (train_images // then) != len(before)
+    # halfway through a 4-epoch schedule: the rate the first run had reached at its last step
+    peak = max(before)
+    assert 0.3 * peak < resumed[0] < before[-1]
+    rates = before + resumed
+    decay = rates[rates.index(peak) :]
+    assert all(later < earlier for earlier, later in zip(decay, decay[1:], strict=False))
+    assert min(resumed) > 0 and final.rate < 1e-6 * peak

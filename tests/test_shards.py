@@ -248,7 +248,7 @@ def test_the_feature_cache_reads_shards(converted: Path, colour_folder: Path, tm
     assert reused == [False, True]
     files = [(str(colour_folder / path), label) for path, label in images.val_set.samples]
     dataset = ImageDataset(files, eval_transform(images.preprocessing))
-    from_files = extract(model.backbone, dataset, 8, torch.device("cpu"), 0, progress=False)
+    from_files, _, _ = extract(model.backbone, dataset, 8, torch.device("cpu"), 0, progress=False)
     assert torch.allclose(cached.splits["val"].tensors[0], from_files, atol=1e-6)
 
 
@@ -260,6 +260,11 @@ def test_evaluate_predict_and_report_read_converted_splits(
     assert from_shards["images"] == read_summary(tiny_run).test_images == 12
     assert from_shards["top1"] == pytest.approx(read_summary(tiny_run).test_acc)
     assert labelled_split(converted)[1] == labelled_split(converted / "test")[1] == "test"
+    assert from_shards["images_seen_in_training"] == {"train": 0, "val": 0}
+    # the conversion's val split is the run's (same seed and fraction): all validated on
+    from_val = evaluate(tiny_run, converted / "val", accelerator="cpu")
+    assert from_val["images"] > 0
+    assert from_val["images_seen_in_training"] == {"train": 0, "val": from_val["images"]}
 
     rows, skipped, _ = predict(tiny_run, [converted / "test"], accelerator="cpu")
     test_paths = {path for path, split in read_split(tiny_run).items() if split == "test"}

@@ -104,7 +104,8 @@ def test_batched_views_equal_a_naive_loop_over_views(tiny_model, photos, preset:
 
 def test_none_equals_plain_evaluation(tiny_model, colour_folder: Path):
     samples = scan(colour_folder / "test", tiny_model.class_names).samples
-    probabilities, cost = predict_probabilities(tiny_model, samples, "none", batch_size=5)
+    predicted = predict_probabilities(tiny_model, samples, "none", batch_size=5)
+    probabilities, cost = predicted.values, predicted.cost
     transform = eval_transform(tiny_model.preprocessing)
     images = torch.stack([transform(image=load_rgb(path))["image"] for path, _ in samples])
     with torch.no_grad():
@@ -253,13 +254,13 @@ def test_large_plans_load_smaller_batches_with_the_same_result(tiny_model, colou
     assert loader_batch_size(multi_scale, 1) == 1
 
     samples = scan(colour_folder / "test", tiny_model.class_names).samples
-    full, full_cost = predict_probabilities(tiny_model, samples, "multi-scale", batch_size=12)
+    full = predict_probabilities(tiny_model, samples, "multi-scale", batch_size=12)
+    full, full_cost = full.values, full.cost
     tiny_budget = 2 * plan("multi-scale", tiny_model.preprocessing).bytes_per_image
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("tlkit.infer.tta.TTA_MEMORY_BUDGET", tiny_budget)
-        bounded, bounded_cost = predict_probabilities(
-            tiny_model, samples, "multi-scale", batch_size=12
-        )
+        bounded = predict_probabilities(tiny_model, samples, "multi-scale", batch_size=12)
+        bounded, bounded_cost = bounded.values, bounded.cost
     assert (full_cost["loader_batch_size"], bounded_cost["loader_batch_size"]) == (12, 2)
     assert torch.allclose(full, bounded, atol=1e-6)
 
@@ -289,7 +290,8 @@ def test_runs_trained_without_flips_get_no_mirrored_views(unflipped_run: Path, c
     model = load_model(unflipped_run)
     assert model.trained_with_hflip is False
     samples = scan(colour_folder / "test", model.class_names).samples
-    probabilities, cost = predict_probabilities(model, samples, "ten-crop", batch_size=8)
+    predicted = predict_probabilities(model, samples, "ten-crop", batch_size=8)
+    probabilities, cost = predicted.values, predicted.cost
     assert cost["views_per_image"] == 5 and cost["mirrored"] is False
     tta = plan("ten-crop", model.preprocessing)
     squares = torch.stack(
@@ -313,7 +315,7 @@ def test_runs_trained_without_flips_get_no_mirrored_views(unflipped_run: Path, c
 def test_flipped_runs_keep_their_mirrored_views(tiny_model, colour_folder: Path):
     assert tiny_model.trained_with_hflip is True  # the default --hflip 0.5
     samples = scan(colour_folder / "test", tiny_model.class_names).samples
-    _, cost = predict_probabilities(tiny_model, samples, "ten-crop", batch_size=8)
+    cost = predict_probabilities(tiny_model, samples, "ten-crop", batch_size=8).cost
     assert cost["views_per_image"] == 10 and cost["mirrored"] is True
 
 

@@ -1,17 +1,21 @@
 """Datasets of decoded, transformed images, and the samplers that hand them to processes.
 
-A file that breaks after the scan is skipped when it is loaded and recorded (`ImageDataset`),
-so training finishes.
+A file that breaks after the scan is skipped when it is loaded and recorded
+(`LabelledImages`): training takes a substitute and finishes; extraction and evaluation
+(`loader_leaving_out_failures`) leave it out and say so.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
+import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import albumentations as A
 import numpy as np
@@ -19,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from tlkit.config import Sampling
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
@@ -68,8 +72,14 @@ class LabelledImages(Dataset):
     earlier epoch (persistent workers) see it too.
 
     An image that cannot be loaded any more (a file deleted, rewritten or grown since the scan;
-    damaged shard bytes) is an error naming it; with a `failure_log` it is instead recorded
-    there and replaced by the next loadable sample, as timm's datasets do, so training goes on.
+    damaged shard bytes) is an error naming it. With a `failure_log`, training goes on instead,
+    as timm's datasets do: the image is recorded there and replaced by a substitute
+    (`substitute_positions`: a random loadable sample of the same split, drawn from (seed,
+    epoch, index), so not biased towards the next class). A sample that failed once is marked
+    in shared memory, so that no process (the main one, any data-loader worker, in any later
+    epoch) opens it again, and it is recorded once. Extraction and evaluation never substitute,
+    since a substitute would pair one image with another's label or name: they read the images
+    through `loader_leaving_out_failures`, which leaves a failed image out and says so.
     """
 
     def __init__(
@@ -86,6 +96,9 @@ class LabelledImages(Dataset):
         self.augmentation_seed = augmentation_seed
         self.failure_log = failure_log
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # The samples found to fail to load in training, in shared memory like the epoch: the
+        # data-loader workers (started before or after) and the main process all see them.
+        self._failed = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
     def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
         """The decoded image of sample `position` and its index in its whole split."""
@@ -127,26 +140,101 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, position: int) -> tuple[torch.Tensor, Label] | str:
+        """Sample `position` decoded and transformed, with its label; or, if it cannot be
+        loaded, why not."""
+        try:
+            image, split_index = self.read_rgb(position)
+        except LOAD_ERRORS as error:
+            return f"failed to load after the scan: {type(error).__name__}: {error}"
+        if self.augmentation_seed is not None:
+            seed_augmentation(self.transform, self.augmentation_seed, int(self._epoch), split_index)
+        return self.transform(image=image)["image"], self.samples[position][1]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Label]:
         if not 0 <= index < len(self.samples):
             raise IndexError(f"image {index} of {len(self.samples)}")  # ends iteration
-        for offset in range(len(self.samples)):
-            position = (index + offset) % len(self.samples)
-            path, label = self.samples[position]
-            try:
-                image, split_index = self.read_rgb(position)
-            except LOAD_ERRORS as error:
-                reason = f"failed to load after the scan: {type(error).__name__}: {error}"
-                if self.failure_log is None:
-                    raise DatasetError(f"{path} {reason}") from error
-                record_load_failure(self.failure_log, path, reason)
-                continue
-            if self.augmentation_seed is not None:
-                seed_augmentation(
-                    self.transform, self.augmentation_seed, int(self._epoch), split_index
-                )
-            return self.transform(image=image)["image"], label
+        if self.failure_log is None:
+            loaded = self.load(index)
+            if isinstance(loaded, str):
+                raise DatasetError(f"{self.samples[index][0]} {loaded}")
+            return loaded
+        seed = 0 if self.augmentation_seed is None else self.augmentation_seed
+        substitutes = substitute_positions(len(self.samples), seed, int(self._epoch), index)
+        for position in itertools.chain([index], substitutes):
+            if self._failed[position]:
+                continue  # known to fail: not opened again
+            loaded = self.load(position)
+            if isinstance(loaded, tuple):
+                return loaded
+            self._failed[position] = True
+            record_load_failure(self.failure_log, self.samples[position][0], loaded)
         raise DatasetError(f"none of the {len(self.samples)} images can be loaded any more")
+
+
+def substitute_positions(samples: int, seed: int, epoch: int, index: int) -> Iterator[int]:
+    """Every position of a split of `samples` once, in a random order drawn from (seed,
+    epoch, index): the candidates, in turn, to stand in for sample `index` when it fails to
+    load. The walk start + k * step (mod samples), with a step coprime to the count, is a
+    permutation that costs nothing to draw; its start is uniform, so a failed sample's
+    substitute is any loadable sample of the split, not the next one (the next class)."""
+    generator = np.random.default_rng([seed, epoch, index, SUBSTITUTE_STREAM])
+    start = int(generator.integers(samples))
+    step = int(generator.integers(1, samples)) if samples > 1 else 1
+    while math.gcd(step, samples) != 1:
+        step += 1
+    for k in range(samples):
+        yield (start + k * step) % samples
+
+
+SUBSTITUTE_STREAM = 1  # keeps substitute draws apart from augmentation seeds of the same numbers
+
+
+class LoadedBatch(NamedTuple):
+    """A batch for extraction or evaluation: the samples that loaded and which they were
+    (`positions` in the dataset: their labels are the samples' own, of either label kind),
+    and the samples that did not, left out: `failures`, the `(position, reason)` of each."""
+
+    images: Any  # the collated images (a tensor, or a tuple of per-scale tensors); None: none
+    positions: torch.Tensor
+    failures: list[tuple[int, str]]
+
+
+class _FailuresLeftOut(Dataset):
+    """`images`, each item `(position, loaded)`: `LabelledImages.load`'s image and label, or
+    why it failed to load."""
+
+    def __init__(self, images: LabelledImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int) -> tuple[int, tuple[torch.Tensor, Label] | str]:
+        return position, self.images.load(position)
+
+
+def _collate_loaded(items: list[tuple[int, tuple[torch.Tensor, Label] | str]]) -> LoadedBatch:
+    loaded = [(position, pair[0]) for position, pair in items if isinstance(pair, tuple)]
+    failures = [(position, reason) for position, reason in items if isinstance(reason, str)]
+    images = default_collate([image for _, image in loaded]) if loaded else None
+    positions = torch.tensor([position for position, _ in loaded], dtype=torch.int64)
+    return LoadedBatch(images, positions, failures)
+
+
+def loader_leaving_out_failures(
+    images: LabelledImages, batch_size: int, num_workers: int
+) -> DataLoader:
+    """A loader of `images` in order, for extraction and evaluation, whose batches are
+    `LoadedBatch`es: an image that fails to load is left out, its position and reason passed
+    on, never replaced by another (whose features or prediction would then be filed under
+    this image's label or name)."""
+    return DataLoader(
+        _FailuresLeftOut(images),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_loaded,
+    )
 
 
 class ImageDataset(LabelledImages):

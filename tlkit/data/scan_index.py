@@ -27,8 +27,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,8 +190,10 @@ def checked_files(
     to `root` (the string their paths start with; others by their whole path). `settings`
     (JSON-serialisable) are the check's own: an index made with other settings is not used.
 
-    A cache folder that cannot be created or written to costs the index, not the scan: the
-    files are checked without one, with a warning."""
+    A cache folder that cannot be created or written to costs the index, not the scan, and
+    never a second check of a file: what a readable index knows is still used, every other
+    file is checked once, and the user is told once per cache folder that the index could not
+    be saved."""
     started = time.perf_counter()
     source = str(Path(source).resolve())
     prefix = root.rstrip(os.sep) + os.sep
@@ -204,47 +205,91 @@ def checked_files(
         heights=[None] * len(files),
         problems={},
     )
-    path: Path | None = index_path(source, cache_dir)
+    path = index_path(source, cache_dir)
     index, _ = read_index(path, source, settings)
     rebuilt_because = None
+    saved = True
     if index.lists_the_same_files_as(listing):  # the warm scan: nothing added, changed, removed
         checks, checked = index.checks(), 0
     else:
+        lock = _lock_or_none(path, source)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(path, source):
+            if lock is not None:
                 # Read again: as the process that held the lock before (if one did) left it.
                 index, rebuilt_because = read_index(path, source, settings)
                 if rebuilt_because:
                     level = logging.DEBUG if OTHER_SETTINGS in rebuilt_because else logging.WARNING
                     logger.log(level, f"Scan index {path} of {source} rebuilt: {rebuilt_because}")
-                known = _reuse(index, listing)
-                checked = known.count(False)
-
-                def save() -> None:
-                    known_positions = [position for position, done in enumerate(known) if done]
-                    write_index(path, source, settings, listing.selected(known_positions))
-
-                _check_into(listing, known, files, check, save)
-                write_index(path, source, settings, listing)
-        except OSError as error:
-            logger.warning(
-                f"Scan index of {source} not usable ({error}); checking every file without it "
-                "(choose a writable folder with --scan-cache)"
-            )
-            path, known = None, [False] * len(files)
-            checked = len(files)
-            _check_into(listing, known, files, check, None)
+            known = _reuse(index, listing)
+            checked = known.count(False)
+            saver = _IndexSaver(path, source, settings, listing, known) if lock else None
+            _check_into(listing, known, files, check, saver.save if saver else None)
+            saved = saver is not None and saver.save()
+        finally:
+            if lock is not None:
+                lock.release()
         checks = listing.checks()
     statistics = ScanStatistics(
         files=len(files),
         checked=checked,
         reused=len(files) - checked,
-        index=str(path) if path else None,
+        index=str(path) if saved else None,
         seconds=time.perf_counter() - started,
         rebuilt_because=rebuilt_because,
     )
     return checks, statistics
+
+
+# Cache folders whose index could not be saved, told once per process (a run scans its train,
+# val and test folders, auto's measurement and the run itself scan the same folder).
+_UNSAVED_TOLD: set[str] = set()
+
+
+def _tell_unsaved(path: Path, source: str, error: OSError) -> None:
+    folder = str(path.parent)
+    level = logging.DEBUG if folder in _UNSAVED_TOLD else logging.WARNING
+    _UNSAVED_TOLD.add(folder)
+    logger.log(
+        level,
+        f"Scan index of {source} cannot be saved in {folder} ({error}); every file is checked "
+        "once now and again by the next command (choose a writable folder with --scan-cache)",
+    )
+
+
+def _lock_or_none(path: Path, source: str) -> FileLock | None:
+    """The index's file lock, held (`_acquire`); None, told, if the cache folder cannot hold
+    it (a file where the folder should be, a read-only or full file system)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _acquire(path, source)
+    except OSError as error:
+        _tell_unsaved(path, source, error)
+        return None
+
+
+class _IndexSaver:
+    """Saves what is known of `listing` to the index at `path`; after a failed save (the
+    folder became unwritable, the disk is full) it tells the user once and saves no more, and
+    the scan goes on with what it has checked."""
+
+    def __init__(
+        self, path: Path, source: str, settings: dict, listing: IndexColumns, known: list[bool]
+    ) -> None:
+        self.path, self.source, self.settings = path, source, settings
+        self.listing, self.known = listing, known
+        self.failed = False
+
+    def save(self) -> bool:
+        """Save the files checked so far; whether the index is saved."""
+        if self.failed:
+            return False
+        done = [position for position, known in enumerate(self.known) if known]
+        try:
+            write_index(self.path, self.source, self.settings, self.listing.selected(done))
+        except OSError as error:
+            self.failed = True
+            _tell_unsaved(self.path, self.source, error)
+        return not self.failed
 
 
 def _reuse(index: IndexColumns, listing: IndexColumns) -> list[bool]:
@@ -273,7 +318,7 @@ def _check_into(
     known: list[bool],
     files: list[ListedFile],
     check: Callable[[list[str]], list[FileCheck]],
-    save: Callable[[], None] | None,
+    save: Callable[[], bool] | None,
 ) -> None:
     """Check the files whose outcome is not `known` in chunks, putting each outcome into
     `listing`; with `save`, save what is known every `SAVE_EVERY_S` seconds and say how far the
@@ -289,26 +334,22 @@ def _check_into(
                 listing.problems[listing.paths[position]] = problem
             known[position] = True
         if save is not None and time.perf_counter() - last_save > SAVE_EVERY_S:
-            save()
+            saved = save()
             last_save = time.perf_counter()
             done = start + len(chunk)
-            logger.debug(f"Scan: {done:,} of {len(to_check):,} files checked (index saved)")
+            note = " (index saved)" if saved else ""
+            logger.debug(f"Scan: {done:,} of {len(to_check):,} files checked{note}")
 
 
-@contextmanager
-def _locked(path: Path, source: str) -> Iterator[None]:
-    """Hold the index's file lock; while another process holds it (scanning the same source),
+def _acquire(path: Path, source: str) -> FileLock:
+    """Take the index's file lock; while another process holds it (scanning the same source),
     wait, saying so every `LOCK_POLL_S` seconds, never silently."""
     lock = FileLock(f"{path}.lock")
     timeout = 0.0
     while True:
         try:
             lock.acquire(timeout=timeout)
-            break
+            return lock
         except Timeout:
             logger.warning(f"Waiting for another process scanning {source} ({lock.lock_file})")
             timeout = LOCK_POLL_S
-    try:
-        yield
-    finally:
-        lock.release()

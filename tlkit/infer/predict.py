@@ -11,33 +11,49 @@ available to both. Images are found by `data.find_images`, and checkpoints run o
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from tlkit.console import expected_lightning_warnings_hidden
-from tlkit.data.datasets import ImageDataset, LabelledImages, default_num_workers
+from tlkit.data.datasets import (
+    ImageDataset,
+    LabelledImages,
+    default_num_workers,
+    loader_leaving_out_failures,
+)
 from tlkit.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     UNREAD_IMAGE_FORMATS,
     find_decode_problems,
 )
-from tlkit.data.labels import LABEL_KINDS, Label, images_only, label_indices
-from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split
-from tlkit.data.sources import OtherFiles, find_images, scan
+from tlkit.data.labels import LABEL_KINDS, Label, label_indices
+from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split, open_converted
+from tlkit.data.sources import OtherFiles, data_root, find_images, scan
 from tlkit.errors import ConfigError, DatasetError, InputNotFoundError
 from tlkit.infer.export import is_export_folder, load_exported
 from tlkit.infer.tta import ScaleSquares, TTAModule, loader_batch_size, plan
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TaskDefinition
-from tlkit.runfolder import Preprocessing, best_checkpoint, image_limits, scan_options
+from tlkit.runfolder import (
+    SPLIT,
+    Preprocessing,
+    best_checkpoint,
+    image_limits,
+    read_config,
+    read_split,
+    scan_options,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -97,6 +113,16 @@ def load_predictor(source: str | Path) -> Predictor:
     return load_exported(source) if is_export_folder(source) else load_model(source)
 
 
+@dataclass
+class Probabilities:
+    """Class probabilities of the samples that loaded, and what it cost."""
+
+    values: torch.Tensor  # (M, K), one row per sample that loaded
+    kept: list[int]  # the positions in the samples of those M rows, in order
+    skipped: list[tuple[str, str]]  # (path, reason) of the samples that failed to load
+    cost: dict[str, Any]  # TTA preset, views per image, images per second
+
+
 def predict_probabilities(
     model: Predictor,
     samples: list[tuple[str, int]],
@@ -107,12 +133,13 @@ def predict_probabilities(
     average: str = "probabilities",
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     source: LabelledImages | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(N, K) class probabilities for `(path, label)` samples with a TTA preset, and its cost.
+) -> Probabilities:
+    """Class probabilities for `(path, label)` samples with a TTA preset, and its cost.
 
     Mirrored views only for models trained with horizontal flips; the loader's batches are
     smaller than `batch_size` where the plan's views would exceed `tta.TTA_MEMORY_BUDGET`.
-    The samples are image files, or with `source` images of that converted split.
+    The samples are image files, or with `source` images of that converted split. A sample
+    that fails to load (a file truncated or gone since the scan) is left out, with its reason.
     """
     tta_plan = plan(tta, model.preprocessing, scales, average, model.trained_with_hflip)
     views = ScaleSquares(tta_plan, model.preprocessing)
@@ -121,12 +148,7 @@ def predict_probabilities(
     else:
         dataset = ImageDataset(samples, views, max_pixels)
     images_per_batch = loader_batch_size(tta_plan, batch_size)
-    loader = DataLoader(
-        dataset,
-        batch_size=images_per_batch,
-        num_workers=default_num_workers(),
-        collate_fn=images_only,
-    )
+    loader = loader_leaving_out_failures(dataset, images_per_batch, default_num_workers())
     # At most one loader batch of views per forward pass: larger batches are slower per image
     # on CPUs (measured: 943 img/s at 64, 406 at 256 for Lite0 at 64px); raise --batch-size
     # on GPUs.
@@ -139,7 +161,7 @@ def predict_probabilities(
             batches = trainer.predict(averaging, dataloaders=loader)
     else:  # exported models run on the CPU, in their own runtime
         with torch.inference_mode():
-            batches = [averaging(scales) for scales, _ in loader]
+            batches = [averaging.predict_step(batch, index) for index, batch in enumerate(loader)]
     seconds = time.perf_counter() - started
     images_per_second = len(samples) / seconds
     cost = {
@@ -153,7 +175,16 @@ def predict_probabilities(
         "images_per_second": round(images_per_second, 2),
         "views_per_second": round(images_per_second * tta_plan.views_per_image, 2),
     }
-    return torch.cat(batches).float().cpu(), cost
+    loaded = [(values, positions) for values, positions, _ in batches if values is not None]
+    values = [values.float().cpu() for values, _ in loaded]
+    return Probabilities(
+        values=torch.cat(values) if values else torch.empty(0, len(model.class_names)),
+        kept=[position for _, positions in loaded for position in positions.tolist()],
+        skipped=[
+            (samples[position][0], reason) for *_, failed in batches for position, reason in failed
+        ],
+        cost=cost,
+    )
 
 
 @dataclass
@@ -166,6 +197,7 @@ class LabelledPredictions:
     skipped: list[tuple[str, str]]  # (path, reason) of the image files that could not be used
     cost: dict[str, Any] = field(default_factory=dict)  # TTA preset, views/image, images/s
     shards: ShardImages | None = None  # the converted split the images come from, if any
+    root: str | None = None  # the folder `paths` are relative to (shards' source); None: files
     other_files: OtherFiles = field(default_factory=OtherFiles)  # files not read, counted
 
 
@@ -187,15 +219,16 @@ def predict_labelled(
         return _predict_converted(model, *converted, batch_size, accelerator, tta, max_pixels)
     scanned = scan(data, model.class_names, max_pixels, csv_paths_outside_root, **scan_options)
     samples = model.task.labels.convert(scanned.samples, str(data))
-    probabilities, cost = predict_probabilities(
+    predicted = predict_probabilities(
         model, samples, tta, batch_size, accelerator, max_pixels=max_pixels
     )
+    kept = [scanned.samples[position] for position in predicted.kept]
     return LabelledPredictions(
-        paths=[path for path, _ in samples],
-        labels=_targets(model, [label for _, label in samples]),
-        probabilities=probabilities,
-        skipped=scanned.skipped,
-        cost=cost,
+        paths=[path for path, _ in kept],
+        labels=_targets(model, [label for _, label in kept]),
+        probabilities=predicted.values,
+        skipped=scanned.skipped + predicted.skipped,
+        cost=predicted.cost,
         other_files=scanned.other_files,
     )
 
@@ -226,23 +259,26 @@ def _predict_converted(
     model_label = [model.class_names.index(name) for name in converted.classes]
     samples = converted.samples()[split]
     images = ShardImages(converted.split_location(split), samples, None, max_pixels)
-    probabilities, cost = predict_probabilities(
+    predicted = predict_probabilities(
         model, samples, tta, batch_size, accelerator, max_pixels=max_pixels, source=images
     )
     split_folder = os.path.join(converted.metadata["source"], split) + os.sep
+    converted_skipped = [row for row in converted.skipped() if row[0].startswith(split_folder)]
     stored = LABEL_KINDS[converted.label_kind]
+    kept = [samples[position] for position in predicted.kept]
     in_model_classes = [
         (path, stored.from_indices([model_label[index] for index in label_indices(label)]))
-        for path, label in samples
+        for path, label in kept
     ]
     labels = [label for _, label in model.task.labels.convert(in_model_classes, str(split))]
     return LabelledPredictions(
-        paths=[path for path, _ in samples],
+        paths=[path for path, _ in kept],
         labels=_targets(model, labels),
-        probabilities=probabilities,
-        skipped=[row for row in converted.skipped() if row[0].startswith(split_folder)],
-        cost=cost,
-        shards=images,
+        probabilities=predicted.values,
+        skipped=converted_skipped + predicted.skipped,
+        cost=predicted.cost,
+        shards=images.subset(predicted.kept),
+        root=str(data_root(converted.metadata["source"])),
     )
 
 
@@ -274,11 +310,21 @@ def evaluate(
     metrics = model.task.evaluate(
         predictions.probabilities, predictions.labels, model.class_names, model.thresholds
     )
+    seen = images_seen_in_training(run_dir, predictions)
+    if seen and any(seen.values()):
+        logger.warning(
+            f"{sum(seen.values())} of the {metrics.images} images evaluated are the run's own, "
+            f"in its split.csv as train ({seen['train']}) or val ({seen['val']}) images: these "
+            "numbers overstate how the model does on new images; evaluate on held-out data "
+            "(such as DATA/test)"
+        )
     ignored_files, unread_images = predictions.other_files.counts()
     return {
         "run": str(run_dir),
         "data": str(data),
         "task": model.task.name,
+        "images": metrics.images,
+        "images_seen_in_training": seen,
         "tta": predictions.cost,
         "skipped_files": len(predictions.skipped),
         "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
@@ -286,6 +332,40 @@ def evaluate(
         "unread_images": unread_images,  # images in formats tlkit does not read, by extension
         **metrics.summary(),
     }
+
+
+def images_seen_in_training(
+    run_dir: str | Path, predictions: LabelledPredictions
+) -> dict[str, int] | None:
+    """How many of the evaluated images the run trained on (`train`) and chose its best
+    checkpoint on (`val`), by its split.csv; None where the split is unknown (an export folder,
+    a run from before split.csv).
+
+    Images are compared by their real paths: split.csv's relative to the run's data root (a
+    converted dataset's: its source's), so the evaluated folder may be the run's data folder,
+    a folder in it (DATA/train) or a conversion of it. A relative DATA_DIR is taken as relative
+    to the current folder, as the run took it."""
+    if not (Path(run_dir) / SPLIT).is_file():
+        return None
+    data_dir = read_config(run_dir).data_dir
+    try:
+        converted = open_converted(data_dir)
+    except (DatasetError, OSError):  # an unfinished or unreachable conversion: the split's own
+        converted = None
+    root = data_root(converted.metadata["source"] if converted is not None else data_dir)
+    split_of = {
+        os.path.realpath(os.path.join(root, relative)): split
+        for relative, split in read_split(run_dir).items()
+        if split in ("train", "val")
+    }
+    folder = predictions.root
+    paths = (
+        predictions.paths
+        if folder is None
+        else [os.path.join(folder, p) for p in predictions.paths]
+    )
+    found = Counter(split_of.get(os.path.realpath(path)) for path in paths)
+    return {"train": found["train"], "val": found["val"]}
 
 
 def image_paths(
@@ -357,12 +437,15 @@ def predict(
     batches = []
     if usable:
         samples = [(path, -1) for path in usable]
-        batches.append(
-            predict_probabilities(model, samples, *predict_options, max_pixels=max_pixels)[0]
-        )
+        predicted = predict_probabilities(model, samples, *predict_options, max_pixels=max_pixels)
+        usable = [usable[position] for position in predicted.kept]
+        skipped += predicted.skipped
+        batches.append(predicted.values)
     for found in filter(None, converted):  # a converted split: the images in its shards
         labelled = _predict_converted(model, *found, batch_size, accelerator, tta, max_pixels)
         usable += labelled.paths
+        at_conversion = set(found[0].skipped())  # listed are the images failing now, only
+        skipped += [row for row in labelled.skipped if row not in at_conversion]
         batches.append(labelled.probabilities)
     if not usable:
         return [], skipped, other_files

@@ -49,6 +49,7 @@ from albumentations.pytorch import ToTensorV2
 from torch import nn
 
 from tlkit.data.augment import eval_transform, interpolation_flag
+from tlkit.data.datasets import LoadedBatch
 from tlkit.errors import ConfigError
 from tlkit.model.tasks import TASKS, TaskDefinition
 from tlkit.runfolder import Preprocessing
@@ -301,6 +302,10 @@ class TTAModule(pl.LightningModule):
         ]
         return torch.cat(chunks)
 
-    def predict_step(self, batch, batch_index: int) -> torch.Tensor:
-        scales, _labels = batch
-        return self(scales)
+    def predict_step(
+        self, batch: LoadedBatch, batch_index: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[int, str]]]:
+        """The averaged probabilities of the images of the batch that loaded (None if none
+        did), with their positions and the failures of the others (`data.LoadedBatch`)."""
+        probabilities = self(batch.images) if batch.images is not None else None
+        return probabilities, batch.positions, batch.failures

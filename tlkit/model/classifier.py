@@ -10,6 +10,7 @@ import math
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -104,7 +105,7 @@ class TransferClassifier(pl.LightningModule):
             raise ConfigError(f"{len(loss_weights)} loss weights for {num_classes} classes")
         self.save_hyperparameters()
         self.task: TaskDefinition = task_of(task)
-        self._resumed_schedule: tuple[SchedulePlan, int] | None = None  # set on --resume
+        self._resumed_schedule: ResumedSchedule | None = None  # set on --resume
         self.decision_thresholds: list[float] | None = None  # multi-label, chosen on validation
         self.backbone = create_backbone(backbone, pretrained, drop_path_rate, img_size)
         self.head = ClassifierHead(
@@ -273,26 +274,30 @@ class TransferClassifier(pl.LightningModule):
             checkpoint[THRESHOLDS_KEY] = [float(value) for value in self.decision_thresholds]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """The checkpoint's decision thresholds; on --resume, also the schedule and step the
-        run stopped at, so that a longer run continues the decay from there (see
-        `SchedulePlan.continued`)."""
+        """The checkpoint's decision thresholds; on --resume, also the schedule and the step
+        and epoch the run stopped at, so that the decay goes on from there, in a longer run or
+        with another epoch length (see `SchedulePlan.continued`)."""
         self.decision_thresholds = checkpoint.get(THRESHOLDS_KEY)
         if SCHEDULE_KEY in checkpoint:
             plan = SchedulePlan(**checkpoint[SCHEDULE_KEY])
-            self._resumed_schedule = (plan, checkpoint["global_step"])
+            # tlkit's checkpoints are written at an epoch's end: `epoch` is the one just done
+            epochs = checkpoint["epoch"] + 1
+            self._resumed_schedule = ResumedSchedule(plan, checkpoint["global_step"], epochs)
 
     def optimizer_and_schedule(
         self,
         total_steps: int,
         steps_per_epoch: int,
-        resumed: tuple[SchedulePlan, int] | None = None,
+        resumed: ResumedSchedule | None = None,
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimiser over the trainable parameters (pretrained layers at the scaled learning
         rate, decayed layer by layer with `layer_decay`) and its per-step schedule: linear
         warm-up, then cosine decay to zero, the same factor for every group's own rate.
 
-        `resumed`: the plan and step of the checkpoint a run resumes from; its schedule is kept,
-        and continued to `total_steps` where that changed."""
+        `resumed`: the plan, step and epoch of the checkpoint a run resumes from; its schedule
+        is kept, converted to `steps_per_epoch` where the epoch length changed (another batch
+        size, device count or accumulation) and continued to `total_steps` where the run got
+        longer."""
         hp = self.hparams
         scale = hp.backbone_lr_scale if hp.pretrained != "none" else 1.0
         groups = optimizer_parameter_groups(
@@ -309,7 +314,9 @@ class TransferClassifier(pl.LightningModule):
             )
             plan = SchedulePlan(warmup_steps, total_steps)
         else:
-            plan = resumed[0].continued(resumed[1], total_steps)
+            plan = resumed.plan.continued(
+                resumed.step, resumed.epochs, steps_per_epoch, total_steps
+            )
         self.schedule_plan = plan
         # LambdaLR's state is the step count alone (a plain function is left out of its
         # state_dict), so the restored step meets this plan, continued or not.
@@ -331,35 +338,76 @@ class ScheduleFinishedError(ConfigError):
     """A run whose learning rate has decayed to zero was resumed with more epochs."""
 
 
+class ResumedSchedule(NamedTuple):
+    """What a checkpoint says of its schedule: the plan, the optimiser step it stopped at (the
+    count LambdaLR's state restores) and the epochs it completed."""
+
+    plan: SchedulePlan
+    step: int
+    epochs: int
+
+
 @dataclass(frozen=True)
 class SchedulePlan:
     """Linear warm-up from 1 / (warmup_steps + 1) to 1 at `warmup_steps`, then cosine decay from
-    `decay_factor` at `decay_start` (default: 1 at the end of warm-up) to 0 at `total_steps`."""
+    `decay_factor` at `decay_start` (default: 1 at the end of warm-up) to 0 at `total_steps`.
 
-    warmup_steps: int
-    total_steps: int
-    decay_start: int | None = None
+    Steps are the plan's own; the optimiser's step count is `step_offset` behind them (a run
+    resumed with another epoch length goes on counting from where its checkpoint's count
+    stood, while its plan is in the new steps)."""
+
+    warmup_steps: float  # whole numbers, but for a plan converted to another epoch length
+    total_steps: float
+    decay_start: float | None = None
     decay_factor: float = 1.0
+    step_offset: int = 0
 
     def factor(self, step: int) -> float:
         """The learning rate of optimiser step `step`, over the configured rate."""
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
+        return self._factor_at(step + self.step_offset)
+
+    def _factor_at(self, position: float) -> float:
+        if position < self.warmup_steps:
+            return (position + 1) / (self.warmup_steps + 1)
         start = self.warmup_steps if self.decay_start is None else self.decay_start
-        progress = min(1.0, max(0.0, (step - start) / max(1, self.total_steps - start)))
+        progress = min(1.0, max(0.0, (position - start) / max(1, self.total_steps - start)))
         return self.decay_factor * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def continued(self, step: int, total_steps: int) -> SchedulePlan:
-        """This plan, resumed at `step` in a run of `total_steps`: the decay goes on from the
-        rate it had reached down to 0 at the new end, so the rate never climbs back up."""
-        if total_steps == self.total_steps:
+    def continued(
+        self, step: int, epochs: int, steps_per_epoch: int, total_steps: int
+    ) -> SchedulePlan:
+        """This plan, resumed at optimiser step `step` after `epochs` whole epochs, in a run of
+        `total_steps` steps of `steps_per_epoch` each.
+
+        With another epoch length (batch size, devices, accumulation), the plan is first
+        converted to the new steps: every step count scaled by the ratio of the epoch lengths,
+        so the run resumes at the same fraction of its schedule, at the rate it had reached.
+        With more steps in all (more epochs), the decay goes on from that rate down to 0 at the
+        new end, so the rate never climbs back up."""
+        position = step + self.step_offset  # in this plan's steps
+        old_steps_per_epoch = position / epochs if epochs else steps_per_epoch
+        plan = self._scaled(steps_per_epoch / old_steps_per_epoch) if position else self
+        resumed_at = epochs * steps_per_epoch  # the same point, in the new steps
+        if not math.isclose(total_steps, plan.total_steps):
+            if position >= self.total_steps:
+                raise ScheduleFinishedError(
+                    f"this run finished its schedule at step {step}: its learning rate decayed "
+                    "to 0, so more epochs would change nothing. Start a new run with the epochs "
+                    "you want (another --out)."
+                )
+            if resumed_at <= plan.warmup_steps:  # still warming up: the decay starts later
+                plan = replace(plan, total_steps=total_steps)
+            else:
+                rate = plan._factor_at(resumed_at)
+                plan = SchedulePlan(plan.warmup_steps, total_steps, resumed_at, rate)
+        return replace(plan, step_offset=resumed_at - step)
+
+    def _scaled(self, ratio: float) -> SchedulePlan:
+        """This plan with every step count multiplied by `ratio` (not rounded: the rate at
+        each point of the schedule stays exactly what it was)."""
+        if ratio == 1:
             return self
-        if step >= self.total_steps:
-            raise ScheduleFinishedError(
-                f"this run finished its schedule at step {step}: its learning rate decayed to 0, "
-                "so more epochs would change nothing. Start a new run with the epochs you want "
-                "(another --out)."
-            )
-        if step <= self.warmup_steps:  # still warming up: the decay starts later anyway
-            return replace(self, total_steps=total_steps)
-        return SchedulePlan(self.warmup_steps, total_steps, step, self.factor(step))
+        start = None if self.decay_start is None else self.decay_start * ratio
+        return SchedulePlan(
+            self.warmup_steps * ratio, self.total_steps * ratio, start, self.decay_factor
+        )

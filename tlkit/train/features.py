@@ -20,6 +20,12 @@ augmented view count), the exact file list with each file's size and modificatio
 torch, timm and tlkit versions (a new implementation can compute other features from the same
 weights). Any change gives a new key and a new file; a file whose key, shapes or contents do not
 check out is rebuilt, never used.
+
+An image that fails to load (a file truncated or gone since the scan, which `--verify header`
+or `none` let through) is left out with its label, never replaced by another image: the file
+keeps the positions of the rows it holds and the skipped files with their reasons, which are
+counted in the run's `feature_cache` summary and listed in its skipped.csv, whether the
+features were extracted now or read back.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 from filelock import FileLock
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.seed import isolate_rng
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -48,8 +55,14 @@ from tqdm import tqdm
 from tlkit import __version__
 from tlkit.data.augment import eval_transform
 from tlkit.data.datamodule import BaseImageDataModule
-from tlkit.data.datasets import LabelledImages, drops_last_batch, process_sampler
-from tlkit.data.labels import images_only
+from tlkit.data.datasets import (
+    LabelledImages,
+    drops_last_batch,
+    loader_leaving_out_failures,
+    process_sampler,
+    record_load_failure,
+)
+from tlkit.errors import DatasetError
 from tlkit.model.backbones import weights_digest
 from tlkit.model.classifier import TransferClassifier
 
@@ -88,50 +101,112 @@ def cache_key(
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _size_and_mtime(path: str) -> tuple[int, int]:
-    status = os.stat(path)
+def _size_and_mtime(path: str) -> tuple[int | None, int | None]:
+    """A file's size and modification time; None for a file gone since the scan (which
+    extraction then leaves out)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None, None
     return status.st_size, status.st_mtime_ns
 
 
 @torch.no_grad()
 def extract(
     backbone: torch.nn.Module,
-    dataset: Dataset,
+    images: LabelledImages,
     batch_size: int,
     device: torch.device,
     num_workers: int,
     progress: bool = True,
     description: str = "features",
     channels_last: bool = False,
-) -> torch.Tensor:
-    """(N, D) pooled float32 features of a dataset, computed on `device` in eval mode (with
-    `channels_last`, in that memory format, as `TransferClassifier` trains with it).
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """(M, D) pooled float32 features of the M images that load, computed on `device` in eval
+    mode (with `channels_last`, in that memory format, as `TransferClassifier` trains with
+    it); their (M,) positions in `images`; and `(position, reason)` of each image that failed
+    to load, left out (never replaced by another image, whose features would then be filed
+    under this one's label).
 
     A plain inference loop, not `Trainer.predict`: it runs inside `trainer.fit`
     (`CachedFeatureDataModule.prepare_data`), where the fitting Trainer cannot also predict.
     The random state is left as it was, so training draws the same numbers cached or not.
     """
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=images_only
-    )
+    loader = loader_leaving_out_failures(images, batch_size, num_workers)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     backbone.eval().to(device, memory_format=memory_format)
-    batches = []
+    batches, positions, failures = [], [], []
     with isolate_rng():
-        for images, _labels in tqdm(loader, desc=description, disable=not progress, leave=False):
-            batch = images.to(device, memory_format=memory_format)
-            batches.append(backbone(batch).float().cpu())
-    return torch.cat(batches)
+        for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
+            failures += batch.failures
+            if batch.images is not None:
+                batch_images = batch.images.to(device, memory_format=memory_format)
+                batches.append(backbone(batch_images).float().cpu())
+                positions.append(batch.positions)
+    if not batches:
+        example = (
+            f", e.g. {images.samples[failures[0][0]][0]}: {failures[0][1]}" if failures else ""
+        )
+        raise DatasetError(f"none of the {len(images)} images could be loaded{example}")
+    return torch.cat(batches), torch.cat(positions), failures
+
+
+@dataclass
+class ExtractedFeatures:
+    """A split's cached features: (views, M, D) `features` of the M images that loaded, their
+    (M,) `positions` in the split, and `(path, reason)` of the images left out (`skipped`)."""
+
+    features: torch.Tensor
+    positions: torch.Tensor
+    skipped: list[tuple[str, str]]
+
+
+def extract_views(
+    backbone: torch.nn.Module,
+    images: LabelledImages,
+    views: int,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+    progress: bool = True,
+    description: str = "features",
+    channels_last: bool = False,
+) -> ExtractedFeatures:
+    """`extract` once per view (view k: the augmentation of epoch k); an image that fails to
+    load in one view is left out of all of them, so that every view has the same rows."""
+    positions = torch.arange(len(images))  # in `images`, of the rows extracted so far
+    passes: list[torch.Tensor] = []
+    skipped: list[tuple[str, str]] = []
+    for view in range(views):
+        images.set_epoch(view)
+        features, loaded, failures = extract(
+            backbone,
+            images,
+            batch_size,
+            device,
+            num_workers,
+            progress,
+            description,
+            channels_last,
+        )
+        if failures:
+            skipped += [(images.samples[position][0], reason) for position, reason in failures]
+            passes = [earlier[loaded] for earlier in passes]
+            positions = positions[loaded]
+            images = images.subset(loaded.tolist())
+        passes.append(features)
+    return ExtractedFeatures(torch.stack(passes), positions, skipped)
 
 
 def load_or_extract(
     path: Path,
     key: str,
-    make: Callable[[], torch.Tensor],
+    make: Callable[[], ExtractedFeatures],
     expected_rows: int,
-) -> tuple[torch.Tensor, bool]:
-    """The cached features at `path` if their key and shape check out; else `make()` them and
-    write them atomically. Returns (features, reused).
+) -> tuple[ExtractedFeatures, bool]:
+    """The cached features at `path` if their key and shape check out (`expected_rows`: the
+    split's images, the loaded ones and the skipped ones); else `make()` them and write them
+    atomically. Returns (features, reused).
 
     Processes that ask for the same file at once (several ranks, several runs sharing a cache
     folder) take turns: the first extracts, the others then find the file written."""
@@ -141,24 +216,52 @@ def load_or_extract(
 
 
 def _load_or_extract_locked(
-    path: Path, key: str, make: Callable[[], torch.Tensor], expected_rows: int
-) -> tuple[torch.Tensor, bool]:
+    path: Path, key: str, make: Callable[[], ExtractedFeatures], expected_rows: int
+) -> tuple[ExtractedFeatures, bool]:
     if path.is_file():
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                stored_key = (handle.metadata() or {}).get("key")
-                features = handle.get_tensor("features")
-            if stored_key == key and features.shape[-2] == expected_rows:
-                return features, True
+            cached = _read_cache(path, key, expected_rows)
+            if cached is not None:
+                return cached, True
             logger.warning(f"feature cache {path} does not match; rebuilding")
         except (SafetensorError, OSError, ValueError) as error:
             logger.warning(f"feature cache {path} is unreadable ({error}); rebuilding")
-    features = make()
+    extracted = make()
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
         temporary = Path(tmp.name)
-    save_file({"features": features.contiguous()}, str(temporary), metadata={"key": key})
+    tensors = {"features": extracted.features.contiguous(), "positions": extracted.positions}
+    metadata = {"key": key}
+    if extracted.skipped:  # only then: safetensors writes several metadata keys in any order
+        metadata["skipped"] = json.dumps(extracted.skipped)
+    save_file(tensors, str(temporary), metadata=metadata)
     os.replace(temporary, path)
-    return features, False
+    return extracted, False
+
+
+def _read_cache(path: Path, key: str, expected_rows: int) -> ExtractedFeatures | None:
+    """The features in the cache file at `path`, or None if its key or shape do not match.
+    (Files written before images could be left out hold every row, and no positions.)"""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("key") != key:
+            return None
+        features = handle.get_tensor("features")
+        stored = set(handle.keys())
+        positions = (
+            handle.get_tensor("positions") if "positions" in stored else torch.arange(expected_rows)
+        )
+    skipped = [tuple(row) for row in json.loads(metadata.get("skipped", "[]"))]
+    rows = features.shape[-2]
+    in_order = bool((positions[1:] > positions[:-1]).all()) if rows else True
+    fits = rows == 0 or (int(positions[0]) >= 0 and int(positions[-1]) < expected_rows)
+    if (
+        positions.shape != (rows,)
+        or rows + len(skipped) != expected_rows
+        or not in_order
+        or not fits
+    ):
+        return None
+    return ExtractedFeatures(features, positions, skipped)
 
 
 class _AugmentedViews(Dataset):
@@ -238,12 +341,14 @@ class CachedFeatureDataModule(pl.LightningDataModule):
 
     def labelled_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The split's cached (views, N, D) features, extracted first if needed, and its
-        labels as the task's targets ((N,) class indices, or (N, C) for multi-label)."""
+        labels as the task's targets ((N,) class indices, or (N, C) for multi-label): of the
+        images that loaded (those that did not are left out, with their labels)."""
+        extracted = self._features(split)
         labels = self.images.targets([label for _, label in self._sources()[split].samples])
-        return self._features(split), labels
+        return extracted.features, labels[extracted.positions]
 
-    def _features(self, split: str) -> torch.Tensor:
-        """The split's (views, N, D) features from the cache, extracted first if needed."""
+    def _features(self, split: str) -> ExtractedFeatures:
+        """The split's features from the cache, extracted first if needed."""
         source = self._sources()[split]
         samples = source.samples
         augmented = self._augmented(split)
@@ -261,29 +366,47 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         path = self.cache_dir / f"features-{split}-{key[:20]}.safetensors"
         device = self.trainer.strategy.root_device if self.trainer is not None else self.device
 
-        def make() -> torch.Tensor:
-            dataset = source.with_transform(transform, augmentation_seed=seed)
-            passes = []
-            for view in range(views):
-                dataset.set_epoch(view)  # view k: the augmentation of epoch k without the cache
-                passes.append(
-                    extract(
-                        self.model.backbone,
-                        dataset,
-                        self.images.batch_size,
-                        device,
-                        self.images.num_workers,
-                        self.progress,
-                        f"Extracting {split} features on {device}",
-                        self.model.hparams.channels_last,
-                    )
-                )
-            return torch.stack(passes)
+        def make() -> ExtractedFeatures:
+            return extract_views(
+                self.model.backbone,
+                source.with_transform(transform, augmentation_seed=seed),
+                views,
+                self.images.batch_size,
+                device,
+                self.images.num_workers,
+                self.progress,
+                f"Extracting {split} features on {device}",
+                self.model.hparams.channels_last,
+            )
 
-        features, reused = load_or_extract(path, key, make, len(samples))
-        # the first look decides: extracted in prepare_data, then loaded in setup, is not reused
-        self.report.setdefault(split, {"path": str(path), "reused": reused, "views": views})
-        return features
+        extracted, reused = load_or_extract(path, key, make, len(samples))
+        if split not in self.report:  # the first look (later ones: the file just written)
+            self.report[split] = {
+                "path": str(path),
+                "reused": reused,
+                "views": views,
+                "skipped": len(extracted.skipped),
+            }
+            self._tell_skipped(split, source, extracted.skipped)
+        return extracted
+
+    @staticmethod
+    def _tell_skipped(split: str, source: LabelledImages, skipped: list[tuple[str, str]]) -> None:
+        """Record the images left out of a split's features in the run's failure log (so that
+        skipped.csv lists them, extracted now or earlier), and say how many."""
+        if not skipped:
+            return
+        if source.failure_log is not None:
+            for path, reason in skipped:
+                record_load_failure(source.failure_log, path, reason)
+        if rank_zero_only.rank != 0:  # every process reads the cache; one says so
+            return
+        path, reason = skipped[0]
+        logger.warning(
+            f"{len(skipped)} {split} image{'s' if len(skipped) > 1 else ''} failed to load and "
+            f"{'were' if len(skipped) > 1 else 'was'} left out of the features, e.g. {path}: "
+            f"{reason}"
+        )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset, batch_size = self.splits[split], self.images.batch_size
