@@ -97,8 +97,9 @@ class FinetuneConfig:
     backbone: str = _option("tf_efficientnet_lite0", "any timm model name")
     pretrained: str = _option(
         "hub",
-        "weights: 'hub' (timm's download), 'bundled' (offline package, tf_efficientnet_lite0), "
-        "a local .pth/.safetensors file, or 'none' (random init)",
+        "weights: 'hub' (timm's download), 'bundled' (offline packages installed with tlkit, "
+        "for tf_efficientnet_lite0, tf_efficientnet_lite1 and tf_efficientnet_lite2), a local "
+        ".pth/.safetensors file, or 'none' (random init)",
     )
     drop_path_rate: float = _option(0.0, "stochastic depth in the backbone, where timm offers it")
 
