@@ -157,7 +157,7 @@ def test_named_choices_come_from_their_tables():
     assert _choices(parser, "search", "--sampler") == list(SAMPLERS)
     assert _choices(parser, "export", "--format") == list(FORMATS)
     for command in ("evaluate", "predict", "report"):
-        assert _choices(parser, command, "--tta") == list(PRESETS)
+        assert _choices(parser, command, "--tta") == [*PRESETS, "auto"]
     assert list(VERIFY_MODES) == list(typing.get_args(Verify))
     for command in ("finetune", "sanity", "search", "evaluate", "report"):
         assert _choices(parser, command, "--verify") == list(VERIFY_MODES)

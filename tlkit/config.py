@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tlkit.choices import TTA_CHOICE_MAX_IMAGES
 from tlkit.errors import ConfigError
 
 # The strategies a model trains with (strategies.STRATEGIES), and `auto`, which measures the data
@@ -210,6 +211,15 @@ class FinetuneConfig:
         False, "allow CSV rows whose paths leave the CSV's folder"
     )
     num_workers: int = _option(-1, "data loader processes (-1: one per CPU core, at most 8)")
+
+    # Test-time averaging
+    choose_tta: bool = _option(
+        True,
+        "after training, evaluate the best checkpoint on the validation split (at most "
+        f"{TTA_CHOICE_MAX_IMAGES:,} images) with each test-time averaging preset that suits it, "
+        "and record the one --tta auto uses: the cheapest unless a costlier one is clearly "
+        "better",
+    )
 
     # Hardware, distribution and reproducibility
     accelerator: str = _option("auto", "auto, cpu or gpu")

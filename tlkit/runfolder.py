@@ -4,8 +4,8 @@ best.ckpt      best-on-validation checkpoint (the model `evaluate` and `predict`
 last.ckpt      the latest epoch's state, for --resume
 metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
-summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings
-               (`RunSummary`)
+summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings,
+               the test-time averaging preset chosen on validation (`RunSummary`)
 auto.json      `--strategy auto`'s decision: its evidence and choices, kept for a resumed run
 split.csv      every image used and its split (train, val or test), paths relative to the data
                root; `--resume` trains on exactly this split
@@ -173,6 +173,9 @@ class RunSummary:
     feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
     auto_decision: dict[str, Any] | None = None  # --strategy auto: evidence, choices, reasons
     linear_probe: dict[str, Any] | None = None  # --lp-ft: the probe the head started from
+    # --tta auto's preset, chosen on the validation split, with its evidence
+    # (tlkit.infer.predict.choose_tta); None: not chosen (--no-choose-tta, or an older run)
+    tta_choice: dict[str, Any] | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import pytorch_lightning as pl
@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlkit.config import FinetuneConfig, Optimizer
+from tlkit.data.augment import DEFAULT_TRAINED_SHORT_SIDES
 from tlkit.errors import ConfigError
 from tlkit.model.backbones import create_backbone, pooled_feature_width, preprocessing
 from tlkit.model.heads import ClassifierHead
@@ -58,7 +59,10 @@ class TransferClassifier(pl.LightningModule):
     stepped every batch, top-1/top-5 accuracy from torchmetrics. Frozen parts of the backbone
     stay in eval mode whenever the module is put in train mode. `trained_with_hflip` records
     whether the training data is flipped horizontally: test-time averaging mirrors views only
-    then (checkpoints without it come from runs that flipped).
+    then (checkpoints without it come from runs that flipped). `trained_short_sides` records the
+    short sides training resized images to, relative to the input size (low, high): test-time
+    averaging takes its scales from within them (checkpoints without it come from runs with the
+    default 256-480 at 224).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class TransferClassifier(pl.LightningModule):
         class_names: list[str] | None = None,
         channels_last: bool = _default("channels_last"),
         trained_with_hflip: bool = True,
+        trained_short_sides: Sequence[float] = DEFAULT_TRAINED_SHORT_SIDES,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -126,6 +131,11 @@ class TransferClassifier(pl.LightningModule):
     @property
     def trained_with_hflip(self) -> bool:
         return bool(self.hparams.trained_with_hflip)
+
+    @property
+    def trained_short_sides(self) -> tuple[float, float]:
+        low, high = self.hparams.trained_short_sides
+        return float(low), float(high)
 
     @property
     def class_names(self) -> list[str]:

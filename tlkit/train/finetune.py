@@ -25,6 +25,7 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
+from tlkit.infer.predict import choose_tta
 from tlkit.model.classifier import TransferClassifier
 from tlkit.runfolder import (
     AUTO_DECISION,
@@ -86,7 +87,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     tlkit's own, and `limit_test_batches=0` skips the test-split evaluation.
 
     The steps, each a function of its own: `open_run_folder` (resume), `decide`, `build`,
-    `fit`, `test`, `summarise`.
+    `fit`, `test`, `choose_test_time_averaging`, `summarise`.
     """
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
@@ -98,7 +99,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     run = build(config, folder, decision, progress)
     trainer, history = fit(config, run, folder, trainer_options)
     test_metrics = test(trainer, run)
-    summary = summarise(config, run, folder, decision, history, test_metrics, started)
+    tta_choice = choose_test_time_averaging(config, trainer, run, progress)
+    summary = summarise(config, run, folder, decision, history, test_metrics, started, tta_choice)
     _write_at_end(folder.out, summary, run.skipped_files())
     return summary
 
@@ -254,6 +256,42 @@ def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
     return {key: float(value) for key, value in results[0].items()}
 
 
+def choose_test_time_averaging(
+    config: FinetuneConfig, trainer: pl.Trainer, run: BuiltRun, progress: bool = True
+) -> dict[str, Any] | None:
+    """Step 6: `--tta auto`'s preset: the best-on-validation checkpoint evaluated on the
+    validation split with each test-time averaging preset that suits it, the choice by
+    `tlkit.infer.tta.choose_preset`'s rule (`tlkit.infer.predict.choose_tta`), on the first
+    process only. None with --no-choose-tta, without a best checkpoint, and on other ranks."""
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    if not (config.choose_tta and trainer.is_global_zero and best and run.images.val_set):
+        return None
+    model = TransferClassifier.load_checkpoint(best)
+    validation = run.images.val_set
+    with expected_lightning_warnings_hidden():
+        choice = choose_tta(
+            model,
+            validation.samples,
+            config.batch_size,
+            config.accelerator,
+            source=validation,
+            num_workers=run.images.num_workers,
+            seed=config.seed,
+            progress=progress,
+        )
+    measured = ", ".join(
+        f"{record['preset']} {record['top1']:.4f} ({record['views_per_image']} views, "
+        f"{record['images_per_second']:.0f} images/s)"
+        for record in choice["candidates"]
+    )
+    logger.info(
+        f"Test-time averaging on {choice['images']} validation images: {measured}; "
+        f"--tta auto uses {choice['preset']} ({choice['seconds']:.0f} s)"
+    )
+    return choice
+
+
 def summarise(
     config: FinetuneConfig,
     run: BuiltRun,
@@ -262,8 +300,9 @@ def summarise(
     history: list[dict[str, float]],
     test_metrics: dict[str, float],
     started: float,
+    tta_choice: dict[str, Any] | None = None,
 ) -> RunSummary:
-    """Step 6: the run summary (summary.json) from what the other steps made."""
+    """Step 7: the run summary (summary.json) from what the other steps made."""
     images, model = run.images, run.model
     best = max(history, key=lambda record: record["val_acc"]) if history else {}
     return RunSummary(
@@ -289,6 +328,7 @@ def summarise(
         feature_cache=getattr(run.training_data, "report", None),
         auto_decision=decision,
         linear_probe=run.linear_probe,
+        tta_choice=tta_choice,
         skipped_files=len(run.skipped_files()),
         wall_time_s=round(time.perf_counter() - started, 2),
     )
