@@ -13,8 +13,14 @@ from tlkit.cli import main
 from tlkit.config import FIXED_CHOICES, FinetuneConfig
 from tlkit.errors import ConfigError
 from tlkit.runfolder import read_summary
-from tlkit.train import auto
-from tlkit.train.auto import Evidence, choose_input_size, decide, schedule_epochs
+from tlkit.train import auto, budget
+from tlkit.train.auto import (
+    Evidence,
+    choose_input_size,
+    decide,
+    planned_images,
+    step_down,
+)
 from tlkit.train.finetune import finetune
 
 # conftest's TINY_CONFIG without its named strategy
@@ -36,6 +42,9 @@ def evidence(**values) -> Evidence:
         linear_val_acc=0.85,
         knn_val_acc=0.82,
         probe_seconds=1.0,
+        val_images=1000,
+        probe_balanced_acc=0.85,
+        probe_balanced_lower_bound=0.83,
     )
     return Evidence(**{**defaults, **values})
 
@@ -48,12 +57,14 @@ def chosen(choices) -> dict:
     "values, strategy, stages",
     [
         ({"images_per_class_median": 39}, "features", None),  # too few to fine-tune
-        ({"linear_val_acc": 0.97}, "features", None),  # frozen features solve it
+        ({"probe_balanced_lower_bound": 0.97}, "features", None),  # frozen features solve it
+        # 98:2 classes on noise: 0.98 accuracy, minority recall 0, balanced 0.5: not solved
+        ({"linear_val_acc": 0.98, "probe_balanced_lower_bound": 0.45}, "partial", 2),
         ({"images_per_class_median": 399}, "partial", 1),
         ({}, "partial", 2),
         ({"images_per_class_median": 1000, "backbone_stages": 1}, "partial", 1),
         ({"images_per_class_median": 5000}, "full", None),
-        ({"images_per_class_median": 5000, "linear_val_acc": None}, "full", None),
+        ({"images_per_class_median": 5000, "probe_balanced_lower_bound": None}, "full", None),
     ],
 )
 def test_strategy_by_images_per_class_and_probe(values, strategy, stages):
@@ -87,19 +98,51 @@ def test_no_lp_ft_for_a_head_with_a_hidden_layer():
 
 
 @pytest.mark.parametrize(
-    "train_images, strategy, epochs",
+    "train_images, strategy, device, passes",
     [
-        (5000, "partial", 4),  # HyperRule's 500 x 512 images, 8%: 20,480 images seen
-        (500, "partial", 30),  # capped
-        (19_999, "partial", 3),  # the floor
-        (20_000, "full", 20),  # HyperRule's next regime: 10,000 steps
-        (54_000, "full", 8),  # 10,000 x 512 x 0.08 / 54,000
-        (5000, "features", 10),  # cached epochs are cheap
-        (2_000_000, "full", 3),
+        (5000, "partial", "cpu", 4.1),  # HyperRule's 500 x 512 images, 8%: 20,480 images seen
+        (500, "partial", "cpu", 30),  # capped
+        (19_999, "partial", "cpu", 3),  # the floor
+        (20_000, "partial", "cpu", 3),  # one more image: the same plan
+        (54_000, "full", "cpu", 3),
+        (5000, "features", "cpu", 10),  # cached epochs are cheap
+        (5000, "partial", "cuda", 51.2),  # the rule itself on an accelerator
+        (50_000, "partial", "cuda", 12.0),
+        (2_000_000, "full", "cuda", 5.1),
     ],
 )
-def test_schedule_follows_the_hyperrule_scaled_for_cpu(train_images, strategy, epochs):
-    assert schedule_epochs(train_images, strategy).value == epochs
+def test_the_schedule_follows_a_continuous_hyperrule_by_device(
+    train_images, strategy, device, passes
+):
+    planned = planned_images(train_images, strategy, device).value
+    assert planned / train_images == pytest.approx(passes, abs=0.05)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_one_more_image_or_class_never_changes_the_planned_compute_by_more_than_a_few_percent(
+    device,
+):
+    """The issue's cliffs: 19,999 -> 20,000 images, and 50 images per class for 10, 400 and
+    500 classes (the compute is the images processed, the augmentation a choice on top). One
+    more class of 50 images changes it by no more than the data grows (10% at 10 classes),
+    plus a percent."""
+    for images in [*range(500, 60_000, 499), 19_999, 499_999, 1_281_166, 5_000_000]:
+        here = planned_images(images, "partial", device).value
+        more = planned_images(images + 1, "partial", device).value
+        assert abs(more - here) / here < 0.01, images
+    for classes in (10, 399, 400, 499, 500):
+        here = planned_images(50 * classes, "partial", device).value
+        more = planned_images(50 * (classes + 1), "partial", device).value
+        assert abs(more - here) / here <= 1 / classes + 0.01, classes
+
+
+def test_a_plan_ending_part_way_through_a_pass_runs_as_shorter_epochs():
+    splits = budget.Splits(train=5000, val=1000, test=0)
+    schedule = budget.schedule_of(20_480, splits, batch_size=64)
+    assert schedule.epochs == 5 and schedule.epoch_batches == 64  # 4.1 passes: 5 x 64 x 64
+    assert schedule.images == 5 * 64 * 64
+    whole = budget.schedule_of(15_000, splits, batch_size=64)
+    assert (whole.epochs, whole.epoch_batches) == (3, 0)  # 3 passes: whole epochs
 
 
 @pytest.mark.parametrize(
@@ -121,18 +164,56 @@ def test_input_size_by_source_size(side, pretrained, fixed, size):
 @pytest.mark.parametrize(
     "values, expected",
     [
-        ({}, {"augment": False, **auto.GENTLE_CROPS}),  # small data; 28px sources < 64px
-        ({"train_images": 20_000}, {"augment": True, **auto.GENTLE_CROPS}),
+        ({}, {"augment": False, **auto.GENTLE_CROPS}),  # 4 passes; 28px sources < 64px
+        ({"train_images": 500}, {"augment": True, **auto.GENTLE_CROPS}),  # 30 passes
         (
-            {"train_images": 20_000, "source_short_side_median": 300, "input_size": 224},
+            {"train_images": 500, "source_short_side_median": 300, "input_size": 224},
             {"augment": True, **auto.IMAGENET_CROPS},
         ),
         ({"source_short_side_median": None}, {"augment": False, **auto.IMAGENET_CROPS}),
+        ({"device": "cuda"}, {"augment": True, **auto.GENTLE_CROPS}),  # 51 passes
     ],
 )
-def test_augmentation_by_data_size_and_source_size(values, expected):
+def test_augmentation_by_passes_over_the_data_and_source_size(values, expected):
     choices = chosen(decide(evidence(**values), ALL_OPEN))
     assert {name: choices[name] for name in expected} == expected
+
+
+def test_only_choices_that_take_effect_are_logged():
+    choices = decide(evidence(), ALL_OPEN)  # no augmentation: its crops do not apply
+    assert not any(choices[name].applies for name in auto.GENTLE_CROPS)
+    features = decide(evidence(images_per_class_median=10), ALL_OPEN)
+    assert not features["backbone_lr_scale"].applies and not features["lp_ft"].applies
+    assert not features["augment"].applies  # the head trains on one cached view
+
+
+def test_lp_ft_given_keeps_auto_away_from_features():
+    choices = chosen(decide(evidence(images_per_class_median=10), ALL_OPEN, lp_ft=True))
+    assert choices["strategy"] == "partial"
+    solved = evidence(probe_balanced_lower_bound=0.99)
+    assert chosen(decide(solved, ALL_OPEN, lp_ft=True))["strategy"] == "partial"
+
+
+def test_a_budget_steps_down_stages_then_input_size_then_to_cached_features():
+    config = FinetuneConfig(data_dir="x", strategy="full", img_size=224)
+    steps, names = [], [*ALL_OPEN]
+    found = evidence(input_size=224, source_short_side_median=300)
+    while (lower := step_down(config, names, found)) is not None:
+        changes, reason = lower
+        steps.append(reason)
+        config = FinetuneConfig(
+            **{**config.__dict__, **changes, "unfreeze_stages": changes.get("unfreeze_stages", 1)}
+        )
+    assert steps == [
+        "full did not fit: partial",
+        "2 stages did not fit: 1",
+        "224 px did not fit: 128 px",
+        "128 px did not fit: 64 px",
+        "partial did not fit: cached features",
+    ]
+    fixed = evidence(input_size=224, fixed_input_size=True)
+    partial_one = FinetuneConfig(data_dir="x", strategy="partial", unfreeze_stages=1, img_size=224)
+    assert step_down(partial_one, names, fixed)[0] == {"strategy": "features"}
 
 
 def test_only_open_choices_are_made_and_given_stages_mean_partial():
@@ -141,7 +222,11 @@ def test_only_open_choices_are_made_and_given_stages_mean_partial():
     given_augment = chosen(decide(evidence(), ["short_side_min", "short_side_max"]))
     assert given_augment == {"short_side_min": 224, "short_side_max": 288}
     few = evidence(images_per_class_median=10)
-    assert chosen(decide(few, ["strategy", "epochs"])) == {"strategy": "partial", "epochs": 4}
+    assert chosen(decide(few, ["strategy", "epochs"])) == {
+        "strategy": "partial",
+        "epochs": 5,
+        "epoch_batches": 64,
+    }
 
 
 def test_print_config_shows_what_auto_leaves_open_and_a_named_strategy_fixes(capsys):
@@ -203,3 +288,21 @@ def test_auto_run_keeps_given_values_records_its_decision_and_resumes_without_me
     assert ("chose strategy", "features", "7 images per class: too few to fine-tune") in rows
     page = build_report(out, out=tmp_path / "report", mistakes=0).page.read_text()
     assert "How auto decided" in page and "too few to fine-tune" in page
+
+
+def test_a_folder_and_its_converted_shards_decide_the_same(colour_folder: Path, tmp_path: Path):
+    """The sources' sizes come from the scan for both (the conversion records them): the same
+    evidence, the same choices."""
+    from tlkit.data.shards import convert
+
+    shards = convert(
+        colour_folder, tmp_path / "shards", workers=1, progress=False, val_fraction=0.3
+    )
+    decisions = []
+    for data in (colour_folder, shards.location):
+        config = FinetuneConfig(data_dir=str(data), out=str(tmp_path / "run"), **TINY_AUTO)
+        evidence, size, sized, _images = auto.measure(config, progress=False)
+        assert sized == evidence.train_images  # every training image's size, from the scan
+        measured = {**evidence.__dict__, "probe_seconds": None}
+        decisions.append((measured, size, chosen(decide(evidence, ALL_OPEN))))
+    assert decisions[0] == decisions[1]

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def test_finetune_writes_a_complete_run_folder(tiny_run: Path):
     assert 0 < summary.trainable_parameters < summary.total_parameters
     assert summary.epochs_run == 2 and [h["epoch"] for h in summary.history] == [1, 2]
     assert summary.test_images == 12 and 0.0 <= summary.test_acc <= 1.0
+    low, high = summary.test_acc_interval  # 95%, Wilson: wide at 12 images
+    assert 0 <= low <= summary.test_acc <= high <= 1 and high - low > 0.2
     assert summary.best_val_acc == max(h["val_acc"] for h in summary.history)
     checkpoint = torch.load(tiny_run / "best.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["epoch"] + 1 == summary.best_epoch
@@ -51,14 +54,25 @@ def test_predict_writes_top_k_csv_and_reports_unreadable_files(
 ):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
+    folder = tmp_path / "folder"
+    shutil.copytree(colour_folder / "test" / "red", folder)
+    for name in ("a.txt", "b.txt", "a.ogg"):
+        (folder / name).write_text("not an image")
+    (folder / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
     out = tmp_path / "predictions.csv"
-    inputs = [str(colour_folder / "test" / "red"), str(broken)]
+    inputs = [str(folder), str(broken)]
     assert main(["predict", str(tiny_run), *inputs, "--top-k", "2", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 4
     assert list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2"]
     assert all(float(row["prob_1"]) >= float(row["prob_2"]) for row in rows)
-    assert "skipped 1 unreadable files" in capsys.readouterr().err
+    errors = capsys.readouterr().err.splitlines()
+    skipped = [line for line in errors if line.startswith("skipped ")]
+    assert len(skipped) == 2 and skipped[0].startswith(f"skipped {broken}: ")
+    assert skipped[1] == "skipped 1 unreadable files"
+    # the files that are not images are not listed one by one, but counted
+    assert "Ignored 3 files that are not images: 2 .txt, 1 .ogg" in errors
+    assert any(line.startswith("Not read: 1 .svg files, vector drawings") for line in errors)
 
 
 def test_seeded_runs_are_repeatable(colour_folder: Path, tiny_run: Path, tmp_path: Path):

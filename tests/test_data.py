@@ -12,8 +12,8 @@ from PIL import Image
 from tlkit.data.augment import eval_transform, train_transform
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.images import load_rgb
-from tlkit.data.sources import read_csv, scan_folder
-from tlkit.data.split import split_train_val
+from tlkit.data.sources import OtherFiles, read_csv, scan_folder
+from tlkit.data.split import split_samples
 from tlkit.errors import DatasetError
 from tlkit.runfolder import Preprocessing
 
@@ -63,11 +63,58 @@ def test_broken_files_are_skipped_counted_and_named(tmp_path: Path):
     save(Image.new("RGB", (8, 8)), tmp_path / "blue" / "really_a_png.jpg", format="PNG")
     result = scan_folder(tmp_path)
     skipped = {Path(path).name: reason for path, reason in result.skipped}
-    assert set(skipped) == {"truncated.jpg", "empty.jpg", "notes.jpg", "readme.txt"}
-    assert "not an image" in skipped["readme.txt"]
+    assert set(skipped) == {"truncated.jpg", "empty.jpg", "notes.jpg"}
+    assert result.other_files.counts() == ({".txt": 1}, {})  # not an image: ignored
     used = {Path(path).name for path, _ in result.samples}
     assert "really_a_png.jpg" in used and len(result.samples) == 7
     assert result.classes == ["blue", "green", "red"]
+
+
+def test_files_beside_the_images_are_counted_by_kind_not_skipped(tmp_path: Path):
+    """A collection as it ships (tuxpaint's stamps): descriptions, data files and sounds beside
+    the images are ignored, counted by extension; SVG drawings are named with what to do; only
+    a broken image is skipped, with its reason."""
+    write_colour_images(tmp_path, per_class=2, seed=0, size=8)
+    nested = tmp_path / "red" / "sub"
+    nested.mkdir()
+    for name in ("a.txt", "b.txt", "a.ogg", "b.ogg", "c.OGG", "a.dat", "LICENSE"):
+        (nested / name).write_text("not an image")
+    (tmp_path / "blue" / "star.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (tmp_path / "blue" / ".hidden.txt").write_text("never seen")
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(png, format="PNG")
+    (nested / "truncated.png").write_bytes(png.getvalue()[:60])
+    result = scan_folder(tmp_path)
+    assert [Path(path).name for path, _ in result.skipped] == ["truncated.png"]
+    assert result.skipped[0][1] == "OSError: image file is truncated"
+    ignored, unread = result.other_files.counts()
+    assert ignored == {".ogg": 3, ".txt": 2, "": 1, ".dat": 1}  # most first, then by name
+    assert unread == {".svg": 1}
+    ignored_line, svg_line = result.other_files.messages()
+    assert ignored_line == (
+        "Ignored 7 files that are not images: 3 .ogg, 2 .txt, 1 (no extension), 1 .dat"
+    )
+    assert svg_line.startswith("Not read: 1 .svg files, vector drawings") and "PNG" in svg_line
+    assert "rsvg-convert" in svg_line
+    assert len(result.samples) == 6
+    # A class of nothing but drawings is an error that says why.
+    (tmp_path / "drawings").mkdir()
+    (tmp_path / "drawings" / "a.svgz").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"'drawings' has no image files\. Not read: 1 \.svgz"):
+        scan_folder(tmp_path)
+
+
+def test_unread_formats_in_a_csv_are_counted_not_checked(tmp_path: Path):
+    write_colour_images(tmp_path / "images", per_class=2, seed=0, size=8)
+    (tmp_path / "images" / "photo.HEIC").write_bytes(b"")
+    rows = ["path,label", "images/red/000.jpg,red", "images/red/001.png,red"]
+    rows += ["images/green/000.jpg,green", "images/photo.HEIC,green"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    result = read_csv(tmp_path / "labels.csv")
+    assert len(result.samples) == 3 and result.skipped == []
+    assert result.other_files.counts() == ({}, {".heic": 1})
+    assert "heif-convert" in result.other_files.messages()[0]
+    assert OtherFiles.from_counts(*result.other_files.counts()) == result.other_files
 
 
 def test_symlink_loop_does_not_hang(tmp_path: Path):
@@ -132,13 +179,14 @@ def test_csv_source(tmp_path: Path):
 
 def test_train_val_split_is_stratified_and_seeded():
     samples = [(f"{i}.png", i % 3) for i in range(30)]
-    train, val = split_train_val(samples, 0.2, seed=0, root=".")
+    split = split_samples(samples, {"val": 0.2}, seed=0, root=".")
+    train, val = split["train"], split["val"]
     assert {label for _, label in val} == {0, 1, 2}
     assert sorted(train + val) == sorted(samples)
-    assert split_train_val(samples, 0.2, seed=0, root=".") == (train, val)
-    assert split_train_val(samples, 0.2, seed=1, root=".") != (train, val)
+    assert split_samples(samples, {"val": 0.2}, seed=0, root=".") == split
+    assert split_samples(samples, {"val": 0.2}, seed=1, root=".") != split
     with pytest.raises(DatasetError, match="cannot split"):
-        split_train_val([("a.png", 0), ("b.png", 1)], 0.5, seed=0, root=".")
+        split_samples([("a.png", 0), ("b.png", 1)], {"val": 0.5}, seed=0, root=".")
 
 
 def test_datamodule_layouts(colour_folder: Path, tmp_path: Path):
@@ -151,8 +199,13 @@ def test_datamodule_layouts(colour_folder: Path, tmp_path: Path):
     assert images.shape == (len(module.train_set), 3, 32, 32)  # one batch: < batch size 64
     assert labels.dtype == torch.int64
     single = ImageDataModule(colour_folder / "train", PREPROCESSING, num_workers=0)
-    single.setup()
-    assert single.test_set is None and len(single.train_set) + len(single.val_set) == 30
+    single.setup()  # one folder: validation and test held out of it (10% each by default)
+    sizes = [len(single.train_set), len(single.val_set), len(single.test_set)]
+    assert sum(sizes) == 30 and min(sizes) >= 3  # every class of 10 in every split
+    assert {label for _, label in single.test_set.samples} == {0, 1, 2}
+    untested = ImageDataModule(colour_folder / "train", PREPROCESSING, test_fraction=0)
+    untested.setup()
+    assert untested.test_set is None and len(untested.train_set) + len(untested.val_set) == 30
 
 
 def test_transforms_scale_with_the_input_size_and_are_seeded():

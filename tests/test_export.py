@@ -58,7 +58,7 @@ def export_folder(tiny_run: Path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_predictions(tiny_run: Path, colour_folder: Path) -> list[dict]:
-    rows, skipped = predict(tiny_run, [colour_folder / "test"], top_k=3, accelerator="cpu")
+    rows, skipped, _ = predict(tiny_run, [colour_folder / "test"], top_k=3, accelerator="cpu")
     assert len(rows) == 12 and not skipped
     return rows
 
@@ -97,7 +97,7 @@ def test_export_writes_a_verified_model_and_its_card(export_folder, tiny_run: Pa
 def test_exported_predictions_equal_the_run_folders(
     export_folder, colour_folder, run_predictions, format
 ):
-    rows, skipped = predict(export_folder(format), [colour_folder / "test"], top_k=3)
+    rows, skipped, _ = predict(export_folder(format), [colour_folder / "test"], top_k=3)
     assert not skipped and len(rows) == len(run_predictions)
     for exported, original in zip(rows, run_predictions, strict=True):
         assert exported.keys() == original.keys() and exported["path"] == original["path"]
@@ -273,7 +273,7 @@ def test_the_serving_snippets_in_the_docs_run_and_agree_with_tlkit(
     served_batch = torch.as_tensor(namespace["batch"])
     assert served_batch.shape == (1, 3, 32, 32)
     assert torch.allclose(served_batch[0], expected, atol=1e-5, rtol=0)  # same pixels as tlkit
-    (row,), _ = predict(export_folder(format), [photo], top_k=3)
+    (row,), _, _ = predict(export_folder(format), [photo], top_k=3)
     assert printed_label == row["label_1"]
     served = dict(zip(exported.class_names, map(float, namespace["probabilities"]), strict=True))
     for rank in (1, 2, 3):

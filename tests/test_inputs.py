@@ -92,11 +92,13 @@ def test_hidden_entries_are_neither_classes_nor_images(tmp_path: Path):
     result = scan_folder(data / "train")
     assert result.classes == ["blue", "green", "red"]
     assert len(result.samples) == 9 and result.skipped == []
+    assert result.other_files.counts() == ({}, {})  # hidden files are not even counted
     module = ImageDataModule(data, PREPROCESSING, num_workers=0, val_fraction=0.3)
     module.setup()
     assert module.classes == ["blue", "green", "red"] and module.skipped == []
     assert len(module.train_set) + len(module.val_set) == 9 and len(module.test_set) == 3
-    found = image_paths([data / "test"])
+    found, _, other_files = image_paths([data / "test"])
+    assert other_files.counts() == ({}, {})
     assert len(found) == 3 and not any("/." in path or "__MACOSX" in path for path in found)
 
 

@@ -185,14 +185,14 @@ def test_training_prediction_and_export_find_the_same_images(tmp_path):
     (data / "red" / "notes.txt").write_text("not an image")
     (data / "red" / ".hidden.png").write_bytes(b"")
 
-    images, others = find_images(data / "red")
+    images, skipped, other_files = find_images(data / "red")
     assert [Path(path).relative_to(data / "red").as_posix() for path in images] == [
         "000.jpg",
         "001.png",
         "more/000.jpg",
     ]
-    assert others == [(str(data / "red" / "notes.txt"), "not an image file extension")]
-    assert image_paths([data / "red"]) == images
+    assert skipped == [] and other_files.counts() == ({".txt": 1}, {})  # counted, not skipped
+    assert image_paths([data / "red"])[0] == images
     assert [path for path, label in scan_folder(data).samples if label == 2] == images
     assert sorted(export_module._images_by_class(data / "red", 8)) == sorted(images)
 

@@ -10,7 +10,13 @@ from torch import nn
 from tlkit import FinetuneConfig, finetune
 from tlkit.errors import ConfigError
 from tlkit.train.build import build_datamodule, build_model, check_config
-from tlkit.train.probe import fit_probe, knn_accuracy_best_k, probe_features
+from tlkit.train.probe import (
+    balanced_accuracy_bound,
+    fit_probe,
+    knn_accuracy_best_k,
+    per_class_sample,
+    probe_features,
+)
 
 
 def separable_features(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +54,63 @@ def test_knn_votes_of_the_nearest_neighbours_and_k_is_chosen_on_validation():
     assert knn_accuracy_best_k(train_x, train_y, val_x, val_y, 2, (1, 4)) == (1.0, 1)
     # counts above the training size are left out
     assert knn_accuracy_best_k(train_x, train_y, val_x, val_y, 2, (1, 50)) == (1.0, 1)
+
+
+def test_a_dissimilar_neighbour_never_votes_against_its_class():
+    """Raw cosine votes would let the opposite point (similarity -0.99) cancel its class's
+    nearest neighbour; weighted by exp(similarity / T) it only adds a little to its class."""
+    train_x = torch.tensor([[1.0, 0.05], [-1.0, 0.1], [0.1, 1.0]])
+    train_y = torch.tensor([0, 0, 1])
+    val_x, val_y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert knn_accuracy_best_k(train_x, train_y, val_x, val_y, 2, (3,)) == (1.0, 3)
+
+
+def test_the_balanced_accuracy_bound_accounts_for_the_validation_size():
+    def bound(right: list[int], counts: list[int]) -> tuple[float, float]:
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        predicted = labels.clone()
+        for label, hits in enumerate(right):  # the first `hits` of each class are right
+            members = (labels == label).nonzero().flatten()
+            predicted[members[hits:]] = 1 - label
+        return balanced_accuracy_bound(predicted, labels, len(counts))
+
+    assert bound([10, 10], [10, 10]) == (1.0, pytest.approx(0.898, abs=0.002))
+    assert bound([100, 100], [100, 100]) == (1.0, pytest.approx(0.9885, abs=0.002))
+    balanced, lower = bound([98, 0], [98, 2])  # the majority always: accuracy 0.98
+    assert balanced == 0.5 and lower < 0.5
+
+
+def test_noise_at_98_to_2_does_not_look_solved():
+    """Pure-noise features at a 98:2 class ratio: the probe predicts the majority (accuracy
+    0.98) and its balanced accuracy says so."""
+    generator = torch.Generator().manual_seed(0)
+    train_y = (torch.rand(500, generator=generator) < 0.02).long()
+    val_y = torch.cat([torch.zeros(245, dtype=torch.long), torch.ones(5, dtype=torch.long)])
+    train_x, val_x = torch.randn(500, 32, generator=generator), torch.randn(250, 32)
+    probe = fit_probe(train_x, train_y, val_x, val_y, num_classes=2)
+    assert probe.linear_val_acc >= 0.97
+    assert probe.balanced_acc < 0.6 and probe.balanced_lower_bound < 0.5
+
+
+def test_a_small_validation_split_is_backed_by_cross_validation():
+    train_x, train_y = separable_features(300, seed=1)
+    val_x, val_y = separable_features(12, seed=2)
+    probe = fit_probe(train_x, train_y, val_x, val_y, num_classes=3)
+    assert probe.evidence == "5-fold cross-validation" and probe.evidence_images == 312
+    assert probe.balanced_acc >= 0.95 and probe.balanced_lower_bound >= 0.9
+    large = fit_probe(train_x, train_y, *separable_features(300, seed=2), num_classes=3)
+    assert large.evidence == "validation" and large.evidence_images == 300
+
+
+def test_the_probe_reads_a_seeded_sample_of_each_class(colour_folder: Path):
+    config = FinetuneConfig(data_dir=str(colour_folder), augment=False, **TINY_CONFIG)
+    images = build_datamodule(config)
+    images.setup("fit")
+    sample = per_class_sample(images.train_set, 3, seed=0)
+    labels = [label for _, label in sample.samples]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert per_class_sample(images.train_set, 3, seed=0).samples == sample.samples
+    assert per_class_sample(images.train_set, 100, seed=0) is images.train_set
 
 
 def test_probe_features_come_from_the_features_strategy_cache(colour_folder: Path, tmp_path):

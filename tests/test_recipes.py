@@ -33,8 +33,10 @@ def test_csv_recipe(colour_folder: Path, tmp_path: Path, monkeypatch):
         monkeypatch,
     )
     summary = read_summary(out)
-    # 30 images, 10% held out by the stable hashed split: at least one per class
-    assert summary.train_images + summary.val_images == 30 and summary.val_images >= 3
+    # 30 images, 10% held out for validation and 10% for test by the stable hashed split: at
+    # least one of each per class
+    assert summary.train_images + summary.val_images + summary.test_images == 30
+    assert summary.val_images >= 3 and summary.test_images >= 3
 
 
 def test_custom_imagefolder_recipe(colour_folder: Path, tmp_path: Path, monkeypatch, capsys):

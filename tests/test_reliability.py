@@ -69,7 +69,7 @@ def make_messy_folder(root: Path) -> dict[str, str]:
         "rotated.jpg": "used",
         "huge.png": "skipped",
         "one_pixel.png": "used",
-        "notes.txt": "skipped",
+        "notes.txt": "ignored",  # not an image: counted by extension, not listed
         "dangling.png": "skipped",
         "pipe.jpg": "skipped",
     }
@@ -98,9 +98,10 @@ def test_messy_folder_trains_with_every_bad_file_skipped_and_listed(tmp_path: Pa
     assert "above the limit of 10,000" in skipped["huge.png"]
     summary = read_summary(out)
     assert summary.skipped_files == len(skipped)
+    assert summary.ignored_files == {".txt": 1} and summary.unread_images == {}
     assert summary.classes == ["blue", "rouge foncé", "緑"]
     used = 3 * 6 + sum(outcome == "used" for outcome in expected.values())
-    assert summary.train_images + summary.val_images == used
+    assert summary.train_images + summary.val_images + summary.test_images == used
 
 
 def test_permission_denied_file_is_skipped(tmp_path: Path):

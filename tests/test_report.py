@@ -101,6 +101,8 @@ def test_report_shows_the_run_card_and_per_class_table(tiny_report: Report):
         "horizontal flip p=0.5",
         "colour jitter 0.4",
         "test-time augmentation",
+        "test estimate",
+        "on 12 held-out images, 95% interval",
         "skipped files",
         "Most confused pairs",
         "Worst mistakes",

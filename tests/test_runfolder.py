@@ -8,6 +8,7 @@ import pytest
 
 from tlkit.config import FinetuneConfig
 from tlkit.errors import RunFolderError
+from tlkit.metrics import accuracy_interval
 from tlkit.runfolder import (
     SUMMARY,
     FinishedRun,
@@ -59,6 +60,10 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         "feature_cache": {"train": {"reused": False}},
         "auto_decision": {"choices": {"strategy": {"value": "partial", "reason": "why"}}},
         "linear_probe": {"linear_val_acc": 0.9, "knn_val_acc": 0.8, "knn_k": 20},
+        "test_acc": 0.75,
+        "test_acc_interval": [0.4677, 0.9111],
+        "ignored_files": {".ogg": 7858, ".txt": 952},
+        "unread_images": {".svg": 248},
     }
     summary = RunSummary.from_dict(values)
     assert summary.preprocessing == Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
@@ -70,6 +75,8 @@ def test_summary_round_trips_through_json(tmp_path: Path):
 def test_an_older_summary_loads_with_defaults_and_unknown_keys_are_kept(tmp_path: Path):
     summary = RunSummary.from_dict(FIRST_SUMMARY)
     assert summary.resumed is False and summary.feature_cache is None
+    assert summary.test_acc_interval is None
+    assert summary.ignored_files == {} and summary.unread_images == {}
 
     newer = RunSummary.from_dict({**FIRST_SUMMARY, "written_by_a_newer_tlkit": [1, 2]})
     assert newer.extra == {"written_by_a_newer_tlkit": [1, 2]}
@@ -94,6 +101,15 @@ def test_a_broken_summary_is_a_clear_error(tmp_path: Path, text: str, message: s
     with pytest.raises(RunFolderError, match=message) as raised:
         read_summary(tmp_path)
     assert str(tmp_path / SUMMARY) in str(raised.value)
+
+
+def test_the_test_accuracy_interval_is_the_wilson_score_interval():
+    # By hand, 8 of 10 correct, z = 1.959964: centre (0.8 + z^2/20) / (1 + z^2/10) = 0.716740,
+    # half-width z / (1 + z^2/10) * sqrt(0.8 * 0.2 / 10 + z^2/400) = 0.226578.
+    assert accuracy_interval(0.8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-5)
+    low, high = accuracy_interval(0.77, 146)  # the example: about +-7 points
+    assert high - low == pytest.approx(0.137, abs=0.002) and low < 0.77 < high
+    assert accuracy_interval(1.0, 12)[1] == 1.0 and accuracy_interval(0.0, 12)[0] == 0.0
 
 
 def test_skipped_files_round_trip(tmp_path: Path):

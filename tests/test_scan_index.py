@@ -18,7 +18,7 @@ from tlkit.data import images as data_module
 from tlkit.data import scan_index
 from tlkit.data.datasets import ImageDataset, read_load_failures
 from tlkit.data.sources import scan
-from tlkit.data.split import split_train_val
+from tlkit.data.split import split_samples
 
 
 @pytest.fixture
@@ -185,7 +185,8 @@ def test_the_split_is_the_same_with_and_without_the_index(folder: Path, tmp_path
     without = scan(folder, use_index=False)
     cold, warm = scan(folder, scan_cache=cache), scan(folder, scan_cache=cache)
     assert without.samples == cold.samples == warm.samples
-    splits = [split_train_val(result.samples, 0.3, 0, folder) for result in (without, warm)]
+    fractions = {"val": 0.3, "test": 0.1}
+    splits = [split_samples(result.samples, fractions, 0, folder) for result in (without, warm)]
     assert splits[0] == splits[1]
 
 

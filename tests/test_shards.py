@@ -79,6 +79,39 @@ def test_conversion_keeps_the_folder_runs_classes_split_and_bytes(
         convert(colour_folder, converted, progress=False)
 
 
+def test_a_one_folder_conversion_holds_out_the_same_test_split(tmp_path: Path, caplog):
+    data = tmp_path / "data"
+    write_colour_images(data, per_class=5, seed=0, size=8)
+    (data / "red" / "about.txt").write_text("not an image")
+    out = tmp_path / "converted"
+    dataset = convert(data, out, workers=1, progress=False)
+    folder = ImageDataModule(data, None).scan_splits()
+    assert dataset.counts == {split: len(samples) for split, samples in folder.items()}
+    assert dataset.counts["test"] >= 3  # one per class at least
+    assert dataset.metadata["test_fraction"] == 0.1
+    assert (dataset.metadata["ignored_files"], dataset.metadata["unread_images"]) == (
+        {".txt": 1},
+        {},
+    )
+    images = ShardDataModule(out, None, test_fraction=0.2)
+    with caplog.at_level("INFO", logger="tlkit"):
+        assert images.scan_splits() == dataset.samples()
+    assert "split fixed by tlkit convert is used (seed 0, val fraction 0.1, test fraction 0.1)" in (
+        caplog.text
+    )
+    assert images.other_files.counts() == ({".txt": 1}, {})
+    # A marker written before tlkit held out test splits has no test fraction: read as 0.
+    marker = json.loads((out / MARKER).read_text())
+    del marker["test_fraction"], marker["ignored_files"], marker["unread_images"]
+    (out / MARKER).write_text(json.dumps(marker))
+    caplog.clear()
+    older = ShardDataModule(out, None, test_fraction=0.0)
+    with caplog.at_level("INFO", logger="tlkit"):
+        older.scan_splits()
+    assert "split fixed by tlkit convert" not in caplog.text
+    assert older.other_files.counts() == ({}, {})
+
+
 def test_an_interrupted_conversion_never_looks_complete(
     colour_folder: Path, tmp_path: Path, monkeypatch, capsys
 ):
@@ -228,7 +261,7 @@ def test_evaluate_predict_and_report_read_converted_splits(
     assert from_shards["top1"] == pytest.approx(read_summary(tiny_run).test_acc)
     assert labelled_split(converted)[1] == labelled_split(converted / "test")[1] == "test"
 
-    rows, skipped = predict(tiny_run, [converted / "test"], accelerator="cpu")
+    rows, skipped, _ = predict(tiny_run, [converted / "test"], accelerator="cpu")
     test_paths = {path for path, split in read_split(tiny_run).items() if split == "test"}
     assert not skipped and {row["path"] for row in rows} == test_paths
 
@@ -239,12 +272,13 @@ def test_evaluate_predict_and_report_read_converted_splits(
 
 @pytest.fixture(scope="module")
 def converted_for_ddp(tmp_path_factory) -> Path:
-    """train/ 24 images (3 whole batches of 4 per process), val/ 3 (not a multiple of 2)."""
+    """train/ 24 images (3 whole batches of 4 per process), val/ 3 (not a multiple of 2), no
+    test split held out of train/."""
     root = tmp_path_factory.mktemp("ddp-data")
     write_colour_images(root / "train", per_class=8, seed=2, size=32)
     write_colour_images(root / "val", per_class=1, seed=3, size=32)
     out = root / "converted"
-    convert(root, out, workers=1, progress=False)
+    convert(root, out, workers=1, test_fraction=0.0, progress=False)
     return out
 
 

@@ -1,7 +1,11 @@
-"""The train/validation split: stable under added and removed files, recorded in split.csv,
-and reused by --resume."""
+"""The train/validation/test split: stable under added and removed files, recorded in
+split.csv, and reused by --resume; the test estimate it gives a run."""
 
 import csv
+import json
+import logging
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from pytorch_lightning.callbacks import Callback
 
 from tlkit.config import FinetuneConfig
 from tlkit.data.datamodule import ImageDataModule
+from tlkit.metrics import accuracy_interval
 from tlkit.runfolder import Preprocessing, read_split, read_summary
 from tlkit.train.finetune import finetune
 
@@ -74,7 +79,7 @@ class StopAfterFirstEpoch(Callback):
         trainer.should_stop = True
 
 
-def test_split_csv_is_written_and_resume_trains_on_the_recorded_split(tmp_path: Path, capsys):
+def test_split_csv_is_written_and_resume_trains_on_the_recorded_split(tmp_path: Path, caplog):
     data = tmp_path / "data"
     write_colour_images(data / "train", per_class=6, seed=0, size=16)
     write_colour_images(data / "test", per_class=2, seed=1, size=16)
@@ -101,7 +106,7 @@ def test_split_csv_is_written_and_resume_trains_on_the_recorded_split(tmp_path: 
         writer = csv.writer(handle)
         writer.writerow(["path", "split"])
         writer.writerows(recorded.items())
-    capsys.readouterr()
+    caplog.clear()
     summary = finetune(config, resume=True, enable_progress_bar=False)
     counts = {split: sum(s == split for s in recorded.values()) for split in ("train", "val")}
     assert summary.train_images == counts["train"] - 1  # the vanished one
@@ -112,7 +117,7 @@ def test_split_csv_is_written_and_resume_trains_on_the_recorded_split(tmp_path: 
     assert list(skipped) == [str(data / vanished)]
     assert "split.csv" in skipped[str(data / vanished)]
     assert "train/red/new.png" not in read_split(out)
-    assert "1 image not in the recorded split" in capsys.readouterr().err
+    assert "1 image not in the recorded split" in caplog.text
     assert read_summary(out).resumed is True
 
 
@@ -124,3 +129,106 @@ def test_resume_without_a_recorded_split_is_a_clear_error(tmp_path: Path):
     (Path(config.out) / "split.csv").unlink()
     with pytest.raises(FileNotFoundError, match="split.csv"):
         finetune(config, resume=True, enable_progress_bar=False)
+
+
+def split_sides(data: Path, **options) -> dict[str, str]:
+    """{name relative to data: train | val | test} of a fresh data module's split."""
+    module = ImageDataModule(data, PREPROCESSING, num_workers=0, **options)
+    module.setup()
+    datasets = {"train": module.train_set, "val": module.val_set, "test": module.test_set}
+    return {
+        str(Path(path).relative_to(data)): split
+        for split, dataset in datasets.items()
+        if dataset is not None
+        for path, _ in dataset.samples
+    }
+
+
+def test_a_folder_without_a_test_split_gets_one_stable_under_added_files(tmp_path: Path):
+    data = tmp_path / "data"
+    write_colour_images(data, per_class=20, seed=0, size=8)
+    for size in (1, 2, 3):  # small classes: what each is guaranteed
+        (data / f"small{size}").mkdir()
+        for index in range(size):
+            Image.new("RGB", (8, 8), (index, 0, 0)).save(data / f"small{size}" / f"{index}.png")
+    before = split_sides(data, val_fraction=0.2, test_fraction=0.2)
+    validation_only = split_sides(data, val_fraction=0.2, test_fraction=0)
+    assert {name for name, side in validation_only.items() if side == "val"} == {
+        name for name, side in before.items() if side == "val"
+    }  # the test split leaves the validation split as it was
+    assert "test" not in validation_only.values()
+
+    def sides_of(split: dict[str, str], folder: str) -> list[str]:
+        return sorted(side for name, side in split.items() if name.startswith(f"{folder}/"))
+
+    for colour in ("red", "green", "blue"):
+        tested = sides_of(before, colour).count("test")
+        assert 1 <= tested <= 10  # about 4 of 20 (binomial, 20%)
+    assert sides_of(before, "small3") == ["test", "train", "val"]
+    assert sides_of(before, "small2") == ["train", "val"]
+    assert sides_of(before, "small1") == ["train"]
+
+    # Grow the large classes by half: no earlier file changes side.
+    for colour in ("red", "green", "blue"):
+        for index in range(10):
+            Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(data / colour / f"new{index}.png")
+    grown = split_sides(data, val_fraction=0.2, test_fraction=0.2)
+    assert {name: grown[name] for name in before} == before
+    assert len(grown) == len(before) + 30
+
+
+def test_given_folders_win_and_the_missing_splits_are_held_out(tmp_path: Path):
+    data = tmp_path / "data"
+    write_colour_images(data / "train", per_class=10, seed=0, size=8)
+    carved = split_sides(data)  # train/ alone: validation and test held out of it
+    assert set(carved.values()) == {"train", "val", "test"}
+    write_colour_images(data / "val", per_class=2, seed=1, size=8)
+    with_val = split_sides(data)  # train/ + val/: test held out of train/
+    assert {name for name, side in with_val.items() if side == "val"} == {
+        name for name in with_val if name.startswith("val/")
+    }
+    assert {name for name, side in with_val.items() if side == "test"} and all(
+        name.startswith("train/") for name, side in with_val.items() if side == "test"
+    )
+    write_colour_images(data / "test", per_class=2, seed=2, size=8)
+    given = split_sides(data)  # train/ + val/ + test/: nothing held out
+    assert all(name.startswith(f"{side}/") for name, side in given.items())
+    shutil.rmtree(data / "val")
+    with_test = split_sides(data)  # train/ + test/: validation held out of train/, as before
+    assert {name for name, side in with_test.items() if side == "test"} == {
+        name for name in with_test if name.startswith("test/")
+    }
+    assert "val" in with_test.values()
+
+
+def test_the_run_reports_its_test_estimate_or_says_what_its_number_is(tmp_path: Path, caplog):
+    data = tmp_path / "data"
+    write_colour_images(data, per_class=8, seed=0, size=16)
+    tested = FinetuneConfig(
+        data_dir=str(data), out=str(tmp_path / "tested"), epochs=1, **TINY_CONFIG
+    )
+    with caplog.at_level(logging.INFO, logger="tlkit"):
+        summary = finetune(tested, enable_progress_bar=False)
+    recorded = read_split(Path(tested.out))
+    assert summary.test_images == sum(side == "test" for side in recorded.values()) >= 3
+    written = json.loads((Path(tested.out) / "summary.json").read_text())
+    assert written["test_images"] == summary.test_images
+    low, high = written["test_acc_interval"]
+    assert [low, high] == [
+        round(bound, 4) for bound in accuracy_interval(summary.test_acc, summary.test_images)
+    ]
+    final = caplog.records[-1].getMessage()
+    assert f"test {summary.test_acc:.4f} on {summary.test_images} held-out images" in final
+    assert f"95% interval {low:.3f}-{high:.3f}" in final
+
+    caplog.clear()
+    untested = replace(tested, out=str(tmp_path / "untested"), test_fraction=0.0)
+    with caplog.at_level(logging.INFO, logger="tlkit"):
+        summary = finetune(untested, enable_progress_bar=False)
+    assert summary.test_images == 0 and summary.test_acc is None
+    assert summary.test_acc_interval is None
+    assert "test" not in read_split(Path(untested.out)).values()
+    final = caplog.records[-1].getMessage()
+    assert final.startswith(f"Best val {summary.best_val_acc:.4f} at epoch")
+    assert "no test split, so this validation score is the only estimate" in final
+    assert "the same images chose the checkpoint" in final and "--test-fraction" in final

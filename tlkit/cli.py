@@ -12,6 +12,7 @@
                    [--csv-paths-outside-root] [--verify full|header|none] [--scan-cache DIR]
     tlkit export   RUN_DIR --format onnx|torchscript|safetensors --out EXPORT_DIR
     tlkit convert  DATA OUT [--workers N] [--chunk-bytes SIZE] [--seed S] [--val-fraction F]
+                   [--test-fraction F]
 
 A dataset written by `tlkit convert` (LitData shards; OUT may be an s3:// or gs:// URL) is
 accepted wherever DATA_DIR or DATA is: finetune, sanity, search, evaluate, predict, report.
@@ -113,7 +114,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> FinetuneConfig:
 def _finetune(arguments: argparse.Namespace) -> int:
     config = config_from_arguments(arguments)
     if arguments.print_config:
-        print(config.to_yaml(), end="")
+        print(config.to_yaml(explain_open=True), end="")
         return 0
     from tlkit.train.finetune import finetune
 
@@ -176,6 +177,7 @@ def _convert(arguments: argparse.Namespace) -> int:
         chunk_bytes=arguments.chunk_bytes,
         seed=config.seed,
         val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
         max_image_pixels=config.max_image_pixels,
         csv_paths_outside_root=config.csv_paths_outside_root,
         overwrite=arguments.overwrite,
@@ -213,7 +215,7 @@ def _evaluate(arguments: argparse.Namespace) -> int:
 def _predict(arguments: argparse.Namespace) -> int:
     from tlkit.infer.predict import predict
 
-    rows, skipped = predict(
+    rows, skipped, other_files = predict(
         arguments.run,
         arguments.inputs,
         arguments.top_k,
@@ -226,6 +228,8 @@ def _predict(arguments: argparse.Namespace) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} unreadable files", file=sys.stderr)
+    for line in other_files.messages():
+        print(line, file=sys.stderr)
     if not rows:
         raise DatasetError("no readable image among the inputs")
     handle = open(arguments.out, "w", newline="") if arguments.out else sys.stdout
@@ -421,7 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a finished conversion in OUT"
     )
     add_config_flags(
-        convert, only=("seed", "val_fraction", "max_image_pixels", "csv_paths_outside_root")
+        convert,
+        only=(
+            "seed",
+            "val_fraction",
+            "test_fraction",
+            "max_image_pixels",
+            "csv_paths_outside_root",
+        ),
     )
     convert.set_defaults(handler=_convert)
 

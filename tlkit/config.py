@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -142,6 +143,17 @@ class FinetuneConfig:
 
     # Optimisation
     epochs: int | None = _option(None, "maximum epochs" + AUTO_HELP.format(10))
+    epoch_batches: int = _option(
+        0,
+        "training batches per epoch and process (0: all of them); --strategy auto sets it when "
+        "its schedule ends part-way through a pass over the data",
+    )
+    budget: str = _option(
+        "",
+        "time budget of the whole run, e.g. 90s, 10m, 2h or 1h30m: --strategy auto measures "
+        "this device's training speed and sizes the schedule to end within it ('': auto's "
+        "default schedule)",
+    )
     batch_size: int = _option(64, "images per batch (per device)")
     lr: float = _option(1e-3, "learning rate of the new head")
     weight_decay: float = _option(1e-4, "weight decay (not applied to biases and norm layers)")
@@ -192,6 +204,12 @@ class FinetuneConfig:
         "brightness/contrast/saturation jitter strength (0: off)" + AUTO_HELP.format(0.4),
     )
     val_fraction: float = _option(0.1, "share of the training images held out for validation")
+    test_fraction: float = _option(
+        0.1,
+        "share of the training images held out as a test split, where the data has no test/ "
+        "folder: evaluated once, at the end, for an honest estimate (0: none; the only score "
+        "is then the validation score that also chose the model)",
+    )
     max_image_pixels: int = _option(
         89_478_485, "images with more pixels are skipped as decompression bombs (Pillow's limit)"
     )
@@ -228,9 +246,15 @@ class FinetuneConfig:
     dist_strategy: DistStrategy = _option(
         "auto", "Lightning strategy: auto, ddp or fsdp (with several devices)"
     )
-    precision: Precision = _option("32", "32, 16-mixed (GPU) or bf16-mixed")
+    precision: Precision | None = _option(
+        None,
+        "32, 16-mixed (GPU) or bf16-mixed (default: bf16-mixed on CUDA devices that support it, "
+        "else 16-mixed; 32 on a CPU)",
+    )
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
-    channels_last: bool = _option(False, "channels-last memory format (faster convs on GPUs)")
+    channels_last: bool | None = _option(
+        None, "channels-last memory format, faster convolutions on GPUs (default: on with CUDA)"
+    )
     accumulate_grad_batches: int = _option(1, "batches whose gradients make one optimiser step")
     scale_lr: bool = _option(
         False, "multiply --lr by processes x accumulation (linear scaling rule for big batches)"
@@ -254,10 +278,12 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
         checks = {
             "epochs": self.epochs is None or self.epochs >= 1,
+            "epoch_batches": self.epoch_batches >= 0,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "img_size": self.img_size is None or self.img_size >= 16,
             "val_fraction": 0 < self.val_fraction < 1,
+            "test_fraction": 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1,
             "dropout": 0 <= self.dropout < 1,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "hflip": 0 <= self.hflip <= 1,
@@ -269,6 +295,8 @@ class FinetuneConfig:
             "layer_decay": 0 < self.layer_decay <= 1,
             "ema_decay": 0 < self.ema_decay < 1,
         }
+        if self.budget:
+            parse_duration(self.budget)  # a ConfigError naming the format
         invalid = [name for name, valid in checks.items() if not valid]
         if invalid:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in invalid)
@@ -279,9 +307,30 @@ class FinetuneConfig:
                 "rules out: use --dist-strategy ddp (or no --ema)"
             )
 
-    def to_yaml(self) -> str:
-        """The configuration as YAML that `--config` reads back."""
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+    def to_yaml(self, explain_open: bool = False) -> str:
+        """The configuration as YAML that `--config` reads back; `explain_open` adds a comment
+        to each value that is chosen when the run starts (`open_fields`), saying by what."""
+        text = yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+        if not explain_open:
+            return text
+        open_fields = self.open_fields()
+        lines = []
+        for line in text.splitlines():
+            name = line.split(":", 1)[0]
+            lines.append(f"{line}  # {open_fields[name]}" if name in open_fields else line)
+        return "\n".join(lines) + "\n"
+
+    def open_fields(self) -> dict[str, str]:
+        """The fields whose value is chosen when the run starts, and by what: those
+        `--strategy auto` chooses from measurements (`choices_left_to_auto`; with the epochs,
+        the epoch length), and the precision and memory format, by the device."""
+        chosen = {name: "chosen by --strategy auto" for name in self.choices_left_to_auto()}
+        if self.strategy == "auto" and self.epochs is None:
+            chosen["epoch_batches"] = "set by --strategy auto with the epochs"
+        for name in ("precision", "channels_last"):
+            if getattr(self, name) is None:
+                chosen[name] = "chosen for the device when the run starts"
+        return chosen
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -309,6 +358,22 @@ class FinetuneConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> FinetuneConfig:
         return cls.from_dict(read_yaml_mapping(path, "config keys"))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as `90s`, `10m`, `2h`, `1h30m` or `1.5h` (a plain number is
+    seconds)."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or match is None:
+        raise ConfigError(f"budget {text!r} is not a duration such as 90s, 10m, 2h or 1h30m")
+    hours, minutes, seconds = (float(part) if part else 0.0 for part in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"budget {text!r} must be longer than zero")
+    return total
+
+
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
 
 
 def read_yaml_mapping(path: str | Path, of_what: str) -> dict[str, Any]:

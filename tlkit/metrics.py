@@ -1,7 +1,8 @@
 """Classification metrics of predictions on labelled images, computed by torchmetrics.
 
 One function, `classification_metrics`, for `tlkit evaluate` and `tlkit report`, so the numbers
-a user reads in the terminal and on the report page are the same numbers.
+a user reads in the terminal and on the report page are the same numbers; and one,
+`accuracy_interval`, for how far an accuracy measured on few images can be trusted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from scipy.stats import binomtest
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_confusion_matrix,
@@ -18,6 +20,7 @@ from torchmetrics.functional.classification import (
 )
 
 TOP_K = 5  # the second accuracy reported beside top-1 (fewer with fewer classes)
+CONFIDENCE = 0.95  # of the interval given with a test accuracy
 
 
 @dataclass
@@ -80,3 +83,16 @@ def classification_metrics(
         confusion=confusion,
         per_class=per_class,
     )
+
+
+def accuracy_interval(
+    accuracy: float, images: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on `images` images: where the
+    accuracy on all images like them lies, with probability `confidence` (a binomial count of
+    correct images; SciPy's `binomtest(...).proportion_ci(method="wilson")`). Unlike the
+    normal approximation it stays inside [0, 1] and holds for small counts and accuracies
+    near 0 or 1: about 0.70-0.83 for 77% of 146 images."""
+    correct = round(accuracy * images)  # an accuracy is correct images / images
+    interval = binomtest(correct, images).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)

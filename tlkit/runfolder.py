@@ -4,12 +4,15 @@ best.ckpt      best-on-validation checkpoint (the model `evaluate` and `predict`
 last.ckpt      the latest epoch's state, for --resume
 metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
-summary.json   backbone, weights, strategy, parameter counts, classes, accuracies, timings,
-               the test-time averaging preset chosen on validation (`RunSummary`)
+summary.json   backbone, weights, strategy, parameter counts, classes, accuracies (the test
+               accuracy with its 95% interval), files not read, timings, the test-time
+               averaging preset chosen on validation (`RunSummary`)
 auto.json      `--strategy auto`'s decision: its evidence and choices, kept for a resumed run
 split.csv      every image used and its split (train, val or test), paths relative to the data
                root; `--resume` trains on exactly this split
-skipped.csv    files that could not be used, with the reason (at the scan, or while training)
+skipped.csv    image files that could not be used, with the reason (at the scan, or while
+               training); files that are not images, or images in a format tlkit does not
+               read, are only counted (summary.json)
 load_failures.csv  files that failed to load during training, appended by the data-loading
                processes; merged into skipped.csv when the run ends
 
@@ -73,11 +76,13 @@ class Preprocessing:
         )
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a crash never leaves a half-written file."""
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write text (or bytes) via a temporary file and a rename, so a crash never leaves a
+    half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+    mode = "wb" if isinstance(text, bytes) else "w"
+    with tempfile.NamedTemporaryFile(mode, dir=path.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(text)
         tmp.flush()
         os.fsync(tmp.fileno())
@@ -173,6 +178,12 @@ class RunSummary:
     feature_cache: dict[str, Any] | None = None  # features strategy: the cache per split
     auto_decision: dict[str, Any] | None = None  # --strategy auto: evidence, choices, reasons
     linear_probe: dict[str, Any] | None = None  # --lp-ft: the probe the head started from
+    # test_acc's 95% interval [low, high] (Wilson score, metrics.accuracy_interval)
+    test_acc_interval: list[float] | None = None
+    # files not read, by extension: not images (.txt, .ogg), and images in formats tlkit does
+    # not read (.svg); data.sources.OtherFiles
+    ignored_files: dict[str, int] = field(default_factory=dict)
+    unread_images: dict[str, int] = field(default_factory=dict)
     # --tta auto's preset, chosen on the validation split, with its evidence
     # (tlkit.infer.predict.choose_tta); None: not chosen (--no-choose-tta, or an older run)
     tta_choice: dict[str, Any] | None = None

@@ -37,9 +37,15 @@ from sklearn.metrics import ConfusionMatrixDisplay
 from tlkit.config import FinetuneConfig
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from tlkit.data.shards import find_converted
+from tlkit.data.sources import OtherFiles
 from tlkit.errors import ConfigError
 from tlkit.infer.predict import LabelledPredictions, load_model, predict_labelled, resolve_tta
-from tlkit.metrics import ClassificationMetrics, classification_metrics
+from tlkit.metrics import (
+    CONFIDENCE,
+    ClassificationMetrics,
+    accuracy_interval,
+    classification_metrics,
+)
 from tlkit.runfolder import SKIPPED, RunSummary, image_limits, open_run, scan_options
 
 REPORT_PAGE = "report.html"
@@ -302,7 +308,6 @@ def run_card(
     preprocessing = summary.preprocessing
     classes = summary.classes
     best_val = summary.best_val_acc
-    test_acc = summary.test_acc
     best = f"{best_val:.4f} at epoch {summary.best_epoch}" if best_val is not None else "?"
     rows = [
         ("run folder", str(run_dir)),
@@ -335,12 +340,8 @@ def run_card(
             f"train {summary.train_images}, validation {summary.val_images}, "
             f"test {summary.test_images}",
         ),
-        (
-            "result",
-            f"{summary.epochs_run} of {config.epochs} epochs; best validation "
-            + best
-            + (f"; test {test_acc:.4f} (at training time)" if test_acc is not None else ""),
-        ),
+        ("result", f"{summary.epochs_run} of {config.epochs} epochs; best validation {best}"),
+        ("test estimate", _test_estimate(summary)),
         ("test-time augmentation", _tta_description(tta_cost)),
         ("chosen for --tta auto", _tta_choice_description(summary.tta_choice)),
         ("training time", f"{summary.wall_time_s} s"),
@@ -361,7 +362,29 @@ def run_card(
             f"training {summary.skipped_files} (listed in {SKIPPED})" + evaluation_skipped,
         )
     )
+    other_files = OtherFiles.from_counts(summary.ignored_files, summary.unread_images)
+    if other_files.messages():
+        rows.append(("files not read", "; ".join(other_files.messages())))
     return rows
+
+
+def _test_estimate(summary: RunSummary) -> str:
+    """The test accuracy at training time with its image count and interval (computed for
+    summaries written before tlkit recorded it), or why there is none."""
+    if summary.test_acc is None:
+        if summary.test_images:
+            return f"none: the {summary.test_images} test images were not evaluated"
+        return (
+            "none: no test split; the best validation score also chose the checkpoint and "
+            "when to stop, so it flatters the model (keep a test split: --test-fraction)"
+        )
+    low, high = summary.test_acc_interval or accuracy_interval(
+        summary.test_acc, summary.test_images
+    )
+    return (
+        f"{summary.test_acc:.4f} on {summary.test_images} held-out images, {CONFIDENCE:.0%} "
+        f"interval {low:.3f}-{high:.3f} (Wilson), at training time"
+    )
 
 
 def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, str]]:
@@ -391,10 +414,44 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
             f"({evidence.get('probe_seconds')} s)",
         ),
     ]
+    if evidence.get("probe_balanced_acc") is not None:
+        rows.append(
+            (
+                "probe's balanced accuracy",
+                f"{_number(evidence['probe_balanced_acc'], 4)}, at least "
+                f"{_number(evidence['probe_balanced_lower_bound'], 4)}",
+                f"95% confidence, on {evidence.get('probe_evidence')} "
+                f"({evidence.get('probe_images')} training images probed)",
+            )
+        )
     for name, choice in decision.get("choices", {}).items():
-        rows.append((f"chose {name}", str(choice.get("value")), str(choice.get("reason"))))
+        if choice.get("applies", True):
+            rows.append((f"chose {name}", str(choice.get("value")), str(choice.get("reason"))))
     if decision.get("given"):
         rows.append(("kept as given", ", ".join(decision["given"]), "flags or config keys"))
+    planned = decision.get("budget")
+    if planned:
+        throughput = planned["throughput"]
+        steps = "; ".join(planned["stepped_down"]) or "none"
+        rows.append(
+            (
+                "budget",
+                f"{planned['seconds']:.0f} s, predicted {planned['predicted_s']:.0f} s",
+                f"{throughput['train_images_per_s']:.0f} training, "
+                f"{throughput['eval_images_per_s']:.0f} evaluation images/s measured on "
+                f"{throughput['device']}; stepped down: {steps}",
+            )
+        )
+    head = decision.get("head")
+    if head:
+        rows.append(
+            (
+                "head kept",
+                head["kept"],
+                f"validation: linear probe {_number(head['probe_val_acc'], 4)}, trained head "
+                f"{_number(head['trained_val_acc'], 4)}",
+            )
+        )
     return rows
 
 

@@ -48,6 +48,7 @@ from tlkit.model.classifier import TransferClassifier
 from tlkit.model.strategies import trainable_parameter_names
 from tlkit.runfolder import Preprocessing
 from tlkit.train.build import build_datamodule, build_model, check_config, provisional_strategy
+from tlkit.train.hardware import device_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -518,6 +519,7 @@ def run_sanity_checks(
         # fixed values (finetune.provisional_strategy).
         config = dataclasses.replace(config, strategy=provisional_strategy(config))
     check_config(config)
+    config = device_defaults(config)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")

@@ -20,8 +20,8 @@ from tlkit.data.datasets import (
     process_sampler,
     read_load_failures,
 )
-from tlkit.data.sources import ScanResult, data_root, relative_path, scan
-from tlkit.data.split import split_train_val
+from tlkit.data.sources import OtherFiles, ScanResult, data_root, relative_path, scan
+from tlkit.data.split import split_samples
 from tlkit.errors import DatasetError
 from tlkit.runfolder import Preprocessing
 
@@ -41,8 +41,11 @@ class BaseImageDataModule(pl.LightningDataModule):
     each split (`scan_splits`) and read them (`images`).
 
     `augmentation` holds keyword arguments of `augment.train_transform` (scale range, flip,
-    jitter); `augment=False` trains on the evaluation transform. `classes`, `skipped` and the
-    datasets are available after `setup()`. `recorded_split` ({path relative to the data root:
+    jitter); `augment=False` trains on the evaluation transform. `val_fraction` and
+    `test_fraction` are the shares of the images held out where the data has no such split of
+    its own (`split.split_samples`). `classes`, `skipped` (unusable image files, with the
+    reason), `other_files` (files not read, counted) and the datasets are available after
+    `setup()`. `recorded_split` ({path relative to the data root:
     train | val | test}, a run's split.csv) is the split a resumed run must train on. With
     `load_failure_log`, images that fail to load during training are recorded there
     (`load_failures()`) and skipped instead of stopping the run.
@@ -55,6 +58,7 @@ class BaseImageDataModule(pl.LightningDataModule):
         batch_size: int = _default("batch_size"),
         num_workers: int = _default("num_workers"),
         val_fraction: float = _default("val_fraction"),
+        test_fraction: float = _default("test_fraction"),
         seed: int = _default("seed"),
         augment: bool = _default("augment"),
         augmentation: dict | None = None,
@@ -68,6 +72,7 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers < 0 else num_workers
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.augment = augment
         self.augmentation = augmentation or {}
@@ -76,13 +81,17 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.load_failure_log = Path(load_failure_log) if load_failure_log else None
         self.classes: list[str] = []
         self.skipped: list[tuple[str, str]] = []
+        self.other_files = OtherFiles()
+        # (width, height) as stored, by sample path, of the images whose size the scan read
+        # (none with --verify none): free evidence of the sources' sizes for --strategy auto
+        self.image_sizes: dict[str, tuple[int, int]] = {}
         self.train_set: LabelledImages | None = None
         self.val_set: LabelledImages | None = None
         self.test_set: LabelledImages | None = None
 
     def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
         """The `(path, class index)` samples of train, val and (where there is one) test; sets
-        `classes` and `skipped`."""
+        `classes`, `skipped`, `other_files` and `image_sizes`."""
         raise NotImplementedError
 
     def images(
@@ -153,7 +162,10 @@ class BaseImageDataModule(pl.LightningDataModule):
 
 class ImageDataModule(BaseImageDataModule):
     """The data module of an image folder or CSV (see `sources` for the layouts): scanned
-    with `verify` and the scan index in `scan_cache`, split stably (`split.split_train_val`).
+    with `verify` and the scan index in `scan_cache`, split stably (`split.split_samples`):
+    of a layout without `val/` or `test/` folders, `val_fraction` and `test_fraction` of the
+    training images are held out (a given folder is used instead; `test_fraction` 0 holds out
+    no test split).
     `preprocessing` may be None where only `scan_splits()` is used (`tlkit convert`).
 
     A `recorded_split` replaces the computed split: recorded images that are gone are
@@ -191,9 +203,10 @@ class ImageDataModule(BaseImageDataModule):
         return relative_path(path, self.root)
 
     def scan_splits(self) -> dict[str, list[tuple[str, int]]]:
-        """Scan the data and split it: the `(path, class index)` samples of train, val and (with
-        a test/ folder) test. Sets `classes` and `skipped`. `setup` builds the datasets from it;
-        `tlkit convert` writes it into shards (and needs no `preprocessing`)."""
+        """Scan the data and split it: the `(path, class index)` samples of train, val and
+        test (empty with `test_fraction` 0 and no test/ folder, or classes too small to hold
+        one out). Sets `classes`, `skipped` and `other_files`. `setup` builds the datasets from
+        it; `tlkit convert` writes it into shards (and needs no `preprocessing`)."""
         split_dir = self.data_dir / "train"
         train_scan = self._scan(split_dir if split_dir.is_dir() else self.data_dir)
         self.classes = train_scan.classes
@@ -202,17 +215,22 @@ class ImageDataModule(BaseImageDataModule):
                 f"{self.data_dir}: found one class ({self.classes[0]}); a classifier needs two"
             )
         self.skipped = list(train_scan.skipped)
-        val_dir, test_dir = self.data_dir / "val", self.data_dir / "test"
-        splits: dict[str, list[tuple[str, int]]] = {}
-        if split_dir.is_dir() and val_dir.is_dir():
-            splits["train"] = train_scan.samples
-            splits["val"] = self._scan_split(val_dir).samples
-        else:
-            splits["train"], splits["val"] = split_train_val(
-                train_scan.samples, self.val_fraction, self.seed, self.root
-            )
-        if split_dir.is_dir() and test_dir.is_dir():
-            splits["test"] = self._scan_split(test_dir).samples
+        self.image_sizes = dict(train_scan.image_sizes)
+        self.other_files = OtherFiles()
+        self.other_files.update(train_scan.other_files)
+        given = {
+            split: self._scan_split(self.data_dir / split).samples
+            for split in ("val", "test")
+            if split_dir.is_dir() and (self.data_dir / split).is_dir()
+        }
+        fractions = {"val": self.val_fraction, "test": self.test_fraction}
+        held_out = {
+            split: fraction
+            for split, fraction in fractions.items()
+            if split not in given and fraction > 0
+        }
+        splits = split_samples(train_scan.samples, held_out, self.seed, self.root)
+        splits = {"train": splits["train"], "val": [], "test": [], **splits, **given}
         if self.recorded_split is not None:
             splits = self._follow_recorded_split(splits, self.recorded_split)
         return splits
@@ -257,4 +275,6 @@ class ImageDataModule(BaseImageDataModule):
     def _scan_split(self, folder: Path) -> ScanResult:
         result = self._scan(folder, self.classes)
         self.skipped += result.skipped
+        self.other_files.update(result.other_files)
+        self.image_sizes |= result.image_sizes
         return result

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
@@ -89,6 +90,11 @@ class LabelledImages(Dataset):
         """The samples at `positions`, with this transform, seed and failure log."""
         raise NotImplementedError
 
+    def stored_size(self, position: int) -> tuple[int, int] | None:
+        """(width, height) of sample `position` from its header, no pixels decoded; None if
+        it cannot be read."""
+        raise NotImplementedError
+
     def fingerprint(self) -> str | None:
         """What identifies these images beyond their paths and labels (a feature cache's key),
         or None: image files are identified by their sizes and modification times."""
@@ -155,6 +161,13 @@ class ImageDataset(LabelledImages):
     def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
         image = load_rgb(self.samples[position][0], max_pixels=self.max_pixels)
         return image, position if self.split_indices is None else self.split_indices[position]
+
+    def stored_size(self, position: int) -> tuple[int, int] | None:
+        try:
+            with Image.open(self.samples[position][0]) as image:
+                return image.size
+        except LOAD_ERRORS:
+            return None
 
     def subset(self, positions: list[int]) -> ImageDataset:
         indices = self.split_indices or range(len(self.samples))

@@ -2,7 +2,8 @@
 
 `load_rgb` is tlkit's one decoder (files and shard bytes alike): EXIF orientation applied, any
 mode made RGB, decompression bombs refused before decoding. `inspect_image(s)` checks files as
-the scan's `--verify` mode says.
+the scan's `--verify` mode says. `IMAGE_EXTENSIONS` are the files tlkit reads as images;
+`UNREAD_IMAGE_FORMATS` the image formats it does not read, with what to do with them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,27 @@ IMAGE_EXTENSIONS = {
     ".pbm",
 }
 IMAGE_SUFFIXES = tuple(IMAGE_EXTENSIONS)  # for str.endswith, faster than splitting names
+# Images in formats Pillow does not decode (without plug-ins tlkit does not install), and what
+# to do with them: a folder that holds them is told so, not left to think they were read.
+_VECTOR = (
+    "vector drawings: rasterise them to PNG first, e.g. `rsvg-convert -w 512 -o x.png x.svg` "
+    "(librsvg) or `inkscape x.svg -o x.png`"
+)
+_HEIF = "HEIF photos: convert them to JPEG first, e.g. `heif-convert x.heic x.jpg` (libheif)"
+_RAW = (
+    "camera raw files: develop them to JPEG or TIFF first, e.g. `darktable-cli x.nef x.jpg` "
+    "or `dcraw -T x.nef` (writes x.tiff)"
+)
+UNREAD_IMAGE_FORMATS = {
+    ".svg": _VECTOR,
+    ".svgz": _VECTOR,
+    ".heic": _HEIF,
+    ".heif": _HEIF,
+    **dict.fromkeys(
+        (".arw", ".cr2", ".cr3", ".dng", ".nef", ".nrw", ".orf", ".pef", ".raf", ".rw2", ".srw"),
+        _RAW,
+    ),
+}
 SCAN_DRAFT_SIZE = (64, 64)  # JPEGs are checked with a fast reduced-size decode
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb threshold
 # What decoding a broken, vanished, oversized or unreadable file raises (Pillow, the OS, numpy)

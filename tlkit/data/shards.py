@@ -5,10 +5,11 @@ stable split, same skipped files), then writes each split with `litdata.optimize
 OUT/train, OUT/val and OUT/test: every sample holds the file's original encoded bytes, its class
 index, its path relative to the data root and its index in the split (the folder run's order,
 which seeds its augmentation). Beside them: classes.txt, skipped.csv, split.csv (path, split,
-label; per split in the shards' own order) and, written last, the marker `tlkit-shards.json`
-(classes, counts, split seed and validation fraction, source, versions). A folder without the
-marker is never taken for a converted dataset, so an interrupted conversion cannot look complete;
-converting into it again starts over.
+label, and the width and height the scan read; per split in the shards' own order) and,
+written last, the marker `tlkit-shards.json` (classes, counts, split seed, validation and test
+fractions, files not read, source, versions). A folder without the marker is never taken for a
+converted dataset, so an interrupted conversion cannot look complete; converting into it again
+starts over.
 
 Samples are written in a seeded random order: LitData shuffles the order of its chunks and the
 items inside a chunk, so chunks written class by class (the scan's order) would give batches of
@@ -51,6 +52,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 # LitData's own S3/GCS client for a URL (private, but the one its readers and optimize use,
 # with the same credentials), for the few small files tlkit keeps beside the shards.
 from litdata.streaming.fs_provider import _get_fs_provider
+from PIL import Image
 
 from tlkit import __version__
 from tlkit.choices import SHARD_CHUNK_BYTES
@@ -62,7 +64,7 @@ from tlkit.data.datasets import (
     drops_last_batch,
 )
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
-from tlkit.data.sources import relative_path
+from tlkit.data.sources import OtherFiles, relative_path
 from tlkit.errors import ConfigError, DatasetError, OutputExistsError, RunFolderError
 from tlkit.runfolder import Preprocessing, write_atomic
 
@@ -77,6 +79,9 @@ SPLITS = ("train", "val", "test")
 FORMAT = "tlkit-litdata-shards"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = {"classes", "counts", "seed", "val_fraction", "max_image_pixels"}
+# The marker's counts of the files not read (`OtherFiles.counts`); markers written before
+# tlkit recorded them, or a test fraction, lack the keys (read as none, and as 0).
+OTHER_FILES_KEYS = ("ignored_files", "unread_images")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +187,16 @@ class ConvertedDataset:
         """The LitData dataset (index.json and chunks) of one split."""
         return join(self.location, split)
 
+    def image_sizes(self) -> dict[str, tuple[int, int]]:
+        """(width, height) as stored, by relative path, of the images whose size the
+        conversion's scan read (none in a conversion made before tlkit recorded them)."""
+        text = _read_text(self.location, SPLIT_TABLE) or ""
+        return {
+            row["path"]: (int(row["width"]), int(row["height"]))
+            for row in csv.DictReader(io.StringIO(text))
+            if row.get("width") and row.get("height")
+        }
+
     def samples(self) -> dict[str, list[tuple[str, int]]]:
         """Per split, `(path relative to the data root, class index)` in the shards' order."""
         text = _read_text(self.location, SPLIT_TABLE)
@@ -264,6 +279,7 @@ def convert(
     chunk_bytes: str | int = SHARD_CHUNK_BYTES,
     seed: int = FinetuneConfig.field_default("seed"),
     val_fraction: float = FinetuneConfig.field_default("val_fraction"),
+    test_fraction: float = FinetuneConfig.field_default("test_fraction"),
     max_image_pixels: int = FinetuneConfig.field_default("max_image_pixels"),
     csv_paths_outside_root: bool = False,
     overwrite: bool = False,
@@ -280,6 +296,7 @@ def convert(
         data,
         None,
         val_fraction=val_fraction,
+        test_fraction=test_fraction,
         seed=seed,
         max_image_pixels=max_image_pixels,
         csv_paths_outside_root=csv_paths_outside_root,
@@ -288,6 +305,7 @@ def convert(
     _write_text(out, CONVERTING, f"tlkit convert {data} started {_now()}\n")
     for name in (MARKER, *SPLITS):  # what an overwritten or interrupted conversion left
         _remove(out, name)
+    images.other_files.log(logger)
     rows: list[tuple[str, str, str]] = []
     counts: dict[str, int] = {}
     for split_number, (split, samples) in enumerate(splits.items()):
@@ -302,12 +320,15 @@ def convert(
         ]
         logger.info(f"Writing {len(items)} {split} images to {join(out, split)}")
         _optimize(items, join(out, split), workers, chunk_bytes, progress)
-        rows += [(relative, split, images.classes[label]) for _, label, relative, _ in items]
+        rows += [
+            (relative, split, images.classes[label], *images.image_sizes.get(path, ("", "")))
+            for path, label, relative, _ in items
+        ]
         counts[split] = len(items)
 
     _write_text(out, CLASSES, "".join(f"{name}\n" for name in images.classes))
     table = io.StringIO()
-    csv.writer(table).writerows([("path", "split", "label"), *rows])
+    csv.writer(table).writerows([("path", "split", "label", "width", "height"), *rows])
     _write_text(out, SPLIT_TABLE, table.getvalue())
     skipped = io.StringIO()
     csv.writer(skipped).writerows([("path", "reason"), *images.skipped])
@@ -322,8 +343,10 @@ def convert(
         "classes": images.classes,
         "counts": counts,
         "skipped_files": len(images.skipped),
+        **dict(zip(OTHER_FILES_KEYS, images.other_files.counts(), strict=True)),
         "seed": seed,
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "max_image_pixels": max_image_pixels,
         "csv_paths_outside_root": csv_paths_outside_root,
         "chunk_bytes": chunk_bytes,
@@ -479,13 +502,23 @@ class ShardImages(LabelledImages):
         return hashlib.sha256(index.encode()).hexdigest()
 
     def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
+        sample = self._sample(position)
+        image = load_rgb(io.BytesIO(sample["image"]), max_pixels=self.max_pixels)
+        return image, int(sample["index"])
+
+    def stored_size(self, position: int) -> tuple[int, int] | None:
+        try:
+            with Image.open(io.BytesIO(self._sample(position)["image"])) as image:
+                return image.size
+        except LOAD_ERRORS:
+            return None
+
+    def _sample(self, position: int) -> dict[str, Any]:
         if self._streaming is None:
             self._streaming = StreamingDataset(
                 self.location, cache_dir=remote_cache(self.location, self.chunk_cache_dir)
             )
-        sample = self._streaming[self.positions[position]]
-        image = load_rgb(io.BytesIO(sample["image"]), max_pixels=self.max_pixels)
-        return image, int(sample["index"])
+        return self._streaming[self.positions[position]]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_streaming": None}
@@ -545,8 +578,8 @@ class ShardDataModule(BaseImageDataModule):
     that torchrun and Lightning's launcher do not all set (GLOBAL_RANK), and every process would
     read the same data (litData issues #250, #411).
 
-    The split is the one fixed at conversion; `val_fraction` is only compared with the
-    conversion's, and `recorded_split` (a resumed run's split.csv) must match it.
+    The split is the one fixed at conversion; `val_fraction` and `test_fraction` are only
+    compared with the conversion's, and `recorded_split` (a resumed run's split.csv) must match it.
     `chunk_cache_dir`: where LitData keeps the chunks of a dataset in an object store (None:
     LitData's default, ~/.lightning/chunks or $LITDATA_CACHE_DIR).
 
@@ -580,14 +613,24 @@ class ShardDataModule(BaseImageDataModule):
                 f"{converted.max_image_pixels:,}: convert again with the lower limit"
             )
         metadata = converted.metadata
-        if (metadata["seed"], metadata["val_fraction"]) != (self.seed, self.val_fraction):
+        converted_split = (
+            metadata["seed"],
+            metadata["val_fraction"],
+            metadata.get("test_fraction", 0.0),
+        )
+        if converted_split != (self.seed, self.val_fraction, self.test_fraction):
             logger.info(
                 f"{self.data_dir}: the split fixed by tlkit convert is used (seed "
-                f"{metadata['seed']}, val fraction {metadata['val_fraction']})"
+                f"{converted_split[0]}, val fraction {converted_split[1]}, test fraction "
+                f"{converted_split[2]})"
             )
         self.converted = converted
         self.classes = converted.classes
         self.skipped = converted.skipped()
+        self.other_files = OtherFiles.from_counts(
+            *(metadata.get(key, {}) for key in OTHER_FILES_KEYS)
+        )
+        self.image_sizes = converted.image_sizes()
         samples = converted.samples()
         if self.recorded_split is not None:
             self._check_recorded_split(samples)

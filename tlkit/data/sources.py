@@ -1,19 +1,24 @@
 """Image sources: class-folder trees and `path,label` CSV files, listed and checked (the scan).
 
-Every file is checked when the dataset is scanned (`--verify`: decoded, header read, or not at
-all), so a broken file is found before training starts: it is skipped, counted and listed
-(`ScanResult.skipped`), never a crash in a data-loader worker hours later. What the scan learns
+Every image file is checked when the dataset is scanned (`--verify`: decoded, header read, or
+not at all), so a broken file is found before training starts: it is skipped, counted and
+listed with its reason (`ScanResult.skipped`), never a crash in a data-loader worker hours
+later. Files that are not images by their extension (descriptions, sounds) are not skipped but
+ignored, and images in formats tlkit does not read (SVG drawings, HEIF photos, camera raw) are
+named with what to do: both only counted by extension (`OtherFiles`). What the scan learns
 is kept in a cached index (`scan_index`), so each file is checked once, not once per command
 and per DDP rank. Layouts understood:
 
 - ``DATA/train/<class>/...`` with optional ``DATA/val/`` and ``DATA/test/``;
-- ``DATA/<class>/...``: one folder, split by `split.split_train_val`;
+- ``DATA/<class>/...``: one folder;
 - ``labels.csv`` with columns ``path,label`` (paths relative to the CSV's folder).
 
+(The splits a layout lacks are held out of its training images by `split.split_samples`.)
+
 Hidden entries (dot-files and dot-folders such as ``.ipynb_checkpoints``, and macOS archives'
-``__MACOSX``) are never classes or images. `find_images` (folder by folder: `walk_images`) is
-tlkit's one image discovery, used by training, `predict` and `export`; `csv_rows` its one CSV
-reader.
+``__MACOSX``) are never classes or images, and are not counted. `find_images` (folder by
+folder: `walk_images`) is tlkit's one image discovery, used by training, `predict` and `export`;
+`csv_rows` its one CSV reader.
 """
 
 from __future__ import annotations
@@ -25,12 +30,18 @@ import operator
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlkit.config import FinetuneConfig
-from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, inspect_images
+from tlkit.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SUFFIXES,
+    UNREAD_IMAGE_FORMATS,
+    inspect_images,
+)
 from tlkit.data.scan_index import FileCheck, ListedFile, ScanStatistics, checked_files
 from tlkit.errors import ConfigError, DatasetError
 
@@ -46,16 +57,94 @@ _default = FinetuneConfig.field_default  # defaults shared with the config are t
 
 
 @dataclass
+class OtherFiles:
+    """The files beside the images that tlkit does not read, counted by extension (lower case;
+    "" for none), never listed one by one: `ignored`, files that are not images (.txt
+    descriptions, .ogg sounds), and `unread`, images in a format tlkit does not read
+    (`images.UNREAD_IMAGE_FORMATS`: SVG drawings, HEIF photos, camera raw files)."""
+
+    ignored: Counter[str] = field(default_factory=Counter)
+    unread: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def from_counts(cls, ignored: dict[str, int], unread: dict[str, int]) -> OtherFiles:
+        """From `{extension: files}` counts as `counts` gives them (a converted dataset's
+        marker keeps them)."""
+        return cls(Counter(ignored), Counter(unread))
+
+    def add(self, name: str) -> None:
+        """Count the file `name` (a path or a file name): unread if its extension is an image
+        format tlkit does not read, else ignored."""
+        extension = os.path.splitext(name)[1].lower()
+        (self.unread if extension in UNREAD_IMAGE_FORMATS else self.ignored)[extension] += 1
+
+    def update(self, other: OtherFiles) -> None:
+        self.ignored.update(other.ignored)
+        self.unread.update(other.unread)
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """`(ignored, unread)` as {extension: files}, most files first (summary.json's
+        `ignored_files` and `unread_images`)."""
+        return _most_first(self.ignored), _most_first(self.unread)
+
+    def messages(self) -> list[str]:
+        """What to tell the user: `ignored_message`, then `unread_messages`."""
+        ignored = self.ignored_message()
+        return ([ignored] if ignored else []) + self.unread_messages()
+
+    def ignored_message(self) -> str | None:
+        """One line counting the files that are not images, by extension; None if none."""
+        ignored, _ = self.counts()
+        if not ignored:
+            return None
+        return (
+            f"Ignored {sum(ignored.values()):,} files that are not images: {_by_extension(ignored)}"
+        )
+
+    def unread_messages(self) -> list[str]:
+        """One line per kind of image tlkit does not read: the files by extension and what to
+        do with them."""
+        by_advice: dict[str, dict[str, int]] = {}
+        for extension, count in self.counts()[1].items():
+            by_advice.setdefault(UNREAD_IMAGE_FORMATS[extension], {})[extension] = count
+        return [
+            f"Not read: {_by_extension(counts)} files, {advice}"
+            for advice, counts in by_advice.items()
+        ]
+
+    def log(self, to: logging.Logger) -> None:
+        """Log `messages`: the ignored files at INFO, the unread images (which ask the user to
+        act) as warnings."""
+        ignored = self.ignored_message()
+        if ignored:
+            to.info(ignored)
+        for line in self.unread_messages():
+            to.warning(line)
+
+
+def _most_first(counts: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _by_extension(counts: dict[str, int]) -> str:
+    """`7,858 .ogg, 952 .txt` (files without an extension: `(no extension)`)."""
+    return ", ".join(
+        f"{count:,} {extension or '(no extension)'}" for extension, count in counts.items()
+    )
+
+
+@dataclass
 class ScanResult:
     """Usable samples `(path, class index)`, the class names, and what was skipped and why;
     the stored width and height of each usable image whose header was read (not with verify
-    `none`), and how the scan went (`statistics`)."""
+    `none`), how the scan went (`statistics`) and the files it did not read (`other_files`)."""
 
     samples: list[tuple[str, int]]
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     statistics: ScanStatistics | None = None
+    other_files: OtherFiles = field(default_factory=OtherFiles)
 
 
 def is_hidden(name: str) -> bool:
@@ -65,17 +154,24 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def walk_images(
-    folder: str | Path,
-) -> Iterator[tuple[list[str], list[tuple[str, str]]]]:
+# What `walk_images` yields per folder: its image files, the entries it skipped with the
+# reason (unreadable folders, pipes, dangling links), and its other files, counted.
+FolderListing = tuple[list[str], list[tuple[str, str]], OtherFiles]
+
+
+def walk_images(folder: str | Path) -> Iterator[FolderListing]:
     """Per folder below `folder` (itself first, then sub-folders in sorted order; hidden entries
-    left out; symbolic links followed once, loops cut): its image files, and its other files
-    with the reason each is not used. A caller may stop early (`export` takes a few folders)."""
-    for images, others in walk_listed(folder):
-        yield [path for path, _, _ in images], others
+    left out; symbolic links followed once, loops cut): its image files (by extension,
+    `images.IMAGE_EXTENSIONS`), the entries skipped with the reason each is not used, and the
+    other files counted by extension (`OtherFiles`). A caller may stop early (`export` takes a
+    few folders)."""
+    for images, skipped, other_files in walk_listed(folder):
+        yield [path for path, _, _ in images], skipped, other_files
 
 
-def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tuple[str, str]]]]:
+def walk_listed(
+    folder: str | Path,
+) -> Iterator[tuple[list[ListedFile], list[tuple[str, str]], OtherFiles]]:
     """`walk_images`, with each image's size and modification time (for the scan index).
 
     Written on `os.scandir` rather than `os.walk`: its entries know their type from the
@@ -83,7 +179,9 @@ def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tup
     image gives its size and time; a warm scan of a large folder is mostly this listing."""
     seen_directories: set[str] = set()
 
-    def visit(directory: str) -> Iterator[tuple[list[ListedFile], list[tuple[str, str]]]]:
+    def visit(
+        directory: str,
+    ) -> Iterator[tuple[list[ListedFile], list[tuple[str, str]], OtherFiles]]:
         real = os.path.realpath(directory)
         if real in seen_directories:
             return
@@ -92,10 +190,11 @@ def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tup
             with os.scandir(directory) as listing:
                 entries = sorted(listing, key=operator.attrgetter("name"))
         except OSError as error:
-            yield [], [(directory, f"unreadable folder: {error.strerror}")]
+            yield [], [(directory, f"unreadable folder: {error.strerror}")], OtherFiles()
             return
         images: list[ListedFile] = []
-        others: list[tuple[str, str]] = []
+        skipped: list[tuple[str, str]] = []
+        other_files = OtherFiles()
         subdirectories = []
         for entry in entries:
             if is_hidden(entry.name):
@@ -103,31 +202,34 @@ def walk_listed(folder: str | Path) -> Iterator[tuple[list[ListedFile], list[tup
             if entry.is_dir():  # follows symbolic links, as is_file() does
                 subdirectories.append(entry.path)
             elif not entry.is_file():  # never open a pipe or device: reading could hang
-                others.append((entry.path, "not a regular file (dangling link, pipe or device)"))
+                skipped.append((entry.path, "not a regular file (dangling link, pipe or device)"))
             elif not entry.name.lower().endswith(IMAGE_SUFFIXES):
-                others.append((entry.path, "not an image file extension"))
+                other_files.add(entry.name)
             else:
                 try:
                     status = entry.stat()
                 except OSError as error:  # gone since the listing
-                    others.append((entry.path, f"unreadable: {error.strerror}"))
+                    skipped.append((entry.path, f"unreadable: {error.strerror}"))
                     continue
                 images.append((entry.path, status.st_size, status.st_mtime_ns))
-        yield images, others
+        yield images, skipped, other_files
         for subdirectory in subdirectories:
             yield from visit(subdirectory)
 
     yield from visit(os.fspath(folder))
 
 
-def find_images(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Every image file below `folder` (`walk_images`), and the other files with reasons."""
+def find_images(folder: str | Path) -> FolderListing:
+    """Every image file below `folder`, the entries skipped with reasons, and the other files
+    counted (`walk_images`, all folders together)."""
     images: list[str] = []
-    others: list[tuple[str, str]] = []
-    for folder_images, folder_others in walk_images(folder):
+    skipped: list[tuple[str, str]] = []
+    other_files = OtherFiles()
+    for folder_images, folder_skipped, folder_other_files in walk_images(folder):
         images += folder_images
-        others += folder_others
-    return images, others
+        skipped += folder_skipped
+        other_files.update(folder_other_files)
+    return images, skipped, other_files
 
 
 def scan_folder(
@@ -154,16 +256,23 @@ def scan_folder(
     listed: list[ListedFile] = []
     labels: list[int] = []
     skipped: list[tuple[str, str]] = []
+    other_files = OtherFiles()
     for class_dir in class_dirs:
         count = len(listed)
-        for images, others in walk_listed(class_dir):
+        class_other_files = OtherFiles()
+        for images, folder_skipped, folder_other_files in walk_listed(class_dir):
             listed += images
-            skipped += others
+            skipped += folder_skipped
+            class_other_files.update(folder_other_files)
         if len(listed) == count:
-            raise DatasetError(f"{class_dir}: class '{class_dir.name}' has no image files")
+            raise DatasetError(
+                f"{class_dir}: class '{class_dir.name}' has no image files"
+                + "".join(f". {line}" for line in class_other_files.messages())
+            )
         labels += [index_of[class_dir.name]] * (len(listed) - count)
+        other_files.update(class_other_files)
     checks = _ScanChecks(verify, max_pixels, scan_cache, use_index)
-    return _keep_usable(listed, labels, classes, skipped, root, str(root), checks)
+    return _keep_usable(listed, labels, classes, skipped, other_files, root, str(root), checks)
 
 
 def read_csv(
@@ -177,16 +286,18 @@ def read_csv(
     use_index: bool = True,
 ) -> ScanResult:
     """Read `path,label` rows; paths are relative to the CSV's folder and must stay inside it
-    unless `allow_outside_root`. A file listed twice is an error naming both lines. The other
+    unless `allow_outside_root`. A file listed twice is an error naming both lines. Rows naming
+    an image format tlkit does not read are counted (`OtherFiles`), not checked. The other
     arguments are `scan`'s."""
     csv_path = Path(csv_path)
     root = csv_path.parent.resolve()
     rows = csv_rows(csv_path)
     if not rows:
         raise DatasetError(f"{csv_path}: no rows")
-    missing, outside, listed = [], [], []
+    missing, outside, listed, listed_labels = [], [], [], []
+    other_files = OtherFiles()
     first_line: dict[Path, int] = {}
-    for line, relative, _ in rows:
+    for line, relative, label in rows:
         path = (root / relative).resolve()
         if path in first_line:  # else it could be both trained on and validated on
             raise DatasetError(
@@ -196,6 +307,8 @@ def read_csv(
         first_line[path] = line
         if not allow_outside_root and not path.is_relative_to(root):
             outside.append(relative)
+        elif path.suffix.lower() in UNREAD_IMAGE_FORMATS:
+            other_files.add(path.name)
         else:
             try:
                 status = path.stat()
@@ -205,6 +318,7 @@ def read_csv(
                 missing.append(relative)
             else:
                 listed.append((str(path), status.st_size, status.st_mtime_ns))
+                listed_labels.append(label)
     if outside:
         raise DatasetError(
             f"{csv_path}: paths outside {root}: {outside[:5]} "
@@ -214,11 +328,17 @@ def read_csv(
         raise DatasetError(
             f"{csv_path}: {len(missing)} listed files do not exist, e.g. {missing[:5]}"
         )
+    unread_only = sorted({label for _, _, label in rows} - set(listed_labels))
+    if unread_only:
+        raise DatasetError(
+            f"{csv_path}: labels {unread_only} have no image in a format tlkit reads"
+            + "".join(f". {line}" for line in other_files.messages())
+        )
     classes = _known_classes(sorted({label for _, _, label in rows}), classes, csv_path, "labels")
     index_of = {name: index for index, name in enumerate(classes)}
-    labels = [index_of[label] for _, _, label in rows]
+    labels = [index_of[label] for label in listed_labels]
     checks = _ScanChecks(verify, max_pixels, scan_cache, use_index)
-    return _keep_usable(listed, labels, classes, [], csv_path, str(root), checks)
+    return _keep_usable(listed, labels, classes, [], other_files, csv_path, str(root), checks)
 
 
 def csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
@@ -321,11 +441,13 @@ def _keep_usable(
     labels: list[int],
     classes: list[str],
     skipped: list[tuple[str, str]],
+    other_files: OtherFiles,
     source: Path,
     root: str,
     checks: _ScanChecks,
 ) -> ScanResult:
-    """The scan's result: the files that passed their check, the others with the reason."""
+    """The scan's result: the files that passed their check, the others with the reason, and
+    the files not read (`other_files`, as the listing counted them)."""
     outcomes, statistics = checks.run(listed, source, root)
     samples: list[tuple[str, int]] = []
     image_sizes: dict[str, tuple[int, int]] = {}
@@ -352,8 +474,11 @@ def _keep_usable(
         )
     if not samples:
         example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
-        raise DatasetError(f"{source}: no usable image ({len(skipped)} files skipped{example})")
-    return ScanResult(samples, classes, skipped, image_sizes, statistics)
+        raise DatasetError(
+            f"{source}: no usable image ({len(skipped)} files skipped{example})"
+            + "".join(f". {line}" for line in other_files.messages())
+        )
+    return ScanResult(samples, classes, skipped, image_sizes, statistics, other_files)
 
 
 def data_root(source: str | Path) -> Path:

@@ -44,7 +44,7 @@ from torch import nn
 from tlkit import __version__
 from tlkit.config import FinetuneConfig
 from tlkit.data.augment import DEFAULT_TRAINED_SHORT_SIDES, eval_transform
-from tlkit.data.images import find_decode_problems, load_rgb
+from tlkit.data.images import UNREAD_IMAGE_FORMATS, find_decode_problems, load_rgb
 from tlkit.data.sources import csv_rows, walk_images
 from tlkit.errors import DatasetError, ExportError, OutputExistsError
 from tlkit.infer.tta import plan
@@ -347,6 +347,7 @@ def _card(
                 "best_val_acc",
                 "best_epoch",
                 "test_acc",
+                "test_acc_interval",
                 "test_acc_top5",
                 "train_images",
                 "val_images",
@@ -428,11 +429,12 @@ def _images_by_class(data: Path, count: int, allow_outside_root: bool = False) -
             group = groups.setdefault(label, [])
             if len(group) < count:
                 path = (root / relative).resolve()
-                if (allow_outside_root or path.is_relative_to(root)) and path.is_file():
+                readable = path.suffix.lower() not in UNREAD_IMAGE_FORMATS and path.is_file()
+                if (allow_outside_root or path.is_relative_to(root)) and readable:
                     group.append(str(path))
         by_class = list(groups.values())
     else:
-        folders = (images[:count] for images, _others in walk_images(data) if images)
+        folders = (images[:count] for images, _, _ in walk_images(data) if images)
         by_class = list(itertools.islice(folders, count))  # one image from each would do
     return [path for paths in itertools.zip_longest(*by_class) for path in paths if path]
 

@@ -25,9 +25,13 @@ from torch.utils.data import DataLoader
 from tlkit.choices import TTA_CHOICE_MAX_IMAGES
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datasets import ImageDataset, LabelledImages, default_num_workers
-from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, find_decode_problems
+from tlkit.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    UNREAD_IMAGE_FORMATS,
+    find_decode_problems,
+)
 from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split
-from tlkit.data.sources import find_images, scan
+from tlkit.data.sources import OtherFiles, find_images, scan
 from tlkit.errors import ConfigError, DatasetError, InputNotFoundError
 from tlkit.infer.export import is_export_folder, load_exported, read_card
 from tlkit.infer.tta import (
@@ -258,9 +262,10 @@ class LabelledPredictions:
     paths: list[str]
     labels: torch.Tensor  # (N,) true class indices
     probabilities: torch.Tensor  # (N, C) softmax outputs
-    skipped: list[tuple[str, str]]  # (path, reason) of the files that could not be used
+    skipped: list[tuple[str, str]]  # (path, reason) of the image files that could not be used
     cost: dict[str, Any] = field(default_factory=dict)  # TTA preset, views/image, images/s
     shards: ShardImages | None = None  # the converted split the images come from, if any
+    other_files: OtherFiles = field(default_factory=OtherFiles)  # files not read, counted
 
 
 def predict_labelled(
@@ -289,6 +294,7 @@ def predict_labelled(
         probabilities=probabilities,
         skipped=scanned.skipped,
         cost=cost,
+        other_files=scanned.other_files,
     )
 
 
@@ -354,6 +360,7 @@ def evaluate(
     metrics = classification_metrics(
         predictions.probabilities, predictions.labels, model.class_names
     )
+    ignored_files, unread_images = predictions.other_files.counts()
     return {
         "run": str(run_dir),
         "data": str(data),
@@ -361,6 +368,8 @@ def evaluate(
         "tta": {**predictions.cost, "requested": tta},
         "skipped_files": len(predictions.skipped),
         "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
+        "ignored_files": ignored_files,  # not images, by extension
+        "unread_images": unread_images,  # images in formats tlkit does not read, by extension
         "top1": metrics.top1,
         "top5": metrics.top_k_accuracy,  # top-k with k = min(5, classes)
         "per_class_accuracy": {  # a class's accuracy is its recall
@@ -371,18 +380,30 @@ def evaluate(
     }
 
 
-def image_paths(inputs: list[str | Path]) -> list[str]:
-    """Files as given and the image files found below folders (`data.find_images`: hidden
-    entries left out, other files ignored), in a stable order."""
+def image_paths(
+    inputs: list[str | Path],
+) -> tuple[list[str], list[tuple[str, str]], OtherFiles]:
+    """Files as given and the image files found below folders, in a stable order; the entries
+    of the folders skipped with the reason (unreadable folders, pipes); the files not read,
+    counted (`data.find_images`: hidden entries left out; other files counted by extension,
+    as are files given in an image format tlkit does not read)."""
     paths: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    other_files = OtherFiles()
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += find_images(item)[0]
+            found, found_skipped, found_other_files = find_images(item)
+            paths += found
+            skipped += found_skipped
+            other_files.update(found_other_files)
         elif item.is_file():
-            paths.append(str(item))
+            if item.suffix.lower() in UNREAD_IMAGE_FORMATS:
+                other_files.add(item.name)
+            else:  # named by the user: read whatever its extension, skipped if it fails
+                paths.append(str(item))
         else:
             raise InputNotFoundError(f"{item}: no such file or folder")
-    return paths
+    return paths, skipped, other_files
 
 
 def predict(
@@ -393,8 +414,10 @@ def predict(
     accelerator: str = "auto",
     tta: str = "none",
     max_image_pixels: int | None = None,
-) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Top-k labels and probabilities per image; also the files that could not be decoded.
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]], OtherFiles]:
+    """Top-k labels and probabilities per image; also the files that could not be used (with
+    the reason) and the files not read (not images, or images in a format tlkit does not read:
+    counted by extension).
     `inputs` are image files, folders of them, or splits of converted datasets (their images
     follow the files', with the paths they had in the converted folder).
 
@@ -407,10 +430,11 @@ def predict(
     tta = resolve_tta(tta, run_dir)
     max_pixels, _ = image_limits(run_dir, max_image_pixels)
     converted = [labelled_split(item) for item in inputs]
-    paths = image_paths([item for item, found in zip(inputs, converted, strict=True) if not found])
+    files = [item for item, found in zip(inputs, converted, strict=True) if not found]
+    paths, skipped, other_files = image_paths(files)
     problems = find_decode_problems(paths, max_pixels)
     usable = [path for path, problem in zip(paths, problems, strict=True) if problem is None]
-    skipped = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
+    skipped += [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
     predict_options = (tta, batch_size, accelerator)
     batches = []
     if usable:
@@ -423,7 +447,7 @@ def predict(
         usable += labelled.paths
         batches.append(labelled.probabilities)
     if not usable:
-        return [], skipped
+        return [], skipped, other_files
     probabilities = torch.cat(batches)
     k = min(top_k, probabilities.shape[1])
     values, indices = probabilities.topk(k, dim=1)
@@ -437,4 +461,4 @@ def predict(
             row[f"label_{rank}"] = classes[index]
             row[f"prob_{rank}"] = round(value, 6)
         rows.append(row)
-    return rows, skipped
+    return rows, skipped, other_files

@@ -3,6 +3,7 @@
 - `build`: a config -> its data module and model, and the checks that need no data.
 - `finetune`: the orchestrator: resume, decide, build, fit, test, summarise.
 - `auto`: `--strategy auto`: measure the data cheaply, then choose (pure decision rules).
+- `budget`: `--budget`: this device's measured throughput -> epochs and epoch length.
 - `probe`: the linear probe and k-NN classifier on cached features (auto's evidence, LP-FT).
 - `features`: the cached-feature path of the frozen backbone.
 - `callbacks`: Lightning callbacks: progress bar, epoch summary, divergence stop, EMA.

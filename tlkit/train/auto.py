@@ -27,14 +27,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.utilities import rank_zero_only
 from timm.models import get_pretrained_cfg
 
-from tlkit.config import FIXED_CHOICES, FinetuneConfig
+from tlkit.config import FIXED_CHOICES, FinetuneConfig, parse_duration
+from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.model.backbones import layer_groups, preprocessing
+from tlkit.train import budget
 from tlkit.train.build import build_datamodule, build_model, cache_folder
-from tlkit.train.hardware import probe_device
+from tlkit.train.hardware import training_device
 from tlkit.train.probe import fit_probe, probe_features
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,17 @@ UPSAMPLE_FACTOR = 2
 SIZE_MULTIPLE = 32
 MIN_INPUT_SIZE = 64
 
-# Strategy, by median training images per class and the linear probe's validation accuracy.
+# Strategy, by median training images per class and the linear probe's balanced accuracy.
 FEATURES_BELOW_PER_CLASS = 40  # fewer: only the head trains
-PROBE_SOLVED = 0.97  # the frozen features already separate the classes: only the head trains
+# The frozen features already separate the classes, only the head trains, when the probe's
+# balanced accuracy is at least this with 95% confidence (`probe.balanced_accuracy_bound`: a
+# probe that is 90% right and scores 10 of 10 does not pass, nor one that ignores a minority).
+PROBE_SOLVED = 0.97
 TWO_STAGES_FROM_PER_CLASS = 400
 FULL_FROM_PER_CLASS = 5_000
+# The probe reads at most this many training and validation images per class (a seeded
+# sample): its cost stops growing with the dataset (docs/strategies.md measures it).
+PROBE_IMAGES_PER_CLASS = 100
 
 # Learning rate of the pretrained layers relative to the head's (--backbone-lr-scale). `partial`
 # trains only the last, task-specific stages: at the head's rate they gained 4.6 points over a
@@ -60,45 +67,64 @@ FULL_FROM_PER_CLASS = 5_000
 PARTIAL_BACKBONE_LR_SCALE = 1.0
 FULL_BACKBONE_LR_SCALE = 0.1
 
-# Schedule: BiT's HyperRule by dataset size (Kolesnikov et al. 2020: 500 / 10k / 20k steps of
-# 512 images below 20k / up to 500k / above 500k images), scaled to 8% of those images for
-# short CPU runs, in epochs between MIN_EPOCHS and MAX_EPOCHS: 4 epochs at 5,000 images, where
-# `partial` with its last stages at the head's rate peaked on validation in epoch 3 or 4 of a
-# 4- and a 5-epoch run (docs/strategies.md).
-HYPERRULE = ((20_000, 500), (500_000, 10_000), (math.inf, 20_000))  # (below N images, steps)
+# Schedule: BiT's HyperRule (Kolesnikov et al. 2020: 500 steps of 512 images below 20k
+# training images, 10k steps up to 500k, 20k above), made continuous: the training images a
+# run processes grow log-linearly between the rule's points (ImageNet's 1.28M for the last),
+# so one more image never changes the plan by more than a fraction of a percent. On an
+# accelerator, the rule as it is; on a CPU, `CPU_SHARE` of it (measured: 4 passes at 5,000
+# images, where `partial` with its last stages at the head's rate peaked on validation in pass
+# 3 or 4 of a 4- and a 5-pass run, docs/strategies.md), within [MIN_EPOCHS, MAX_CPU_EPOCHS]
+# passes. A plan that ends part-way through a pass is run as shorter epochs
+# (`budget.schedule_of`), so the compute is the plan's. With --budget, the rule's full plan
+# is the most a run asks for, and the budget decides how much of it fits.
+HYPERRULE_POINTS = ((20_000, 500), (500_000, 10_000), (1_281_167, 20_000))  # (images, steps)
 HYPERRULE_BATCH = 512
 CPU_SHARE = 0.08
-MIN_EPOCHS, MAX_EPOCHS = 3, 30
+MIN_EPOCHS, MAX_CPU_EPOCHS = 3, 30
 FEATURES_MIN_EPOCHS = 10  # a cached-features epoch costs well under a second per 1,000 images
 
-# Augmentation: off in HyperRule's small-data regime (short runs underfit with it); above it,
+# Augmentation: on when the plan makes enough passes over the data for it to pay (short runs
+# underfit with it: off at 4 passes over 5,000 Fashion-MNIST images, docs/strategies.md);
 # scale crops sized to the sources: gentle for upsampled small images, ImageNet's for photos.
-AUGMENT_FROM_IMAGES = 20_000
+AUGMENT_FROM_EPOCHS = 20
 GENTLE_CROPS = {"short_side_min": 224, "short_side_max": 288, "color_jitter": 0.0}
 IMAGENET_CROPS = {"short_side_min": 256, "short_side_max": 480, "color_jitter": 0.4}
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """What `decide` reads: measured on the training split before any training."""
+    """What `decide` reads: measured on the training and validation splits before training."""
 
     classes: int
     train_images: int
     images_per_class_min: int
     images_per_class_median: float
-    source_short_side_median: float | None  # None: no sampled file had a readable header
+    source_short_side_median: float | None  # None: no file's size is known
     pretrained_input_size: int  # the backbone's, from timm's pretrained config
     backbone_stages: int  # timm layer groups, stem first
     input_size: int  # the size the probe ran at
     linear_val_acc: float | None = None  # None: not probed
     knn_val_acc: float | None = None
     probe_seconds: float | None = None  # extraction (or cache read) and fit
+    images_per_class_max: int | None = None
+    val_images: int = 0
+    probe_balanced_acc: float | None = None
+    probe_balanced_lower_bound: float | None = None  # one-sided 95%
+    probe_evidence: str = "validation"  # or k-fold cross-validation, on a small validation split
+    probe_images: int = 0  # training images the probe was fitted on (a per-class sample)
+    device: str = "cpu"  # where the run trains: "cuda" or "cpu"
+    processes: int = 1  # processes sharing the training images (DDP)
+    fixed_input_size: bool = False  # the backbone is built for one input size (ViTs)
 
 
 @dataclass(frozen=True)
 class Choice:
+    """A value auto chose, and why; `applies`: whether it takes effect in this run (a crop
+    range does not without augmentation): the log lists only those that do."""
+
     value: Any
     reason: str
+    applies: bool = True
 
 
 def choose_input_size(
@@ -118,34 +144,68 @@ def choose_input_size(
     )
 
 
-def schedule_epochs(train_images: int, strategy: str) -> Choice:
-    """Epochs from BiT's HyperRule steps for the dataset size, at `CPU_SHARE` of its images."""
-    steps = next(steps for below, steps in HYPERRULE if train_images < below)
-    images_seen = steps * HYPERRULE_BATCH * CPU_SHARE
+def hyperrule_images(train_images: int) -> float:
+    """The training images BiT's HyperRule processes for a dataset of `train_images`, made
+    continuous: log-linear between its points, flat below the first and above the last."""
+    points = [(images, steps * HYPERRULE_BATCH) for images, steps in HYPERRULE_POINTS]
+    if train_images <= points[0][0]:
+        return float(points[0][1])
+    for (low, low_seen), (high, high_seen) in zip(points, points[1:], strict=False):
+        if train_images <= high:
+            share = math.log(train_images / low) / math.log(high / low)
+            return low_seen * (high_seen / low_seen) ** share
+    return float(points[-1][1])
+
+
+def planned_images(train_images: int, strategy: str, device: str) -> Choice:
+    """The training images the default schedule processes (not counting epochs of cached
+    features), by dataset size and device."""
+    images = hyperrule_images(train_images)
+    share = CPU_SHARE if device == "cpu" else 1.0
     lowest = FEATURES_MIN_EPOCHS if strategy == "features" else MIN_EPOCHS
-    epochs = min(MAX_EPOCHS, max(lowest, round(images_seen / max(train_images, 1))))
-    return Choice(
-        epochs,
-        f"HyperRule: {steps} steps of {HYPERRULE_BATCH} at {train_images} images, "
-        f"x{CPU_SHARE} for CPU, within [{lowest}, {MAX_EPOCHS}]",
+    passes = max(lowest, images * share / max(train_images, 1))
+    if device == "cpu":
+        passes = min(passes, max(lowest, MAX_CPU_EPOCHS))
+    where = f"x{CPU_SHARE} on a CPU" if device == "cpu" else f"on {device}"
+    reason = (
+        f"HyperRule, continuous: {images:,.0f} images at {train_images:,} training images, "
+        f"{where}: {passes:.2f} passes"
     )
+    return Choice(round(passes * train_images), reason)
 
 
-def choose_strategy(evidence: Evidence) -> tuple[Choice, Choice | None]:
-    """(strategy, unfreeze_stages for partial else None)."""
+def choose_schedule(
+    evidence: Evidence, strategy: str, batch_size: int
+) -> tuple[Choice, Choice, budget.Schedule]:
+    """(epochs, epoch_batches, the schedule) of the default plan (`planned_images`)."""
+    images = planned_images(evidence.train_images, strategy, evidence.device)
+    splits = budget.Splits(evidence.train_images, evidence.val_images, 0, evidence.processes)
+    schedule = budget.schedule_of(images.value, splits, batch_size)
+    epochs = Choice(schedule.epochs, images.reason)
+    batches = Choice(schedule.epoch_batches, images.reason, applies=schedule.epoch_batches > 0)
+    return epochs, batches, schedule
+
+
+def choose_strategy(evidence: Evidence, lp_ft: bool = False) -> tuple[Choice, Choice | None]:
+    """(strategy, unfreeze_stages for partial else None); `lp_ft`: LP-FT was asked for, which
+    fine-tunes from the probe, so the strategy is not `features`."""
     per_class = evidence.images_per_class_median
-    probe = evidence.linear_val_acc
-    if per_class < FEATURES_BELOW_PER_CLASS:
+    bound = evidence.probe_balanced_lower_bound
+    if not lp_ft and per_class < FEATURES_BELOW_PER_CLASS:
         return Choice("features", f"{per_class:.0f} images per class: too few to fine-tune"), None
-    if probe is not None and probe >= PROBE_SOLVED:
-        reason = f"linear probe {probe:.3f} >= {PROBE_SOLVED}: frozen features suffice"
+    if not lp_ft and bound is not None and bound >= PROBE_SOLVED:
+        reason = (
+            f"linear probe's balanced accuracy {evidence.probe_balanced_acc:.3f}, at least "
+            f"{bound:.3f} with 95% confidence >= {PROBE_SOLVED}: frozen features suffice"
+        )
         return Choice("features", reason), None
-    probed = f", linear probe {probe:.3f}" if probe is not None else ""
+    probed = f", probe's balanced accuracy {evidence.probe_balanced_acc:.3f}" if bound else ""
+    lp_ft_note = " (--lp-ft: fine-tuned from the probe)" if lp_ft else ""
     if per_class >= FULL_FROM_PER_CLASS:
-        return Choice("full", f"{per_class:.0f} images per class{probed}"), None
+        return Choice("full", f"{per_class:.0f} images per class{probed}{lp_ft_note}"), None
     stages = 2 if per_class >= TWO_STAGES_FROM_PER_CLASS else 1
     stages = min(stages, evidence.backbone_stages)
-    reason = f"{per_class:.0f} images per class{probed}"
+    reason = f"{per_class:.0f} images per class{probed}{lp_ft_note}"
     return Choice("partial", reason), Choice(stages, reason)
 
 
@@ -157,17 +217,20 @@ def choose_backbone_lr_scale(strategy: str) -> Choice:
     if strategy == "full":
         reason = "full: the early, generic layers move at a tenth of the head's rate"
         return Choice(FULL_BACKBONE_LR_SCALE, reason)
-    return Choice(FULL_BACKBONE_LR_SCALE, "features: the backbone does not train")
+    return Choice(FULL_BACKBONE_LR_SCALE, "features: the backbone does not train", applies=False)
 
 
-def choose_augmentation(evidence: Evidence) -> dict[str, Choice]:
-    """Whether to augment, by dataset size; the crop range and jitter, by the sources' size
-    against the input (they apply wherever augmentation is on, also when it is given)."""
-    images = evidence.train_images
-    if images < AUGMENT_FROM_IMAGES:
-        augment = Choice(False, f"{images} < {AUGMENT_FROM_IMAGES} images: short runs underfit")
+def choose_augmentation(evidence: Evidence, passes: float, strategy: str) -> dict[str, Choice]:
+    """Whether to augment, by the passes over the data the schedule makes; the crop range and
+    jitter, by the sources' size against the input. (For `features`, whose head trains on one
+    cached view of each image, and without augmentation, the crops are recorded but do not
+    apply.)"""
+    if passes < AUGMENT_FROM_EPOCHS:
+        augment = Choice(
+            False, f"{passes:.1f} passes over the data < {AUGMENT_FROM_EPOCHS}: short runs underfit"
+        )
     else:
-        augment = Choice(True, f"{images} >= {AUGMENT_FROM_IMAGES} images")
+        augment = Choice(True, f"{passes:.1f} passes over the data >= {AUGMENT_FROM_EPOCHS}")
     side, size = evidence.source_short_side_median, evidence.input_size
     if side is not None and side < size:
         reason = f"sources ({side:.0f} px) smaller than the input ({size} px): gentle crops"
@@ -175,7 +238,11 @@ def choose_augmentation(evidence: Evidence) -> dict[str, Choice]:
     else:
         reason = f"sources at least the input size ({size} px): ImageNet crops"
         crops = IMAGENET_CROPS
-    return {"augment": augment} | {name: Choice(value, reason) for name, value in crops.items()}
+    applies = augment.value and strategy != "features"
+    augment = dataclasses.replace(augment, applies=strategy != "features")
+    return {"augment": augment} | {
+        name: Choice(value, reason, applies=applies) for name, value in crops.items()
+    }
 
 
 def choose_lp_ft(strategy: str, linear_head: bool) -> Choice:
@@ -187,20 +254,29 @@ def choose_lp_ft(strategy: str, linear_head: bool) -> Choice:
     1.4 points below the same run from a zero head (the ablations there). `--lp-ft` turns it
     on; the choice is recorded with its reason like every other."""
     if strategy == "features":
-        return Choice(False, "features: the head is all that trains")
+        return Choice(False, "features: the head is all that trains", applies=False)
     if not linear_head:
         return Choice(False, "the head has a hidden layer (--head-hidden)")
     return Choice(False, "measured worse than a zero head on the goal set-up (--lp-ft: on)")
 
 
 def decide(
-    evidence: Evidence, open_choices: list[str], linear_head: bool = True
+    evidence: Evidence,
+    open_choices: list[str],
+    linear_head: bool = True,
+    lp_ft: bool = False,
+    batch_size: int = 64,
+    forced: dict[str, Choice] | None = None,
 ) -> dict[str, Choice]:
     """Auto's choice for each field in `open_choices` (FinetuneConfig field names; "strategy"
-    means the strategy is auto's to choose), from the evidence alone; `linear_head`: the head
-    has no hidden layer."""
+    means the strategy is auto's to choose), from the evidence alone: the default schedule,
+    before any budget (`resolve_auto` fits it to one). `linear_head`: the head has no hidden
+    layer; `lp_ft`: --lp-ft was given; `forced`: a strategy (and stages) a budget stepped
+    down to."""
     choices: dict[str, Choice] = {}
-    strategy, stages = choose_strategy(evidence)
+    strategy, stages = choose_strategy(evidence, lp_ft)
+    if forced is not None:
+        strategy, stages = forced["strategy"], forced.get("unfreeze_stages")
     if "unfreeze_stages" not in open_choices:  # given stages: they are to be trained
         strategy, stages = Choice("partial", "--unfreeze-stages given"), None
     if "strategy" in open_choices:
@@ -212,9 +288,12 @@ def decide(
         choices["lp_ft"] = choose_lp_ft(chosen_strategy, linear_head)
     if "backbone_lr_scale" in open_choices:
         choices["backbone_lr_scale"] = choose_backbone_lr_scale(chosen_strategy)
+    epochs, batches, schedule = choose_schedule(evidence, chosen_strategy, batch_size)
     if "epochs" in open_choices:
-        choices["epochs"] = schedule_epochs(evidence.train_images, chosen_strategy)
-    augmentation = choose_augmentation(evidence)
+        choices["epochs"] = epochs
+        choices["epoch_batches"] = batches
+    passes = schedule.images / max(evidence.train_images, 1)
+    augmentation = choose_augmentation(evidence, passes, chosen_strategy)
     choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
     return choices
 
@@ -223,24 +302,26 @@ def decide(
 # Measuring
 
 
-def source_short_side(paths: list[str], seed: int) -> tuple[float | None, int]:
-    """Median short side of a seeded sample of the files, from their headers (PIL opens lazily
-    and decodes nothing here); (None, 0) if no header could be read."""
-    sample = random.Random(seed).sample(paths, min(SIZE_SAMPLE_FILES, len(paths)))
-    sides = []
-    for path in sample:
-        try:
-            with Image.open(path) as image:
-                sides.append(min(image.size))
-        except (OSError, UnidentifiedImageError):
-            continue  # the scan has skipped or will skip it
-    return (statistics.median(sides) if sides else None), len(sides)
+def source_short_side(images: BaseImageDataModule, seed: int) -> tuple[float | None, int]:
+    """Median short side of the training images and how many files it rests on: the sizes the
+    scan stored for every file (folders, CSVs and converted datasets alike); where the scan
+    read none (--verify none), the headers of a seeded sample of the files."""
+    samples = images.train_set.samples
+    sizes = [images.image_sizes[path] for path, _ in samples if path in images.image_sizes]
+    if not sizes:
+        count = min(SIZE_SAMPLE_FILES, len(samples))
+        positions = random.Random(seed).sample(range(len(samples)), count)
+        sizes = [size for size in map(images.train_set.stored_size, positions) if size]
+    return (statistics.median(min(size) for size in sizes) if sizes else None), len(sizes)
 
 
-def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Choice, int]:
-    """Scan and split the data as training will, read the sizes of a sample of its files,
-    choose the input size (unless given) and probe the frozen backbone's features at it.
-    Returns the evidence, the input size choice and the number of files sized."""
+def measure(
+    config: FinetuneConfig, progress: bool = True
+) -> tuple[Evidence, Choice, int, BaseImageDataModule]:
+    """Scan and split the data as training will, take the sources' sizes from the scan, choose
+    the input size (unless given) and probe the frozen backbone's features at it, on a
+    per-class sample (`PROBE_IMAGES_PER_CLASS`) and on the run's device. Returns the evidence,
+    the input size choice, the number of files sized and the data module."""
     # The scan and the split need no input size; the probe's transform comes from the model.
     pretrained = preprocessing(config.backbone)
     probe_config = dataclasses.replace(
@@ -254,8 +335,7 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
     images.setup("fit")
     labels = Counter(label for _path, label in images.train_set.samples)
     per_class = [labels.get(index, 0) for index in range(len(images.classes))]
-    paths = [path for path, _label in images.train_set.samples]
-    side, sampled = source_short_side(paths, config.seed)
+    side, sized = source_short_side(images, config.seed)
     fixed = bool(getattr(get_pretrained_cfg(config.backbone), "fixed_input_size", False))
     size = (
         Choice(config.img_size, "given")
@@ -263,13 +343,18 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
         else choose_input_size(side, pretrained.input_size, fixed)
     )
     model = build_model(dataclasses.replace(probe_config, img_size=size.value), images.classes)
-    cache_dir = cache_folder(config)
+    device = training_device(config)
     probe_started = time.perf_counter()
-    probe = fit_probe(
-        *probe_features(model, images, cache_dir, progress, device=probe_device(config)),
-        num_classes=len(images.classes),
+    features = probe_features(
+        model,
+        images,
+        cache_folder(config),
+        progress,
+        device=device,
+        per_class=PROBE_IMAGES_PER_CLASS,
         seed=config.seed,
     )
+    probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed, device=device)
     evidence = Evidence(
         classes=len(images.classes),
         train_images=len(images.train_set),
@@ -282,52 +367,224 @@ def measure(config: FinetuneConfig, progress: bool = True) -> tuple[Evidence, Ch
         linear_val_acc=round(probe.linear_val_acc, 4),
         knn_val_acc=round(probe.knn_val_acc, 4),
         probe_seconds=round(time.perf_counter() - probe_started, 2),
+        images_per_class_max=max(per_class),
+        val_images=len(images.val_set),
+        probe_balanced_acc=round(probe.balanced_acc, 4),
+        probe_balanced_lower_bound=round(probe.balanced_lower_bound, 4),
+        probe_evidence=probe.evidence,
+        probe_images=len(features[0]),
+        device=device,
+        processes=process_count(config),
+        fixed_input_size=fixed,
     )
-    return evidence, size, sampled
+    return evidence, size, sized, images
 
 
 def resolve_auto(
-    config: FinetuneConfig, progress: bool = True
+    config: FinetuneConfig, progress: bool = True, started: float | None = None
 ) -> tuple[FinetuneConfig, dict[str, Any]]:
     """Measure the data, decide, and return the config with every open choice filled in, and
-    the decision's record (evidence, choices with reasons, the choices given)."""
-    started = time.perf_counter()
+    the decision's record (evidence, choices with reasons, the choices given; with --budget,
+    the measured throughput and the planned schedule). `started`: when the run started
+    (`time.perf_counter()`), from which a budget counts; default now."""
+    started = time.perf_counter() if started is None else started
     open_choices = ["strategy", *config.choices_left_to_auto()]
-    evidence, size, sampled = measure(config, progress)
-    choices = decide(evidence, open_choices, linear_head=config.head_hidden == 0)
+    evidence, size, sized, images = measure(config, progress)
+    options = {"linear_head": config.head_hidden == 0, "lp_ft": bool(config.lp_ft)}
+    choices = decide(evidence, open_choices, batch_size=config.batch_size, **options)
     if "img_size" in open_choices:
         choices["img_size"] = size
+    planned = None
+    if config.budget:
+        choices, planned = fit_to_budget(config, evidence, choices, open_choices, images, started)
     resolved = dataclasses.replace(
         config, **{name: choice.value for name, choice in choices.items()}
     )
     record = {
-        "evidence": dataclasses.asdict(evidence) | {"sampled_files": sampled},
+        "evidence": dataclasses.asdict(evidence) | {"sampled_files": sized},
         "choices": {name: dataclasses.asdict(choice) for name, choice in choices.items()},
         "given": [name for name in FIXED_CHOICES if name not in open_choices],
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if planned is not None:
+        record["budget"] = planned
     log_decision(record)
     return resolved, record
 
 
+def process_count(config: FinetuneConfig) -> int:
+    """Processes the run's training images are shared by (devices x nodes), where the config
+    says how many devices; 1 for 'auto'."""
+    devices = config.devices.strip()
+    count = len([part for part in devices.split(",") if part.strip()]) if "," in devices else 1
+    if devices.isdigit():
+        count = max(1, int(devices))
+    return count * config.num_nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting a time budget
+
+# Ways to make a run cheaper, tried in this order when the planned schedule does not fit the
+# budget even for one pass over the data: fewer trained stages, a smaller input, then only
+# the head on cached features.
+MAX_STEP_DOWNS = 6
+
+
+def fit_to_budget(
+    config: FinetuneConfig,
+    evidence: Evidence,
+    choices: dict[str, Choice],
+    open_choices: list[str],
+    images: BaseImageDataModule,
+    started: float,
+) -> tuple[dict[str, Choice], dict[str, Any]]:
+    """The choices with the schedule sized to `config.budget`: the candidate configuration's
+    throughput measured on this device (`budget.measure_throughput`), the most training
+    images up to the HyperRule's full plan whose predicted time fits what is left of the
+    budget, stepping down (`step_down`) while not even one pass fits. Returns the choices and
+    the record of the plan (throughput, schedule, predicted seconds, steps down)."""
+    budget_s = parse_duration(config.budget)
+    stepped_down: list[str] = []
+    size_choice = choices.get("img_size")
+    splits = budget.Splits(
+        evidence.train_images, evidence.val_images, len(images.test_set or []), evidence.processes
+    )
+    while True:
+        candidate = dataclasses.replace(
+            config, **{name: choice.value for name, choice in choices.items()}
+        )
+        strategy = candidate.strategy
+        cached = strategy == "features" and candidate.cache
+        trained = build_datamodule(dataclasses.replace(candidate, epochs=1))
+        trained.setup("fit")
+        throughput = budget.measure_throughput(candidate, trained)
+        wanted = wanted_images(candidate, evidence, "epochs" in open_choices)
+        left = budget_s * budget.BUDGET_SHARE - (time.perf_counter() - started)
+        schedule = budget.fit_schedule(
+            wanted, splits, candidate.batch_size, throughput, left, cached
+        )
+        lower = None if schedule else step_down(candidate, open_choices, evidence)
+        if lower is None:
+            break
+        changed, reason = lower
+        stepped_down.append(reason)
+        size = changed.get("img_size", candidate.img_size)
+        evidence = dataclasses.replace(evidence, input_size=size)
+        forced = {name: Choice(value, reason) for name, value in changed.items()}
+        choices = decide(
+            evidence,
+            open_choices,
+            linear_head=config.head_hidden == 0,
+            lp_ft=bool(config.lp_ft),
+            batch_size=config.batch_size,
+            forced=forced,
+        )
+        size_choice = forced.get("img_size", size_choice)
+        if size_choice is not None:
+            choices["img_size"] = size_choice
+    fits = schedule is not None
+    if not fits:  # even the cheapest candidate overruns: one pass, and say so
+        schedule = budget.schedule_of(
+            min(wanted, splits.train), splits, candidate.batch_size, throughput, cached
+        )
+    elapsed = time.perf_counter() - started
+    reason = (
+        f"--budget {config.budget}: {throughput.train_images_per_s:.0f} training, "
+        f"{throughput.eval_images_per_s:.0f} evaluation images/s measured on "
+        f"{throughput.device}; {schedule.images / splits.train:.2f} passes predicted to take "
+        f"{schedule.predicted_s:.0f} s of the {left:.0f} s left"
+    )
+    if "epochs" in open_choices:
+        choices["epochs"] = Choice(schedule.epochs, reason)
+        choices["epoch_batches"] = Choice(
+            schedule.epoch_batches, reason, applies=schedule.epoch_batches > 0
+        )
+        passes = schedule.images / splits.train
+        augmentation = choose_augmentation(evidence, passes, strategy)
+        choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
+    record = {
+        "seconds": budget_s,
+        "throughput": dataclasses.asdict(throughput),
+        "schedule": dataclasses.asdict(schedule),
+        "predicted_s": round(elapsed + schedule.predicted_s, 1),
+        "fits": fits,
+        "stepped_down": stepped_down,
+    }
+    if not fits:
+        logger.warning(
+            f"--budget {config.budget}: even one pass over the training images with the "
+            f"cheapest configuration ({strategy}) is predicted to take "
+            f"{schedule.predicted_s:.0f} s, beyond the {left:.0f} s left; training one pass"
+        )
+    return choices, record
+
+
+def wanted_images(config: FinetuneConfig, evidence: Evidence, epochs_open: bool) -> int:
+    """The training images a run under a budget asks for at most: HyperRule's full plan (as on
+    an accelerator; for cached features, whose epochs cost little, the default plan), or the
+    given epochs' passes."""
+    if not epochs_open:
+        return config.epochs * evidence.train_images
+    device = evidence.device if config.strategy == "features" else "cuda"
+    return planned_images(evidence.train_images, config.strategy, device).value
+
+
+def step_down(
+    config: FinetuneConfig, open_choices: list[str], evidence: Evidence
+) -> tuple[dict[str, Any], str] | None:
+    """The next cheaper configuration among the open choices (strategy, stages, input size),
+    and why; None when nothing cheaper is open."""
+    if "strategy" in open_choices:
+        if config.strategy == "full":
+            return {"strategy": "partial", "unfreeze_stages": 2}, "full did not fit: partial"
+        if config.strategy == "partial" and (config.unfreeze_stages or 1) > 1:
+            if "unfreeze_stages" in open_choices:
+                return {"strategy": "partial", "unfreeze_stages": 1}, "2 stages did not fit: 1"
+    fixed = evidence.fixed_input_size  # a model built for one input size keeps it
+    if "img_size" in open_choices and config.img_size > MIN_INPUT_SIZE and not fixed:
+        smaller = max(MIN_INPUT_SIZE, round(config.img_size / 2 / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+        reason = f"{config.img_size} px did not fit: {smaller} px"
+        return {"strategy": config.strategy, "img_size": smaller}, reason
+    if "strategy" in open_choices and config.strategy != "features":
+        return {"strategy": "features"}, f"{config.strategy} did not fit: cached features"
+    return None
+
+
 @rank_zero_only
 def log_decision(record: dict[str, Any]) -> None:
-    """A few lines: the evidence, then each choice with its reason."""
+    """A few lines: the evidence, then each choice that takes effect with its reason (choices
+    made for one reason share a line), the choices given, and a budget's plan."""
     evidence = record["evidence"]
     side = evidence["source_short_side_median"]
+    probe = (
+        f"linear probe {evidence['linear_val_acc']:.4f} (balanced "
+        f"{evidence['probe_balanced_acc']:.4f}, at least "
+        f"{evidence['probe_balanced_lower_bound']:.4f} with 95% confidence, on "
+        f"{evidence['probe_evidence']}), k-NN {evidence['knn_val_acc']:.4f}"
+        if evidence.get("probe_balanced_acc") is not None
+        else f"linear probe {evidence['linear_val_acc']:.4f}, k-NN {evidence['knn_val_acc']:.4f}"
+    )
     logger.info(
         f"Auto evidence: {evidence['train_images']} train images, {evidence['classes']} classes "
         f"({evidence['images_per_class_min']}-{evidence['images_per_class_median']:.0f} per "
         f"class, min-median); sources' short side "
         + (f"{side:.0f} px" if side is not None else "unknown")
-        + f" (median of {evidence['sampled_files']} files); linear probe "
-        f"{evidence['linear_val_acc']:.4f}, k-NN {evidence['knn_val_acc']:.4f} at "
+        + f" (median of {evidence['sampled_files']} files); {probe} at "
         f"{evidence['input_size']} px ({evidence['probe_seconds']:.1f} s)"
     )
-    by_reason: dict[str, list[str]] = {}  # choices made for one reason share a line
+    by_reason: dict[str, list[str]] = {}
     for name, choice in record["choices"].items():
-        by_reason.setdefault(choice["reason"], []).append(f"{name} = {choice['value']}")
+        if choice.get("applies", True):
+            by_reason.setdefault(choice["reason"], []).append(f"{name} = {choice['value']}")
     for reason, values in by_reason.items():
         logger.info(f"Auto choice: {', '.join(values)} ({reason})")
     if record["given"]:
         logger.info(f"Auto kept as given: {', '.join(record['given'])}")
+    planned = record.get("budget")
+    if planned is not None:
+        steps = "; ".join(planned["stepped_down"])
+        logger.info(
+            f"Auto budget: {planned['seconds']:.0f} s, the run predicted to end after "
+            f"{planned['predicted_s']:.0f} s" + (f" (stepped down: {steps})" if steps else "")
+        )

@@ -8,6 +8,7 @@ measurements (`auto`) and the sanity checks all build through here.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ def provisional_strategy(config: FinetuneConfig) -> str:
 
 def check_config(config: FinetuneConfig) -> None:
     """Configuration errors that need the backbone but no data, raised before the data scan
-    (which can take minutes): the model at this size, the stage count, the scale range. With
+    (which can take minutes): the model at this size, the stage count, the scale range, the
+    logger's package. With
     `--strategy auto`, of its provisional strategy and the open choices' fixed values."""
     if config.strategy == "auto":
         config = replace(config, strategy=provisional_strategy(config))
@@ -96,6 +98,11 @@ def check_config(config: FinetuneConfig) -> None:
         raise ConfigError(
             "--lp-ft initialises the classifier from a linear probe of the pooled features, "
             "which a head with a hidden layer (--head-hidden) does not see: use one or the other"
+        )
+    if config.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "--logger tensorboard needs the tensorboard package: "
+            "pip install tensorboard (or tlkit[tensorboard])"
         )
     if config.augment:
         train_transform(

@@ -186,6 +186,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         augmented_views: int = 0,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        splits: dict[str, LabelledImages] | None = None,
     ) -> None:
         super().__init__()
         self.prepare_data_per_node = False
@@ -195,6 +196,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         self.augmented_views = augmented_views
         self.device = torch.device(device)
         self.progress = progress
+        self.chosen_splits = splits  # the images of each split, where not the data module's
         self.report: dict[str, Any] = {}
         self.splits: dict[str, Dataset] = {}
         self._keys: dict[str, str] = {}
@@ -217,6 +219,8 @@ class CachedFeatureDataModule(pl.LightningDataModule):
                 self.splits[split] = TensorDataset(features[0], labels)
 
     def _sources(self) -> dict[str, LabelledImages]:
+        if self.chosen_splits is not None:
+            return self.chosen_splits
         sources = {"train": self.images.train_set, "val": self.images.val_set}
         if self.images.test_set is not None:
             sources["test"] = self.images.test_set

@@ -6,7 +6,7 @@ The CLI's `tlkit finetune` and the recipes call this; users who want their own T
 
 from __future__ import annotations
 
-import importlib.util
+import io
 import json
 import logging
 import time
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -26,6 +27,7 @@ from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
 from tlkit.infer.predict import choose_tta
+from tlkit.metrics import CONFIDENCE, accuracy_interval
 from tlkit.model.classifier import TransferClassifier
 from tlkit.runfolder import (
     AUTO_DECISION,
@@ -56,21 +58,21 @@ from tlkit.train.callbacks import (
     StopOnNonFiniteLoss,
 )
 from tlkit.train.features import CachedFeatureDataModule
-from tlkit.train.hardware import effective_batch_size, probe_device
+from tlkit.train.hardware import (
+    device_defaults,
+    effective_batch_size,
+    run_identity,
+    training_device,
+)
 from tlkit.train.hardware import trainer_options as distributed_options
-from tlkit.train.probe import fit_probe, probe_features
+from tlkit.train.probe import ProbeResult, fit_probe, probe_features
 
 logger = logging.getLogger(__name__)
 
 
 def build_logger(config: FinetuneConfig, out: Path) -> Logger:
     """RUN_DIR/metrics.csv (csv), or event files in RUN_DIR/tensorboard/ (tensorboard)."""
-    if config.logger == "tensorboard":
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError(
-                "--logger tensorboard needs the tensorboard package: "
-                "pip install tensorboard (or tlkit[tensorboard])"
-            )
+    if config.logger == "tensorboard":  # check_config made sure the package is there
         return TensorBoardLogger(save_dir=out, name="tensorboard", version="")
     # flushed at every logging step, so a killed run keeps its metrics on disk
     return CSVLogger(save_dir=out, name="", version="", flush_logs_every_n_steps=1)
@@ -93,11 +95,14 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
     started = time.perf_counter()  # auto's measurements count as part of the run
     check_config(config)  # before the data is scanned or measured
+    config = device_defaults(config)
     progress = trainer_options.get("enable_progress_bar", True)
     folder = open_run_folder(config, resume)
-    config, decision = decide(config, folder, progress)
+    config, decision = decide(config, folder, progress, started)
     run = build(config, folder, decision, progress)
     trainer, history = fit(config, run, folder, trainer_options)
+    if decision is not None and config.strategy == "features":
+        decision = keep_the_better_head(config, run, trainer, history, decision)
     test_metrics = test(trainer, run)
     tta_choice = choose_test_time_averaging(config, trainer, run, progress)
     summary = summarise(config, run, folder, decision, history, test_metrics, started, tta_choice)
@@ -129,20 +134,56 @@ def open_run_folder(config: FinetuneConfig, resume: bool) -> RunFolder:
 
 
 def decide(
-    config: FinetuneConfig, folder: RunFolder, progress: bool
+    config: FinetuneConfig, folder: RunFolder, progress: bool, started: float | None = None
 ) -> tuple[FinetuneConfig, dict[str, Any] | None]:
     """Step 2: the choices `--strategy auto` leaves open, measured and made (or, resumed, as
-    the run recorded them), and auto's decision record; a named strategy is kept as it is."""
+    the run recorded them), and auto's decision record; a named strategy is kept as it is.
+    Of several processes, the first decides and the others follow its record
+    (`follow_first_process`): a budget's measured throughput differs from one process to the
+    next, and every process must train the same schedule. `started`: the run's start, from
+    which a budget counts."""
     if config.strategy != "auto":
         return config, folder.auto_decision
     if folder.auto_decision is not None:  # resumed: the choices its config.yaml records
-        recorded = read_config(folder.out)
-        open_choices = ["strategy", *config.choices_left_to_auto()]
-        resolved = replace(config, **{name: getattr(recorded, name) for name in open_choices})
-        return resolved, folder.auto_decision
-    resolved, decision = resolve_auto(config, progress)
+        return recorded_choices(config, folder.out), folder.auto_decision
+    if rank_zero_only.rank != 0:
+        return follow_first_process(config, folder.out)
+    resolved, decision = resolve_auto(config, progress, started)
+    decision["run"] = run_identity()
     check_config(resolved)
     return resolved, decision
+
+
+def recorded_choices(config: FinetuneConfig, out: Path) -> FinetuneConfig:
+    """`config` with the choices auto left open taken from the run's config.yaml."""
+    recorded = read_config(out)
+    open_choices = ["strategy", *config.choices_left_to_auto()]
+    if "epochs" in open_choices:
+        open_choices.append("epoch_batches")  # the schedule auto chose with the epochs
+    return replace(config, **{name: getattr(recorded, name) for name in open_choices})
+
+
+# How long another process waits for the first process's decision (it measures the data, and
+# with --budget the device, first).
+FOLLOW_TIMEOUT_S = 3 * 3600.0
+
+
+def follow_first_process(config: FinetuneConfig, out: Path) -> tuple[FinetuneConfig, dict]:
+    """The decision the first process of this run wrote (auto.json, marked with the run's
+    identity, and config.yaml), waited for."""
+    deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            decision = read_auto_decision(out)
+        except RunFolderError:  # being written
+            decision = None
+        if decision is not None and decision.get("run") == run_identity():
+            return recorded_choices(config, out), decision
+        time.sleep(1.0)
+    raise RunFolderError(
+        f"{out}: the first process wrote no --strategy auto decision in "
+        f"{FOLLOW_TIMEOUT_S / 3600:.0f} h; did it fail? (see its log)"
+    )
 
 
 @dataclass
@@ -219,6 +260,7 @@ def fit(
     steps_per_epoch = train_images // config.batch_size if full_batches_only else 1
     options = {
         "max_epochs": config.epochs,
+        "limit_train_batches": config.epoch_batches or 1.0,
         **distributed_options(config),
         "callbacks": callbacks,
         "logger": build_logger(config, folder.out),
@@ -239,6 +281,58 @@ def fit(
     if folder.resume_from:
         _keep_earlier_metrics(folder.out, folder.earlier_metrics)
     return trainer, list(summary_callback.history)
+
+
+def keep_the_better_head(
+    config: FinetuneConfig,
+    run: BuiltRun,
+    trainer: pl.Trainer,
+    history: list[dict[str, float]],
+    decision: dict[str, Any],
+) -> dict[str, Any]:
+    """Step 4b, for auto's `features` runs: the linear probe, fitted by L-BFGS (its penalty
+    chosen on validation) on the run's cached features of every training image, competes on
+    the validation split with the head that training fitted; the better one is kept in
+    best.ckpt (ties: the trained one), and the decision records both scores."""
+    if config.head_hidden or not config.cache or not history:
+        return decision
+    features = run.training_data
+    train_x, train_y = features.labelled_features("train")
+    val_x, val_y = features.labelled_features("val")
+    probe = fit_probe(
+        train_x[0],
+        train_y,
+        val_x[0],
+        val_y,
+        num_classes=len(run.images.classes),
+        seed=config.seed,
+        device=training_device(config),
+    )
+    trained = max(record["val_acc"] for record in history)
+    kept = "probe" if probe.linear_val_acc > trained else "trained"
+    if kept == "probe":
+        best = trainer.checkpoint_callback.best_model_path
+        if trainer.is_global_zero:
+            _write_head(best, run.model, probe)
+        trainer.strategy.barrier()  # every process tests the checkpoint as written
+    head = {"probe_val_acc": round(probe.linear_val_acc, 4), "trained_val_acc": trained}
+    if trainer.is_global_zero:
+        logger.info(
+            f"Auto head: linear probe {probe.linear_val_acc:.4f} against the trained head "
+            f"{trained:.4f} on validation: the {kept} one is kept"
+        )
+    return {**decision, "head": {**head, "kept": kept}}
+
+
+def _write_head(checkpoint_path: str, model: TransferClassifier, probe: ProbeResult) -> None:
+    """Put the probe's weights in place of the classifier's in a checkpoint, atomically."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    prefix = next(name for name, module in model.named_modules() if module is model.head.classifier)
+    checkpoint["state_dict"][f"{prefix}.weight"] = probe.weight
+    checkpoint["state_dict"][f"{prefix}.bias"] = probe.bias
+    written = io.BytesIO()
+    torch.save(checkpoint, written)
+    write_atomic(checkpoint_path, written.getvalue())
 
 
 def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
@@ -305,6 +399,12 @@ def summarise(
     """Step 7: the run summary (summary.json) from what the other steps made."""
     images, model = run.images, run.model
     best = max(history, key=lambda record: record["val_acc"]) if history else {}
+    test_images = len(images.test_set) if images.test_set is not None else 0
+    test_acc = test_metrics.get("test_acc")
+    interval = accuracy_interval(test_acc, test_images) if test_acc is not None else None
+    ignored_files, unread_images = images.other_files.counts()
+    head = (decision or {}).get("head")
+    best_val = head["probe_val_acc"] if head and head["kept"] == "probe" else best.get("val_acc")
     return RunSummary(
         tlkit_version=__version__,
         backbone=config.backbone,
@@ -317,11 +417,12 @@ def summarise(
         preprocessing=images.preprocessing,
         train_images=len(images.train_set),
         val_images=len(images.val_set),
-        test_images=len(images.test_set) if images.test_set is not None else 0,
+        test_images=test_images,
         epochs_run=len(history),
         best_epoch=best.get("epoch"),
-        best_val_acc=best.get("val_acc"),
-        test_acc=test_metrics.get("test_acc"),
+        best_val_acc=best_val,
+        test_acc=test_acc,
+        test_acc_interval=[round(bound, 4) for bound in interval] if interval else None,
         test_acc_top5=test_metrics.get("test_acc_top5"),
         history=history,
         resumed=folder.resume_from is not None,
@@ -330,6 +431,8 @@ def summarise(
         linear_probe=run.linear_probe,
         tta_choice=tta_choice,
         skipped_files=len(run.skipped_files()),
+        ignored_files=ignored_files,
+        unread_images=unread_images,
         wall_time_s=round(time.perf_counter() - started, 2),
     )
 
@@ -421,7 +524,7 @@ def start_from_linear_probe(
         images,
         cache_folder(config),
         progress,
-        device=probe_device(config),
+        device=training_device(config),
     )
     extraction_s = time.perf_counter() - started
     probe = fit_probe(*features, num_classes=len(images.classes), seed=config.seed)
@@ -466,6 +569,7 @@ def _write_at_start(
     write_skipped(out, datamodule.skipped)
     # The scan has just found every file that is broken now; older load failures are stale.
     (out / LOAD_FAILURES).unlink(missing_ok=True)
+    datamodule.other_files.log(logger)
 
 
 @rank_zero_only
@@ -484,10 +588,41 @@ def _epoch(row: dict[str, str]) -> int:
 @rank_zero_only
 def _write_at_end(out: Path, summary: RunSummary, skipped: list[tuple[str, str]]) -> None:
     write_skipped(out, skipped)  # with the files that failed to load during training
+    if summary.auto_decision is not None:  # with what training added (the head kept)
+        write_atomic(out / AUTO_DECISION, json.dumps(summary.auto_decision, indent=2) + "\n")
     write_summary(out, summary)
     if skipped:
-        logger.info(f"Skipped {len(skipped)} unusable files, listed in {out / SKIPPED}")
-    test = f", test {summary.test_acc:.4f}" if summary.test_acc is not None else ""
-    logger.info(
-        f"Best val {summary.best_val_acc:.4f} at epoch {summary.best_epoch}{test}; run folder {out}"
+        logger.info(f"Skipped {len(skipped)} unusable image files, listed in {out / SKIPPED}")
+    planned = (summary.auto_decision or {}).get("budget")
+    if planned is not None:
+        logger.info(
+            f"Budget {planned['seconds']:.0f} s: predicted {planned['predicted_s']:.0f} s, "
+            f"took {summary.wall_time_s:.0f} s"
+        )
+    logger.info(final_line(summary, out))
+
+
+def final_line(summary: RunSummary, out: Path) -> str:
+    """The run's last word: the test accuracy with its image count and 95% interval, or, with
+    no test split, what the validation score is (it also chose the model) and how to get an
+    honest estimate."""
+    best = f"Best val {_accuracy(summary.best_val_acc)} at epoch {summary.best_epoch}"
+    if summary.test_acc is not None:
+        low, high = summary.test_acc_interval
+        return (
+            f"{best}; test {summary.test_acc:.4f} on {summary.test_images} held-out images "
+            f"({CONFIDENCE:.0%} interval {low:.3f}-{high:.3f}); run folder {out}"
+        )
+    if summary.test_images:  # held out, not evaluated (limit_test_batches=0: search trials)
+        return f"{best}; the {summary.test_images} test images not evaluated; run folder {out}"
+    return (
+        f"{best}; no test split, so this validation score is the only estimate, and it flatters "
+        "the model: the same images chose the checkpoint and when to stop (and, with --strategy "
+        "auto, the settings). For an honest estimate keep a test split (--test-fraction, "
+        f"default {FinetuneConfig.field_default('test_fraction')}, or a DATA/test/ folder); "
+        f"run folder {out}"
     )
+
+
+def _accuracy(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "?"

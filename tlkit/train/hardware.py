@@ -15,6 +15,9 @@ Two things are tlkit's:
 
 from __future__ import annotations
 
+import os
+import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -63,7 +66,7 @@ def trainer_options(config: FinetuneConfig) -> dict[str, Any]:
         "devices": parse_devices(config.devices),
         "num_nodes": config.num_nodes,
         "strategy": strategy,
-        "precision": config.precision,
+        "precision": config.precision or "32",
         "accumulate_grad_batches": config.accumulate_grad_batches,
         "plugins": [TimmSyncBatchNorm()] if config.sync_batchnorm else None,
     }
@@ -74,8 +77,35 @@ def effective_batch_size(trainer: pl.Trainer, config: FinetuneConfig) -> int:
     return config.batch_size * trainer.world_size * config.accumulate_grad_batches
 
 
-def probe_device(config: FinetuneConfig) -> str:
-    """Where the probe's features are extracted, before any Trainer exists: the GPU if the
-    run may use one."""
+def training_device(config: FinetuneConfig) -> str:
+    """The kind of device the run trains on, as Lightning's `accelerator="auto"` picks it: a
+    CUDA GPU where the config allows one and one is present, else the CPU. Known before any
+    Trainer exists (auto's probe and measurements run first)."""
     gpu = config.accelerator in ("auto", "gpu") and torch.cuda.is_available()
     return "cuda" if gpu else "cpu"
+
+
+def device_defaults(config: FinetuneConfig) -> FinetuneConfig:
+    """The config with `precision` and `channels_last` set for its device where not given:
+    bf16-mixed where the CUDA device supports it, else 16-mixed, and channels-last (AutoGluon
+    and timm's train.py train in 16 bits on GPUs); 32-bit and the default layout on a CPU,
+    where neither pays."""
+    cuda = training_device(config) == "cuda"
+    precision = config.precision
+    if precision is None:
+        precision = (
+            "32" if not cuda else "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        )
+    channels_last = cuda if config.channels_last is None else config.channels_last
+    return replace(config, precision=precision, channels_last=channels_last)
+
+
+def run_identity() -> str:
+    """What every process of one run shares, and no other run: torchrun's run id, SLURM's job
+    and step, or else an id this process makes and passes on to the processes Lightning's
+    launcher starts from it (they inherit its environment)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    if "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '')}"
+    return os.environ.setdefault("TLKIT_RUN_ID", uuid.uuid4().hex)

@@ -19,6 +19,8 @@ this fit for all three, and returns numpy arrays to move back into the head.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tlkit.data.datamodule import BaseImageDataModule
+from tlkit.data.datasets import LabelledImages
 from tlkit.errors import ConfigError, DatasetError
 from tlkit.model.classifier import TransferClassifier
 from tlkit.train.features import CachedFeatureDataModule
@@ -38,6 +41,14 @@ L2_PENALTIES = (1e-1, 1e-2, 1e-3)
 # k-NN neighbour counts tried (DINO's k-NN evaluation uses 20).
 KNN_NEIGHBOURS = (1, 5, 10, 20, 50)
 LBFGS_ITERATIONS = 20  # per penalty: within 0.2 points of convergence (measured), 66 evaluations
+# Fewer validation images than this: the probe's evidence is k-fold cross-validation instead.
+CROSS_VALIDATE_BELOW = 200
+CROSS_VALIDATION_FOLDS = 5
+ONE_SIDED_95 = 1.645  # the normal quantile of a one-sided 95% bound
+# k-NN votes: each neighbour's weight is exp(similarity / temperature), as DINO's k-NN
+# evaluation weighs them (Caron et al. 2021): always positive, so a dissimilar neighbour votes
+# weakly for its class, never against it.
+KNN_TEMPERATURE = 0.07
 KNN_CHUNK = 1024  # validation rows per similarity matmul (bounds memory at chunk x train rows)
 
 
@@ -52,6 +63,13 @@ class ProbeResult:
     weight: torch.Tensor  # (num_classes, feature_dim): the head's classifier weight
     bias: torch.Tensor  # (num_classes,)
     l2_penalty: float = 0.0  # the penalty chosen on validation
+    # Balanced accuracy (mean recall over the classes with images) and a one-sided 95% lower
+    # bound on it (`balanced_accuracy_bound`), on validation or, where the validation split is
+    # small, on out-of-fold predictions of the training features (`evidence`).
+    balanced_acc: float = float("nan")
+    balanced_lower_bound: float = float("nan")
+    evidence: str = "validation"  # or "5-fold cross-validation"
+    evidence_images: int = 0  # the predictions behind balanced_acc
 
     def copy_into(self, model: TransferClassifier) -> None:
         """Make this probe the model's classifier (LP-FT's start); the head must have no hidden
@@ -70,6 +88,10 @@ class ProbeResult:
             "knn_k": self.knn_k,
             "l2_penalty": self.l2_penalty,
             "fit_seconds": round(self.fit_seconds, 3),
+            "balanced_acc": round(self.balanced_acc, 4),
+            "balanced_lower_bound": round(self.balanced_lower_bound, 4),
+            "evidence": self.evidence,
+            "evidence_images": self.evidence_images,
         }
 
 
@@ -80,46 +102,135 @@ def fit_probe(
     val_y: torch.Tensor,
     num_classes: int,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> ProbeResult:
     """Fit the linear probe (penalty chosen on validation) and measure k-NN on the same features.
 
     Deterministic for the same inputs (full-batch L-BFGS from zero weights; `seed` fixes torch's
     generator for anything random), so every DDP process fitting it gets the same head.
-    The returned weight and bias act on the raw features: the standardisation is folded in.
+    The returned weight and bias act on the raw features (on the CPU): the standardisation is
+    folded in. Its balanced accuracy comes with a lower confidence bound; where the validation
+    split holds fewer than `CROSS_VALIDATE_BELOW` images, that evidence comes from k-fold
+    cross-validation on the training and validation features together instead.
     """
     _check_features(train_x, train_y, val_x, val_y, num_classes)
-    train_x, val_x = train_x.float().cpu(), val_x.float().cpu()
-    train_y, val_y = train_y.long().cpu(), val_y.long().cpu()
+    device = torch.device(device)
+    train_x, val_x = train_x.float().to(device), val_x.float().to(device)
+    train_y, val_y = train_y.long().to(device), val_y.long().to(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mean = train_x.mean(0)
-        std = train_x.std(0).clamp_min(1e-6)  # a dead feature (all zero) stays zero
-        train_z, val_z = (train_x - mean) / std, (val_x - mean) / std
-        weight = torch.zeros(num_classes, train_x.shape[1], requires_grad=True)
-        bias = torch.zeros(num_classes, requires_grad=True)
-        best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
-        for penalty in L2_PENALTIES:
-            _minimise(train_z, train_y, weight, bias, penalty)
-            with torch.no_grad():
-                accuracy = _accuracy(val_z @ weight.T + bias, val_y)
-            if best is None or accuracy > best[0]:  # ties: the stronger penalty, tried first
-                best = (accuracy, penalty, weight.detach().clone(), bias.detach().clone())
-    accuracy, penalty, weight, bias = best
+        fitted = _fit_penalties(train_x, train_y, num_classes)
+        scored = [(_accuracy(head(val_x), val_y), penalty, head) for penalty, head in fitted]
+        # the best on validation; ties: the stronger penalty, tried first
+        accuracy, penalty, head = max(scored, key=lambda row: (row[0], row[1]))
+        predicted = head(val_x).argmax(1)
+        balanced, bound = balanced_accuracy_bound(predicted, val_y, num_classes)
+        evidence, evidence_images = "validation", len(val_y)
+        if len(val_y) < CROSS_VALIDATE_BELOW:
+            balanced, bound, evidence_images = _cross_validated(
+                torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), num_classes, seed
+            )
+            evidence = f"{CROSS_VALIDATION_FOLDS}-fold cross-validation"
     fit_seconds = time.perf_counter() - started
-    # logits = W (x - mean) / std + b = (W / std) x + (b - (W / std) mean)
-    folded_weight = weight / std
-    folded_bias = bias - folded_weight @ mean
     knn_accuracy, knn_k = knn_accuracy_best_k(train_x, train_y, val_x, val_y, num_classes)
     return ProbeResult(
         linear_val_acc=accuracy,
         knn_val_acc=knn_accuracy,
         knn_k=knn_k,
         fit_seconds=fit_seconds,
-        weight=folded_weight,
-        bias=folded_bias,
+        weight=head.weight.cpu(),
+        bias=head.bias.cpu(),
         l2_penalty=penalty,
+        balanced_acc=balanced,
+        balanced_lower_bound=bound,
+        evidence=evidence,
+        evidence_images=evidence_images,
     )
+
+
+@dataclass(frozen=True)
+class _LinearHead:
+    """A fitted probe on raw features: logits = x W^T + b."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight.T + self.bias
+
+
+def _fit_penalties(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> list[tuple[float, _LinearHead]]:
+    """The probe fitted at each of `L2_PENALTIES` (strongest first, each warm-started from the
+    last) on standardised features, each folded back to act on the raw features."""
+    mean = features.mean(0)
+    std = features.std(0).clamp_min(1e-6)  # a dead feature (all zero) stays zero
+    standardised = (features - mean) / std
+    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True, device=features.device)
+    bias = torch.zeros(num_classes, requires_grad=True, device=features.device)
+    fitted = []
+    for penalty in L2_PENALTIES:
+        _minimise(standardised, labels, weight, bias, penalty)
+        # logits = W (x - mean) / std + b = (W / std) x + (b - (W / std) mean)
+        folded = weight.detach() / std
+        fitted.append((penalty, _LinearHead(folded, bias.detach() - folded @ mean)))
+    return fitted
+
+
+def _cross_validated(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int
+) -> tuple[float, float, int]:
+    """(balanced accuracy, its lower bound, images) of out-of-fold predictions: stratified
+    k-fold, each fold predicted by the probe fitted on the others at the penalty that is best
+    over all folds."""
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = torch.empty(len(labels), dtype=torch.long)
+    for label in labels.unique():  # each class dealt round the folds in a seeded order
+        members = (labels == label).nonzero().flatten().cpu()
+        members = members[torch.randperm(len(members), generator=generator)]
+        fold_of[members] = torch.arange(len(members)) % CROSS_VALIDATION_FOLDS
+    fold_of = fold_of.to(labels.device)
+    predictions = {penalty: torch.empty_like(labels) for penalty in L2_PENALTIES}
+    for fold in range(CROSS_VALIDATION_FOLDS):
+        held_out = fold_of == fold
+        if held_out.all() or not held_out.any():
+            continue
+        for penalty, head in _fit_penalties(features[~held_out], labels[~held_out], num_classes):
+            predictions[penalty][held_out] = head(features[held_out]).argmax(1)
+    scores = [
+        balanced_accuracy_bound(predicted, labels, num_classes)
+        for predicted in predictions.values()
+    ]
+    balanced, bound = max(scores)
+    return balanced, bound, len(labels)
+
+
+def balanced_accuracy_bound(
+    predicted: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[float, float]:
+    """(balanced accuracy, its one-sided 95% lower bound) of predicted against true labels.
+
+    Balanced accuracy is the mean recall over the classes that have images. The bound is the
+    normal approximation to the mean of the per-class binomial proportions, each smoothed as
+    Laplace's rule of succession does ((k + 1) / (n + 2)), so that a class of 10 images all
+    right still counts as uncertain: 10 of 10 right in each of two classes bounds the balanced
+    accuracy at 0.90, 100 of 100 at 0.99.
+    """
+    recalls, variances = [], []
+    for label in range(num_classes):
+        members = labels == label
+        count = int(members.sum())
+        if count == 0:
+            continue
+        right = int((predicted[members] == label).sum())
+        recalls.append(right / count)
+        smoothed = (right + 1) / (count + 2)
+        variances.append(smoothed * (1 - smoothed) / count)
+    balanced = sum(recalls) / len(recalls)
+    spread = math.sqrt(sum(variances)) / len(recalls)
+    return balanced, max(0.0, balanced - ONE_SIDED_95 * spread)
 
 
 def _check_features(
@@ -183,20 +294,22 @@ def knn_accuracy_best_k(
     neighbour_counts: tuple[int, ...] = KNN_NEIGHBOURS,
 ) -> tuple[float, int]:
     """(validation top-1, k) of the best cosine-similarity k-NN classifier over `neighbour_counts`
-    (counts above the training size are left out). Neighbours vote with their similarity, which
-    also breaks ties."""
+    (counts above the training size are left out). Neighbours vote with exp(similarity /
+    `KNN_TEMPERATURE`): the nearest count most, none counts against its class."""
     counts = [k for k in neighbour_counts if k <= len(train_x)] or [len(train_x)]
     train = F.normalize(train_x.float(), dim=1)
+    train_y = train_y.to(train.device)
     correct = torch.zeros(len(counts))
     for start in range(0, len(val_x), KNN_CHUNK):
         chunk = F.normalize(val_x[start : start + KNN_CHUNK].float(), dim=1)
         similarity, index = (chunk @ train.T).topk(max(counts), dim=1)
         neighbour_labels = train_y[index]
+        weights = (similarity / KNN_TEMPERATURE).exp()
+        truth = val_y[start : start + KNN_CHUNK].to(train.device)
         for position, k in enumerate(counts):
-            votes = torch.zeros(len(chunk), num_classes)
-            votes.scatter_add_(1, neighbour_labels[:, :k], similarity[:, :k])
-            truth = val_y[start : start + KNN_CHUNK]
-            correct[position] += (votes.argmax(1) == truth).sum()
+            votes = torch.zeros(len(chunk), num_classes, device=train.device)
+            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            correct[position] += (votes.argmax(1) == truth).sum().cpu()
     accuracies = correct / len(val_x)
     best = int(accuracies.argmax())  # ties: the smaller k
     return float(accuracies[best]), counts[best]
@@ -208,9 +321,13 @@ def probe_features(
     cache_dir: str | Path,
     progress: bool = False,
     device: str | torch.device = "cpu",
+    per_class: int | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cached pooled features (plain evaluation view) of the train and validation splits:
-    `train_x, train_y, val_x, val_y`.
+    `train_x, train_y, val_x, val_y`; with `per_class`, of a seeded sample of at most that many
+    images of each class in each split (`per_class_sample`), which bounds the probe's cost
+    whatever the dataset's size.
 
     Through the `features` strategy's cache (same keys, same files in `cache_dir`): what is
     cached is read, what is not is extracted on `device`. Safe to call from every DDP process
@@ -218,7 +335,29 @@ def probe_features(
     wait, then read the file.
     """
     images.setup("fit")
-    cache = CachedFeatureDataModule(model, images, cache_dir, device=device, progress=progress)
+    splits = {"train": images.train_set, "val": images.val_set}
+    if per_class is not None:
+        splits = {name: per_class_sample(split, per_class, seed) for name, split in splits.items()}
+    cache = CachedFeatureDataModule(
+        model, images, cache_dir, device=device, progress=progress, splits=splits
+    )
     train_x, train_y = cache.labelled_features("train")
     val_x, val_y = cache.labelled_features("val")
     return train_x[0], train_y, val_x[0], val_y
+
+
+def per_class_sample(images: LabelledImages, per_class: int, seed: int) -> LabelledImages:
+    """At most `per_class` images of each class, drawn with a seeded generator (the same sample
+    every time, so its cached features are found again); all of them if none has more."""
+    by_class: dict[int, list[int]] = {}
+    for position, (_path, label) in enumerate(images.samples):
+        by_class.setdefault(label, []).append(position)
+    if all(len(positions) <= per_class for positions in by_class.values()):
+        return images
+    generator = random.Random(seed)
+    chosen = []
+    for positions in by_class.values():
+        chosen += (
+            positions if len(positions) <= per_class else generator.sample(positions, per_class)
+        )
+    return images.subset(sorted(chosen))

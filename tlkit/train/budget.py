@@ -1,0 +1,220 @@
+"""Time budgets: how fast this device trains a configuration, and the schedule that fits.
+
+`measure_throughput` times a few training steps (after warm-up), a few validation batches and
+one checkpoint write of a candidate configuration on the device the run will use, through
+Lightning's own Trainer with the run's precision, memory format, loaders and augmentation, so
+that what it measures is what the run will do. `fit_schedule` (pure) then sizes the schedule:
+the most training images, up to what auto's rule asks for, whose predicted time (training,
+a validation pass and two checkpoints per epoch, the test evaluation) fits in the time left.
+An epoch that the schedule ends part-way through becomes shorter epochs
+(`FinetuneConfig.epoch_batches`), so that the cosine decay still ends at the last step and
+every epoch is validated.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from tlkit.config import FinetuneConfig
+from tlkit.console import expected_lightning_warnings_hidden
+from tlkit.data.datamodule import BaseImageDataModule
+from tlkit.train.build import build_model
+from tlkit.train.hardware import trainer_options, training_device
+
+WARMUP_STEPS = {"cpu": 2, "cuda": 10}  # untimed: loader workers, allocator, cuDNN autotuning
+TIMED_STEPS = {"cpu": 4, "cuda": 20}
+VALIDATION_BATCHES = 2
+# The predicted time is planned to this share of the budget: the measurement's noise, and
+# what no prediction sees (the process's start, the last summary), stay inside the budget.
+BUDGET_SHARE = 0.92
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How fast one process trains and evaluates a configuration, measured on its device."""
+
+    device: str
+    train_images_per_s: float
+    eval_images_per_s: float
+    checkpoint_s: float  # writing one checkpoint
+    measured_s: float  # what the measurement took
+
+
+class _Clock(pl.Callback):
+    """Times training batches after the warm-up, and validation batches."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.train: list[float] = []
+        self.validation: list[float] = []
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index: int) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index: int) -> None:
+        if trainer.global_step > self.warmup:
+            self.train.append(time.perf_counter() - self._started)
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_index: int, *_) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_index, *_) -> None:
+        self.validation.append(time.perf_counter() - self._started)
+
+
+def measure_throughput(
+    config: FinetuneConfig, images: BaseImageDataModule, progress: bool = False
+) -> Throughput:
+    """Train a fresh model of `config` for a few steps on `images` (set up, on this process's
+    device alone) and time it; the model is thrown away. The median batch time gives the rate,
+    so one slow batch (a worker starting late) does not count."""
+    started = time.perf_counter()
+    device = training_device(config)
+    warmup, timed = WARMUP_STEPS[device], TIMED_STEPS[device]
+    steps = warmup + timed
+    model = build_model(config, images.classes)
+    clock = _Clock(warmup)
+    options = {
+        **trainer_options(config),
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+        "plugins": None,
+        "max_steps": steps,
+        "max_epochs": -1,
+        "val_check_interval": steps,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": VALIDATION_BATCHES,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": [clock],
+    }
+    with expected_lightning_warnings_hidden():
+        trainer = pl.Trainer(**options)
+        trainer.fit(model, datamodule=images)
+        with tempfile.TemporaryDirectory() as folder:
+            written = time.perf_counter()
+            trainer.save_checkpoint(Path(folder) / "measure.ckpt")
+            checkpoint_s = time.perf_counter() - written
+    batch = images.batch_size
+    train_s = _median(clock.train or [math.inf])
+    eval_s = _median(clock.validation or [math.inf])
+    return Throughput(
+        device=device,
+        train_images_per_s=round(batch / train_s, 2),
+        eval_images_per_s=round(batch / eval_s, 2),
+        checkpoint_s=round(checkpoint_s, 3),
+        measured_s=round(time.perf_counter() - started, 2),
+    )
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The images of each split, and how many processes share them."""
+
+    train: int
+    val: int
+    test: int
+    processes: int = 1
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A planned schedule: epochs of `epoch_batches` batches (0: whole passes), the training
+    images it processes, and the seconds it is predicted to take."""
+
+    epochs: int
+    epoch_batches: int
+    images: int
+    predicted_s: float
+
+
+def epoch_cost_s(splits: Splits, throughput: Throughput, cached: bool) -> float:
+    """Seconds of one epoch's validation pass and its two checkpoints (best and last)."""
+    validation = 0.0 if cached else splits.val / splits.processes / throughput.eval_images_per_s
+    return validation + 2 * throughput.checkpoint_s
+
+
+def fixed_cost_s(splits: Splits, throughput: Throughput, cached: bool) -> float:
+    """Seconds spent once: the test evaluation, and for cached features their extraction."""
+    evaluated = splits.test + (splits.train + splits.val if cached else 0)
+    return evaluated / splits.processes / throughput.eval_images_per_s
+
+
+def predicted_s(images: int, splits: Splits, throughput: Throughput, cached: bool) -> float:
+    """Predicted seconds of a schedule processing `images` training images (a cached-features
+    epoch is taken as free: the head trains on vectors)."""
+    epochs = max(1, math.ceil(images / splits.train))
+    training = 0.0 if cached else images / splits.processes / throughput.train_images_per_s
+    per_epoch = epoch_cost_s(splits, throughput, cached)
+    return training + epochs * per_epoch + fixed_cost_s(splits, throughput, cached)
+
+
+def fit_schedule(
+    wanted_images: int,
+    splits: Splits,
+    batch_size: int,
+    throughput: Throughput,
+    seconds_left: float,
+    cached: bool = False,
+) -> Schedule | None:
+    """The schedule processing the most training images, up to `wanted_images`, predicted to
+    end within `seconds_left`; None when not even one pass over the training images fits.
+    With cached features every epoch is (taken as) free: the schedule is as wanted if the
+    extraction fits."""
+    if cached:
+        if predicted_s(wanted_images, splits, throughput, cached) > seconds_left:
+            return None
+        return schedule_of(wanted_images, splits, batch_size, throughput, cached)
+    rate = splits.processes * throughput.train_images_per_s
+    best = 0
+    for epochs in range(1, math.ceil(wanted_images / splits.train) + 1):
+        fixed = epochs * epoch_cost_s(splits, throughput, cached)
+        fixed += fixed_cost_s(splits, throughput, cached)
+        affordable = int((seconds_left - fixed) * rate)
+        images = min(wanted_images, epochs * splits.train, affordable)
+        if images > (epochs - 1) * splits.train:  # these images need all those epochs
+            best = max(best, images)
+    if best < min(wanted_images, splits.train):
+        return None
+    return schedule_of(best, splits, batch_size, throughput, cached)
+
+
+def schedule_of(
+    images: int,
+    splits: Splits,
+    batch_size: int,
+    throughput: Throughput | None = None,
+    cached: bool = False,
+) -> Schedule:
+    """Whole epochs where `images` is a whole number of passes, else the same number of
+    shorter epochs of equal length (batches per process), ending at the last step."""
+    epochs = max(1, math.ceil(images / splits.train - 1e-9))
+    per_process = splits.train // splits.processes
+    full_batches = max(1, per_process // batch_size)
+    batches = max(1, round(images / splits.processes / batch_size / epochs))
+    epoch_batches = 0 if batches >= full_batches else batches
+    processed = epochs * (batches if epoch_batches else full_batches) * batch_size
+    processed *= splits.processes
+    seconds = predicted_s(processed, splits, throughput, cached) if throughput else math.nan
+    return Schedule(epochs, epoch_batches, processed, round(seconds, 1))
+
+
+def with_schedule(config: FinetuneConfig, schedule: Schedule) -> FinetuneConfig:
+    return replace(config, epochs=schedule.epochs, epoch_batches=schedule.epoch_batches)
