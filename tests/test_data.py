@@ -52,6 +52,25 @@ def test_cmyk_jpeg_and_exif_rotation(tmp_path: Path):
     assert load_rgb(rotated).shape == (6, 3, 3)
 
 
+def test_jpeg_aliases_and_avif_are_read_as_images(tmp_path: Path):
+    """Cameras and browsers save .jfif, .jpe and .avif: they are images, not ignored files."""
+    for suffix, image_format in ((".jfif", "JPEG"), (".jpe", "JPEG"), (".avif", "AVIF")):
+        save(
+            Image.new("RGB", (16, 16), (200, 10, 10)),
+            tmp_path / "red" / f"a{suffix}",
+            format=format,
+        )
+        save(
+            Image.new("RGB", (16, 16), (10, 10, 200)),
+            tmp_path / "blue" / f"b{suffix}",
+            format=format,
+        )
+    result = scan_folder(tmp_path)
+    assert len(result.samples) == 6 and not result.skipped
+    assert result.other_files.counts() == ({}, {})
+    assert load_rgb(result.samples[0][0]).shape == (16, 16, 3)
+
+
 def test_broken_files_are_skipped_counted_and_named(tmp_path: Path):
     write_colour_images(tmp_path, per_class=2, seed=0)
     good = io.BytesIO()

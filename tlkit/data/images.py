@@ -26,12 +26,15 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {
     ".jpg",
     ".jpeg",
+    ".jpe",  # JPEG's other extensions
+    ".jfif",
     ".png",
     ".bmp",
     ".gif",
     ".tif",
     ".tiff",
     ".webp",
+    ".avif",  # decoded by Pillow >= 11.3 (its wheels carry libavif)
     ".ppm",
     ".pgm",
     ".pbm",
