@@ -61,6 +61,7 @@ CHECKPOINT_HPARAMS = {
     "class_names",
     "channels_last",
     "trained_with_hflip",
+    "trained_short_sides",
 }
 
 
