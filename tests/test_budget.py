@@ -33,7 +33,7 @@ def test_a_budget_that_is_no_duration_is_refused_by_the_config(text):
 
 def test_device_defaults_follow_the_device_and_keep_what_is_given(monkeypatch):
     cpu = hardware.device_defaults(FinetuneConfig(data_dir="x", accelerator="cpu"))
-    assert (cpu.precision, cpu.channels_last) == ("32", False)
+    assert (cpu.precision, cpu.channels_last) == ("32", True)
     monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda: True)
     gpu = hardware.device_defaults(FinetuneConfig(data_dir="x"))

@@ -2,6 +2,7 @@ import io
 import os
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from PIL import Image
 
 from tlkit.data.augment import eval_transform, train_transform
 from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datasets import seed_augmentation
 from tlkit.data.images import load_rgb
 from tlkit.data.sources import OtherFiles, read_csv, scan_folder
 from tlkit.data.split import split_samples
@@ -58,12 +60,12 @@ def test_jpeg_aliases_and_avif_are_read_as_images(tmp_path: Path):
         save(
             Image.new("RGB", (16, 16), (200, 10, 10)),
             tmp_path / "red" / f"a{suffix}",
-            format=format,
+            format=image_format,
         )
         save(
             Image.new("RGB", (16, 16), (10, 10, 200)),
             tmp_path / "blue" / f"b{suffix}",
-            format=format,
+            format=image_format,
         )
     result = scan_folder(tmp_path)
     assert len(result.samples) == 6 and not result.skipped
@@ -237,6 +239,24 @@ def test_transforms_scale_with_the_input_size_and_are_seeded():
     assert -1.0 <= float(evaluated.min()) and float(evaluated.max()) <= 1.0  # mean=std=0.5
     with pytest.raises(ValueError, match="short side range"):
         train_transform(PREPROCESSING, short_side_range=(100, 480))
+
+
+def test_the_transforms_of_a_seeded_augmentation_draw_independently():
+    """Each image's pipeline is seeded anew; its transforms must not draw equal numbers. (Seeded
+    with albumentations' `set_random_seed`, every transform got generators seeded alike: every
+    flipped image came out darker and every other one brighter.)"""
+    dark_to_bright = np.tile(np.linspace(40, 210, 16), (16, 1)).astype(np.uint8)
+    image = np.repeat(dark_to_bright[..., None], 3, axis=2)
+    jitter = A.ColorJitter(brightness=0.4, contrast=0, saturation=0, hue=0, p=1.0)
+    pipeline = A.Compose([A.HorizontalFlip(p=0.5), jitter])  # as train_transform's
+    flipped, darker = [], []
+    for index in range(400):
+        seed_augmentation(pipeline, seed=0, epoch=0, index=index)
+        augmented = pipeline(image=image)["image"].astype(float)
+        flipped.append(augmented[:, 0].mean() > augmented[:, -1].mean())
+        darker.append(augmented.mean() < image.mean())
+    assert 0.4 < np.mean(flipped) < 0.6 and 0.4 < np.mean(darker) < 0.6
+    assert abs(np.corrcoef(flipped, darker)[0, 1]) < 0.15
 
 
 def test_augmentation_follows_seed_epoch_and_image_not_workers(tmp_path: Path):

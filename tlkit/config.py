@@ -80,6 +80,13 @@ FIXED_CHOICES: dict[str, Any] = {
 }
 AUTO_HELP = " (default: chosen by --strategy auto; with a named strategy {})"
 
+# The fields left to the device when not given (None), and what the run sets them to there
+# (tlkit/train/hardware.py's device_defaults); --print-config shows these beside them.
+DEVICE_DEFAULTS: dict[str, str] = {
+    "precision": "set when the run starts: bf16-mixed (else 16-mixed) on CUDA, 32 on a CPU",
+    "channels_last": "set on when the run starts, on CPUs as on GPUs",
+}
+
 
 @dataclass
 class FinetuneConfig:
@@ -253,7 +260,9 @@ class FinetuneConfig:
     )
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
     channels_last: bool | None = _option(
-        None, "channels-last memory format, faster convolutions on GPUs (default: on with CUDA)"
+        None,
+        "channels-last (NHWC) memory format for the model and its input batches, faster "
+        "convolutions on CPUs and GPUs (default: on; tlkit.train.hardware.device_defaults)",
     )
     accumulate_grad_batches: int = _option(1, "batches whose gradients make one optimiser step")
     scale_lr: bool = _option(
@@ -327,9 +336,9 @@ class FinetuneConfig:
         chosen = {name: "chosen by --strategy auto" for name in self.choices_left_to_auto()}
         if self.strategy == "auto" and self.epochs is None:
             chosen["epoch_batches"] = "set by --strategy auto with the epochs"
-        for name in ("precision", "channels_last"):
+        for name, explanation in DEVICE_DEFAULTS.items():
             if getattr(self, name) is None:
-                chosen[name] = "chosen for the device when the run starts"
+                chosen[name] = explanation
         return chosen
 
     def save(self, path: str | Path) -> None:

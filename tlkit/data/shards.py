@@ -60,8 +60,8 @@ from tlkit.config import FinetuneConfig
 from tlkit.data.datamodule import BaseImageDataModule, ImageDataModule
 from tlkit.data.datasets import (
     LabelledImages,
-    augmentation_seed,
     drops_last_batch,
+    seed_augmentation,
 )
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
 from tlkit.data.sources import OtherFiles, relative_path
@@ -448,7 +448,7 @@ def decode_sample(
             f"{sample['path']} in {location}: {type(error).__name__}: {error}"
         ) from error
     if seed is not None:
-        transform.set_random_seed(augmentation_seed(seed, epoch, int(sample["index"])))
+        seed_augmentation(transform, seed, epoch, int(sample["index"]))
     return transform(image=image)["image"], int(sample["label"])
 
 

@@ -101,19 +101,23 @@ def extract(
     num_workers: int,
     progress: bool = True,
     description: str = "features",
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """(N, D) pooled float32 features of a dataset, computed on `device` in eval mode.
+    """(N, D) pooled float32 features of a dataset, computed on `device` in eval mode (with
+    `channels_last`, in that memory format, as `TransferClassifier` trains with it).
 
     A plain inference loop, not `Trainer.predict`: it runs inside `trainer.fit`
     (`CachedFeatureDataModule.prepare_data`), where the fitting Trainer cannot also predict.
     The random state is left as it was, so training draws the same numbers cached or not.
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    backbone.eval().to(device)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    backbone.eval().to(device, memory_format=memory_format)
     batches = []
     with isolate_rng():
         for images, _labels in tqdm(loader, desc=description, disable=not progress, leave=False):
-            batches.append(backbone(images.to(device)).float().cpu())
+            batch = images.to(device, memory_format=memory_format)
+            batches.append(backbone(batch).float().cpu())
     return torch.cat(batches)
 
 
@@ -268,6 +272,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
                         self.images.num_workers,
                         self.progress,
                         f"Extracting {split} features on {device}",
+                        self.model.hparams.channels_last,
                     )
                 )
             return torch.stack(passes)
