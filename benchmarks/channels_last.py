@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from epoch import STRATEGIES, write_fashion_mnist_splits, write_photo_crops
 
 from tlkit import FinetuneConfig
-from tlkit.train.build import build_datamodule, build_model
+from tlkit.train.build import build_datamodule, build_model, data_facts
 
 LAYOUTS = {"default": torch.contiguous_format, "channels-last": torch.channels_last}
 
@@ -43,9 +43,8 @@ def prepared_model(config: FinetuneConfig, layout: torch.memory_format, preloade
     pl.seed_everything(config.seed, verbose=False)
     datamodule = build_datamodule(replace(config, num_workers=0))
     datamodule.setup("fit")
-    model = build_model(
-        replace(config, channels_last=layout == torch.channels_last), datamodule.classes
-    )
+    config = replace(config, channels_last=layout == torch.channels_last)
+    model = build_model(config, data_facts(config, datamodule))
     optimizer, schedule = model.optimizer_and_schedule(total_steps=1000, steps_per_epoch=100)
     model = model.to(memory_format=layout)
     batches = [

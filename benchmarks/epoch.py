@@ -74,7 +74,7 @@ from fashion_mnist import CLASSES, load_split, stratified_subset  # noqa: E402
 from tlkit import FinetuneConfig, finetune  # noqa: E402
 from tlkit.data.images import write_image_folder  # noqa: E402
 from tlkit.runfolder import RunSummary  # noqa: E402
-from tlkit.train.build import build_datamodule, build_model  # noqa: E402
+from tlkit.train.build import build_datamodule, build_model, data_facts  # noqa: E402
 from tlkit.train.hardware import device_defaults  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -196,7 +196,7 @@ def step_rate(config: FinetuneConfig, arguments: argparse.Namespace) -> float:
     pl.seed_everything(config.seed, verbose=False)
     datamodule = build_datamodule(replace(config, num_workers=0))
     datamodule.setup("fit")
-    model = build_model(config, datamodule.classes)
+    model = build_model(config, data_facts(config, datamodule))
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     batches = [  # in the run's layout (the backbone alone does not convert them)
         (images.contiguous(memory_format=layout), labels)

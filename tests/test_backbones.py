@@ -10,27 +10,63 @@ from skimage import data as skimage_data
 
 from tlkit.data.augment import eval_transform
 from tlkit.errors import WeightsUnavailableError
-from tlkit.model.backbones import bundled_state_dict, create_backbone, layer_groups, preprocessing
+from tlkit.model.backbones import (
+    BundledBackbone,
+    bundled_backbones,
+    bundled_state_dict,
+    create_backbone,
+    layer_groups,
+    preprocessing,
+)
 
 CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
 
 
-def imagenet_top1(model: torch.nn.Module, photo: np.ndarray) -> int:
-    transform = eval_transform(preprocessing(model, 224))
-    batch = transform(image=photo)["image"].unsqueeze(0)
+def imagenet_top1(model: torch.nn.Module, photos: list[np.ndarray], size: int) -> list[int]:
+    transform = eval_transform(preprocessing(model, size))
+    batch = torch.stack([transform(image=photo)["image"] for photo in photos])
     with torch.no_grad():
-        return int(model(batch).argmax())
+        return model(batch).argmax(dim=1).tolist()
 
 
-def test_bundled_weights_recognise_imagenet_photos():
+@pytest.mark.parametrize("bundled", bundled_backbones(), ids=lambda bundled: bundled.architecture)
+def test_bundled_weights_recognise_imagenet_photos(bundled: BundledBackbone):
+    """Each package's tensors map one to one, in order, onto timm's architecture, and the
+    loaded model, at its own input size, sees a cat and an espresso."""
+    with torch.device("meta"):  # the names and shapes only
+        timm_keys = timm.create_model(bundled.architecture).state_dict()
+    state_dict = bundled_state_dict(bundled.architecture)
+    assert list(state_dict) == list(timm_keys)
+    assert [tensor.shape for tensor in state_dict.values()] == [
+        tensor.shape for tensor in timm_keys.values()
+    ]
     model = timm.create_model(
-        "tf_efficientnet_lite0",
-        pretrained=True,
-        pretrained_cfg_overlay={"state_dict": bundled_state_dict("tf_efficientnet_lite0")},
+        bundled.architecture, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}
     ).eval()
-    assert imagenet_top1(model, skimage_data.chelsea()) in CAT_CLASSES
-    assert imagenet_top1(model, skimage_data.coffee()) == ESPRESSO
+    photos = [skimage_data.chelsea(), skimage_data.coffee()]
+    cat, coffee = imagenet_top1(model, photos, bundled.input_size)
+    assert cat in CAT_CLASSES
+    assert coffee == ESPRESSO
+
+
+def test_bundled_table_agrees_with_timm():
+    """Input size and parameter count as recorded; cheapest first; mean = std = 0.5."""
+    found = bundled_backbones()
+    assert [bundled.architecture for bundled in found] == [
+        "tf_efficientnet_lite0",
+        "tf_efficientnet_lite1",
+        "tf_efficientnet_lite2",
+    ]
+    for bundled in found:
+        with torch.device("meta"):
+            backbone = create_backbone(bundled.architecture, "none")
+        assert sum(parameter.numel() for parameter in backbone.parameters()) == bundled.parameters
+        expected = preprocessing(bundled.architecture)
+        assert expected.input_size == bundled.input_size
+        assert expected.mean == expected.std == (0.5, 0.5, 0.5)
+    costs = [(bundled.multiply_adds, bundled.imagenet_top1) for bundled in found]
+    assert costs == sorted(costs)  # each step costs more and is more accurate
 
 
 def test_bundled_backbone_gives_the_pretrained_features():

@@ -57,6 +57,21 @@ def test_the_schedule_fills_the_budget_up_to_the_wanted_images():
     assert cached is not None and cached.epochs == 10  # extraction of 8,000 images: 27 s
 
 
+def test_the_tta_choice_after_training_is_planned_into_the_budget():
+    """Every candidate preset's views of at most 1,000 validation images at the evaluation
+    rate: 1 + 2 + 10 + 30 views with flips and scale augmentation; none without the choice."""
+    config = FinetuneConfig(data_dir="x", strategy="partial", img_size=64)
+    rate = CPU_LIKE.eval_images_per_s
+    small = budget.Splits(train=500, val=50, test=100)
+    assert budget.tta_choice_s(config, small, CPU_LIKE) == pytest.approx(50 * 43 / rate)
+    large = budget.Splits(train=50_000, val=5_000, test=100)
+    assert budget.tta_choice_s(config, large, CPU_LIKE) == pytest.approx(1000 * 43 / rate)
+    plain = FinetuneConfig(data_dir="x", strategy="partial", img_size=64, augment=False)
+    assert budget.tta_choice_s(plain, small, CPU_LIKE) == pytest.approx(50 * (1 + 5) / rate)
+    off = FinetuneConfig(data_dir="x", strategy="partial", img_size=64, choose_tta=False)
+    assert budget.tta_choice_s(off, small, CPU_LIKE) == 0
+
+
 def test_a_budgeted_run_measures_plans_and_records(colour_folder: Path, tmp_path: Path):
     config = FinetuneConfig(
         data_dir=str(colour_folder),
@@ -68,6 +83,7 @@ def test_a_budgeted_run_measures_plans_and_records(colour_folder: Path, tmp_path
     summary = finetune(config, enable_progress_bar=False)
     planned = json.loads((tmp_path / "run" / "auto.json").read_text())["budget"]
     assert planned["seconds"] == 600 and planned["fits"] and not planned["stepped_down"]
+    assert planned["tta_choice_s"] > 0  # the choice after training is planned in
     throughput = planned["throughput"]
     assert throughput["device"] == "cpu" and throughput["train_images_per_s"] > 0
     assert 0 < planned["predicted_s"] <= 600 * budget.BUDGET_SHARE

@@ -125,6 +125,8 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
     assert len(decoded) == 4 and sum(map(int, decoded)) == 42
     summary = read_summary(out)
     assert summary.epochs_run == 1 and summary.test_images == 12
+    # --tta auto's choice: made by the first process alone, on one device, after DDP training
+    assert summary.tta_choice["images"] == summary.val_images
     assert {p.name for p in out.iterdir()} >= {
         "best.ckpt",
         "last.ckpt",

@@ -70,6 +70,7 @@ CHECKPOINT_HPARAMS = {
     "class_names",
     "channels_last",
     "trained_with_hflip",
+    "trained_short_sides",
 }
 # Added since; checkpoints without them load with their defaults (single-label, unweighted).
 ADDED_HPARAMS = {"task", "loss_weights"}
@@ -170,7 +171,7 @@ def test_named_choices_come_from_their_tables():
     assert _choices(parser, "search", "--sampler") == list(SAMPLERS)
     assert _choices(parser, "export", "--format") == list(FORMATS)
     for command in ("evaluate", "predict", "report"):
-        assert _choices(parser, command, "--tta") == list(PRESETS)
+        assert _choices(parser, command, "--tta") == [*PRESETS, "auto"]
     assert list(VERIFY_MODES) == list(typing.get_args(Verify))
     for command in ("finetune", "sanity", "search", "evaluate", "report"):
         assert _choices(parser, command, "--verify") == list(VERIFY_MODES)

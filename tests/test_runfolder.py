@@ -73,6 +73,7 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         "test_acc_interval": [0.4677, 0.9111],
         "ignored_files": {".ogg": 7858, ".txt": 952},
         "unread_images": {".svg": 248},
+        "tta_choice": {"preset": "ten-crop", "images": 50, "rule": "why", "candidates": []},
     }
     summary = RunSummary.from_dict(values)
     assert summary.best_monitored == 0.75
@@ -87,7 +88,7 @@ def test_an_older_summary_loads_with_defaults_and_unknown_keys_are_kept(tmp_path
     assert summary.resumed is False and summary.feature_cache is None
     assert summary.task == "single-label" and summary.monitor == "val_acc"
     assert summary.best_monitored == 0.5  # best_val_acc, as older runs monitored it
-    assert summary.test_acc_interval is None
+    assert summary.test_acc_interval is None and summary.tta_choice is None
     assert summary.ignored_files == {} and summary.unread_images == {}
 
     newer = RunSummary.from_dict({**FIRST_SUMMARY, "written_by_a_newer_tlkit": [1, 2]})

@@ -24,9 +24,10 @@ from tlkit.infer.tta import (
 )
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TASKS
-from tlkit.runfolder import Preprocessing
+from tlkit.runfolder import DataFacts, Preprocessing
 
 PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
+ALL_RESNET_SCALES = (224 / 224, 640 / 224)  # a model trained at every ResNet test scale
 
 
 def coordinate_squares(batch: int, side: int) -> torch.Tensor:
@@ -56,10 +57,13 @@ def test_presets_resolve_views_and_scales():
         name: plan(name, PREPROCESSING).views_per_image
         for name in ("none", "flip", "ten-crop", "multi-scale", "dense")
     }
-    assert counts == {"none": 1, "flip": 2, "ten-crop": 10, "multi-scale": 42, "dense": 5}
+    # the default training scales, 256-480 at 224 (37-69 px at 32): three ResNet scales
+    assert counts == {"none": 1, "flip": 2, "ten-crop": 10, "multi-scale": 30, "dense": 3}
     assert plan("ten-crop", PREPROCESSING).scale_sizes == (37,)  # 32 / 0.875
-    assert plan("multi-scale", PREPROCESSING).scale_sizes == (32, 37, 55, 69, 91)
-    assert plan("dense", PREPROCESSING, scales=(1.0, 1.5)).scale_sizes == (32, 48)
+    assert plan("multi-scale", PREPROCESSING).scale_sizes == (37, 55, 69)
+    assert plan("dense", PREPROCESSING, scales=(1.0, 1.5)).scale_sizes == (37, 48)
+    wide = plan("multi-scale", PREPROCESSING, trained_short_sides=ALL_RESNET_SCALES)
+    assert wide.scale_sizes == (32, 37, 55, 69, 91) and wide.views_per_image == 42
     with pytest.raises(ValueError, match="unknown TTA preset"):
         plan("fifty-crop", PREPROCESSING)
 
@@ -231,10 +235,12 @@ def old_ten_crop_average(model, squares_per_scale, size: int) -> torch.Tensor:
 
 
 def test_multi_scale_drops_the_duplicate_crops_at_the_input_size(tiny_model, photos):
-    tta = plan("multi-scale", PREPROCESSING)
+    tta = plan("multi-scale", PREPROCESSING, trained_short_sides=ALL_RESNET_SCALES)
     assert tta.scale_sizes[0] == PREPROCESSING.input_size  # the square is the crop there
     assert tta.views_per_image == 2 + 4 * 10  # one crop and its mirror, then ten per scale
-    unmirrored = plan("multi-scale", PREPROCESSING, mirrored=False)
+    unmirrored = plan(
+        "multi-scale", PREPROCESSING, mirrored=False, trained_short_sides=ALL_RESNET_SCALES
+    )
     assert unmirrored.views_per_image == 1 + 4 * 5
     assert plan("ten-crop", replace(PREPROCESSING, crop_pct=1.0)).views_per_image == 2
     scales = scale_batches(photos, tta)
@@ -337,7 +343,7 @@ def test_export_cards_carry_the_training_flips(unflipped_run: Path, colour_folde
     )
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["tta"]["views_per_image"] == 1 + 4 * 5 and not results["tta"]["mirrored"]
+    assert results["tta"]["views_per_image"] == 3 * 5 and not results["tta"]["mirrored"]
     # cards and checkpoints written before the field existed: flips, as those runs had
     del card["model"]["trained_with_hflip"]
     assert ExportedModel(card, lambda images: images).trained_with_hflip is True
@@ -348,3 +354,62 @@ def test_checkpoints_without_the_field_assume_flips(unflipped_run: Path, tmp_pat
     del checkpoint["hyper_parameters"]["trained_with_hflip"]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     assert TransferClassifier.load_checkpoint(tmp_path / "old.ckpt").trained_with_hflip is True
+
+
+def test_multi_scale_and_dense_keep_to_the_scales_of_training():
+    """Only the ResNet scales within the trained range, and always the evaluation scale."""
+    narrow = plan("multi-scale", PREPROCESSING, trained_short_sides=(300 / 224, 400 / 224))
+    assert narrow.scale_sizes == (37, 55)  # 37: the evaluation scale, below the range
+    # trained without scale augmentation: the evaluation resize alone, as ten-crop
+    plain = (1 / PREPROCESSING.crop_pct,) * 2
+    assert plan("multi-scale", PREPROCESSING, trained_short_sides=plain) == replace(
+        plan("ten-crop", PREPROCESSING), preset="multi-scale"
+    )
+    assert plan("dense", PREPROCESSING, trained_short_sides=plain).scale_sizes == (37,)
+    # given scales are candidates too: the untrained ones are left out
+    given = plan("dense", PREPROCESSING, scales=(1.0, 2.0, 3.0), trained_short_sides=plain)
+    assert given.scale_sizes == (37,)
+
+
+def test_runs_record_the_scales_they_trained_at():
+    from tlkit.config import FinetuneConfig
+    from tlkit.train.build import build_model, trained_short_sides
+
+    assert trained_short_sides(FinetuneConfig(strategy="partial")) == (256 / 224, 480 / 224)
+    custom = FinetuneConfig(strategy="partial", short_side_min=300, short_side_max=400)
+    assert trained_short_sides(custom) == (300 / 224, 400 / 224)
+    evaluation = (1 / 0.875, 1 / 0.875)  # tf_efficientnet_lite0's crop_pct
+    assert trained_short_sides(FinetuneConfig(strategy="partial", augment=False)) == evaluation
+    # a features head on plain cached views saw the evaluation resize; without the cache it
+    # trains on the augmented images themselves
+    assert trained_short_sides(FinetuneConfig(strategy="features")) == evaluation
+    uncached = FinetuneConfig(strategy="features", cache=False)
+    assert trained_short_sides(uncached) == (256 / 224, 480 / 224)
+    plain = FinetuneConfig(strategy="partial", augment=False, img_size=32, pretrained="none")
+    model = build_model(plain, DataFacts(["a", "b"]))
+    assert model.trained_short_sides == pytest.approx(evaluation)
+    assert plan("multi-scale", model.preprocessing, **_trained(model)).scale_sizes == (37,)
+
+
+def _trained(model) -> dict:
+    return {"mirrored": model.trained_with_hflip, "trained_short_sides": model.trained_short_sides}
+
+
+def test_checkpoints_without_the_scales_assume_the_default_range(tiny_run: Path, tmp_path: Path):
+    checkpoint = torch.load(tiny_run / "best.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["trained_short_sides"] == [256 / 224, 480 / 224]
+    del checkpoint["hyper_parameters"]["trained_short_sides"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = TransferClassifier.load_checkpoint(tmp_path / "old.ckpt")
+    assert old.trained_short_sides == (256 / 224, 480 / 224)  # tlkit's range before it recorded
+
+
+def test_export_cards_carry_the_training_scales(unflipped_run: Path, tmp_path: Path):
+    from tlkit.infer.export import ExportedModel, export_run
+
+    card = export_run(unflipped_run, tmp_path / "export", format="safetensors")
+    assert card["model"]["trained_short_sides"] == [256 / 224, 480 / 224]
+    card["model"]["trained_short_sides"] = [1.0, 1.5]
+    assert ExportedModel(card, lambda images: images).trained_short_sides == (1.0, 1.5)
+    del card["model"]["trained_short_sides"]  # a card from before the field
+    assert ExportedModel(card, lambda images: images).trained_short_sides == (256 / 224, 480 / 224)

@@ -5,6 +5,12 @@ sanity.py and shards.py; tests keep each module's table keys equal to these name
 
 VERIFY_MODES = ("full", "header", "none")
 TTA_PRESETS = ("none", "flip", "ten-crop", "multi-scale", "dense")
+TTA_AUTO = "auto"  # not a preset: the one a run chose on its validation split (--tta auto)
+TTA_CHOICES = (*TTA_PRESETS, TTA_AUTO)
+# At most this many images (a seeded sample of the validation split) measure --tta auto's choice:
+# a bounded cost (43 forward passes per image for the four candidates), and still a gain of 1.5
+# points told from noise where two presets disagree on 5% of the images (tta.AUTO_MIN_Z).
+TTA_CHOICE_MAX_IMAGES = 1000
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 SEARCH_SAMPLERS = ("random", "tpe")
 SANITY_SAMPLES_PER_CLASS = 20

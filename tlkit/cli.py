@@ -48,12 +48,18 @@ from tlkit.choices import (
     SANITY_SAMPLES_PER_CLASS,
     SEARCH_SAMPLERS,
     SHARD_CHUNK_BYTES,
-    TTA_PRESETS,
+    TTA_AUTO,
+    TTA_CHOICES,
     VERIFY_MODES,
 )
 from tlkit.config import FinetuneConfig, read_yaml_mapping
 from tlkit.console import configure_logging
 from tlkit.errors import DatasetError, RunFolderError, TlkitError, TrainingDivergedError
+
+TTA_HELP = (
+    f"test-time averaging preset (default: none); {TTA_AUTO}: the preset the run chose on its "
+    "validation split when training ended (none for runs that recorded no choice)"
+)
 
 
 def add_config_flags(
@@ -462,9 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--accelerator", default="auto", help="auto, cpu or gpu (exported models: cpu)"
         )
-        sub.add_argument(
-            "--tta", default="none", choices=TTA_PRESETS, help="test-time averaging preset (none)"
-        )
+        sub.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
 
     report = commands.add_parser(
         "report",
@@ -483,9 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--batch-size", type=int, default=64, help="images per batch")
     report.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    report.add_argument(
-        "--tta", default="none", choices=TTA_PRESETS, help="test-time averaging preset (none)"
-    )
+    report.add_argument("--tta", default="none", choices=TTA_CHOICES, help=TTA_HELP)
     add_image_limit_flags(report)
     add_scan_flags(report)
     report.set_defaults(handler=_report)

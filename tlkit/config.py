@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tlkit.choices import TTA_CHOICE_MAX_IMAGES
 from tlkit.errors import ConfigError
 
 # The strategies a model trains with (strategies.STRATEGIES), and `auto`, which measures the data
@@ -127,8 +128,9 @@ class FinetuneConfig:
     backbone: str = _option("tf_efficientnet_lite0", "any timm model name")
     pretrained: str = _option(
         "hub",
-        "weights: 'hub' (timm's download), 'bundled' (offline package, tf_efficientnet_lite0), "
-        "a local .pth/.safetensors file, or 'none' (random init)",
+        "weights: 'hub' (timm's download), 'bundled' (offline packages installed with tlkit, "
+        "for tf_efficientnet_lite0, tf_efficientnet_lite1 and tf_efficientnet_lite2), a local "
+        ".pth/.safetensors file, or 'none' (random init)",
     )
     drop_path_rate: float = _option(0.0, "stochastic depth in the backbone, where timm offers it")
 
@@ -273,6 +275,15 @@ class FinetuneConfig:
         False, "allow CSV rows whose paths leave the CSV's folder"
     )
     num_workers: int = _option(-1, "data loader processes (-1: one per CPU core, at most 8)")
+
+    # Test-time averaging
+    choose_tta: bool = _option(
+        True,
+        "after training, evaluate the best checkpoint on the validation split (at most "
+        f"{TTA_CHOICE_MAX_IMAGES:,} images) with each test-time averaging preset that suits it, "
+        "and record the one --tta auto uses: the cheapest unless a costlier one is clearly "
+        "better",
+    )
 
     # Hardware, distribution and reproducibility
     accelerator: str = _option("auto", "auto, cpu or gpu")

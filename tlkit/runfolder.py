@@ -5,7 +5,8 @@ last.ckpt      the latest epoch's state, for --resume
 metrics.csv    per-epoch metrics (Lightning's CSVLogger; tensorboard/ with --logger tensorboard)
 config.yaml    the configuration, re-runnable with `tlkit finetune --config`
 summary.json   backbone, weights, strategy, parameter counts, classes, accuracies (the test
-               accuracy with its 95% interval), files not read, timings (`RunSummary`)
+               accuracy with its 95% interval), files not read, timings, the test-time
+               averaging preset chosen on validation (`RunSummary`)
 auto.json      `--strategy auto`'s decision: its evidence and choices, kept for a resumed run
 data.json      what the data says (`DataFacts`): classes, label kind, images per split and per
                class, whether training flips images; read by the model, auto, report and export
@@ -251,6 +252,9 @@ class RunSummary:
     # not read (.svg); data.sources.OtherFiles
     ignored_files: dict[str, int] = field(default_factory=dict)
     unread_images: dict[str, int] = field(default_factory=dict)
+    # --tta auto's preset, chosen on the validation split, with its evidence
+    # (tlkit.infer.predict.choose_tta); None: not chosen (--no-choose-tta, or an older run)
+    tta_choice: dict[str, Any] | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
 

@@ -44,7 +44,13 @@ from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from tlkit.data.shards import find_converted
 from tlkit.data.sources import OtherFiles
 from tlkit.errors import ConfigError
-from tlkit.infer.predict import LabelledPredictions, Predictor, load_model, predict_labelled
+from tlkit.infer.predict import (
+    LabelledPredictions,
+    Predictor,
+    load_model,
+    predict_labelled,
+    resolve_tta,
+)
 from tlkit.metrics import (
     ACCURACY,
     CONFIDENCE,
@@ -582,6 +588,7 @@ def run_card(
         ),
         ("test estimate", _test_estimate(summary, metric)),
         ("test-time augmentation", _tta_description(tta_cost)),
+        ("chosen for --tta auto", _tta_choice_description(summary.tta_choice)),
         ("training time", f"{summary.wall_time_s} s"),
     ]
     if evaluation is not None and evaluation_seconds is not None:
@@ -723,6 +730,18 @@ def _tta_description(cost: dict[str, Any] | None) -> str:
     )
 
 
+def _tta_choice_description(choice: dict[str, Any] | None) -> str:
+    if choice is None:
+        return "nothing chosen (--tta auto evaluates without averaging)"
+    measured = ", ".join(
+        f"{record['preset']} {record['top1']:.4f}" for record in choice["candidates"]
+    )
+    return (
+        f"{choice['preset']}, on {choice['images']} validation images (top-1: {measured}): "
+        + choice["rule"]
+    )
+
+
 def _shown_path(path: str, data: str | Path) -> str:
     """`path` relative to the evaluated folder (or the CSV's folder) when it lies inside; a
     converted dataset's paths are relative already."""
@@ -766,7 +785,8 @@ def build_report(
     `data` is a labelled folder or CSV (default: the run's DATA_DIR/test, when it exists);
     without data the page holds the learning curves and the run card only. `out` defaults to
     RUN_DIR/report. `mistakes` is how many of the highest-loss wrong predictions to show;
-    `tta` is the test-time averaging preset used for the predictions. `max_image_pixels`,
+    `tta` is the test-time averaging preset used for the predictions (`auto`: the run's
+    choice). `max_image_pixels`,
     `csv_paths_outside_root`, `verify` and `scan_cache` default to the run's own.
     """
     run = open_run(run_dir)  # a clear error before any work if this is not a finished run
@@ -787,7 +807,7 @@ def build_report(
             data,
             batch_size,
             accelerator,
-            tta,
+            resolve_tta(tta, run_dir),
             max_pixels,
             outside_root,
             **scan_options(run_dir, verify, scan_cache),

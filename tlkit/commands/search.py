@@ -299,7 +299,10 @@ def _objective(
         run_dir = folder / "trials" / trial_name
         # one feature cache for all trials: its key covers everything the features depend on
         cache_dir = base.cache_dir or str(folder / FEATURE_CACHE)
-        config = dataclasses.replace(base, **values, out=str(run_dir), cache_dir=cache_dir)
+        # trials keep no weights, so no test-time averaging choice either (best.yaml keeps it)
+        config = dataclasses.replace(
+            base, **values, out=str(run_dir), cache_dir=cache_dir, choose_tta=False
+        )
         shown = ", ".join(f"{name} {_format(value)}" for name, value in values.items())
         position = f"{_finished(trial.study) + 1} / {trials}"
         logger.info(f"Trial {trial_name} ({position}): {shown}")

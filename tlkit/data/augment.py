@@ -27,6 +27,20 @@ REFERENCE_SIZE = 224  # the sizes of the ResNet recipe are given for 224px crops
 _default = FinetuneConfig.field_default  # the augmentation's defaults are the config's
 
 
+def relative_short_sides(short_side_range: tuple[int, int]) -> tuple[float, float]:
+    """A scale augmentation's short-side range, given in pixels at 224px inputs, as factors of
+    the input size (what the range is at any input size)."""
+    low, high = short_side_range
+    return low / REFERENCE_SIZE, high / REFERENCE_SIZE
+
+
+# The short sides tlkit's training augmentation resizes to by default (the ResNet recipe's 256
+# to 480 at 224px), relative to the input size: always so before runs recorded their own range.
+DEFAULT_TRAINED_SHORT_SIDES = relative_short_sides(
+    (_default("short_side_min"), _default("short_side_max"))
+)
+
+
 def interpolation_flag(preprocessing: Preprocessing) -> int:
     """The OpenCV interpolation flag for the backbone's interpolation name."""
     return INTERPOLATIONS.get(preprocessing.interpolation, cv2.INTER_LINEAR)

@@ -6,7 +6,9 @@ output layer (a softmax; multi-label: a sigmoid). It takes a preprocessed float3
 predict` reports. The card (``card.json``) holds what serving needs without tlkit: the task,
 class names and (multi-label) each class's decision threshold, the preprocessing (resize, centre
 crop, mean, std), where the model came from and how it measured, library versions, and the
-SHA-256 of the model file, checked before the file is loaded.
+SHA-256 of the model file, checked before the file is loaded; and the test-time averaging
+preset the run chose on its validation split (`--tta auto`), with its views spelt out for
+serving code.
 
 Every export is verified before it is kept: the written file is loaded back exactly as
 `predict` loads it, and its probabilities on a few real images of the run's data (seeded random
@@ -43,10 +45,11 @@ from torch import nn
 
 from tlkit import __version__
 from tlkit.config import FinetuneConfig
-from tlkit.data.augment import eval_transform
+from tlkit.data.augment import DEFAULT_TRAINED_SHORT_SIDES, eval_transform
 from tlkit.data.images import UNREAD_IMAGE_FORMATS, find_decode_problems, load_rgb
 from tlkit.data.sources import csv_rows, walk_images
 from tlkit.errors import DatasetError, ExportError, OutputExistsError
+from tlkit.infer.tta import plan
 from tlkit.metrics import DEFAULT_THRESHOLD
 from tlkit.model.backbones import create_backbone, pooled_feature_width
 from tlkit.model.classifier import TransferClassifier
@@ -87,6 +90,15 @@ PREPROCESSING_STEPS = (
     "centre-crop input_size x input_size (offsets (width - input_size) // 2 and "
     "(height - input_size) // 2); divide by 255; subtract mean and divide by std per RGB "
     "channel; HWC -> CHW; stack into a float32 batch"
+)
+
+TTA_STEPS = (
+    "views 'single': the preprocessed image itself; 'crops': for each side L of scale_sizes, "
+    "resize the short side to L (as preprocessing resizes), centre-crop L x L, and take the "
+    "input_size x input_size crops at its four corners and its centre (one crop where L is "
+    "input_size); 'whole': each L x L square itself. With mirrored, every view also flipped "
+    "horizontally. Average the views' probabilities (average), each scale weighing the same "
+    "and its views equally within it"
 )
 
 Runner = Callable[[torch.Tensor], torch.Tensor]  # preprocessed batch -> probabilities, on CPU
@@ -341,6 +353,7 @@ def _card(
             "head_hidden": hparams.head_hidden,
             "head_dropout": hparams.dropout,
             "trained_with_hflip": model.trained_with_hflip,
+            "trained_short_sides": list(model.trained_short_sides),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
         },
         "metrics": {
@@ -362,12 +375,37 @@ def _card(
             },
             "train_images_per_class": data.images_per_class.get("train"),
         },
+        "test_time_augmentation": _chosen_tta(model, summary.tta_choice),
         "source": {"run": str(run_dir.resolve()), "checkpoint": BEST_CHECKPOINT},
         "versions": {
             "tlkit": __version__,
             "python": platform.python_version(),
             **{library: metadata.version(library) for library in libraries},
         },
+    }
+
+
+def _chosen_tta(model: TransferClassifier, choice: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's record of the test-time averaging preset the run chose on validation (what
+    `--tta auto` uses): its views, spelt out for serving code, and the evidence; None for a
+    run that chose none."""
+    if choice is None:
+        return None
+    chosen = plan(
+        choice["preset"],
+        model.preprocessing,
+        mirrored=model.trained_with_hflip,
+        trained_short_sides=model.trained_short_sides,
+    )
+    return {
+        "preset": chosen.preset,
+        "scale_sizes": list(chosen.scale_sizes),
+        "views": chosen.views,
+        "mirrored": chosen.mirrored,
+        "views_per_image": chosen.views_per_image,
+        "average": chosen.average,
+        "steps": TTA_STEPS,
+        "chosen_on_validation": {key: choice[key] for key in ("images", "rule", "candidates")},
     }
 
 
@@ -482,6 +520,13 @@ class ExportedModel:
         card's, chosen on validation)."""
         chosen = self.card.get("thresholds") or {}
         return [float(chosen.get(name, DEFAULT_THRESHOLD)) for name in self.class_names]
+
+    @property
+    def trained_short_sides(self) -> tuple[float, float]:
+        """The short sides training resized to, relative to the input size; cards from before
+        the field was recorded come from runs with the default scale augmentation."""
+        low, high = self.card["model"].get("trained_short_sides", DEFAULT_TRAINED_SHORT_SIDES)
+        return float(low), float(high)
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, C) of a preprocessed batch (N, 3, S, S), computed on the CPU."""

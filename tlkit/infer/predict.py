@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import sys
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import pytorch_lightning as pl
 import torch
 
+from tlkit.choices import TTA_CHOICE_MAX_IMAGES
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datasets import (
     ImageDataset,
@@ -39,17 +41,28 @@ from tlkit.data.labels import LABEL_KINDS, Label, label_indices
 from tlkit.data.shards import ConvertedDataset, ShardImages, labelled_split, open_converted
 from tlkit.data.sources import OtherFiles, data_root, find_images, scan
 from tlkit.errors import ConfigError, DatasetError, InputNotFoundError
-from tlkit.infer.export import is_export_folder, load_exported
-from tlkit.infer.tta import ScaleSquares, TTAModule, loader_batch_size, plan
+from tlkit.infer.export import is_export_folder, load_exported, read_card
+from tlkit.infer.tta import (
+    AUTO,
+    AUTO_RULE,
+    ScaleSquares,
+    TTAModule,
+    candidate_plans,
+    choose_preset,
+    loader_batch_size,
+    plan,
+)
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TaskDefinition
 from tlkit.runfolder import (
     SPLIT,
+    SUMMARY,
     Preprocessing,
     best_checkpoint,
     image_limits,
     read_config,
     read_split,
+    read_summary,
     scan_options,
 )
 
@@ -79,6 +92,11 @@ class Predictor(Protocol):
     @property
     def thresholds(self) -> list[float]:
         """Per class, the probability from which a multi-label prediction includes it."""
+        ...
+
+    @property
+    def trained_short_sides(self) -> tuple[float, float]:
+        """The short sides training resized to, relative to the input size (TTA's scales)."""
         ...
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -133,29 +151,41 @@ def predict_probabilities(
     average: str = "probabilities",
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     source: LabelledImages | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
 ) -> Probabilities:
     """Class probabilities for `(path, label)` samples with a TTA preset, and its cost.
 
-    Mirrored views only for models trained with horizontal flips; the loader's batches are
-    smaller than `batch_size` where the plan's views would exceed `tta.TTA_MEMORY_BUDGET`.
-    The samples are image files, or with `source` images of that converted split. A sample
-    that fails to load (a file truncated or gone since the scan) is left out, with its reason.
+    Mirrored views only for models trained with horizontal flips, scales only within those
+    training resized to; the loader's batches are smaller than `batch_size` where the plan's
+    views would exceed `tta.TTA_MEMORY_BUDGET`. The samples are image files, or with `source`
+    images of that split (a converted one, or a data module's). A sample that fails to load
+    (a file truncated or gone since the scan) is left out, with its reason. `num_workers`
+    loader processes (default: one per CPU core, at most 8); `progress` shows the progress bar.
     """
-    tta_plan = plan(tta, model.preprocessing, scales, average, model.trained_with_hflip)
+    tta_plan = plan(
+        tta,
+        model.preprocessing,
+        scales,
+        average,
+        model.trained_with_hflip,
+        model.trained_short_sides,
+    )
     views = ScaleSquares(tta_plan, model.preprocessing)
     if source is not None:
         dataset = source.images_of(samples, views)
     else:
         dataset = ImageDataset(samples, views, max_pixels)
     images_per_batch = loader_batch_size(tta_plan, batch_size)
-    loader = loader_leaving_out_failures(dataset, images_per_batch, default_num_workers())
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = loader_leaving_out_failures(dataset, images_per_batch, workers)
     # At most one loader batch of views per forward pass: larger batches are slower per image
     # on CPUs (measured: 943 img/s at 64, 406 at 256 for Lite0 at 64px); raise --batch-size
     # on GPUs.
     averaging = TTAModule(model, tta_plan, max_views_per_forward=batch_size)
     started = time.perf_counter()
     if isinstance(model, pl.LightningModule):
-        trainer = single_device_trainer(accelerator)
+        trainer = single_device_trainer(accelerator, progress)
         # the progress bar must stay out of stdout
         with contextlib.redirect_stdout(sys.stderr), expected_lightning_warnings_hidden():
             batches = trainer.predict(averaging, dataloaders=loader)
@@ -185,6 +215,96 @@ def predict_probabilities(
         ],
         cost=cost,
     )
+
+
+def choose_tta(
+    model: Predictor,
+    samples: list[tuple[str, int]],
+    batch_size: int = 64,
+    accelerator: str = "auto",
+    source: LabelledImages | None = None,
+    num_workers: int | None = None,
+    max_images: int = TTA_CHOICE_MAX_IMAGES,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`--tta auto`'s choice for a model, measured on labelled samples (a run's validation
+    split; at most `max_images` of them, a seeded sample): every preset of
+    `tta.candidate_plans`, cheapest first, then `tta.choose_preset`'s rule on which images each
+    gets right (`_right`). Returns the record: the preset, the rule, and per candidate its
+    accuracy, views per image and images/s."""
+    started = time.perf_counter()
+    if len(samples) > max_images:
+        positions = sorted(random.Random(seed).sample(range(len(samples)), max_images))
+        samples = [samples[position] for position in positions]
+    targets = _targets(model, [label for _, label in samples])
+    correct, costs = {}, {}
+    plans = candidate_plans(
+        model.preprocessing, model.trained_with_hflip, model.trained_short_sides
+    )
+    for candidate in plans:
+        predicted = predict_probabilities(
+            model,
+            samples,
+            candidate.preset,
+            batch_size,
+            accelerator,
+            source=source,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        kept = torch.tensor(predicted.kept, dtype=torch.int64)
+        correct[candidate.preset] = _right(model, predicted.values, targets[kept])
+        costs[candidate.preset] = predicted.cost
+    chosen, evidence = choose_preset(correct)
+    for record in evidence:
+        cost = costs[record["preset"]]
+        record.update(
+            {key: cost[key] for key in ("views_per_image", "images_per_second", "seconds")}
+        )
+    return {
+        "preset": chosen,
+        "images": len(samples),
+        "rule": AUTO_RULE,
+        "candidates": evidence,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _right(model: Predictor, probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per image, whether the model's prediction is right: its most probable class
+    (single-label), or exactly the true classes at the model's thresholds (multi-label)."""
+    if model.task.thresholded:
+        predicted = probabilities >= torch.tensor(model.thresholds)
+        return (predicted == targets.bool()).all(dim=1)
+    return probabilities.argmax(dim=1) == targets
+
+
+def recorded_tta_choice(source: str | Path) -> dict[str, Any] | None:
+    """The choice `--tta auto` stands for: a run folder's (summary.json's `tta_choice`) or an
+    export folder's (its card's `test_time_augmentation`); None where none was recorded."""
+    if is_export_folder(source):
+        return read_card(source).get("test_time_augmentation")
+    if not (Path(source) / SUMMARY).is_file():  # a run still training: no choice yet
+        return None
+    return read_summary(source).tta_choice
+
+
+def resolve_tta(tta: str, source: str | Path) -> str:
+    """A `--tta` choice as a preset: `auto` is the preset recorded for the run or export
+    (`recorded_tta_choice`); where none was recorded (a run trained before tlkit chose, or with
+    --no-choose-tta), plain evaluation, `none`, with a warning that says so."""
+    if tta != AUTO:
+        return tta
+    record = recorded_tta_choice(source)
+    if record is None:
+        logger.warning(
+            f"{source} records no test-time averaging choice (trained before tlkit chose one, "
+            "or with --no-choose-tta): --tta auto evaluates without averaging (none); name a "
+            "preset to average"
+        )
+        return "none"
+    return str(record["preset"])
 
 
 @dataclass
@@ -296,7 +416,8 @@ def evaluate(
     """The model's task's evaluation on a labelled folder or CSV (single-label: top-1, top-5,
     balanced accuracy, macro-F1, per-class scores, the confusion matrix; multi-label: mAP,
     macro- and micro-F1, exact match and per-class scores at the model's thresholds; classes
-    without images listed, not averaged in), with the test-time averaging preset `tta` and
+    without images listed, not averaged in), with the test-time averaging preset `tta`
+    (`auto`: the run's choice, `resolve_tta`) and
     its cost.
 
     `run_dir` is a run folder or an export folder. `max_image_pixels`,
@@ -304,9 +425,10 @@ def evaluate(
     (`runfolder.image_limits`, `runfolder.scan_options`).
     """
     model = load_predictor(run_dir)
+    preset = resolve_tta(tta, run_dir)
     limits = image_limits(run_dir, max_image_pixels, csv_paths_outside_root)
     options = scan_options(run_dir, verify, scan_cache)
-    predictions = predict_labelled(model, data, batch_size, accelerator, tta, *limits, **options)
+    predictions = predict_labelled(model, data, batch_size, accelerator, preset, *limits, **options)
     metrics = model.task.evaluate(
         predictions.probabilities, predictions.labels, model.class_names, model.thresholds
     )
@@ -325,7 +447,7 @@ def evaluate(
         "task": model.task.name,
         "images": metrics.images,
         "images_seen_in_training": seen,
-        "tta": predictions.cost,
+        "tta": {**predictions.cost, "requested": tta},
         "skipped_files": len(predictions.skipped),
         "skipped": [{"path": path, "reason": reason} for path, reason in predictions.skipped],
         "ignored_files": ignored_files,  # not images, by extension
@@ -413,6 +535,7 @@ def predict(
 
     `run_dir` is a run folder or an export folder; `max_image_pixels` defaults to the run's;
     `threshold` replaces a multi-label model's per-class thresholds (chosen on validation).
+    `tta` is a test-time averaging preset, or `auto` for the run's choice (`resolve_tta`).
     """
     if top_k < 1:
         raise ConfigError(f"top_k must be 1 or more, not {top_k}")
@@ -426,6 +549,7 @@ def predict(
         )
     classes = model.class_names
     thresholds = model.thresholds if threshold is None else [threshold] * len(classes)
+    tta = resolve_tta(tta, run_dir)
     max_pixels, _ = image_limits(run_dir, max_image_pixels)
     converted = [labelled_split(item) for item in inputs]
     files = [item for item, found in zip(inputs, converted, strict=True) if not found]

@@ -11,20 +11,28 @@ Presets (views per image):
 | `none`        | 1       | the plain evaluation transform (resize to S/crop_pct, centre crop) |
 | `flip`        | 2       | that view and its mirror image                                     |
 | `ten-crop`    | 10      | corners + centre + flips at one scale, S/crop_pct                  |
-| `multi-scale` | 42      | ten-crop at each of n scales (default the five above)              |
-| `dense`       | n       | the whole square image at each scale through global pooling        |
+| `multi-scale` | 30      | ten-crop at each of those scales the model was trained at          |
+| `dense`       | n       | the whole square image at each of those scales (global pooling)    |
 
 A preset is one entry of `PRESETS`: its name (the CLI's --tta choice) and the function that
-resolves it to the squares to load and the views to cut from them.
+resolves it to the squares to load and the views to cut from them. `auto` is no preset: it
+stands for the preset chosen on the run's validation split at the end of training
+(`choose_preset`, the rule; `tlkit.infer.predict.choose_tta`, the measurement).
 
 Only views the model was trained on: a model trained without horizontal flips (`--hflip 0`,
 `--no-augment`) gets no mirror images (ten-crop: the five crops; multi-scale: five per scale),
-and `flip`, which only adds the mirror image, is refused for it.
+and `flip`, which only adds the mirror image, is refused for it. Likewise `multi-scale` and
+`dense` use only the scales whose short side lies within the range training resized images to
+(`trained_short_sides`, relative to the input size: 256/224 to 480/224 by default, so 256, 384
+and 480 of the five ResNet scales), and always the evaluation scale S / crop_pct: larger
+scales show objects larger than the model ever saw them (FixRes, Touvron et al. 2019). A model
+trained without scale augmentation saw the evaluation resize only: its `multi-scale` is
+`ten-crop`.
 
-No duplicate views: at a scale whose square is the crop size (multi-scale's first, ten-crop with
-crop_pct 1) the five crops are one and the same view, computed once (with its mirror). Each
-scale still weighs 1/n in the average, however many distinct views it has, so the result is
-the lecture's mean over ten views at every scale (50 for multi-scale), from 42 forward passes.
+No duplicate views: at a scale whose square is the crop size (the first ResNet scale, ten-crop
+with crop_pct 1) the five crops are one and the same view, computed once (with its mirror).
+Each scale still weighs 1/n in the average, however many distinct views it has, so the result
+is the lecture's mean over ten views at every scale.
 
 Non-square images: the views are taken from the central square of the resized image (the same
 square the plain centre crop comes from), so every view of a batch has one shape.
@@ -39,6 +47,7 @@ corner crops.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,12 +57,15 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch import nn
 
-from tlkit.data.augment import eval_transform, interpolation_flag
+from tlkit.choices import TTA_AUTO as AUTO
+from tlkit.data.augment import DEFAULT_TRAINED_SHORT_SIDES, eval_transform, interpolation_flag
 from tlkit.data.datasets import LoadedBatch
 from tlkit.errors import ConfigError
 from tlkit.model.tasks import TASKS, TaskDefinition
 from tlkit.runfolder import Preprocessing
 
+# The ResNet paper's test scales (short side at 224px inputs), relative to the input size: the
+# candidates of `multi-scale` and `dense`, of which a model gets those it was trained at.
 RESNET_SCALES = (224 / 224, 256 / 224, 384 / 224, 480 / 224, 640 / 224)
 # float32 bytes one loader batch may hold: the squares of every scale of its images, plus the
 # views made on the device from its largest scale (views are made one scale at a time). Each
@@ -131,8 +143,23 @@ def _scale_sizes(size: int, scales: tuple[float, ...]) -> tuple[int, ...]:
     return tuple(sorted({max(size, round(size * factor)) for factor in scales}))
 
 
-# Each preset: (the model's preprocessing, the scales relative to its input size, whether the
-# model was trained on mirror images) -> its views. The CLI's --tta choices are the keys.
+def trained_scales(
+    preprocessing: Preprocessing,
+    candidates: tuple[float, ...],
+    trained_short_sides: tuple[float, float],
+) -> tuple[float, ...]:
+    """The candidate scales whose short side, in pixels at the input size, lies within the
+    range training resized images to (rounded as the augmentation rounds it), and the
+    evaluation scale S / crop_pct, which every model was validated at."""
+    size = preprocessing.input_size
+    low, high = (round(size * factor) for factor in trained_short_sides)
+    inside = tuple(factor for factor in candidates if low <= round(size * factor) <= high)
+    return (*inside, 1 / preprocessing.crop_pct)
+
+
+# Each preset: (the model's preprocessing, the scales relative to its input size that it was
+# trained at, whether it was trained on mirror images) -> its views. The CLI's --tta choices are
+# the keys.
 PRESETS: dict[str, Callable[[Preprocessing, tuple[float, ...], bool], Views]] = {
     "none": _plain,
     "flip": _flip,
@@ -148,16 +175,86 @@ def plan(
     scales: tuple[float, ...] | None = None,
     average: str = "probabilities",
     mirrored: bool = True,
+    trained_short_sides: tuple[float, float] = DEFAULT_TRAINED_SHORT_SIDES,
 ) -> TTAPlan:
-    """Resolve a preset name for the model's preprocessing; `scales` overrides the ResNet set
-    (relative to the input size) for `multi-scale` and `dense`. `mirrored=False` (a model
-    trained without horizontal flips) leaves the mirror images out."""
+    """Resolve a preset name for the model's preprocessing; `scales` replaces the ResNet set of
+    candidate scales (relative to the input size) of `multi-scale` and `dense`, of which those
+    within `trained_short_sides` (the short sides training resized to, relative to the input
+    size) are used, with the evaluation scale. `mirrored=False` (a model trained without
+    horizontal flips) leaves the mirror images out."""
     if preset not in PRESETS:
+        if preset == AUTO:
+            raise ConfigError(
+                f"--tta {AUTO} stands for the preset chosen on a run's validation split; resolve "
+                "it first (tlkit.infer.predict.resolve_tta)"
+            )
         raise ConfigError(f"unknown TTA preset '{preset}': choose one of {', '.join(PRESETS)}")
     if average not in AVERAGES:
         raise ConfigError(f"unknown TTA average '{average}': choose one of {', '.join(AVERAGES)}")
-    sizes, views, mirrored = PRESETS[preset](preprocessing, scales or RESNET_SCALES, mirrored)
+    candidates = trained_scales(preprocessing, scales or RESNET_SCALES, trained_short_sides)
+    sizes, views, mirrored = PRESETS[preset](preprocessing, candidates, mirrored)
     return TTAPlan(preset, preprocessing.input_size, sizes, views, mirrored, average)
+
+
+# --tta auto ---------------------------------------------------------------------------------
+
+# The presets auto chooses among, cheapest first. Not `dense`: its views are larger than the
+# crops the model was trained on, and it only runs on backbones that take any input size.
+AUTO_CANDIDATES = ("none", "flip", "ten-crop", "multi-scale")
+# A costlier preset replaces a cheaper choice when its validation top-1 is higher by more than
+# this many standard errors of the paired difference (McNemar's z; 2 is about a 2.3% chance of
+# a gain that large by luck alone, one-sided).
+AUTO_MIN_Z = 2.0
+AUTO_RULE = (
+    "the cheapest preset, unless a costlier one's validation top-1 is higher than the current "
+    f"choice's by more than {AUTO_MIN_Z:g} standard errors of the paired difference, "
+    "sqrt(b + c) / n, where b and c count the images only one of the two gets right (McNemar)"
+)
+
+
+def candidate_plans(
+    preprocessing: Preprocessing,
+    mirrored: bool = True,
+    trained_short_sides: tuple[float, float] = DEFAULT_TRAINED_SHORT_SIDES,
+) -> list[TTAPlan]:
+    """The presets auto may choose for a model, cheapest first: `AUTO_CANDIDATES` without
+    `flip` for a model trained without flips, and without a preset whose views repeat a
+    cheaper one's (`multi-scale` of a model trained at one scale is `ten-crop`)."""
+    plans: list[TTAPlan] = []
+    for preset in AUTO_CANDIDATES:
+        if preset == "flip" and not mirrored:
+            continue
+        candidate = plan(
+            preset, preprocessing, None, "probabilities", mirrored, trained_short_sides
+        )
+        views = (candidate.scale_sizes, candidate.views, candidate.mirrored)
+        if all(views != (known.scale_sizes, known.views, known.mirrored) for known in plans):
+            plans.append(candidate)
+    return plans
+
+
+def choose_preset(correct: dict[str, torch.Tensor]) -> tuple[str, list[dict[str, float]]]:
+    """The preset to use from each candidate's correct predictions (bool, one per image, the
+    same images), cheapest first: the cheapest, replaced by each costlier one whose top-1 is
+    higher than the current choice's by more than `AUTO_MIN_Z` standard errors of the paired
+    difference, sqrt(b + c) / n, where b and c count the images only one of the two gets right
+    (McNemar's test). Returns the choice and, per candidate, its evidence."""
+    chosen, evidence = None, []
+    for preset, hits in correct.items():
+        record = {"preset": preset, "top1": int(hits.sum()) / len(hits), "correct": int(hits.sum())}
+        if chosen is None:
+            chosen = preset
+        else:
+            gain = int(hits.sum()) - int(correct[chosen].sum())
+            disagreements = int((hits != correct[chosen]).sum())
+            z = gain / math.sqrt(disagreements) if disagreements else 0.0
+            record.update(compared_with=chosen, gain_images=gain, z=round(z, 2))
+            if z > AUTO_MIN_Z:
+                chosen = preset
+        evidence.append(record)
+    if chosen is None:
+        raise ValueError("no candidate preset to choose from")
+    return chosen, evidence
 
 
 def loader_batch_size(tta: TTAPlan, batch_size: int) -> int:

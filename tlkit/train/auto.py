@@ -495,7 +495,8 @@ def fit_to_budget(
         trained.setup("fit")
         throughput = budget.measure_throughput(candidate, trained)
         wanted = wanted_images(candidate, evidence, "epochs" in open_choices)
-        left = budget_s * budget.BUDGET_SHARE - (time.perf_counter() - started)
+        choosing_tta_s = budget.tta_choice_s(candidate, splits, throughput)
+        left = budget_s * budget.BUDGET_SHARE - (time.perf_counter() - started) - choosing_tta_s
         schedule = budget.fit_schedule(
             wanted, splits, candidate.batch_size, throughput, left, cached
         )
@@ -542,7 +543,8 @@ def fit_to_budget(
         "seconds": budget_s,
         "throughput": dataclasses.asdict(throughput),
         "schedule": dataclasses.asdict(schedule),
-        "predicted_s": round(elapsed + schedule.predicted_s, 1),
+        "tta_choice_s": round(choosing_tta_s, 1),
+        "predicted_s": round(elapsed + schedule.predicted_s + choosing_tta_s, 1),
         "fits": fits,
         "stepped_down": stepped_down,
     }

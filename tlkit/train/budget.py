@@ -5,7 +5,8 @@ one checkpoint write of a candidate configuration on the device the run will use
 Lightning's own Trainer with the run's precision, memory format, loaders and augmentation, so
 that what it measures is what the run will do. `fit_schedule` (pure) then sizes the schedule:
 the most training images, up to what auto's rule asks for, whose predicted time (training,
-a validation pass and two checkpoints per epoch, the test evaluation) fits in the time left.
+a validation pass and two checkpoints per epoch, the test evaluation) fits in the time left
+after `--tta auto`'s choice (`tta_choice_s`).
 An epoch that the schedule ends part-way through becomes shorter epochs
 (`FinetuneConfig.epoch_batches`), so that the cosine decay still ends at the last step and
 every epoch is validated.
@@ -21,10 +22,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from tlkit.choices import TTA_CHOICE_MAX_IMAGES
 from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
-from tlkit.train.build import build_model
+from tlkit.infer.tta import candidate_plans
+from tlkit.model.backbones import preprocessing
+from tlkit.train.build import build_model, data_facts, trained_short_sides, trains_with_hflip
 from tlkit.train.hardware import trainer_options, training_device
 
 WARMUP_STEPS = {"cpu": 2, "cuda": 10}  # untimed: loader workers, allocator, cuDNN autotuning
@@ -79,7 +83,7 @@ def measure_throughput(
     device = training_device(config)
     warmup, timed = WARMUP_STEPS[device], TIMED_STEPS[device]
     steps = warmup + timed
-    model = build_model(config, images.classes)
+    model = build_model(config, data_facts(config, images))
     clock = _Clock(warmup)
     options = {
         **trainer_options(config),
@@ -164,6 +168,23 @@ def predicted_s(images: int, splits: Splits, throughput: Throughput, cached: boo
     training = 0.0 if cached else images / splits.processes / throughput.train_images_per_s
     per_epoch = epoch_cost_s(splits, throughput, cached)
     return training + epochs * per_epoch + fixed_cost_s(splits, throughput, cached)
+
+
+def tta_choice_s(config: FinetuneConfig, splits: Splits, throughput: Throughput) -> float:
+    """Seconds of `--tta auto`'s choice after training (`tlkit.infer.predict.choose_tta`):
+    the views of every candidate preset (`tta.candidate_plans`) of at most
+    `TTA_CHOICE_MAX_IMAGES` validation images, on the first process alone, each view taken to
+    cost an evaluated image (batching makes views cheaper: an upper estimate); 0 with
+    `--no-choose-tta`."""
+    if not config.choose_tta or not splits.val:
+        return 0.0
+    plans = candidate_plans(
+        preprocessing(config.backbone, config.img_size),
+        trains_with_hflip(config),
+        trained_short_sides(config),
+    )
+    views = sum(plan.views_per_image for plan in plans)
+    return min(splits.val, TTA_CHOICE_MAX_IMAGES) * views / throughput.eval_images_per_s
 
 
 def fit_schedule(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tlkit.config import FinetuneConfig, config_kwargs
-from tlkit.data.augment import train_transform
+from tlkit.data.augment import relative_short_sides, train_transform
 from tlkit.data.datamodule import BaseImageDataModule, ImageDataModule
 from tlkit.data.shards import ShardDataModule, open_converted
 from tlkit.errors import ConfigError
@@ -35,6 +35,7 @@ def build_model(config: FinetuneConfig, data: DataFacts) -> TransferClassifier:
         "class_names": list(data.classes),
         "task": data.label_kind,
         "trained_with_hflip": data.trained_with_hflip,
+        "trained_short_sides": list(trained_short_sides(config)),  # a list: plain hparams.yaml
         "loss_weights": class_loss_weights(config, data),
     }
     return TransferClassifier(**options)
@@ -66,11 +67,27 @@ def augmentation_options(config: FinetuneConfig) -> dict[str, Any]:
     }
 
 
+def trains_on_augmented_images(config: FinetuneConfig) -> bool:
+    """Whether the model trains on the train augmentation's views: with augmentation on, unless
+    the `features` strategy trains its head on one plain cached view per image."""
+    plain_cache = (
+        config.strategy == "features" and config.cache and config.cache_augmented_views == 0
+    )
+    return bool(config.augment) and not plain_cache
+
+
 def trains_with_hflip(config: FinetuneConfig) -> bool:
-    """Whether the model sees mirror images in training: the train augmentation flips, and the
-    `features` strategy's head trains on augmented views (cache_augmented_views) only."""
-    flips = config.augment and config.hflip > 0
-    return flips and (config.strategy != "features" or config.cache_augmented_views > 0)
+    """Whether the model sees mirror images in training: the train augmentation flips."""
+    return trains_on_augmented_images(config) and config.hflip > 0
+
+
+def trained_short_sides(config: FinetuneConfig) -> tuple[float, float]:
+    """The short sides training resizes images to, relative to the input size: the scale
+    augmentation's range, or without augmentation the evaluation resize (S / crop_pct) alone."""
+    if trains_on_augmented_images(config):
+        return relative_short_sides((config.short_side_min, config.short_side_max))
+    evaluation = 1 / preprocessing(config.backbone).crop_pct
+    return evaluation, evaluation
 
 
 def provisional_strategy(config: FinetuneConfig) -> str:

@@ -27,6 +27,7 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
+from tlkit.infer.predict import choose_tta
 from tlkit.metrics import (
     ACCURACY,
     CONFIDENCE,
@@ -106,7 +107,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     tlkit's own, and `limit_test_batches=0` skips the test-split evaluation.
 
     The steps, each a function of its own: `open_run_folder` (resume), `decide`, `build`,
-    `fit`, `test`, `summarise`.
+    `fit`, `test`, `choose_test_time_averaging`, `summarise`.
     """
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
@@ -121,7 +122,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     if decision is not None and config.strategy == "features":
         decision = keep_the_better_head(run, trainer, history, decision)
     test_metrics = test(trainer, run)
-    summary = summarise(run, folder, decision, history, test_metrics, started)
+    tta_choice = choose_test_time_averaging(config, trainer, run, progress)
+    summary = summarise(run, folder, decision, history, test_metrics, started, tta_choice)
     _write_at_end(folder.out, summary, run.skipped_files(), run.data)
     return summary
 
@@ -417,6 +419,42 @@ def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
     return {key: float(value) for key, value in results[0].items()}
 
 
+def choose_test_time_averaging(
+    config: FinetuneConfig, trainer: pl.Trainer, run: BuiltRun, progress: bool = True
+) -> dict[str, Any] | None:
+    """Step 6: `--tta auto`'s preset: the best-on-validation checkpoint evaluated on the
+    validation split with each test-time averaging preset that suits it, the choice by
+    `tlkit.infer.tta.choose_preset`'s rule (`tlkit.infer.predict.choose_tta`), on the first
+    process only. None with --no-choose-tta, without a best checkpoint, and on other ranks."""
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    if not (config.choose_tta and trainer.is_global_zero and best and run.images.val_set):
+        return None
+    model = TransferClassifier.load_checkpoint(best)
+    validation = run.images.val_set
+    with expected_lightning_warnings_hidden():
+        choice = choose_tta(
+            model,
+            validation.samples,
+            config.batch_size,
+            config.accelerator,
+            source=validation,
+            num_workers=run.images.num_workers,
+            seed=config.seed,
+            progress=progress,
+        )
+    measured = ", ".join(
+        f"{record['preset']} {record['top1']:.4f} ({record['views_per_image']} views, "
+        f"{record['images_per_second']:.0f} images/s)"
+        for record in choice["candidates"]
+    )
+    logger.info(
+        f"Test-time averaging on {choice['images']} validation images: {measured}; "
+        f"--tta auto uses {choice['preset']} ({choice['seconds']:.0f} s)"
+    )
+    return choice
+
+
 def summarise(
     run: BuiltRun,
     folder: RunFolder,
@@ -424,8 +462,9 @@ def summarise(
     history: list[dict[str, float]],
     test_metrics: dict[str, float],
     started: float,
+    tta_choice: dict[str, Any] | None = None,
 ) -> RunSummary:
-    """Step 6: the run summary (summary.json) from what the other steps made."""
+    """Step 7: the run summary (summary.json) from what the other steps made."""
     config, images, model = run.config, run.images, run.model
     best = run.best_record(history)
     head = (decision or {}).get("head")
@@ -465,6 +504,7 @@ def summarise(
         feature_cache=getattr(run.training_data, "report", None),
         auto_decision=decision,
         linear_probe=run.linear_probe,
+        tta_choice=tta_choice,
         skipped_files=len(run.skipped_files()),
         ignored_files=ignored_files,
         unread_images=unread_images,
