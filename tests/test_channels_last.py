@@ -7,12 +7,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from conftest import TINY_CONFIG
-from torch.utils.data import TensorDataset
 
 from tlkit import FinetuneConfig, finetune
 from tlkit.cli import main
 from tlkit.config import DEVICE_DEFAULTS
+from tlkit.data.augment import eval_transform
+from tlkit.data.datasets import ImageDataset
 from tlkit.model.backbones import create_backbone
+from tlkit.runfolder import Preprocessing
 from tlkit.train.features import extract
 
 
@@ -45,13 +47,15 @@ def test_a_default_run_trains_in_channels_last(colour_folder: Path, tmp_path: Pa
     assert layouts.layouts and all(weights and batch for weights, batch in layouts.layouts)
 
 
-def test_features_extracted_in_channels_last_equal_the_plain_layouts():
+def test_features_extracted_in_channels_last_equal_the_plain_layouts(colour_folder: Path):
     torch.manual_seed(0)
-    images = TensorDataset(torch.randn(6, 3, 32, 32), torch.zeros(6, dtype=torch.long))
+    files = sorted((colour_folder / "train").rglob("*.png"))[:6]
+    preprocessing = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 0.875)
+    images = ImageDataset([(str(path), 0) for path in files], eval_transform(preprocessing))
     backbone = create_backbone("test_efficientnet", "none")
-    plain = extract(backbone, images, 4, torch.device("cpu"), 0, progress=False)
+    plain, _, _ = extract(backbone, images, 4, torch.device("cpu"), 0, progress=False)
     assert backbone.conv_stem.weight.is_contiguous()
-    converted = extract(
+    converted, _, _ = extract(
         backbone, images, 4, torch.device("cpu"), 0, progress=False, channels_last=True
     )
     assert backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)

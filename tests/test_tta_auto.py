@@ -76,7 +76,7 @@ def test_the_step_chooses_on_the_validation_split_on_the_first_process_only(tiny
     run = SimpleNamespace(images=images)
     best = SimpleNamespace(best_model_path=str(tiny_run / "best.ckpt"))
     first = SimpleNamespace(checkpoint_callback=best, is_global_zero=True)
-    choice = choose_test_time_averaging(config, first, run, progress=False)
+    choice = choose_test_time_averaging(config, first, run)
     assert choice["images"] == len(images.val_set) and len(choice["candidates"]) == 4
     assert choice["preset"] == read_summary(tiny_run).tta_choice["preset"]  # deterministic
     other_rank = SimpleNamespace(checkpoint_callback=best, is_global_zero=False)

@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from tlkit import __version__
+from tlkit.choices import TTA_CHOICE_MAX_IMAGES
 from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
@@ -122,7 +123,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     if decision is not None and config.strategy == "features":
         decision = keep_the_better_head(run, trainer, history, decision)
     test_metrics = test(trainer, run)
-    tta_choice = choose_test_time_averaging(config, trainer, run, progress)
+    tta_choice = choose_test_time_averaging(config, trainer, run)
     summary = summarise(run, folder, decision, history, test_metrics, started, tta_choice)
     _write_at_end(folder.out, summary, run.skipped_files(), run.data)
     return summary
@@ -420,7 +421,7 @@ def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
 
 
 def choose_test_time_averaging(
-    config: FinetuneConfig, trainer: pl.Trainer, run: BuiltRun, progress: bool = True
+    config: FinetuneConfig, trainer: pl.Trainer, run: BuiltRun
 ) -> dict[str, Any] | None:
     """Step 6: `--tta auto`'s preset: the best-on-validation checkpoint evaluated on the
     validation split with each test-time averaging preset that suits it, the choice by
@@ -432,8 +433,12 @@ def choose_test_time_averaging(
         return None
     model = TransferClassifier.load_checkpoint(best)
     validation = run.images.val_set
+    logger.info(
+        f"Choosing test-time averaging for --tta auto on the validation split "
+        f"(at most {TTA_CHOICE_MAX_IMAGES:,} images; --no-choose-tta skips it)"
+    )
     with expected_lightning_warnings_hidden():
-        choice = choose_tta(
+        choice = choose_tta(  # its bars would go to stderr, beside a run's clean output
             model,
             validation.samples,
             config.batch_size,
@@ -441,7 +446,7 @@ def choose_test_time_averaging(
             source=validation,
             num_workers=run.images.num_workers,
             seed=config.seed,
-            progress=progress,
+            progress=False,
         )
     measured = ", ".join(
         f"{record['preset']} {record['top1']:.4f} ({record['views_per_image']} views, "
