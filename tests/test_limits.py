@@ -14,7 +14,6 @@ from tlkit.cli import main
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.images import load_rgb
 from tlkit.data.sources import scan_folder
-from tlkit.errors import DatasetError
 from tlkit.infer.export import export_run
 from tlkit.model.classifier import TransferClassifier
 from tlkit.train.features import CachedFeatureDataModule
@@ -47,7 +46,7 @@ def test_a_higher_user_limit_wins_over_pillows_and_a_lower_one_is_enforced(
         load_rgb(image, max_pixels=REFUSING)
 
 
-def test_feature_extraction_honours_the_limit(colour_folder: Path, tmp_path: Path):
+def test_feature_extraction_honours_the_limit(colour_folder: Path, tmp_path: Path, caplog):
     data = tmp_path / "data"
     write_colour_images(data, per_class=4, seed=0, size=16)
     model = TransferClassifier(
@@ -60,8 +59,10 @@ def test_feature_extraction_honours_the_limit(colour_folder: Path, tmp_path: Pat
     # A training image replaced, after the scan, by one above the limit.
     Image.new("RGB", (100, 100)).save(images.train_set.samples[0][0], format="PNG")
     features = CachedFeatureDataModule(model, images, tmp_path / "cache", 0, "cpu", False)
-    with pytest.raises(DatasetError, match="above the limit of 1,000"):
-        features.setup()
+    features.setup()  # the image is left out with its reason, never decoded or replaced
+    assert features.report["train"]["skipped"] == 1
+    assert len(features.splits["train"]) == len(images.train_set) - 1
+    assert "above the limit of 1,000" in caplog.text
 
 
 @pytest.mark.parametrize("command", ["evaluate", "report", "predict"])

@@ -172,6 +172,7 @@ def test_a_multi_label_model_keeps_its_thresholds_in_the_checkpoint(tmp_path):
     model.optimizer_and_schedule(total_steps=10, steps_per_epoch=5)
     checkpoint = {
         "pytorch-lightning_version": "2.6.0",
+        "epoch": 2,
         "global_step": 10,
         "state_dict": model.state_dict(),
         "hyper_parameters": dict(model.hparams),
