@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CONFIG
 
-from tlkit.config import FinetuneConfig, parse_duration
+from tlkit.config import FIXED_CHOICES, FinetuneConfig, parse_duration
 from tlkit.errors import ConfigError
-from tlkit.train import budget, hardware
+from tlkit.train import auto, budget, hardware
 from tlkit.train.finetune import finetune
 
 # Lite0 at 64 px on a 2-core CPU, roughly: 100 training and 300 evaluation images/s
@@ -89,3 +89,12 @@ def test_a_budgeted_run_measures_plans_and_records(colour_folder: Path, tmp_path
     assert 0 < planned["predicted_s"] <= 600 * budget.BUDGET_SHARE
     assert summary.wall_time_s < 600
     assert summary.auto_decision["budget"] == planned
+    # the schedule the budget sized runs to its end: patience covers it, and every epoch ran
+    epochs = planned["schedule"]["epochs"]
+    assert summary.auto_decision["choices"]["patience"]["value"] == epochs
+    assert summary.epochs_run == epochs
+
+
+def test_only_a_budget_lets_the_planned_schedule_run_past_the_default_patience():
+    assert auto.choose_patience().value == FIXED_CHOICES["patience"] == 5
+    assert auto.choose_patience(120).value == 120

@@ -92,6 +92,7 @@ FIXED_CHOICES: dict[str, Any] = {
     "short_side_min": 256,
     "short_side_max": 480,
     "color_jitter": 0.4,
+    "patience": 5,
 }
 AUTO_HELP = " (default: chosen by --strategy auto; with a named strategy {})"
 
@@ -191,7 +192,11 @@ class FinetuneConfig:
         1.0, "linear warm-up before the cosine decay, in epochs (at most 10%% of the run)"
     )
     label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
-    patience: int = _option(5, "early stopping: epochs without validation improvement")
+    patience: int | None = _option(
+        None,
+        "early stopping: epochs without validation improvement (default: 5; under --strategy "
+        "auto with --budget, the epochs of the schedule auto sized, which then runs to its end)",
+    )
     monitor: Monitor = _option(
         "auto",
         "the validation metric that picks best.ckpt and stops early (single-label: acc, "
@@ -326,6 +331,7 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
         checks = {
             "epochs": self.epochs is None or self.epochs >= 1,
+            "patience": self.patience is None or self.patience >= 0,
             "epoch_batches": self.epoch_batches >= 0,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,

@@ -277,6 +277,19 @@ def choose_monitor(evidence: Evidence) -> Choice:
     return Choice(decision.value, decision.reason)
 
 
+def choose_patience(budget_epochs: int | None = None) -> Choice:
+    """Early stopping's patience: the default, or under a budget the whole planned schedule
+    (`budget_epochs`), so that the cosine decay the budget sized reaches its end."""
+    default = FIXED_CHOICES["patience"]
+    if budget_epochs is None:
+        return Choice(default, f"the default: {default} epochs without improvement end the run")
+    return Choice(
+        budget_epochs,
+        "the budget sized the cosine schedule: it runs to its end instead of stopping "
+        f"after {default} epochs without improvement (best.ckpt keeps the best epoch)",
+    )
+
+
 def decide(
     evidence: Evidence,
     open_choices: list[str],
@@ -314,6 +327,8 @@ def decide(
     choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
     if "monitor" in open_choices:
         choices["monitor"] = choose_monitor(evidence)
+    if "patience" in open_choices:
+        choices["patience"] = choose_patience()
     return choices
 
 
@@ -539,6 +554,8 @@ def fit_to_budget(
         passes = schedule.images / splits.train
         augmentation = choose_augmentation(evidence, passes, strategy)
         choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
+        if "patience" in open_choices:
+            choices["patience"] = choose_patience(schedule.epochs)
     record = {
         "seconds": budget_s,
         "throughput": dataclasses.asdict(throughput),
