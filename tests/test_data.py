@@ -1,6 +1,5 @@
 import io
 import os
-import pickle
 from pathlib import Path
 
 import albumentations as A
@@ -13,7 +12,7 @@ from PIL import Image
 
 from tlkit.data.augment import eval_transform, train_transform
 from tlkit.data.datamodule import ImageDataModule
-from tlkit.data.datasets import ImageDataset, seed_augmentation
+from tlkit.data.datasets import seed_augmentation
 from tlkit.data.images import load_rgb
 from tlkit.data.sources import OtherFiles, read_csv, scan_folder
 from tlkit.data.split import split_samples
@@ -286,46 +285,3 @@ def test_augmentation_follows_seed_epoch_and_image_not_workers(tmp_path: Path):
     first, second = epoch_images(persistent, 0), epoch_images(persistent, 1)
     assert drawn(first) != drawn(second)
     assert torch.equal(epoch_images(training_loader(workers=0), 1), second)
-
-
-def test_decoded_images_are_kept_across_epochs_within_the_memory_given(
-    colour_folder: Path, monkeypatch
-):
-    """Each image is decoded once per process while the memory allows (`--decoded-cache-mb`),
-    and its epochs' augmentations are those of an uncached run."""
-    decodes: list[int] = []
-    read_rgb = ImageDataset.read_rgb
-
-    def counted(self, position: int):
-        decodes.append(position)
-        return read_rgb(self, position)
-
-    monkeypatch.setattr(ImageDataset, "read_rgb", counted)
-
-    def two_epochs(cache_mb: int) -> tuple[torch.Tensor, ImageDataset]:
-        module = ImageDataModule(
-            colour_folder, PREPROCESSING, num_workers=0, decoded_cache_mb=cache_mb, seed=0
-        )
-        module.setup()
-        images = module.train_set
-        epochs = []
-        for epoch in (0, 1):
-            images.set_epoch(epoch)
-            epochs.append(torch.stack([images[i][0] for i in range(len(images))]))
-        return torch.stack(epochs), images
-
-    uncached, images = two_epochs(0)
-    assert len(decodes) == 2 * len(images) and images._decoded_bytes == 0
-    decodes.clear()
-    cached, images = two_epochs(1)
-    assert len(decodes) == len(images) == len(set(decodes))  # 40x40 RGB: all fit in 1 MB
-    assert torch.equal(cached, uncached)
-    assert not torch.equal(cached[0], cached[1])  # a new augmentation every epoch
-    kept = next(iter(images._decoded.values()))[0]
-    assert not kept.flags.writeable  # no transform can change a kept image in place
-    assert pickle.loads(pickle.dumps(images))._decoded == {}  # a worker starts empty
-
-    images.keep_decoded(kept.nbytes * 3)  # room for three
-    for position in range(len(images)):
-        images[position]
-    assert len(images._decoded) == 3 and images._decoded_bytes == 3 * kept.nbytes

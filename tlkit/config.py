@@ -280,11 +280,6 @@ class FinetuneConfig:
         False, "allow CSV rows whose paths leave the CSV's folder"
     )
     num_workers: int = _option(-1, "data loader processes (-1: one per CPU core, at most 8)")
-    decoded_cache_mb: int = _option(
-        256,
-        "memory per data loader process for the training and validation images it decoded, "
-        "kept across epochs so each is decoded once (0: decode every epoch)",
-    )
 
     # Test-time averaging
     choose_tta: bool = _option(
@@ -347,7 +342,6 @@ class FinetuneConfig:
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "hflip": 0 <= self.hflip <= 1,
             "max_image_pixels": self.max_image_pixels >= 1,
-            "decoded_cache_mb": self.decoded_cache_mb >= 0,
             "unfreeze_stages": self.unfreeze_stages is None or self.unfreeze_stages >= 1,
             "num_nodes": self.num_nodes >= 1,
             "accumulate_grad_batches": self.accumulate_grad_batches >= 1,

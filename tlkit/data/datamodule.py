@@ -59,9 +59,7 @@ class BaseImageDataModule(pl.LightningDataModule):
     are available after `setup()`. `recorded_split` ({path relative to the data root: train |
     val | test}, a run's split.csv) is the split a resumed run must train on. With
     `load_failure_log`, images that fail to load during training are recorded there
-    (`load_failures()`) and skipped instead of stopping the run. Each loader process keeps up
-    to `decoded_cache_mb` of the training and validation images it decoded for later epochs
-    (`LabelledImages.keep_decoded`).
+    (`load_failures()`) and skipped instead of stopping the run.
     """
 
     def __init__(
@@ -80,7 +78,6 @@ class BaseImageDataModule(pl.LightningDataModule):
         load_failure_log: str | Path | None = None,
         task: str = _default("task"),
         sampling: str = _default("sampling"),
-        decoded_cache_mb: int = _default("decoded_cache_mb"),
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -97,7 +94,6 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.load_failure_log = Path(load_failure_log) if load_failure_log else None
         self.task = task
         self.sampling = sampling
-        self.decoded_cache_mb = decoded_cache_mb
         self.classes: list[str] = []
         self.label_kind = "single-label"
         self.skipped: list[tuple[str, str]] = []
@@ -150,8 +146,6 @@ class BaseImageDataModule(pl.LightningDataModule):
         else:
             self.train_set = self.images("train", splits["train"], evaluation)
         self.val_set = self.images("val", splits["val"], evaluation)
-        for kept in (self.train_set, self.val_set):  # read every epoch: decoded once
-            kept.keep_decoded(self.decoded_cache_mb * 2**20)
         if splits.get("test"):
             self.test_set = self.images("test", splits["test"], evaluation)
 

@@ -99,32 +99,6 @@ class LabelledImages(Dataset):
         # The samples found to fail to load in training, in shared memory like the epoch: the
         # data-loader workers (started before or after) and the main process all see them.
         self._failed = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
-        self.keep_decoded(0)
-
-    def keep_decoded(self, max_bytes: int) -> None:
-        """Keep up to `max_bytes` of decoded images in each process that reads these images,
-        so that an image is decoded once per process instead of once per epoch (the loader
-        workers persist across epochs); 0: decode every time. The images are kept as they
-        were decoded, before any transform, read-only (a transform cannot change them)."""
-        self.decoded_budget = max_bytes
-        self._decoded: dict[int, tuple[np.ndarray, int]] = {}
-        self._decoded_bytes = 0
-
-    def decoded(self, position: int) -> tuple[np.ndarray, int]:
-        """`read_rgb(position)`, from the kept images where it is there (`keep_decoded`)."""
-        kept = self._decoded.get(position)
-        if kept is not None:
-            return kept
-        image, split_index = self.read_rgb(position)
-        if self._decoded_bytes + image.nbytes <= self.decoded_budget:
-            image.flags.writeable = False
-            self._decoded[position] = (image, split_index)
-            self._decoded_bytes += image.nbytes
-        return image, split_index
-
-    def __getstate__(self) -> dict[str, Any]:
-        """What a loader worker receives: the kept images stay in the process that read them."""
-        return {**self.__dict__, "_decoded": {}, "_decoded_bytes": 0}
 
     def read_rgb(self, position: int) -> tuple[np.ndarray, int]:
         """The decoded image of sample `position` and its index in its whole split."""
@@ -170,7 +144,7 @@ class LabelledImages(Dataset):
         """Sample `position` decoded and transformed, with its label; or, if it cannot be
         loaded, why not."""
         try:
-            image, split_index = self.decoded(position)
+            image, split_index = self.read_rgb(position)
         except LOAD_ERRORS as error:
             return f"failed to load after the scan: {type(error).__name__}: {error}"
         if self.augmentation_seed is not None:

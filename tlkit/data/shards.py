@@ -540,7 +540,7 @@ class ShardImages(LabelledImages):
         return self._streaming[self.positions[position]]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_streaming": None}
+        return {**self.__dict__, "_streaming": None}
 
 
 class ShardTrainingDataset(StreamingDataset):
