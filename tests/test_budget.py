@@ -98,3 +98,8 @@ def test_a_budgeted_run_measures_plans_and_records(colour_folder: Path, tmp_path
 def test_only_a_budget_lets_the_planned_schedule_run_past_the_default_patience():
     assert auto.choose_patience().value == FIXED_CHOICES["patience"] == 5
     assert auto.choose_patience(120).value == 120
+
+
+def test_a_negative_patience_is_refused_by_name():
+    with pytest.raises(ConfigError, match="patience=-1"):
+        FinetuneConfig(data_dir="data", patience=-1)

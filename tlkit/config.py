@@ -194,8 +194,9 @@ class FinetuneConfig:
     label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
     patience: int | None = _option(
         None,
-        "early stopping: epochs without validation improvement (default: 5; under --strategy "
-        "auto with --budget, the epochs of the schedule auto sized, which then runs to its end)",
+        "early stopping: epochs without validation improvement (default: "
+        f"{FIXED_CHOICES['patience']}; under --strategy auto with --budget, the epochs of the "
+        "schedule auto sized, which then runs to its end)",
     )
     monitor: Monitor = _option(
         "auto",
