@@ -56,7 +56,8 @@ def chosen(choices) -> dict:
 @pytest.mark.parametrize(
     "values, strategy, stages",
     [
-        ({"images_per_class_median": 39}, "features", None),  # too few to fine-tune
+        ({"images_per_class_median": 4}, "features", None),  # too few to fine-tune
+        ({"images_per_class_median": 9}, "partial", 1),  # the suite: fine-tuning pays at 9
         ({"probe_balanced_lower_bound": 0.97}, "features", None),  # frozen features solve it
         # 98:2 classes on noise: 0.98 accuracy, minority recall 0, balanced 0.5: not solved
         ({"linear_val_acc": 0.98, "probe_balanced_lower_bound": 0.45}, "partial", 2),
@@ -79,7 +80,7 @@ def test_strategy_by_images_per_class_and_probe(values, strategy, stages):
     [
         ({}, 1.0),  # partial: its last stages at the head's rate
         ({"images_per_class_median": 5000}, 0.1),  # full: early layers at a tenth
-        ({"images_per_class_median": 10}, 0.1),  # features: nothing pretrained trains
+        ({"images_per_class_median": 4}, 0.1),  # features: nothing pretrained trains
     ],
 )
 def test_backbone_learning_rate_by_strategy(values, scale):
@@ -182,13 +183,13 @@ def test_augmentation_by_passes_over_the_data_and_source_size(values, expected):
 def test_only_choices_that_take_effect_are_logged():
     choices = decide(evidence(), ALL_OPEN)  # no augmentation: its crops do not apply
     assert not any(choices[name].applies for name in auto.GENTLE_CROPS)
-    features = decide(evidence(images_per_class_median=10), ALL_OPEN)
+    features = decide(evidence(images_per_class_median=4), ALL_OPEN)
     assert not features["backbone_lr_scale"].applies and not features["lp_ft"].applies
     assert not features["augment"].applies  # the head trains on one cached view
 
 
 def test_lp_ft_given_keeps_auto_away_from_features():
-    choices = chosen(decide(evidence(images_per_class_median=10), ALL_OPEN, lp_ft=True))
+    choices = chosen(decide(evidence(images_per_class_median=4), ALL_OPEN, lp_ft=True))
     assert choices["strategy"] == "partial"
     solved = evidence(probe_balanced_lower_bound=0.99)
     assert chosen(decide(solved, ALL_OPEN, lp_ft=True))["strategy"] == "partial"
@@ -221,7 +222,7 @@ def test_only_open_choices_are_made_and_given_stages_mean_partial():
     assert given_epochs == {"strategy": "partial", "unfreeze_stages": 2, "augment": False}
     given_augment = chosen(decide(evidence(), ["short_side_min", "short_side_max"]))
     assert given_augment == {"short_side_min": 224, "short_side_max": 288}
-    few = evidence(images_per_class_median=10)
+    few = evidence(images_per_class_median=4)
     assert chosen(decide(few, ["strategy", "epochs"])) == {
         "strategy": "partial",
         "epochs": 5,
@@ -260,15 +261,15 @@ def test_auto_run_keeps_given_values_records_its_decision_and_resumes_without_me
 
     decision = json.loads((out / "auto.json").read_text())
     assert decision["evidence"]["source_short_side_median"] == 40
-    assert decision["choices"]["strategy"]["value"] == "features"  # 7 images per class
+    assert decision["choices"]["strategy"]["value"] == "partial"  # 7 images per class
     assert decision["choices"]["img_size"]["value"] == 96  # 2 x 40px, rounded up to 32
     assert decision["given"] == ["epochs", "short_side_max"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["strategy"] == "features" and saved["img_size"] == 96
+    assert saved["strategy"] == "partial" and saved["img_size"] == 96
     assert saved["epochs"] == 2 and saved["short_side_max"] == 300  # given: kept
     assert None not in saved.values()  # every choice resolved: --resume repeats them
     summary = read_summary(out)
-    assert summary.auto_decision == decision and summary.strategy == "features"
+    assert summary.auto_decision == decision and summary.strategy == "partial"
 
     def no_measuring(*arguments, **options):
         raise AssertionError("a resumed run measured again")
@@ -280,14 +281,16 @@ def test_auto_run_keeps_given_values_records_its_decision_and_resumes_without_me
     assert resumed.auto_decision == decision
     # From Python, with the auto config itself: the recorded choices, not new measurements
     again = finetune(config, resume=True, enable_progress_bar=False)
-    assert again.strategy == "features" and again.preprocessing.input_size == 96
+    assert again.strategy == "partial" and again.preprocessing.input_size == 96
 
     from tlkit.commands.report import auto_decision_rows, build_report
 
     rows = auto_decision_rows(resumed.auto_decision)
-    assert ("chose strategy", "features", "7 images per class: too few to fine-tune") in rows
+    reason = decision["choices"]["strategy"]["reason"]
+    assert reason.startswith("7 images per class")
+    assert ("chose strategy", "partial", reason) in rows
     page = build_report(out, out=tmp_path / "report", mistakes=0).page.read_text()
-    assert "How auto decided" in page and "too few to fine-tune" in page
+    assert "How auto decided" in page and "7 images per class" in page
 
 
 def test_a_folder_and_its_converted_shards_decide_the_same(colour_folder: Path, tmp_path: Path):
