@@ -49,6 +49,9 @@ def evidence(**values) -> Evidence:
     return Evidence(**{**defaults, **values})
 
 
+FEW = auto.FEATURES_BELOW_PER_CLASS - 1  # images per class: the head alone trains
+
+
 def chosen(choices) -> dict:
     return {name: choice.value for name, choice in choices.items()}
 
@@ -56,7 +59,7 @@ def chosen(choices) -> dict:
 @pytest.mark.parametrize(
     "values, strategy, stages",
     [
-        ({"images_per_class_median": 4}, "features", None),  # too few to fine-tune
+        ({"images_per_class_median": FEW}, "features", None),  # too few to fine-tune
         ({"images_per_class_median": 9}, "partial", 1),  # the suite: fine-tuning pays at 9
         ({"probe_balanced_lower_bound": 0.97}, "features", None),  # frozen features solve it
         # 98:2 classes on noise: 0.98 accuracy, minority recall 0, balanced 0.5: not solved
@@ -80,7 +83,7 @@ def test_strategy_by_images_per_class_and_probe(values, strategy, stages):
     [
         ({}, 1.0),  # partial: its last stages at the head's rate
         ({"images_per_class_median": 5000}, 0.1),  # full: early layers at a tenth
-        ({"images_per_class_median": 4}, 0.1),  # features: nothing pretrained trains
+        ({"images_per_class_median": FEW}, 0.1),  # features: nothing pretrained trains
     ],
 )
 def test_backbone_learning_rate_by_strategy(values, scale):
@@ -183,13 +186,13 @@ def test_augmentation_by_passes_over_the_data_and_source_size(values, expected):
 def test_only_choices_that_take_effect_are_logged():
     choices = decide(evidence(), ALL_OPEN)  # no augmentation: its crops do not apply
     assert not any(choices[name].applies for name in auto.GENTLE_CROPS)
-    features = decide(evidence(images_per_class_median=4), ALL_OPEN)
+    features = decide(evidence(images_per_class_median=FEW), ALL_OPEN)
     assert not features["backbone_lr_scale"].applies and not features["lp_ft"].applies
     assert not features["augment"].applies  # the head trains on one cached view
 
 
 def test_lp_ft_given_keeps_auto_away_from_features():
-    choices = chosen(decide(evidence(images_per_class_median=4), ALL_OPEN, lp_ft=True))
+    choices = chosen(decide(evidence(images_per_class_median=FEW), ALL_OPEN, lp_ft=True))
     assert choices["strategy"] == "partial"
     solved = evidence(probe_balanced_lower_bound=0.99)
     assert chosen(decide(solved, ALL_OPEN, lp_ft=True))["strategy"] == "partial"
@@ -222,7 +225,7 @@ def test_only_open_choices_are_made_and_given_stages_mean_partial():
     assert given_epochs == {"strategy": "partial", "unfreeze_stages": 2, "augment": False}
     given_augment = chosen(decide(evidence(), ["short_side_min", "short_side_max"]))
     assert given_augment == {"short_side_min": 224, "short_side_max": 288}
-    few = evidence(images_per_class_median=4)
+    few = evidence(images_per_class_median=FEW)
     assert chosen(decide(few, ["strategy", "epochs"])) == {
         "strategy": "partial",
         "epochs": 5,
