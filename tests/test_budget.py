@@ -4,6 +4,8 @@ on measured-like numbers), and one tiny run that measures, plans and records."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from conftest import TINY_CONFIG
 from tlkit.config import FIXED_CHOICES, FinetuneConfig, parse_duration
 from tlkit.errors import ConfigError
 from tlkit.train import auto, budget, hardware
+from tlkit.train import finetune as finetune_module
 from tlkit.train.finetune import finetune
 
 # Lite0 at 64 px on a 2-core CPU, roughly: 100 training and 300 evaluation images/s
@@ -58,14 +61,15 @@ def test_the_schedule_fills_the_budget_up_to_the_wanted_images():
 
 
 def test_the_tta_choice_after_training_is_planned_into_the_budget():
-    """Every candidate preset's views of at most 1,000 validation images at the evaluation
-    rate: 1 + 2 + 10 + 30 views with flips and scale augmentation; none without the choice."""
+    """The candidate presets' views of at most 1,000 validation images at the evaluation
+    rate, each view once: flip's 2 (none's 1 among them) + multi-scale's 30 (ten-crop's 10
+    among them) with flips and scale augmentation; none without the choice."""
     config = FinetuneConfig(data_dir="x", strategy="partial", img_size=64)
     rate = CPU_LIKE.eval_images_per_s
     small = budget.Splits(train=500, val=50, test=100)
-    assert budget.tta_choice_s(config, small, CPU_LIKE) == pytest.approx(50 * 43 / rate)
+    assert budget.tta_choice_s(config, small, CPU_LIKE) == pytest.approx(50 * 32 / rate)
     large = budget.Splits(train=50_000, val=5_000, test=100)
-    assert budget.tta_choice_s(config, large, CPU_LIKE) == pytest.approx(1000 * 43 / rate)
+    assert budget.tta_choice_s(config, large, CPU_LIKE) == pytest.approx(1000 * 32 / rate)
     plain = FinetuneConfig(data_dir="x", strategy="partial", img_size=64, augment=False)
     assert budget.tta_choice_s(plain, small, CPU_LIKE) == pytest.approx(50 * (1 + 5) / rate)
     off = FinetuneConfig(data_dir="x", strategy="partial", img_size=64, choose_tta=False)
@@ -89,10 +93,53 @@ def test_a_budgeted_run_measures_plans_and_records(colour_folder: Path, tmp_path
     assert 0 < planned["predicted_s"] <= 60 * budget.BUDGET_SHARE
     assert summary.wall_time_s < 60
     assert summary.auto_decision["budget"] == planned
-    # the schedule the budget sized runs to its end: patience covers it, and every epoch ran
+    assert planned["after_training_s"] >= planned["tta_choice_s"]
+    # the schedule the budget sized runs to its end (patience covers it), unless the clock
+    # stopped it because the prediction fell short (test_the_clock_stops_...)
     epochs = planned["schedule"]["epochs"]
     assert summary.auto_decision["choices"]["patience"]["value"] == epochs
-    assert summary.epochs_run == epochs
+    assert summary.epochs_run == epochs or summary.stopped_by_budget
+
+
+def test_the_clock_leaves_the_work_after_training_and_half_the_margin():
+    planned = {"seconds": 100.0, "after_training_s": 5.0}
+    started = time.perf_counter() - 20  # 20 s ago
+    left = budget.training_time_left_s(planned, started)
+    assert left == pytest.approx(100 - 4 - 20 - 5, abs=0.5)  # half of the 8% margin kept
+
+
+def test_the_clock_stops_training_where_the_prediction_falls_short(
+    colour_folder: Path, tmp_path: Path, monkeypatch, caplog
+):
+    """A plan that overruns (here: no time left for training at all) is stopped by the budget's
+    clock at the end of an epoch (its first, or the first past the second of grace); the run
+    still tests, records and says so."""
+    monkeypatch.setattr(finetune_module, "training_time_left_s", lambda planned, started: 0.0)
+    config = FinetuneConfig(
+        data_dir=str(colour_folder),
+        out=str(tmp_path / "run"),
+        budget="10m",
+        accelerator="cpu",
+        **{**TINY_CONFIG, "strategy": "auto", "img_size": 32, "choose_tta": False},
+    )
+    with caplog.at_level(logging.INFO, logger="tlkit"):
+        summary = finetune(config, enable_progress_bar=False)
+    planned = summary.auto_decision["budget"]["schedule"]["epochs"]
+    assert summary.stopped_by_budget and 1 <= summary.epochs_run < planned
+    assert summary.test_acc is not None
+    assert f"training stopped by the budget's clock after {summary.epochs_run} of {planned}" in (
+        caplog.text
+    )
+    unbudgeted = finetune(
+        FinetuneConfig(
+            data_dir=str(colour_folder),
+            out=str(tmp_path / "plain"),
+            accelerator="cpu",
+            **{**TINY_CONFIG, "epochs": 1},
+        ),
+        enable_progress_bar=False,
+    )
+    assert not unbudgeted.stopped_by_budget
 
 
 def test_only_a_budget_lets_the_planned_schedule_run_past_the_default_patience():

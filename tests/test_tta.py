@@ -18,9 +18,13 @@ from tlkit.infer.tta import (
     ScaleSquares,
     TTAModule,
     TTAPlan,
+    average_scales,
+    covers,
     loader_batch_size,
     make_views,
+    measuring_plans,
     plan,
+    views_of,
 )
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TASKS
@@ -104,6 +108,38 @@ def test_batched_views_equal_a_naive_loop_over_views(tiny_model, photos, preset:
             ]
             naive.append(torch.stack(per_scale).mean(0))
     assert torch.allclose(batched, torch.stack(naive), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("wide", "narrow", "mirrored"),
+    [
+        ("flip", "none", True),
+        ("multi-scale", "ten-crop", True),
+        ("multi-scale", "ten-crop", False),
+        ("multi-scale", "none", True),  # not covered: other squares
+    ],
+)
+def test_a_narrower_preset_is_taken_from_a_wider_ones_views(
+    tiny_model, photos, wide: str, narrow: str, mirrored: bool
+):
+    """`--tta auto` computes each view once: the covered preset's average from the wider
+    preset's per-view probabilities equals running the covered preset itself."""
+    wide_plan = plan(wide, PREPROCESSING, mirrored=mirrored)
+    narrow_plan = plan(narrow, PREPROCESSING, mirrored=mirrored)
+    if not covers(wide_plan, narrow_plan):
+        assert wide == "multi-scale" and narrow == "none"
+        with pytest.raises(ValueError, match="do not include"):
+            views_of(wide_plan, narrow_plan, torch.zeros(1, wide_plan.views_per_image, 3))
+        return
+    assert measuring_plans([narrow_plan, wide_plan]) == [wide_plan]
+    with torch.no_grad():
+        per_view = TTAModule(tiny_model, wide_plan, per_view=True)(scale_batches(photos, wide_plan))
+        direct = TTAModule(tiny_model, narrow_plan)(scale_batches(photos, narrow_plan))
+    assert per_view.shape[1] == wide_plan.views_per_image
+    taken = views_of(wide_plan, narrow_plan, per_view)
+    assert sum(views.shape[1] for views in taken) == narrow_plan.views_per_image
+    derived = average_scales(taken, narrow_plan.average, tiny_model.task)
+    assert torch.allclose(derived, direct, atol=1e-6)
 
 
 def test_none_equals_plain_evaluation(tiny_model, colour_folder: Path):

@@ -65,7 +65,14 @@ def test_training_records_the_choice_and_its_evidence(tiny_run: Path):
     assert [record["preset"] for record in choice["candidates"]] == list(AUTO_CANDIDATES)
     views = [record["views_per_image"] for record in choice["candidates"]]
     assert views == [1, 2, 10, 30]
-    assert all(record["images_per_second"] > 0 for record in choice["candidates"])
+    # each view computed once: none's from flip's pass, ten-crop's from multi-scale's
+    measured_in = [record["measured_in"] for record in choice["candidates"]]
+    assert measured_in == ["flip", "flip", "multi-scale", "multi-scale"]
+    assert [(p["preset"], p["views_per_image"]) for p in choice["passes"]] == [
+        ("flip", 2),
+        ("multi-scale", 30),
+    ]
+    assert all(record["images_per_second"] > 0 for record in choice["passes"])
     assert "McNemar" in choice["rule"]
 
 

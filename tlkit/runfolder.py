@@ -255,6 +255,9 @@ class RunSummary:
     # --tta auto's preset, chosen on the validation split, with its evidence
     # (tlkit.infer.predict.choose_tta); None: not chosen (--no-choose-tta, or an older run)
     tta_choice: dict[str, Any] | None = None
+    # --budget: Lightning's Timer ended training before the planned schedule (the prediction
+    # fell short; train.budget.training_time_left_s)
+    stopped_by_budget: bool = False
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
 

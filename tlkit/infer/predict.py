@@ -47,10 +47,14 @@ from tlkit.infer.tta import (
     AUTO_RULE,
     ScaleSquares,
     TTAModule,
+    average_scales,
     candidate_plans,
     choose_preset,
+    covers,
     loader_batch_size,
+    measuring_plans,
     plan,
+    views_of,
 )
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TaskDefinition
@@ -153,8 +157,10 @@ def predict_probabilities(
     source: LabelledImages | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    per_view: bool = False,
 ) -> Probabilities:
-    """Class probabilities for `(path, label)` samples with a TTA preset, and its cost.
+    """Class probabilities for `(path, label)` samples with a TTA preset, and its cost;
+    `per_view`: those of every view, (M, V, K), unaveraged (`tta.TTAModule`).
 
     Mirrored views only for models trained with horizontal flips, scales only within those
     training resized to; the loader's batches are smaller than `batch_size` where the plan's
@@ -182,7 +188,7 @@ def predict_probabilities(
     # At most one loader batch of views per forward pass: larger batches are slower per image
     # on CPUs (measured: 943 img/s at 64, 406 at 256 for Lite0 at 64px); raise --batch-size
     # on GPUs.
-    averaging = TTAModule(model, tta_plan, max_views_per_forward=batch_size)
+    averaging = TTAModule(model, tta_plan, max_views_per_forward=batch_size, per_view=per_view)
     started = time.perf_counter()
     if isinstance(model, pl.LightningModule):
         trainer = single_device_trainer(accelerator, progress)
@@ -208,7 +214,11 @@ def predict_probabilities(
     loaded = [(values, positions) for values, positions, _ in batches if values is not None]
     values = [values.float().cpu() for values, _ in loaded]
     return Probabilities(
-        values=torch.cat(values) if values else torch.empty(0, len(model.class_names)),
+        values=torch.cat(values)
+        if values
+        else torch.empty(
+            0, *([tta_plan.views_per_image] if per_view else []), len(model.class_names)
+        ),
         kept=[position for _, positions in loaded for position in positions.tolist()],
         skipped=[
             (samples[position][0], reason) for *_, failed in batches for position, reason in failed
@@ -231,42 +241,57 @@ def choose_tta(
     """`--tta auto`'s choice for a model, measured on labelled samples (a run's validation
     split; at most `max_images` of them, a seeded sample): every preset of
     `tta.candidate_plans`, cheapest first, then `tta.choose_preset`'s rule on which images each
-    gets right (`_right`). Returns the record: the preset, the rule, and per candidate its
-    accuracy, views per image and images/s."""
+    gets right (`_right`). Each view is computed once: the presets' views come from the
+    passes of `tta.measuring_plans` (`flip`'s gives `none`'s, `multi-scale`'s `ten-crop`'s).
+    Returns the record: the preset, the rule, per candidate its accuracy and views per image,
+    and per pass its views per image and images/s."""
     started = time.perf_counter()
     if len(samples) > max_images:
         positions = sorted(random.Random(seed).sample(range(len(samples)), max_images))
         samples = [samples[position] for position in positions]
     targets = _targets(model, [label for _, label in samples])
-    correct, costs = {}, {}
     plans = candidate_plans(
         model.preprocessing, model.trained_with_hflip, model.trained_short_sides
     )
-    for candidate in plans:
+    passes = []
+    for wide in measuring_plans(plans):
         predicted = predict_probabilities(
             model,
             samples,
-            candidate.preset,
+            wide.preset,
             batch_size,
             accelerator,
             source=source,
             num_workers=num_workers,
             progress=progress,
+            per_view=True,
         )
+        passes.append((wide, predicted))
+    correct, measured_in = {}, {}
+    for candidate in plans:
+        wide, predicted = next((wide, p) for wide, p in passes if covers(wide, candidate))
+        views = views_of(wide, candidate, predicted.values)
+        probabilities = average_scales(views, candidate.average, model.task)
         kept = torch.tensor(predicted.kept, dtype=torch.int64)
-        correct[candidate.preset] = _right(model, predicted.values, targets[kept])
-        costs[candidate.preset] = predicted.cost
+        correct[candidate.preset] = _right(model, probabilities, targets[kept])
+        measured_in[candidate.preset] = wide.preset
     chosen, evidence = choose_preset(correct)
-    for record in evidence:
-        cost = costs[record["preset"]]
+    for record, candidate in zip(evidence, plans, strict=True):
         record.update(
-            {key: cost[key] for key in ("views_per_image", "images_per_second", "seconds")}
+            views_per_image=candidate.views_per_image, measured_in=measured_in[record["preset"]]
         )
     return {
         "preset": chosen,
         "images": len(samples),
         "rule": AUTO_RULE,
         "candidates": evidence,
+        "passes": [
+            {
+                key: predicted.cost[key]
+                for key in ("preset", "views_per_image", "images_per_second", "seconds")
+            }
+            for _, predicted in passes
+        ],
         "seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -233,6 +233,48 @@ def candidate_plans(
     return plans
 
 
+def covers(wide: TTAPlan, narrow: TTAPlan) -> bool:
+    """Whether `wide`'s views include every view of `narrow`: the same views cut from the same
+    squares (`ScaleSquares` loads a square of a given side one way), at a subset of its
+    scales, mirrored only where `wide` is (`flip` covers `none`; `multi-scale` covers
+    `ten-crop`, whose scale, the evaluation scale, every `multi-scale` has)."""
+    return (
+        wide.input_size == narrow.input_size
+        and wide.views == narrow.views
+        and set(narrow.scale_sizes) <= set(wide.scale_sizes)
+        and (wide.mirrored or not narrow.mirrored)
+    )
+
+
+def measuring_plans(plans: list[TTAPlan]) -> list[TTAPlan]:
+    """The plans whose views are computed to measure all of `plans` once each: those not
+    covered by another plan with more views (`covers`); the others' views are taken from
+    them (`views_of`), so no view is computed twice."""
+    return [
+        narrow
+        for narrow in plans
+        if not any(
+            covers(wide, narrow) and wide.views_per_image > narrow.views_per_image for wide in plans
+        )
+    ]
+
+
+def views_of(wide: TTAPlan, narrow: TTAPlan, per_view: torch.Tensor) -> list[torch.Tensor]:
+    """`narrow`'s views, per scale ((B, V_s, K) each, for `average_scales`), taken from the
+    (B, V, K) probabilities of every view of `wide` (`TTAModule(per_view=True)`), which
+    `covers` it: at each of its scales all views, or the unmirrored first half
+    (`make_views` puts the mirrored ones last)."""
+    if not covers(wide, narrow):
+        raise ValueError(f"the views of '{wide.preset}' do not include those of '{narrow.preset}'")
+    per_scale, start = [], 0
+    for side in wide.scale_sizes:
+        count = wide.views_at(side)
+        if side in narrow.scale_sizes:
+            per_scale.append(per_view[:, start : start + narrow.views_at(side)])
+        start += count
+    return per_scale
+
+
 def choose_preset(correct: dict[str, torch.Tensor]) -> tuple[str, list[dict[str, float]]]:
     """The preset to use from each candidate's correct predictions (bool, one per image, the
     same images), cheapest first: the cheapest, replaced by each costlier one whose top-1 is
@@ -326,6 +368,20 @@ AVERAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, TaskDefinition], torch
 }
 
 
+def average_scales(
+    per_scale: list[torch.Tensor], average: str, task: TaskDefinition
+) -> torch.Tensor:
+    """Per scale, (B, V_s, K) probabilities of its views -> (B, K) (`average_views`): every
+    scale weighs the same, however many distinct views it has."""
+    weights = torch.cat(
+        [
+            torch.full((views.shape[1],), 1 / (views.shape[1] * len(per_scale)))
+            for views in per_scale
+        ]
+    )
+    return average_views(torch.cat(per_scale, dim=1).float(), average, weights, task)
+
+
 def average_views(
     probabilities: torch.Tensor,
     average: str,
@@ -373,22 +429,24 @@ class TTAModule(pl.LightningModule):
     Predictor`): a `TransferClassifier`, or an exported model called directly.
     """
 
-    def __init__(self, model, tta: TTAPlan, max_views_per_forward: int = 256) -> None:
+    def __init__(
+        self, model, tta: TTAPlan, max_views_per_forward: int = 256, per_view: bool = False
+    ) -> None:
         super().__init__()
         check_accepts_any_size(model, tta)
         self.model = model
         self.tta = tta
         self.max_views_per_forward = max_views_per_forward
+        self.per_view = per_view
 
     def forward(self, scales: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Per-scale batches of squares -> (B, K) averaged probabilities; every scale weighs the
-        same, however many distinct views it has."""
+        """Per-scale batches of squares -> (B, K) averaged probabilities (`average_scales`);
+        with `per_view`, the probabilities of every view, (B, V, K), scale after scale in
+        `tta.scale_sizes`' order (`views_of` takes a narrower plan's from them)."""
         views = [self._view_probabilities(make_views(s, self.tta)) for s in scales]
-        weights = torch.cat(
-            [torch.full((v.shape[1],), 1 / (v.shape[1] * len(views))) for v in views]
-        )
-        probabilities = torch.cat(views, dim=1).float()
-        return average_views(probabilities, self.tta.average, weights, self.model.task)
+        if self.per_view:
+            return torch.cat(views, dim=1)
+        return average_scales(views, self.tta.average, self.model.task)
 
     def _view_probabilities(self, views: torch.Tensor) -> torch.Tensor:
         per_image = views.shape[1]

@@ -565,6 +565,7 @@ def fit_to_budget(
         "throughput": dataclasses.asdict(throughput),
         "schedule": dataclasses.asdict(schedule),
         "tta_choice_s": round(choosing_tta_s, 1),
+        "after_training_s": round(budget.test_s(splits, throughput) + choosing_tta_s, 1),
         "predicted_s": round(elapsed + schedule.predicted_s + choosing_tta_s, 1),
         "fits": fits,
         "stepped_down": stepped_down,

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 
@@ -26,7 +27,7 @@ from tlkit.choices import TTA_CHOICE_MAX_IMAGES
 from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
-from tlkit.infer.tta import candidate_plans
+from tlkit.infer.tta import candidate_plans, measuring_plans
 from tlkit.model.backbones import preprocessing
 from tlkit.train.build import build_model, data_facts, trained_short_sides, trains_with_hflip
 from tlkit.train.hardware import trainer_options, training_device
@@ -51,26 +52,34 @@ class Throughput:
 
 
 class _Clock(pl.Callback):
-    """Times training batches after the warm-up, and validation batches."""
+    """Times training batches after the warm-up, and validation batches, each from the end of
+    the batch before it (or the loop's start): the wait for the batch (loading it, starting a
+    new epoch) counts with its step, as it does in a run."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.train: list[float] = []
         self.validation: list[float] = []
-        self._started = 0.0
+        self._last = 0.0
 
-    def on_train_batch_start(self, trainer, module, batch, batch_index: int) -> None:
-        self._started = time.perf_counter()
+    def _lap(self) -> float:
+        now = time.perf_counter()
+        lap, self._last = now - self._last, now
+        return lap
+
+    def on_train_start(self, trainer, module) -> None:
+        self._lap()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index: int) -> None:
+        lap = self._lap()
         if trainer.global_step > self.warmup:
-            self.train.append(time.perf_counter() - self._started)
+            self.train.append(lap)
 
-    def on_validation_batch_start(self, trainer, module, batch, batch_index: int, *_) -> None:
-        self._started = time.perf_counter()
+    def on_validation_epoch_start(self, trainer, module) -> None:
+        self._lap()
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_index, *_) -> None:
-        self.validation.append(time.perf_counter() - self._started)
+        self.validation.append(self._lap())
 
 
 def measure_throughput(
@@ -155,6 +164,22 @@ def epoch_cost_s(splits: Splits, throughput: Throughput, cached: bool) -> float:
     return validation + 2 * throughput.checkpoint_s
 
 
+def test_s(splits: Splits, throughput: Throughput) -> float:
+    """Seconds of the test evaluation after training."""
+    return splits.test / splits.processes / throughput.eval_images_per_s
+
+
+def training_time_left_s(planned: dict[str, Any], started: float) -> float:
+    """Seconds training may still take so that the run ends within its budget even where the
+    plan's prediction falls short (a Lightning `Timer` stops it there): the budget, less half
+    the margin the plan kept (`BUDGET_SHARE`), the time since the run `started` (a
+    `time.perf_counter` reading) and the predicted work after training (`after_training_s` of
+    the plan's record: the test evaluation and --tta auto's choice)."""
+    margin = (1 - BUDGET_SHARE) / 2 * planned["seconds"]
+    elapsed = time.perf_counter() - started
+    return planned["seconds"] - margin - elapsed - planned["after_training_s"]
+
+
 def fixed_cost_s(splits: Splits, throughput: Throughput, cached: bool) -> float:
     """Seconds spent once: the test evaluation, and for cached features their extraction."""
     evaluated = splits.test + (splits.train + splits.val if cached else 0)
@@ -172,10 +197,10 @@ def predicted_s(images: int, splits: Splits, throughput: Throughput, cached: boo
 
 def tta_choice_s(config: FinetuneConfig, splits: Splits, throughput: Throughput) -> float:
     """Seconds of `--tta auto`'s choice after training (`tlkit.infer.predict.choose_tta`):
-    the views of every candidate preset (`tta.candidate_plans`) of at most
-    `TTA_CHOICE_MAX_IMAGES` validation images, on the first process alone, each view taken to
-    cost an evaluated image (batching makes views cheaper: an upper estimate); 0 with
-    `--no-choose-tta`."""
+    the views of the candidate presets (`tta.candidate_plans`), each computed once
+    (`tta.measuring_plans`), of at most `TTA_CHOICE_MAX_IMAGES` validation images, on the
+    first process alone, each view taken to cost an evaluated image (batching makes views
+    cheaper: an upper estimate); 0 with `--no-choose-tta`."""
     if not config.choose_tta or not splits.val:
         return 0.0
     plans = candidate_plans(
@@ -183,7 +208,7 @@ def tta_choice_s(config: FinetuneConfig, splits: Splits, throughput: Throughput)
         trains_with_hflip(config),
         trained_short_sides(config),
     )
-    views = sum(plan.views_per_image for plan in plans)
+    views = sum(plan.views_per_image for plan in measuring_plans(plans))
     return min(splits.val, TTA_CHOICE_MAX_IMAGES) * views / throughput.eval_images_per_s
 
 

@@ -12,12 +12,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -62,6 +63,7 @@ from tlkit.runfolder import (
     write_summary,
 )
 from tlkit.train.auto import resolve_auto
+from tlkit.train.budget import training_time_left_s
 from tlkit.train.build import (
     build_datamodule,
     build_model,
@@ -119,12 +121,14 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     folder = open_run_folder(config, resume)
     config, decision = decide(config, folder, progress, started)
     run = build(config, folder, decision, progress)
-    trainer, history = fit(run, folder, trainer_options)
+    clock = budget_clock(decision, started, folder)
+    trainer, history = fit(run, folder, trainer_options, clock)
     if decision is not None and config.strategy == "features":
         decision = keep_the_better_head(run, trainer, history, decision)
     test_metrics = test(trainer, run)
     tta_choice = choose_test_time_averaging(config, trainer, run)
-    summary = summarise(run, folder, decision, history, test_metrics, started, tta_choice)
+    stopped = clock is not None and clock.time_remaining("train") <= 0
+    summary = summarise(run, folder, decision, history, test_metrics, started, tta_choice, stopped)
     _write_at_end(folder.out, summary, run.skipped_files(), run.data)
     return summary
 
@@ -266,11 +270,30 @@ def build(
     return BuiltRun(config, data, monitor, images, model, training_data, linear_probe)
 
 
+def budget_clock(
+    decision: dict[str, Any] | None, started: float, folder: RunFolder
+) -> Timer | None:
+    """With --budget, Lightning's Timer that stops training where the run would overrun its
+    budget (`budget.training_time_left_s`), should the plan's prediction fall short: at an
+    epoch's end, so that every epoch run is validated and best.ckpt exists (at most one epoch
+    past the mark); None without a budget, and on --resume (the budget was the first run's)."""
+    planned = (decision or {}).get("budget")
+    if planned is None or folder.resume_from is not None:
+        return None
+    # Lightning's Timer also checks at fit start: a second's grace lets one epoch run where
+    # no time is left (as the plan then trains one pass, auto.fit_to_budget)
+    seconds = max(1.0, training_time_left_s(planned, started))
+    return Timer(duration=timedelta(seconds=seconds), interval="epoch")
+
+
 def fit(
-    run: BuiltRun, folder: RunFolder, trainer_options: dict[str, Any]
+    run: BuiltRun,
+    folder: RunFolder,
+    trainer_options: dict[str, Any],
+    clock: Timer | None = None,
 ) -> tuple[pl.Trainer, list[dict[str, float]]]:
-    """Step 4: Lightning's Trainer with tlkit's callbacks fits the model (from the checkpoint,
-    when resumed); returns the Trainer and the per-epoch history."""
+    """Step 4: Lightning's Trainer with tlkit's callbacks (and the budget's `clock`) fits the
+    model (from the checkpoint, when resumed); returns the Trainer and the per-epoch history."""
     config = run.config
     trainer_options = dict(trainer_options)
     train_metric = next((name for name in run.model.metrics if name.startswith("train_")), None)
@@ -298,6 +321,8 @@ def fit(
         callbacks.append(ExponentialMovingAverage(config.ema_decay))
     if trainer_options.get("enable_progress_bar", True):
         callbacks.append(EpochProgressBar())
+    if clock is not None:
+        callbacks.append(clock)
     callbacks += trainer_options.pop("callbacks", [])
     train_images = len(run.images.train_set)
     # as the training loader counts them (an incomplete last batch is dropped, data/datasets.py)
@@ -449,13 +474,17 @@ def choose_test_time_averaging(
             progress=False,
         )
     measured = ", ".join(
-        f"{record['preset']} {record['top1']:.4f} ({record['views_per_image']} views, "
-        f"{record['images_per_second']:.0f} images/s)"
+        f"{record['preset']} {record['top1']:.4f} ({record['views_per_image']} views)"
         for record in choice["candidates"]
     )
+    passes = " and ".join(
+        f"{record['preset']}'s {record['views_per_image']} ({record['images_per_second']:.0f} "
+        "images/s)"
+        for record in choice["passes"]
+    )
     logger.info(
-        f"Test-time averaging on {choice['images']} validation images: {measured}; "
-        f"--tta auto uses {choice['preset']} ({choice['seconds']:.0f} s)"
+        f"Test-time averaging on {choice['images']} validation images: {measured}, from the "
+        f"views of {passes}; --tta auto uses {choice['preset']} ({choice['seconds']:.0f} s)"
     )
     return choice
 
@@ -468,6 +497,7 @@ def summarise(
     test_metrics: dict[str, float],
     started: float,
     tta_choice: dict[str, Any] | None = None,
+    stopped_by_budget: bool = False,
 ) -> RunSummary:
     """Step 7: the run summary (summary.json) from what the other steps made."""
     config, images, model = run.config, run.images, run.model
@@ -510,6 +540,7 @@ def summarise(
         auto_decision=decision,
         linear_probe=run.linear_probe,
         tta_choice=tta_choice,
+        stopped_by_budget=stopped_by_budget,
         skipped_files=len(run.skipped_files()),
         ignored_files=ignored_files,
         unread_images=unread_images,
@@ -701,9 +732,15 @@ def _write_at_end(
             )
     planned = (summary.auto_decision or {}).get("budget")
     if planned is not None:
+        stopped = (
+            f"; training stopped by the budget's clock after {summary.epochs_run} of "
+            f"{planned['schedule']['epochs']} planned epochs"
+            if summary.stopped_by_budget
+            else ""
+        )
         logger.info(
             f"Budget {planned['seconds']:.0f} s: predicted {planned['predicted_s']:.0f} s, "
-            f"took {summary.wall_time_s:.0f} s"
+            f"took {summary.wall_time_s:.0f} s{stopped}"
         )
     logger.info(final_line(summary, out))
 
