@@ -99,6 +99,7 @@ def test_a_budgeted_run_measures_plans_and_records(colour_folder: Path, tmp_path
     epochs = planned["schedule"]["epochs"]
     assert summary.auto_decision["choices"]["patience"]["value"] == epochs
     assert summary.epochs_run == epochs or summary.stopped_by_budget
+    assert summary.stopped_by_budget == (summary.epochs_run < epochs)  # never after the last
 
 
 def test_the_clock_leaves_the_work_after_training_and_half_the_margin():

@@ -127,7 +127,9 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
         decision = keep_the_better_head(run, trainer, history, decision)
     test_metrics = test(trainer, run)
     tta_choice = choose_test_time_averaging(config, trainer, run)
-    stopped = clock is not None and clock.time_remaining("train") <= 0
+    # the clock ran out before the planned epochs did (at the last epoch's end it changes nothing)
+    ran_out = clock is not None and clock.time_remaining("train") <= 0
+    stopped = ran_out and len(history) < config.epochs
     summary = summarise(run, folder, decision, history, test_metrics, started, tta_choice, stopped)
     _write_at_end(folder.out, summary, run.skipped_files(), run.data)
     return summary
