@@ -74,6 +74,7 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         "ignored_files": {".ogg": 7858, ".txt": 952},
         "unread_images": {".svg": 248},
         "tta_choice": {"preset": "ten-crop", "images": 50, "rule": "why", "candidates": []},
+        "stopped_by_budget": True,
     }
     summary = RunSummary.from_dict(values)
     assert summary.best_monitored == 0.75
