@@ -73,6 +73,7 @@ from tlkit.train.build import (
 )
 from tlkit.train.callbacks import (
     TRAINING_WEIGHTS_KEY,
+    BestCheckpoint,
     EpochProgressBar,
     EpochSummary,
     ExponentialMovingAverage,
@@ -231,13 +232,14 @@ class BuiltRun:
         return logged_name("val", self.monitor.value)
 
     def best_record(self, history: list[dict[str, float]]) -> dict[str, float]:
-        """The epoch record of best.ckpt: the best of the monitored metric (empty if none)."""
+        """The epoch record of best.ckpt: the best of the monitored metric, the latest of tied
+        ones as `callbacks.BestCheckpoint` keeps (empty if none)."""
 
         def monitored(record: dict[str, float]) -> float:
             value = record.get(self.monitored, math.nan)
             return -math.inf if math.isnan(value) else value
 
-        return max(history, key=monitored) if history else {}
+        return max(reversed(history), key=monitored) if history else {}
 
     def skipped_files(self) -> list[tuple[str, str]]:
         """Files the scan skipped, then those that failed to load during training."""
@@ -301,7 +303,7 @@ def fit(
     train_metric = next((name for name in run.model.metrics if name.startswith("train_")), None)
     summary_callback = EpochSummary(run.monitored, train_metric)
     callbacks = [
-        ModelCheckpoint(
+        BestCheckpoint(
             dirpath=folder.out,
             filename="best",
             monitor=run.monitored,
