@@ -48,6 +48,18 @@ def test_a_costlier_preset_must_beat_the_noise_of_the_split():
     assert choose_preset({"none": none, "flip": none.clone()})[0] == "none"
 
 
+def test_the_line_is_a_one_sided_five_percent_chance():
+    """Fashion-600's evidence on the suite (66 validation images): ten-crop gets 7 right that
+    none misses and misses 2 that none gets, z = 5 / sqrt(9) = 1.67: chosen (it scored 2.5
+    points higher on the test split). One image fewer, z = 4 / sqrt(8) = 1.41: not."""
+    none = hits(66, list(range(50)))
+    ten_crop = hits(66, list(range(48)) + list(range(50, 57)))
+    chosen, evidence = choose_preset({"none": none, "ten-crop": ten_crop})
+    assert (chosen, evidence[1]["gain_images"], evidence[1]["z"]) == ("ten-crop", 5, 1.67)
+    one_fewer = hits(66, list(range(48)) + list(range(50, 56)))
+    assert choose_preset({"none": none, "ten-crop": one_fewer})[0] == "none"
+
+
 def test_candidates_are_the_presets_that_suit_the_model():
     assert [c.preset for c in candidate_plans(PREPROCESSING)] == list(AUTO_CANDIDATES)
     # no flips in training: no `flip`; one training scale: multi-scale would repeat ten-crop

@@ -9,7 +9,7 @@ TTA_AUTO = "auto"  # not a preset: the one a run chose on its validation split (
 TTA_CHOICES = (*TTA_PRESETS, TTA_AUTO)
 # At most this many images (a seeded sample of the validation split) measure --tta auto's choice:
 # a bounded cost (at most 32 forward passes per image for the four candidates, each view once:
-# tta.measuring_plans), and still a gain of 1.5 points told from noise where two presets
+# tta.measuring_plans), and still a gain of 1.2 points told from noise where two presets
 # disagree on 5% of the images (tta.AUTO_MIN_Z).
 TTA_CHOICE_MAX_IMAGES = 1000
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
