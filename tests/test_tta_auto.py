@@ -14,7 +14,14 @@ import torch
 
 from tlkit.cli import main
 from tlkit.config import FinetuneConfig
-from tlkit.infer.tta import AUTO_CANDIDATES, candidate_plans, choose_preset, plan
+from tlkit.infer import predict
+from tlkit.infer.tta import (
+    AUTO_CANDIDATES,
+    can_be_outdone,
+    candidate_plans,
+    choose_preset,
+    plan,
+)
 from tlkit.runfolder import SUMMARY, Preprocessing, read_config, read_summary
 from tlkit.train.build import build_datamodule
 from tlkit.train.finetune import choose_test_time_averaging
@@ -58,6 +65,60 @@ def test_the_line_is_a_one_sided_five_percent_chance():
     assert (chosen, evidence[1]["gain_images"], evidence[1]["z"]) == ("ten-crop", 5, 1.67)
     one_fewer = hits(66, list(range(48)) + list(range(50, 56)))
     assert choose_preset({"none": none, "ten-crop": one_fewer})[0] == "none"
+
+
+def test_two_mistakes_or_fewer_cannot_be_outdone():
+    """The bound `choose_tta` stops on: the best a costlier preset can do against a choice
+    with m mistakes is to fix all m and break none, z = sqrt(m): 1.41 at 2, 1.73 at 3."""
+    assert [can_be_outdone(mistakes) for mistakes in range(5)] == [False] * 3 + [True] * 2
+    for mistakes in (2, 3):
+        none = hits(100, list(range(100 - mistakes)))
+        perfect = hits(100, list(range(100)))
+        chosen, _ = choose_preset({"none": none, "ten-crop": perfect})
+        assert (chosen == "ten-crop") == can_be_outdone(mistakes)
+
+
+def fake_views(right_except: int):
+    """A stand-in for `predict_probabilities` (per view) whose every view of every image is
+    sure of its true class, except every view of the first `right_except` images, which are
+    sure of the next class; it records the presets it was asked for."""
+    asked = []
+
+    def views(model, samples, tta, *args, **kwargs) -> predict.Probabilities:
+        asked.append(tta)
+        classes = len(model.class_names)
+        labels = torch.tensor([label for _, label in samples])
+        labels[:right_except] = (labels[:right_except] + 1) % classes
+        mirrored, sides = model.trained_with_hflip, model.trained_short_sides
+        tta_plan = plan(tta, model.preprocessing, None, "probabilities", mirrored, sides)
+        count = tta_plan.views_per_image
+        one_hot = torch.nn.functional.one_hot(labels, classes).float()
+        cost = {"preset": tta, "views_per_image": count, "images_per_second": 1.0, "seconds": 1}
+        return predict.Probabilities(
+            one_hot[:, None].expand(-1, count, -1), list(range(len(samples))), [], cost
+        )
+
+    return views, asked
+
+
+def test_the_choice_stops_once_no_costlier_preset_can_win(tiny_run: Path, monkeypatch):
+    """With the cheapest preset wrong on 2 validation images no other can replace it: only the
+    first pass (flip's, which has none's views) is computed, and the rest are listed as not
+    measured; with 3 wrong, every pass runs."""
+    model = predict.load_model(tiny_run)
+    samples = [(f"image-{index}.png", index % len(model.class_names)) for index in range(20)]
+    views, asked = fake_views(right_except=2)
+    monkeypatch.setattr(predict, "predict_probabilities", views)
+    choice = predict.choose_tta(model, samples, progress=False)
+    assert asked == ["flip"] and choice["preset"] == "none"
+    assert [record["preset"] for record in choice["candidates"]] == ["none", "flip"]
+    assert choice["not_measured"] == ["ten-crop", "multi-scale"]
+    assert "2 of 20 images wrong" in choice["stopped_early"]
+    views, asked = fake_views(right_except=3)
+    monkeypatch.setattr(predict, "predict_probabilities", views)
+    choice = predict.choose_tta(model, samples, progress=False)
+    assert asked == ["flip", "multi-scale"] and choice["stopped_early"] is None
+    assert len(choice["candidates"]) == 4 and choice["not_measured"] == []
 
 
 def test_candidates_are_the_presets_that_suit_the_model():

@@ -736,9 +736,14 @@ def _tta_choice_description(choice: dict[str, Any] | None) -> str:
     measured = ", ".join(
         f"{record['preset']} {record['top1']:.4f}" for record in choice["candidates"]
     )
+    unmeasured = (
+        f"; {' and '.join(choice['not_measured'])} not measured: {choice['stopped_early']}"
+        if choice.get("stopped_early")
+        else ""
+    )
     return (
-        f"{choice['preset']}, on {choice['images']} validation images (top-1: {measured}): "
-        + choice["rule"]
+        f"{choice['preset']}, on {choice['images']} validation images (top-1: {measured}"
+        f"{unmeasured}): " + choice["rule"]
     )
 
 

@@ -405,7 +405,10 @@ def _chosen_tta(model: TransferClassifier, choice: dict[str, Any] | None) -> dic
         "views_per_image": chosen.views_per_image,
         "average": chosen.average,
         "steps": TTA_STEPS,
-        "chosen_on_validation": {key: choice[key] for key in ("images", "rule", "candidates")},
+        "chosen_on_validation": {  # runs before the early stop recorded no `not_measured`
+            key: choice.get(key)
+            for key in ("images", "rule", "candidates", "not_measured", "stopped_early")
+        },
     }
 
 

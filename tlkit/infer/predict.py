@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import sys
@@ -47,7 +48,9 @@ from tlkit.infer.tta import (
     AUTO_RULE,
     ScaleSquares,
     TTAModule,
+    TTAPlan,
     average_scales,
+    can_be_outdone,
     candidate_plans,
     choose_preset,
     covers,
@@ -243,8 +246,10 @@ def choose_tta(
     `tta.candidate_plans`, cheapest first, then `tta.choose_preset`'s rule on which images each
     gets right (`_right`). Each view is computed once: the presets' views come from the
     passes of `tta.measuring_plans` (`flip`'s gives `none`'s, `multi-scale`'s `ten-crop`'s).
-    Returns the record: the preset, the rule, per candidate its accuracy and views per image,
-    and per pass its views per image and images/s."""
+    The passes stop once the cheapest preset gets too few images wrong for any other to
+    replace it (`tta.can_be_outdone`): the presets left unmeasured are listed. Returns the
+    record: the preset, the rule, per measured candidate its accuracy and views per image, the
+    unmeasured ones and why, and per pass its views per image and images/s."""
     started = time.perf_counter()
     if len(samples) > max_images:
         positions = sorted(random.Random(seed).sample(range(len(samples)), max_images))
@@ -254,7 +259,20 @@ def choose_tta(
         model.preprocessing, model.trained_with_hflip, model.trained_short_sides
     )
     passes = []
-    for wide in measuring_plans(plans):
+
+    def right_with(candidate: TTAPlan) -> tuple[torch.Tensor, str] | None:
+        """Which images `candidate` gets right, and the pass its views came from; None if no
+        pass so far has its views."""
+        for wide, predicted in passes:
+            if covers(wide, candidate):
+                views = views_of(wide, candidate, predicted.values)
+                probabilities = average_scales(views, candidate.average, model.task)
+                kept = torch.tensor(predicted.kept, dtype=torch.int64)
+                return _right(model, probabilities, targets[kept]), wide.preset
+        return None
+
+    stopped, measuring = None, measuring_plans(plans)
+    for wide in measuring:
         predicted = predict_probabilities(
             model,
             samples,
@@ -267,24 +285,34 @@ def choose_tta(
             per_view=True,
         )
         passes.append((wide, predicted))
+        cheapest = right_with(plans[0])
+        mistakes = int((~cheapest[0]).sum()) if cheapest is not None else None
+        if mistakes is not None and not can_be_outdone(mistakes) and len(passes) < len(measuring):
+            stopped = (
+                f"{plans[0].preset} gets {mistakes} of {len(cheapest[0])} images wrong: no "
+                f"costlier preset can gain enough (z at most sqrt({mistakes}) = "
+                f"{math.sqrt(mistakes):.2f}); their other views were not computed"
+            )
+            break
     correct, measured_in = {}, {}
     for candidate in plans:
-        wide, predicted = next((wide, p) for wide, p in passes if covers(wide, candidate))
-        views = views_of(wide, candidate, predicted.values)
-        probabilities = average_scales(views, candidate.average, model.task)
-        kept = torch.tensor(predicted.kept, dtype=torch.int64)
-        correct[candidate.preset] = _right(model, probabilities, targets[kept])
-        measured_in[candidate.preset] = wide.preset
+        measured = right_with(candidate)
+        if measured is not None:
+            correct[candidate.preset], measured_in[candidate.preset] = measured
     chosen, evidence = choose_preset(correct)
-    for record, candidate in zip(evidence, plans, strict=True):
+    views_per_image = {candidate.preset: candidate.views_per_image for candidate in plans}
+    for record in evidence:
         record.update(
-            views_per_image=candidate.views_per_image, measured_in=measured_in[record["preset"]]
+            views_per_image=views_per_image[record["preset"]],
+            measured_in=measured_in[record["preset"]],
         )
     return {
         "preset": chosen,
         "images": len(samples),
         "rule": AUTO_RULE,
         "candidates": evidence,
+        "not_measured": [preset for preset in views_per_image if preset not in correct],
+        "stopped_early": stopped,
         "passes": [
             {
                 key: predicted.cost[key]

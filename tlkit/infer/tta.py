@@ -304,6 +304,14 @@ def choose_preset(correct: dict[str, torch.Tensor]) -> tuple[str, list[dict[str,
     return chosen, evidence
 
 
+def can_be_outdone(mistakes: int) -> bool:
+    """Whether any costlier preset could replace a choice that gets `mistakes` validation
+    images wrong under `choose_preset`'s rule. A candidate's gain is the images it fixes less
+    those it breaks, both disagreements, so its z is at most sqrt(fixed) <= sqrt(mistakes):
+    with 2 mistakes or fewer (z at most 1.41) nothing can, and no other view need be computed."""
+    return math.sqrt(mistakes) > AUTO_MIN_Z
+
+
 def loader_batch_size(tta: TTAPlan, batch_size: int) -> int:
     """Images per loader batch: `batch_size`, fewer when their squares and views would take more
     than `TTA_MEMORY_BUDGET` bytes, at least 1."""

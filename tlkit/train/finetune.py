@@ -486,9 +486,15 @@ def choose_test_time_averaging(
         "images/s)"
         for record in choice["passes"]
     )
+    unmeasured = (
+        f"; {' and '.join(choice['not_measured'])} not measured ({choice['stopped_early']})"
+        if choice["stopped_early"]
+        else ""
+    )
     logger.info(
         f"Test-time averaging on {choice['images']} validation images: {measured}, from the "
-        f"views of {passes}; --tta auto uses {choice['preset']} ({choice['seconds']:.0f} s)"
+        f"views of {passes}{unmeasured}; --tta auto uses {choice['preset']} "
+        f"({choice['seconds']:.0f} s)"
     )
     return choice
 
