@@ -182,7 +182,7 @@ def planned_images(train_images: int, strategy: str, device: str) -> Choice:
     where = f"x{CPU_SHARE} on a CPU" if device == "cpu" else f"on {device}"
     reason = (
         f"HyperRule, continuous: {images:,.0f} images at {train_images:,} training images, "
-        f"{where}: {passes:.2f} passes"
+        f"{where}: {passes:.2f} passes planned"
     )
     return Choice(round(passes * train_images), reason)
 
@@ -241,10 +241,14 @@ def choose_augmentation(evidence: Evidence, passes: float, strategy: str) -> dic
     apply.)"""
     if passes < AUGMENT_FROM_EPOCHS:
         augment = Choice(
-            False, f"{passes:.1f} passes over the data < {AUGMENT_FROM_EPOCHS}: short runs underfit"
+            False,
+            f"{passes:.1f} passes over the data in whole batches < {AUGMENT_FROM_EPOCHS}: "
+            "short runs underfit",
         )
     else:
-        augment = Choice(True, f"{passes:.1f} passes over the data >= {AUGMENT_FROM_EPOCHS}")
+        augment = Choice(
+            True, f"{passes:.1f} passes over the data in whole batches >= {AUGMENT_FROM_EPOCHS}"
+        )
     side, size = evidence.source_short_side_median, evidence.input_size
     if side is not None and side < size:
         reason = f"sources ({side:.0f} px) smaller than the input ({size} px): gentle crops"
