@@ -114,11 +114,13 @@ def test_the_choice_stops_once_no_costlier_preset_can_win(tiny_run: Path, monkey
     assert [record["preset"] for record in choice["candidates"]] == ["none", "flip"]
     assert choice["not_measured"] == ["ten-crop", "multi-scale"]
     assert "2 of 20 images wrong" in choice["stopped_early"]
+    assert predict.unmeasured_presets(choice)[0].startswith("ten-crop and multi-scale not measured")
     views, asked = fake_views(right_except=3)
     monkeypatch.setattr(predict, "predict_probabilities", views)
     choice = predict.choose_tta(model, samples, progress=False)
     assert asked == ["flip", "multi-scale"] and choice["stopped_early"] is None
     assert len(choice["candidates"]) == 4 and choice["not_measured"] == []
+    assert predict.unmeasured_presets(choice) == []
 
 
 def test_candidates_are_the_presets_that_suit_the_model():

@@ -50,6 +50,7 @@ from tlkit.infer.predict import (
     load_model,
     predict_labelled,
     resolve_tta,
+    unmeasured_presets,
 )
 from tlkit.metrics import (
     ACCURACY,
@@ -736,14 +737,10 @@ def _tta_choice_description(choice: dict[str, Any] | None) -> str:
     measured = ", ".join(
         f"{record['preset']} {record['top1']:.4f}" for record in choice["candidates"]
     )
-    unmeasured = (
-        f"; {' and '.join(choice['not_measured'])} not measured: {choice['stopped_early']}"
-        if choice.get("stopped_early")
-        else ""
-    )
+    listed = "; ".join([measured, *unmeasured_presets(choice)])
     return (
-        f"{choice['preset']}, on {choice['images']} validation images (top-1: {measured}"
-        f"{unmeasured}): " + choice["rule"]
+        f"{choice['preset']}, on {choice['images']} validation images (top-1: {listed}): "
+        + choice["rule"]
     )
 
 

@@ -324,6 +324,14 @@ def choose_tta(
     }
 
 
+def unmeasured_presets(choice: dict[str, Any]) -> list[str]:
+    """What a `choose_tta` record left unmeasured and why, as a phrase to list (none when every
+    pass ran); runs recorded before the early stop have no such fields."""
+    if not choice.get("stopped_early"):
+        return []
+    return [f"{' and '.join(choice['not_measured'])} not measured: {choice['stopped_early']}"]
+
+
 def _right(model: Predictor, probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per image, whether the model's prediction is right: its most probable class
     (single-label), or exactly the true classes at the model's thresholds (multi-label)."""

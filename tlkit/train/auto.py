@@ -239,16 +239,11 @@ def choose_augmentation(evidence: Evidence, passes: float, strategy: str) -> dic
     jitter, by the sources' size against the input. (For `features`, whose head trains on one
     cached view of each image, and without augmentation, the crops are recorded but do not
     apply.)"""
+    made = f"{passes:.1f} passes over the data in whole batches"
     if passes < AUGMENT_FROM_EPOCHS:
-        augment = Choice(
-            False,
-            f"{passes:.1f} passes over the data in whole batches < {AUGMENT_FROM_EPOCHS}: "
-            "short runs underfit",
-        )
+        augment = Choice(False, f"{made} < {AUGMENT_FROM_EPOCHS}: short runs underfit")
     else:
-        augment = Choice(
-            True, f"{passes:.1f} passes over the data in whole batches >= {AUGMENT_FROM_EPOCHS}"
-        )
+        augment = Choice(True, f"{made} >= {AUGMENT_FROM_EPOCHS}")
     side, size = evidence.source_short_side_median, evidence.input_size
     if side is not None and side < size:
         reason = f"sources ({side:.0f} px) smaller than the input ({size} px): gentle crops"

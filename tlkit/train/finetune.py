@@ -29,7 +29,7 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
-from tlkit.infer.predict import choose_tta
+from tlkit.infer.predict import choose_tta, unmeasured_presets
 from tlkit.metrics import (
     ACCURACY,
     CONFIDENCE,
@@ -486,14 +486,10 @@ def choose_test_time_averaging(
         "images/s)"
         for record in choice["passes"]
     )
-    unmeasured = (
-        f"; {' and '.join(choice['not_measured'])} not measured ({choice['stopped_early']})"
-        if choice["stopped_early"]
-        else ""
-    )
     logger.info(
         f"Test-time averaging on {choice['images']} validation images: {measured}, from the "
-        f"views of {passes}{unmeasured}; --tta auto uses {choice['preset']} "
+        f"views of {'; '.join([passes, *unmeasured_presets(choice)])}; --tta auto uses "
+        f"{choice['preset']} "
         f"({choice['seconds']:.0f} s)"
     )
     return choice
