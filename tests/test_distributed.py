@@ -19,8 +19,10 @@ from tlkit.config import FinetuneConfig
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.infer.predict import evaluate, load_model, predict_probabilities
 from tlkit.model.backbones import create_backbone
-from tlkit.runfolder import read_summary
+from tlkit.runfolder import Preprocessing, read_summary
 from tlkit.train.hardware import TimmSyncBatchNorm, trainer_options
+
+PREPROCESSING = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
 
 def test_sync_batchnorm_keeps_timms_fused_activations():
@@ -63,6 +65,27 @@ def test_trainer_options_follow_the_config():
         FinetuneConfig(dist_strategy="horovod")
     with pytest.raises(ValueError, match="needs GPUs"):
         trainer_options(FinetuneConfig(accelerator="cpu", sync_batchnorm=True))
+
+
+def test_loader_workers_of_a_distributed_process_start_from_a_fork_server(
+    colour_folder: Path, tmp_path: Path
+):
+    """Inside a process group, forking a worker can deadlock it (CPython gh-112275): workers
+    start from a fork server there, and load the same batches; elsewhere they are forked."""
+    data = ImageDataModule(colour_folder, PREPROCESSING, num_workers=1, val_fraction=0.4)
+    data.setup()
+    assert data.val_dataloader().multiprocessing_context is None
+    expected = [batch[0] for batch in data.val_dataloader()]
+    store = f"file://{tmp_path / 'store'}"
+    torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        loader = data.val_dataloader()
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+        loaded = [batch[0] for batch in loader]
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(loaded) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
 
 
 def test_ddp_spawn_is_not_offered(capsys):
@@ -120,6 +143,8 @@ def test_two_process_ddp_run_through_the_cli(strategy, colour_folder: Path, tmp_
     result = run_cli(*arguments, *flags, env=cache)  # -v: the scan's lines (DEBUG)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Effective batch size 16 (8 per device x 2 processes" in result.stdout
+    # channels-last before DDP wraps the model: its gradient buckets match the parameters
+    assert "Grad strides do not match bucket view strides" not in result.stderr
     # Each rank scans train/ and test/; the 42 images are decoded once in all (scan index).
     decoded = re.findall(r"Scanned .*: \d+ images, (\d+) decoded now", result.stdout)
     assert len(decoded) == 4 and sum(map(int, decoded)) == 42

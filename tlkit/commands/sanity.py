@@ -41,7 +41,7 @@ from tlkit.choices import SANITY_OVERFIT_STEPS, SANITY_SAMPLES_PER_CLASS
 from tlkit.config import FinetuneConfig
 from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.augment import eval_transform
-from tlkit.data.datasets import ImageDataset, LabelledImages
+from tlkit.data.datasets import ImageDataset, LabelledImages, worker_start_context
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from tlkit.data.labels import Label, label_indices
 from tlkit.errors import ConfigError
@@ -152,6 +152,7 @@ def subset_loader(
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_start_context(num_workers),
         collate_fn=collate,
     )
 

@@ -20,6 +20,7 @@ from tlkit.data.datasets import (
     drops_last_batch,
     process_sampler,
     read_load_failures,
+    worker_start_context,
 )
 from tlkit.data.labels import (
     LABEL_KINDS,
@@ -210,6 +211,7 @@ class BaseImageDataModule(pl.LightningDataModule):
             drop_last=train and drops_last_batch(len(sampler), self.batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=worker_start_context(self.num_workers),
             pin_memory=torch.cuda.is_available(),
             collate_fn=self.collator(),
         )

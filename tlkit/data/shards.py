@@ -63,6 +63,7 @@ from tlkit.data.datasets import (
     LabelledImages,
     drops_last_batch,
     seed_augmentation,
+    worker_start_context,
 )
 from tlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, LOAD_ERRORS, load_rgb
 from tlkit.data.labels import LABEL_KINDS, Label
@@ -725,6 +726,7 @@ class ShardDataModule(BaseImageDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=worker_start_context(self.num_workers),
             pin_memory=torch.cuda.is_available(),
             collate_fn=self.collator(),
         )

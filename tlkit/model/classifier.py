@@ -203,8 +203,11 @@ class TransferClassifier(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
 
-    def on_fit_start(self) -> None:
-        if self.hparams.channels_last:
+    def setup(self, stage: str) -> None:
+        # Before the strategy wraps the model: DDP lays out its gradient buckets like the
+        # parameters then, and with parameters converted afterwards it would copy every
+        # gradient into its bucket at each step (and warn that the strides do not match).
+        if stage == "fit" and self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, training: bool) -> torch.Tensor:
