@@ -489,8 +489,7 @@ def choose_test_time_averaging(
     logger.info(
         f"Test-time averaging on {choice['images']} validation images: {measured}, from the "
         f"views of {'; '.join([passes, *unmeasured_presets(choice)])}; --tta auto uses "
-        f"{choice['preset']} "
-        f"({choice['seconds']:.0f} s)"
+        f"{choice['preset']} ({choice['seconds']:.0f} s)"
     )
     return choice
 
