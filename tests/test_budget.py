@@ -60,6 +60,16 @@ def test_the_schedule_fills_the_budget_up_to_the_wanted_images():
     assert cached is not None and cached.epochs == 10  # extraction of 8,000 images: 27 s
 
 
+def test_cached_features_take_the_epochs_that_fit_after_the_extraction():
+    """A budget that holds the extraction (26.7 s) and 3 epochs' checkpoints (0.4 s each), not
+    the 10 wanted: 3 epochs, where it used to say that not even one pass fits."""
+    splits = budget.Splits(train=5000, val=1000, test=2000)
+    fitted = budget.fit_schedule(50_000, splits, 64, CPU_LIKE, seconds_left=28, cached=True)
+    assert fitted is not None and (fitted.epochs, fitted.images) == (3, 3 * 4992)
+    assert fitted.predicted_s <= 28
+    assert budget.fit_schedule(50_000, splits, 64, CPU_LIKE, seconds_left=26, cached=True) is None
+
+
 def test_the_tta_choice_after_training_is_planned_into_the_budget():
     """The candidate presets' views of at most 1,000 validation images at the evaluation
     rate, each view once: flip's 2 (none's 1 among them) + multi-scale's 30 (ten-crop's 10

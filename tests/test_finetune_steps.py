@@ -1,8 +1,9 @@
-"""`finetune()`'s steps, each on its own: resume (the run folder), decide, and the weights'
-hash that the feature cache and auto's probe share."""
+"""`finetune()`'s steps, each on its own: resume (the run folder), decide, the weights'
+hash that the feature cache and auto's probe share, and the batches of an epoch."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,12 @@ from tlkit.model import backbones
 from tlkit.runfolder import AUTO_DECISION, DataFacts, read_config
 from tlkit.train.build import build_model
 from tlkit.train.features import cache_key
-from tlkit.train.finetune import RunFolder, decide, open_run_folder
+from tlkit.train.finetune import (
+    RunFolder,
+    decide,
+    open_run_folder,
+    training_batches_per_epoch,
+)
 
 
 def test_a_new_run_folder_has_nothing_to_resume(tmp_path: Path):
@@ -82,3 +88,15 @@ def test_pretrained_weights_are_hashed_once_per_source(monkeypatch):
         next(training.backbone.parameters()).add_(1.0)
     assert cache_key(training, [], "transform", 1, None) not in keys
     assert len(hashed) == 2
+
+
+def test_the_logging_interval_counts_the_batches_of_one_process_epoch():
+    """Lightning warns when an epoch holds fewer batches than the logging interval; the
+    interval follows the batches one process trains on, after the processes' shares and
+    `epoch_batches` (a budget's short epochs: 3 batches warned at an interval of 4)."""
+    config = FinetuneConfig(data_dir="x", batch_size=64)
+    assert training_batches_per_epoch(1000, config) == 15  # the incomplete 16th dropped
+    assert training_batches_per_epoch(1000, replace(config, devices="2")) == 7  # 500 each
+    assert training_batches_per_epoch(1000, replace(config, devices="0,1", num_nodes=2)) == 3
+    assert training_batches_per_epoch(1000, replace(config, epoch_batches=3)) == 3
+    assert training_batches_per_epoch(40, config) == 1  # one incomplete batch is kept

@@ -222,18 +222,16 @@ def fit_schedule(
 ) -> Schedule | None:
     """The schedule processing the most training images, up to `wanted_images`, predicted to
     end within `seconds_left`; None when not even one pass over the training images fits.
-    With cached features every epoch is (taken as) free: the schedule is as wanted if the
-    extraction fits."""
-    if cached:
-        if predicted_s(wanted_images, splits, throughput, cached) > seconds_left:
-            return None
-        return schedule_of(wanted_images, splits, batch_size, throughput, cached)
+    With cached features the head's training on vectors is taken as free: the epochs are as
+    many as their checkpoints leave time for after the extraction."""
     rate = splits.processes * throughput.train_images_per_s
     best = 0
     for epochs in range(1, math.ceil(wanted_images / splits.train) + 1):
         fixed = epochs * epoch_cost_s(splits, throughput, cached)
         fixed += fixed_cost_s(splits, throughput, cached)
-        affordable = int((seconds_left - fixed) * rate)
+        if fixed > seconds_left:
+            break  # every further epoch adds to this
+        affordable = wanted_images if cached else int((seconds_left - fixed) * rate)
         images = min(wanted_images, epochs * splits.train, affordable)
         if images > (epochs - 1) * splits.train:  # these images need all those epochs
             best = max(best, images)

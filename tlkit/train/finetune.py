@@ -62,7 +62,7 @@ from tlkit.runfolder import (
     write_split,
     write_summary,
 )
-from tlkit.train.auto import resolve_auto
+from tlkit.train.auto import process_count, resolve_auto
 from tlkit.train.budget import training_time_left_s
 from tlkit.train.build import (
     build_datamodule,
@@ -90,6 +90,17 @@ from tlkit.train.hardware import trainer_options as distributed_options
 from tlkit.train.probe import ProbeResult, fit_probe, probe_features
 
 logger = logging.getLogger(__name__)
+
+
+def training_batches_per_epoch(train_images: int, config: FinetuneConfig) -> int:
+    """Batches of one process's training epoch, as its loader counts them (its share of the
+    images, padded to equal shares; an incomplete last batch dropped where a full one exists:
+    data/datasets.py) and as `--epoch-batches` limits them."""
+    per_process = math.ceil(train_images / process_count(config))
+    batches = (
+        per_process // config.batch_size if drops_last_batch(per_process, config.batch_size) else 1
+    )
+    return min(batches, config.epoch_batches) if config.epoch_batches else batches
 
 
 def build_logger(config: FinetuneConfig, out: Path) -> Logger:
@@ -328,10 +339,7 @@ def fit(
     if clock is not None:
         callbacks.append(clock)
     callbacks += trainer_options.pop("callbacks", [])
-    train_images = len(run.images.train_set)
-    # as the training loader counts them (an incomplete last batch is dropped, data/datasets.py)
-    full_batches_only = drops_last_batch(train_images, config.batch_size)
-    steps_per_epoch = train_images // config.batch_size if full_batches_only else 1
+    steps_per_epoch = training_batches_per_epoch(len(run.images.train_set), config)
     options = {
         "max_epochs": config.epochs,
         "limit_train_batches": config.epoch_batches or 1.0,
