@@ -312,3 +312,60 @@ def test_a_folder_and_its_converted_shards_decide_the_same(colour_folder: Path, 
         measured = {**evidence.__dict__, "probe_seconds": None}
         decisions.append((measured, size, chosen(decide(evidence, ALL_OPEN))))
     assert decisions[0] == decisions[1]
+
+
+NO_PROBE = dict(
+    linear_val_acc=None,
+    knn_val_acc=None,
+    probe_seconds=None,
+    probe_balanced_acc=None,
+    probe_balanced_lower_bound=None,
+)
+
+
+def test_random_weights_train_every_layer_and_step_down_only_in_size():
+    """--pretrained none: frozen random layers transfer nothing, so `full` at the head's rate
+    whatever the data, the whole schedule (no early stop), and a budget steps down the input
+    size, never the strategy."""
+    for values in ({}, {"images_per_class_median": FEW}, {"images_per_class_median": 9}):
+        scratch = evidence(pretrained=False, train_images=500, **values, **NO_PROBE)
+        choices = chosen(decide(scratch, ALL_OPEN))
+        assert (choices["strategy"], choices["backbone_lr_scale"]) == ("full", 1.0)
+        assert "unfreeze_stages" not in choices
+        # near chance on validation for many epochs first: the schedule runs to its end
+        assert choices["patience"] == choices["epochs"] > FIXED_CHOICES["patience"]
+    scratch = evidence(pretrained=False, **NO_PROBE)
+    open_but_epochs = [name for name in ALL_OPEN if name != "epochs"]
+    assert chosen(decide(scratch, open_but_epochs, given_epochs=50))["patience"] == 50
+    assert chosen(decide(evidence(), ALL_OPEN))["patience"] == FIXED_CHOICES["patience"]
+    config = FinetuneConfig(data_dir="x", strategy="full", img_size=128)
+    scratch = evidence(pretrained=False, input_size=128, source_short_side_median=300)
+    assert step_down(config, ALL_OPEN, scratch) == (
+        {"strategy": "full", "img_size": 64},
+        "128 px did not fit: 64 px",
+    )
+    smallest = FinetuneConfig(data_dir="x", strategy="full", img_size=64)
+    assert step_down(smallest, ALL_OPEN, scratch) is None
+
+
+def test_random_weights_are_not_probed(colour_folder: Path, tmp_path: Path, monkeypatch, caplog):
+    def no_probe(*arguments, **options):
+        raise AssertionError("random weights were probed")
+
+    monkeypatch.setattr(auto, "probe_features", no_probe)
+    config = FinetuneConfig(
+        data_dir=str(colour_folder),
+        out=str(tmp_path / "run"),
+        **{**TINY_AUTO, "pretrained": "none"},
+    )
+    with caplog.at_level("INFO", logger="tlkit"):
+        resolved, record = auto.resolve_auto(config, progress=False)
+    assert record["evidence"]["pretrained"] is False
+    assert record["evidence"]["linear_val_acc"] is None
+    assert (resolved.strategy, resolved.backbone_lr_scale) == ("full", 1.0)
+    assert "no probe (random weights" in caplog.text
+    assert "strategy = full" in caplog.text and "--pretrained none" in caplog.text
+    from tlkit.commands.report import auto_decision_rows
+
+    probe_row = next(row for row in auto_decision_rows(record) if row[0] == "linear probe / k-NN")
+    assert probe_row[1] == "–" and "random weights" in probe_row[2]

@@ -669,15 +669,22 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
             f"{side} px" if side is not None else "unknown",
             f"median of {evidence.get('sampled_files')} files' headers",
         ),
-        (
-            "linear probe / k-NN",
-            f"{_number(evidence.get('linear_val_acc'), 4)} / "
-            f"{_number(evidence.get('knn_val_acc'), 4)}",
-            f"validation {TITLES.get(evidence.get('probe_metric'), 'top-1 accuracy')} on "
-            f"cached features at {evidence.get('input_size')} px "
-            f"({evidence.get('probe_seconds')} s)",
-        ),
     ]
+    if evidence.get("linear_val_acc") is None:
+        rows.append(
+            ("linear probe / k-NN", "–", "not measured: random weights (--pretrained none)")
+        )
+    else:
+        rows.append(
+            (
+                "linear probe / k-NN",
+                f"{_number(evidence.get('linear_val_acc'), 4)} / "
+                f"{_number(evidence.get('knn_val_acc'), 4)}",
+                f"validation {TITLES.get(evidence.get('probe_metric'), 'top-1 accuracy')} on "
+                f"cached features at {evidence.get('input_size')} px "
+                f"({evidence.get('probe_seconds')} s)",
+            )
+        )
     if evidence.get("probe_balanced_acc") is not None:
         rows.append(
             (

@@ -4,7 +4,8 @@ Before training, `resolve_auto` measures (`measure`): images per class in the tr
 its class ratio (largest over smallest class), the source images' short side (from the file
 headers of a seeded sample, nothing decoded), and a linear probe and a k-NN classifier on the
 frozen backbone's cached features (tlkit/train/probe.py, validation top-1, or mAP for a
-multi-label task; the cache is the `features` strategy's, so choosing `features` reuses it).
+multi-label task; the cache is the `features` strategy's, so choosing `features` reuses it;
+with random weights, `--pretrained none`, nothing is probed and every layer trains).
 From that evidence the pure functions `choose_input_size` and `decide` choose what the user left
 open: strategy and stages, the pretrained layers' learning rate, schedule length, input size,
 augmentation, LP-FT and the monitored metric. Every choice a
@@ -34,6 +35,7 @@ from tlkit.config import FIXED_CHOICES, FinetuneConfig, parse_duration
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.metrics import ACCURACY, TITLES
 from tlkit.model.backbones import layer_groups, preprocessing
+from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import resolve_monitor
 from tlkit.runfolder import DataFacts
 from tlkit.train import budget
@@ -74,6 +76,12 @@ PROBE_IMAGES_PER_CLASS = 100
 # the tenth, the discriminative rate that protects the early, generic layers.
 PARTIAL_BACKBONE_LR_SCALE = 1.0
 FULL_BACKBONE_LR_SCALE = 0.1
+
+# Random weights (--pretrained none): nothing is pretrained, so nothing is probed or kept
+# frozen, and no layer has generic features for a lower rate to protect: every layer trains
+# at the head's rate (training from scratch, as timm's train.py does).
+FROM_SCRATCH = "no pretrained weights (--pretrained none): every layer learns from the data"
+FROM_SCRATCH_BACKBONE_LR_SCALE = 1.0
 
 # Schedule: BiT's HyperRule (Kolesnikov et al. 2020: 500 steps of 512 images below 20k
 # training images, 10k steps up to 500k, 20k above), made continuous: the training images a
@@ -128,6 +136,7 @@ class Evidence:
     device: str = "cpu"  # where the run trains: "cuda" or "cpu"
     processes: int = 1  # processes sharing the training images (DDP)
     fixed_input_size: bool = False  # the backbone is built for one input size (ViTs)
+    pretrained: bool = True  # False: random weights (--pretrained none), nothing to probe
 
 
 @dataclass(frozen=True)
@@ -201,7 +210,10 @@ def choose_schedule(
 
 def choose_strategy(evidence: Evidence, lp_ft: bool = False) -> tuple[Choice, Choice | None]:
     """(strategy, unfreeze_stages for partial else None); `lp_ft`: LP-FT was asked for, which
-    fine-tunes from the probe, so the strategy is not `features`."""
+    fine-tunes from the probe, so the strategy is not `features`. Random weights: `full`, as
+    frozen random layers hold nothing to transfer."""
+    if not evidence.pretrained:
+        return Choice("full", FROM_SCRATCH), None
     per_class = evidence.images_per_class_median
     bound = evidence.probe_balanced_lower_bound
     metric = evidence.probe_evidence_metric  # balanced accuracy; multi-label: mAP
@@ -223,8 +235,11 @@ def choose_strategy(evidence: Evidence, lp_ft: bool = False) -> tuple[Choice, Ch
     return Choice("partial", reason), Choice(stages, reason)
 
 
-def choose_backbone_lr_scale(strategy: str) -> Choice:
-    """The pretrained layers' learning rate relative to the head's, by strategy."""
+def choose_backbone_lr_scale(strategy: str, pretrained: bool = True) -> Choice:
+    """The pretrained layers' learning rate relative to the head's, by strategy; with random
+    weights (not `pretrained`) every trained layer learns at the head's rate."""
+    if not pretrained and strategy != "features":
+        return Choice(FROM_SCRATCH_BACKBONE_LR_SCALE, FROM_SCRATCH)
     if strategy == "partial":
         reason = "partial: the last stages adapt to the task at the head's rate"
         return Choice(PARTIAL_BACKBONE_LR_SCALE, reason)
@@ -280,10 +295,19 @@ def choose_monitor(evidence: Evidence) -> Choice:
     return Choice(decision.value, decision.reason)
 
 
-def choose_patience(budget_epochs: int | None = None) -> Choice:
-    """Early stopping's patience: the default, or under a budget the whole planned schedule
-    (`budget_epochs`), so that the cosine decay the budget sized reaches its end."""
+def choose_patience(budget_epochs: int | None = None, scratch_epochs: int | None = None) -> Choice:
+    """Early stopping's patience: the default; under a budget the whole planned schedule
+    (`budget_epochs`), so that the cosine decay the budget sized reaches its end; with random
+    weights the whole schedule too (`scratch_epochs`): training from scratch stays near chance
+    on validation for many epochs before it learns."""
     default = FIXED_CHOICES["patience"]
+    if budget_epochs is None and scratch_epochs is not None:
+        return Choice(
+            scratch_epochs,
+            "random weights: validation stays near chance for many epochs before the network "
+            f"learns, so the schedule runs to its end instead of stopping after {default} "
+            "epochs without improvement (best.ckpt keeps the best epoch)",
+        )
     if budget_epochs is None:
         return Choice(default, f"the default: {default} epochs without improvement end the run")
     return Choice(
@@ -300,12 +324,13 @@ def decide(
     lp_ft: bool = False,
     batch_size: int = 64,
     forced: dict[str, Choice] | None = None,
+    given_epochs: int | None = None,
 ) -> dict[str, Choice]:
     """Auto's choice for each field in `open_choices` (FinetuneConfig field names; "strategy"
     means the strategy is auto's to choose), from the evidence alone: the default schedule,
     before any budget (`resolve_auto` fits it to one). `linear_head`: the head has no hidden
     layer; `lp_ft`: --lp-ft was given; `forced`: a strategy (and stages) a budget stepped
-    down to."""
+    down to; `given_epochs`: --epochs, where given."""
     choices: dict[str, Choice] = {}
     strategy, stages = choose_strategy(evidence, lp_ft)
     if forced is not None:
@@ -320,7 +345,9 @@ def decide(
     if "lp_ft" in open_choices:
         choices["lp_ft"] = choose_lp_ft(chosen_strategy, linear_head)
     if "backbone_lr_scale" in open_choices:
-        choices["backbone_lr_scale"] = choose_backbone_lr_scale(chosen_strategy)
+        choices["backbone_lr_scale"] = choose_backbone_lr_scale(
+            chosen_strategy, evidence.pretrained
+        )
     epochs, batches, schedule = choose_schedule(evidence, chosen_strategy, batch_size)
     if "epochs" in open_choices:
         choices["epochs"] = epochs
@@ -331,7 +358,10 @@ def decide(
     if "monitor" in open_choices:
         choices["monitor"] = choose_monitor(evidence)
     if "patience" in open_choices:
-        choices["patience"] = choose_patience()
+        run_epochs = epochs.value if given_epochs is None else given_epochs
+        choices["patience"] = choose_patience(
+            scratch_epochs=None if evidence.pretrained else run_epochs
+        )
     return choices
 
 
@@ -360,15 +390,15 @@ def measure(
     config: FinetuneConfig, progress: bool = True
 ) -> tuple[Evidence, Choice, int, BaseImageDataModule]:
     """Scan and split the data as training will, take the sources' sizes from the scan, choose
-    the input size (unless given) and probe the frozen backbone's features at it, on a
-    per-class sample (`PROBE_IMAGES_PER_CLASS`) and on the run's device. Returns the evidence,
-    the input size choice, the number of files sized and the data module."""
+    the input size (unless given) and, with pretrained weights, probe the frozen backbone's
+    features at it (`probe_evidence`). Returns the evidence, the input size choice, the
+    number of files sized and the data module."""
     # The scan and the split need no input size; the probe's transform comes from the model.
-    pretrained = preprocessing(config.backbone)
+    backbone_defaults = preprocessing(config.backbone)
     probe_config = dataclasses.replace(
         config,
         strategy="features",
-        img_size=config.img_size or pretrained.input_size,
+        img_size=config.img_size or backbone_defaults.input_size,
         augment=False,
         epochs=1,
     )
@@ -381,11 +411,50 @@ def measure(
     size = (
         Choice(config.img_size, "given")
         if config.img_size is not None
-        else choose_input_size(side, pretrained.input_size, fixed)
+        else choose_input_size(side, backbone_defaults.input_size, fixed)
     )
     model = build_model(dataclasses.replace(probe_config, img_size=size.value), facts)
     device = training_device(config)
-    probe_started = time.perf_counter()
+    pretrained_weights = config.pretrained != "none"
+    ratio = facts.class_ratio
+    evidence = Evidence(
+        classes=len(images.classes),
+        train_images=len(images.train_set),
+        images_per_class_min=min(per_class),
+        images_per_class_median=statistics.median(per_class),
+        source_short_side_median=side,
+        pretrained_input_size=backbone_defaults.input_size,
+        backbone_stages=len(layer_groups(model.backbone)),
+        input_size=size.value,
+        task=facts.label_kind,
+        class_ratio=round(ratio, 2) if ratio is not None and math.isfinite(ratio) else None,
+        images_per_class_max=max(per_class),
+        val_images=len(images.val_set),
+        device=device,
+        processes=process_count(config),
+        fixed_input_size=fixed,
+        pretrained=pretrained_weights,
+        **(
+            probe_evidence(config, model, images, facts.label_kind, device, progress)
+            if pretrained_weights
+            else {}
+        ),
+    )
+    return evidence, size, sized, images
+
+
+def probe_evidence(
+    config: FinetuneConfig,
+    model: TransferClassifier,
+    images: BaseImageDataModule,
+    task: str,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """`Evidence`'s probe fields: a linear probe and k-NN on the frozen backbone's features of
+    a per-class sample (`PROBE_IMAGES_PER_CLASS`) for the `task` (how the data is labelled),
+    on the run's device."""
+    started = time.perf_counter()
     features = probe_features(
         model,
         images,
@@ -395,41 +464,34 @@ def measure(
         per_class=PROBE_IMAGES_PER_CLASS,
         seed=config.seed,
     )
-    ratio = facts.class_ratio
     probe = fit_probe(
         *features,
         num_classes=len(images.classes),
         seed=config.seed,
         device=device,
-        task=facts.label_kind,
+        task=task,
     )
-    evidence = Evidence(
-        classes=len(images.classes),
-        train_images=len(images.train_set),
-        images_per_class_min=min(per_class),
-        images_per_class_median=statistics.median(per_class),
-        source_short_side_median=side,
-        pretrained_input_size=pretrained.input_size,
-        backbone_stages=len(layer_groups(model.backbone)),
-        input_size=size.value,
-        linear_val_acc=round(probe.linear_val_acc, 4),
-        knn_val_acc=round(probe.knn_val_acc, 4),
-        probe_seconds=round(time.perf_counter() - probe_started, 2),
-        task=facts.label_kind,
-        class_ratio=round(ratio, 2) if ratio is not None and math.isfinite(ratio) else None,
-        probe_metric=probe.metric,
-        probe_evidence_metric=probe.evidence_metric,
-        images_per_class_max=max(per_class),
-        val_images=len(images.val_set),
-        probe_balanced_acc=round(probe.balanced_acc, 4),
-        probe_balanced_lower_bound=round(probe.balanced_lower_bound, 4),
-        probe_evidence=probe.evidence,
-        probe_images=len(features[0]),
-        device=device,
-        processes=process_count(config),
-        fixed_input_size=fixed,
-    )
-    return evidence, size, sized, images
+    return {
+        "linear_val_acc": round(probe.linear_val_acc, 4),
+        "knn_val_acc": round(probe.knn_val_acc, 4),
+        "probe_seconds": round(time.perf_counter() - started, 2),
+        "probe_metric": probe.metric,
+        "probe_evidence_metric": probe.evidence_metric,
+        "probe_balanced_acc": round(probe.balanced_acc, 4),
+        "probe_balanced_lower_bound": round(probe.balanced_lower_bound, 4),
+        "probe_evidence": probe.evidence,
+        "probe_images": len(features[0]),
+    }
+
+
+def decide_options(config: FinetuneConfig, open_choices: list[str]) -> dict[str, Any]:
+    """What `decide` reads from the config besides the evidence."""
+    return {
+        "linear_head": config.head_hidden == 0,
+        "lp_ft": bool(config.lp_ft),
+        "batch_size": config.batch_size,
+        "given_epochs": None if "epochs" in open_choices else config.epochs,
+    }
 
 
 def resolve_auto(
@@ -443,8 +505,7 @@ def resolve_auto(
     monitor = ["monitor"] if config.monitor == "auto" else []
     open_choices = ["strategy", *config.choices_left_to_auto(), *monitor]
     evidence, size, sized, images = measure(config, progress)
-    options = {"linear_head": config.head_hidden == 0, "lp_ft": bool(config.lp_ft)}
-    choices = decide(evidence, open_choices, batch_size=config.batch_size, **options)
+    choices = decide(evidence, open_choices, **decide_options(config, open_choices))
     if "img_size" in open_choices:
         choices["img_size"] = size
     planned = None
@@ -527,12 +588,7 @@ def fit_to_budget(
         evidence = dataclasses.replace(evidence, input_size=size)
         forced = {name: Choice(value, reason) for name, value in changed.items()}
         choices = decide(
-            evidence,
-            open_choices,
-            linear_head=config.head_hidden == 0,
-            lp_ft=bool(config.lp_ft),
-            batch_size=config.batch_size,
-            forced=forced,
+            evidence, open_choices, forced=forced, **decide_options(config, open_choices)
         )
         size_choice = forced.get("img_size", size_choice)
         if size_choice is not None:
@@ -592,8 +648,10 @@ def step_down(
     config: FinetuneConfig, open_choices: list[str], evidence: Evidence
 ) -> tuple[dict[str, Any], str] | None:
     """The next cheaper configuration among the open choices (strategy, stages, input size),
-    and why; None when nothing cheaper is open."""
-    if "strategy" in open_choices:
+    and why; None when nothing cheaper is open. Random weights keep `full` (frozen random
+    layers transfer nothing): only the input size steps down."""
+    strategy_open = "strategy" in open_choices and evidence.pretrained
+    if strategy_open:
         if config.strategy == "full":
             return {"strategy": "partial", "unfreeze_stages": 2}, "full did not fit: partial"
         if config.strategy == "partial" and (config.unfreeze_stages or 1) > 1:
@@ -604,9 +662,28 @@ def step_down(
         smaller = max(MIN_INPUT_SIZE, round(config.img_size / 2 / SIZE_MULTIPLE) * SIZE_MULTIPLE)
         reason = f"{config.img_size} px did not fit: {smaller} px"
         return {"strategy": config.strategy, "img_size": smaller}, reason
-    if "strategy" in open_choices and config.strategy != "features":
+    if strategy_open and config.strategy != "features":
         return {"strategy": "features"}, f"{config.strategy} did not fit: cached features"
     return None
+
+
+def _probe_clause(evidence: dict[str, Any]) -> str:
+    """The probe's part of the evidence line: its scores, input size and time, or why none."""
+    if evidence.get("linear_val_acc") is None:
+        return "no probe (random weights: no features to measure)"
+    scores = f"linear probe {evidence['linear_val_acc']:.4f}"
+    if evidence.get("probe_balanced_acc") is not None:
+        scores += (
+            f" ({TITLES[evidence.get('probe_metric', ACCURACY)]}; "
+            f"{evidence.get('probe_evidence_metric', 'balanced accuracy')} "
+            f"{evidence['probe_balanced_acc']:.4f}, at least "
+            f"{evidence['probe_balanced_lower_bound']:.4f} with 95% confidence, on "
+            f"{evidence['probe_evidence']})"
+        )
+    return (
+        f"{scores}, k-NN {evidence['knn_val_acc']:.4f} at {evidence['input_size']} px "
+        f"({evidence['probe_seconds']:.1f} s)"
+    )
 
 
 @rank_zero_only
@@ -616,16 +693,6 @@ def log_decision(record: dict[str, Any]) -> None:
     evidence = record["evidence"]
     side = evidence["source_short_side_median"]
     ratio = evidence.get("class_ratio")
-    probe = (
-        f"linear probe {evidence['linear_val_acc']:.4f} "
-        f"({TITLES[evidence.get('probe_metric', ACCURACY)]}; "
-        f"{evidence.get('probe_evidence_metric', 'balanced accuracy')} "
-        f"{evidence['probe_balanced_acc']:.4f}, at least "
-        f"{evidence['probe_balanced_lower_bound']:.4f} with 95% confidence, on "
-        f"{evidence['probe_evidence']}), k-NN {evidence['knn_val_acc']:.4f}"
-        if evidence.get("probe_balanced_acc") is not None
-        else f"linear probe {evidence['linear_val_acc']:.4f}, k-NN {evidence['knn_val_acc']:.4f}"
-    )
     logger.info(
         f"Auto evidence: {evidence['train_images']} train images, {evidence['classes']} classes "
         f"({evidence['images_per_class_min']}-{evidence['images_per_class_median']:.0f} per "
@@ -633,8 +700,7 @@ def log_decision(record: dict[str, Any]) -> None:
         + (f"{ratio:.1f}:1" if ratio is not None else "unknown")
         + f", {evidence.get('task', 'single-label')}); sources' short side "
         + (f"{side:.0f} px" if side is not None else "unknown")
-        + f" (median of {evidence['sampled_files']} files); {probe} at "
-        f"{evidence['input_size']} px ({evidence['probe_seconds']:.1f} s)"
+        + f" (median of {evidence['sampled_files']} files); {_probe_clause(evidence)}"
     )
     by_reason: dict[str, list[str]] = {}
     for name, choice in record["choices"].items():
