@@ -107,6 +107,35 @@ def test_local_weights_file_loads_through_timm(tmp_path: Path, suffix: str):
         assert torch.equal(value, state[key]), key
 
 
+def test_a_weights_file_saved_under_a_wrapper_prefix_loads(tmp_path: Path):
+    """DDP and torch.compile prefix every key (`module.`, `_orig_mod.`): timm's
+    `clean_state_dict` removes them, for safetensors as for torch files."""
+    source = create_backbone("resnet18", "none")
+    state = {f"module.{key}": value.contiguous() for key, value in source.state_dict().items()}
+    save_file(state, str(tmp_path / "ddp.safetensors"))
+    loaded = create_backbone("resnet18", str(tmp_path / "ddp.safetensors"))
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[f"module.{key}"]), key
+
+
+def test_a_weights_file_that_does_not_fill_the_model_is_an_error(tmp_path: Path):
+    """timm loads a file non-strictly once it drops the classifier: a file of other key names
+    would leave every tensor random, and one of another model fails deep in load_state_dict.
+    Both are one clear error that names the file."""
+    state = create_backbone("resnet18", "none").state_dict()
+    renamed = {f"encoder.{key}": value.contiguous() for key, value in state.items()}
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))
+    with pytest.raises(WeightsUnavailableError, match=r"leaves \d+ of resnet18's .* random"):
+        create_backbone("resnet18", str(tmp_path / "renamed.safetensors"))
+    partial = {key: value.contiguous() for key, value in state.items() if "layer4" not in key}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(WeightsUnavailableError, match="first: layer4"):
+        create_backbone("resnet18", str(tmp_path / "partial.safetensors"))
+    torch.save(create_backbone("resnet50", "none").state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(WeightsUnavailableError, match="does not fit resnet18.*size mismatch"):
+        create_backbone("resnet18", str(tmp_path / "r50.pth"))
+
+
 class _RunsCodeOnLoad:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

