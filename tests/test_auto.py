@@ -369,3 +369,25 @@ def test_random_weights_are_not_probed(colour_folder: Path, tmp_path: Path, monk
 
     probe_row = next(row for row in auto_decision_rows(record) if row[0] == "linear probe / k-NN")
     assert probe_row[1] == "–" and "random weights" in probe_row[2]
+
+
+def test_augmentation_follows_the_given_epochs_not_the_plan():
+    # 5,000 images on a CPU: the plan makes about 4 passes, too few to augment
+    open_but_epochs = [name for name in ALL_OPEN if name != "epochs"]
+    assert chosen(decide(evidence(), ALL_OPEN))["augment"] is False
+    long_run = decide(evidence(), open_but_epochs, given_epochs=30)["augment"]
+    assert long_run.value is True and long_run.reason.startswith("30.0 passes")
+    # a few images plan many passes; three given epochs are three passes (in whole batches)
+    small = evidence(train_images=640, images_per_class_median=64, images_per_class_min=64)
+    assert chosen(decide(small, ALL_OPEN))["augment"] is True
+    short_run = decide(small, open_but_epochs, given_epochs=3)["augment"]
+    assert short_run.value is False and short_run.reason.startswith("3.0 passes")
+    # --epoch-batches given with --epochs: 30 epochs of 2 of 10 batches are 6 passes
+    partial_passes = decide(
+        small, open_but_epochs, given_epochs=30, given_epoch_batches=2, batch_size=64
+    )["augment"]
+    assert partial_passes.value is False and partial_passes.reason.startswith("6.0 passes")
+    # fewer images than a batch: each epoch is one smaller batch, one pass
+    tiny = evidence(train_images=40, images_per_class_median=4, images_per_class_min=4)
+    one_batch = decide(tiny, open_but_epochs, given_epochs=25, batch_size=64)["augment"]
+    assert one_batch.value is True and one_batch.reason.startswith("25.0 passes")

@@ -196,13 +196,17 @@ def planned_images(train_images: int, strategy: str, device: str) -> Choice:
     return Choice(round(passes * train_images), reason)
 
 
+def evidence_splits(evidence: Evidence) -> budget.Splits:
+    """The training and validation split sizes and processes the evidence was measured on."""
+    return budget.Splits(evidence.train_images, evidence.val_images, 0, evidence.processes)
+
+
 def choose_schedule(
     evidence: Evidence, strategy: str, batch_size: int
 ) -> tuple[Choice, Choice, budget.Schedule]:
     """(epochs, epoch_batches, the schedule) of the default plan (`planned_images`)."""
     images = planned_images(evidence.train_images, strategy, evidence.device)
-    splits = budget.Splits(evidence.train_images, evidence.val_images, 0, evidence.processes)
-    schedule = budget.schedule_of(images.value, splits, batch_size)
+    schedule = budget.schedule_of(images.value, evidence_splits(evidence), batch_size)
     epochs = Choice(schedule.epochs, images.reason)
     batches = Choice(schedule.epoch_batches, images.reason, applies=schedule.epoch_batches > 0)
     return epochs, batches, schedule
@@ -325,12 +329,14 @@ def decide(
     batch_size: int = 64,
     forced: dict[str, Choice] | None = None,
     given_epochs: int | None = None,
+    given_epoch_batches: int = 0,
 ) -> dict[str, Choice]:
     """Auto's choice for each field in `open_choices` (FinetuneConfig field names; "strategy"
     means the strategy is auto's to choose), from the evidence alone: the default schedule,
     before any budget (`resolve_auto` fits it to one). `linear_head`: the head has no hidden
     layer; `lp_ft`: --lp-ft was given; `forced`: a strategy (and stages) a budget stepped
-    down to; `given_epochs`: --epochs, where given."""
+    down to; `given_epochs`, `given_epoch_batches`: --epochs and --epoch-batches, where
+    --epochs is given."""
     choices: dict[str, Choice] = {}
     strategy, stages = choose_strategy(evidence, lp_ft)
     if forced is not None:
@@ -352,7 +358,11 @@ def decide(
     if "epochs" in open_choices:
         choices["epochs"] = epochs
         choices["epoch_batches"] = batches
-    passes = schedule.images / max(evidence.train_images, 1)
+    run_images = schedule.images
+    if given_epochs is not None:  # augmentation follows the passes the run will make
+        splits = evidence_splits(evidence)
+        run_images = budget.images_processed(given_epochs, given_epoch_batches, splits, batch_size)
+    passes = run_images / max(evidence.train_images, 1)
     augmentation = choose_augmentation(evidence, passes, chosen_strategy)
     choices |= {name: choice for name, choice in augmentation.items() if name in open_choices}
     if "monitor" in open_choices:
@@ -491,6 +501,7 @@ def decide_options(config: FinetuneConfig, open_choices: list[str]) -> dict[str,
         "lp_ft": bool(config.lp_ft),
         "batch_size": config.batch_size,
         "given_epochs": None if "epochs" in open_choices else config.epochs,
+        "given_epoch_batches": config.epoch_batches,
     }
 
 

@@ -240,6 +240,21 @@ def fit_schedule(
     return schedule_of(best, splits, batch_size, throughput, cached)
 
 
+def full_batches(splits: Splits, batch_size: int) -> int:
+    """Whole batches in one process's pass over the training images (the last partial batch is
+    dropped)."""
+    return max(1, splits.train // splits.processes // batch_size)
+
+
+def images_processed(epochs: int, epoch_batches: int, splits: Splits, batch_size: int) -> int:
+    """Training images that `epochs` epochs of `epoch_batches` batches per process (0: whole
+    passes) process on all processes together."""
+    whole = full_batches(splits, batch_size)
+    batches = min(epoch_batches, whole) if epoch_batches else whole
+    per_batch = min(batch_size, splits.train // splits.processes)  # no full batch: one smaller
+    return epochs * batches * per_batch * splits.processes
+
+
 def schedule_of(
     images: int,
     splits: Splits,
@@ -250,12 +265,9 @@ def schedule_of(
     """Whole epochs where `images` is a whole number of passes, else the same number of
     shorter epochs of equal length (batches per process), ending at the last step."""
     epochs = max(1, math.ceil(images / splits.train - 1e-9))
-    per_process = splits.train // splits.processes
-    full_batches = max(1, per_process // batch_size)
     batches = max(1, round(images / splits.processes / batch_size / epochs))
-    epoch_batches = 0 if batches >= full_batches else batches
-    processed = epochs * (batches if epoch_batches else full_batches) * batch_size
-    processed *= splits.processes
+    epoch_batches = 0 if batches >= full_batches(splits, batch_size) else batches
+    processed = images_processed(epochs, epoch_batches, splits, batch_size)
     seconds = predicted_s(processed, splits, throughput, cached) if throughput else math.nan
     return Schedule(epochs, epoch_batches, processed, round(seconds, 1))
 
