@@ -2,7 +2,9 @@
 flags win, the decision is recorded (log, config.yaml, auto.json, summary.json, report) and a
 resumed run repeats it without measuring again."""
 
+import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -391,3 +393,50 @@ def test_augmentation_follows_the_given_epochs_not_the_plan():
     tiny = evidence(train_images=40, images_per_class_median=4, images_per_class_min=4)
     one_batch = decide(tiny, open_but_epochs, given_epochs=25, batch_size=64)["augment"]
     assert one_batch.value is True and one_batch.reason.startswith("25.0 passes")
+
+
+def test_a_budget_below_the_floor_of_passes_steps_down_the_input_size(
+    colour_folder: Path, monkeypatch
+):
+    """At 224 px one pass fits the 2-minute budget and three do not: auto halves the input
+    (where three fit) instead of fine-tuning for a pass and a half."""
+
+    def measured(config, images):  # training and evaluation rates fall with the pixels
+        scale = (64 / config.img_size) ** 2
+        return budget.Throughput("cpu", 100.0 * scale, 300.0 * scale, 0.1, 1.0)
+
+    monkeypatch.setattr(budget, "measure_throughput", measured)
+    config = FinetuneConfig(
+        data_dir=str(colour_folder / "train"), budget="2m", **{**TINY_AUTO, "img_size": None}
+    )
+    open_choices = ["strategy", *config.choices_left_to_auto()]
+    facts = evidence(train_images=500, val_images=50, images_per_class_median=100, input_size=224)
+    choices = decide(facts, open_choices, **auto.decide_options(config, open_choices))
+    choices["img_size"] = auto.Choice(224, "the backbone's pretrained input size")
+    images = auto.build_datamodule(dataclasses.replace(config, img_size=224, epochs=1))
+    images.setup("fit")
+    started = time.perf_counter()
+    fitted, plan = auto.fit_to_budget(config, facts, choices, open_choices, images, started)
+    assert plan["stepped_down"] == ["224 px did not fit: 128 px"] and plan["fits"]
+    assert fitted["img_size"].value == 128 and fitted["strategy"].value == "partial"
+    assert plan["schedule"]["images"] >= auto.MIN_EPOCHS * 500 * 0.9  # whole batches
+
+
+def test_the_budget_leaves_room_for_the_tta_choice_of_the_augmentation_it_plans():
+    """The TTA choice after training weighs flips and rescaled views only after augmented
+    training: a budget whose passes turn augmentation off plans for the plain choice's
+    views (none, ten-crop), a longer one for the augmented choice's."""
+    throughput = budget.Throughput("cpu", 100.0, 300.0, checkpoint_s=0.1, measured_s=1.0)
+    splits = budget.Splits(train=500, val=50, test=100)
+    candidate = FinetuneConfig(data_dir="x", strategy="partial", img_size=64, augment=True)
+    plain = budget.tta_choice_s(dataclasses.replace(candidate, augment=False), splits, throughput)
+    augmented = budget.tta_choice_s(candidate, splits, throughput)
+    assert plain < augmented
+    for seconds, tta_s, augments in [(60, plain, False), (400, augmented, True)]:
+        schedule, planned_tta_s, left = auto.plan_schedule(
+            candidate, ALL_OPEN, 256_000, splits, throughput, seconds
+        )
+        assert planned_tta_s == tta_s and left == seconds - tta_s
+        assert (schedule.images / splits.train >= auto.AUGMENT_FROM_EPOCHS) is augments
+    given = auto.plan_schedule(candidate, ["epochs"], 256_000, splits, throughput, 60)
+    assert given[1] == augmented  # --augment given: its views, whatever the passes

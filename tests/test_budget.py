@@ -163,3 +163,16 @@ def test_only_a_budget_lets_the_planned_schedule_run_past_the_default_patience()
 def test_a_negative_patience_is_refused_by_name():
     with pytest.raises(ConfigError, match="patience=-1"):
         FinetuneConfig(data_dir="data", patience=-1)
+
+
+def test_a_minimum_of_passes_below_which_the_schedule_does_not_fit():
+    """Fine-tuning under a budget needs the default plan's floor of passes: 2 passes fit in
+    120 s here (10,000 images at 100/s, with validation and the test), 3 do not."""
+    splits = budget.Splits(train=5000, val=1000, test=2000)
+    two = budget.fit_schedule(256_000, splits, 64, CPU_LIKE, seconds_left=120)
+    assert two is not None and 1.9 < two.images / splits.train < 2.1
+    floor = auto.MIN_EPOCHS * splits.train
+    assert budget.fit_schedule(256_000, splits, 64, CPU_LIKE, 120, minimum_images=floor) is None
+    assert budget.fit_schedule(256_000, splits, 64, CPU_LIKE, 180, minimum_images=floor)
+    # given epochs below the floor ask for no more than they want
+    assert budget.fit_schedule(10_000, splits, 64, CPU_LIKE, 120, minimum_images=floor)

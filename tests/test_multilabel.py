@@ -70,6 +70,8 @@ def test_a_labels_column_trains_a_multi_label_model(run: Path, labels_csv: Path)
     assert summary.best_val_acc is None and summary.test_acc is None
     assert list(summary.decision_thresholds) == CLASSES
     assert all(0 < value < 1 for value in summary.decision_thresholds.values())
+    # --tta auto's choice counts images whose label set is exactly right, and says so
+    assert summary.tta_choice["metric"] == "exact_match"
     assert "val_map" in read_metrics(run)[-1]
     facts = read_data_facts(run)
     assert facts.label_kind == "multi-label" and facts.classes == CLASSES

@@ -137,6 +137,7 @@ def test_training_records_the_choice_and_its_evidence(tiny_run: Path):
     choice = read_summary(tiny_run).tta_choice
     assert choice is not None and choice["preset"] in AUTO_CANDIDATES
     assert choice["images"] == read_summary(tiny_run).val_images
+    assert predict.tta_choice_metric(choice) == "top-1 accuracy"
     assert [record["preset"] for record in choice["candidates"]] == list(AUTO_CANDIDATES)
     views = [record["views_per_image"] for record in choice["candidates"]]
     assert views == [1, 2, 10, 30]

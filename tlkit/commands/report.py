@@ -50,6 +50,7 @@ from tlkit.infer.predict import (
     load_model,
     predict_labelled,
     resolve_tta,
+    tta_choice_metric,
     unmeasured_presets,
 )
 from tlkit.metrics import (
@@ -746,8 +747,8 @@ def _tta_choice_description(choice: dict[str, Any] | None) -> str:
     )
     listed = "; ".join([measured, *unmeasured_presets(choice)])
     return (
-        f"{choice['preset']}, on {choice['images']} validation images (top-1: {listed}): "
-        + choice["rule"]
+        f"{choice['preset']}, on {choice['images']} validation images "
+        f"({tta_choice_metric(choice)}: {listed}): " + choice["rule"]
     )
 
 

@@ -59,6 +59,7 @@ from tlkit.infer.tta import (
     plan,
     views_of,
 )
+from tlkit.metrics import ACCURACY, EXACT_MATCH, TITLES
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TaskDefinition
 from tlkit.runfolder import (
@@ -309,6 +310,7 @@ def choose_tta(
     return {
         "preset": chosen,
         "images": len(samples),
+        "metric": EXACT_MATCH if model.task.thresholded else ACCURACY,  # what `_right` counts
         "rule": AUTO_RULE,
         "candidates": evidence,
         "not_measured": [preset for preset in views_per_image if preset not in correct],
@@ -322,6 +324,12 @@ def choose_tta(
         ],
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def tta_choice_metric(choice: dict[str, Any]) -> str:
+    """The title of the score a `choose_tta` record compares its presets on (records made
+    before it was recorded counted top-1)."""
+    return TITLES[choice.get("metric", ACCURACY)]
 
 
 def unmeasured_presets(choice: dict[str, Any]) -> list[str]:

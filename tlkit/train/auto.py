@@ -556,6 +556,40 @@ def process_count(config: FinetuneConfig) -> int:
 MAX_STEP_DOWNS = 6
 
 
+def plan_schedule(
+    candidate: FinetuneConfig,
+    open_choices: list[str],
+    wanted: int,
+    splits: budget.Splits,
+    throughput: budget.Throughput,
+    seconds_left: float,
+    minimum_images: int | None = None,
+) -> tuple[budget.Schedule | None, float, float]:
+    """(the schedule that fits, the seconds it leaves for `--tta auto`'s choice, the seconds
+    left for training) within `seconds_left`. The choice weighs flipped and rescaled views only
+    after augmented training, so where augmentation is auto's to choose its time follows the
+    augmentation the schedule itself turns on or off (`choose_augmentation`, by its passes)."""
+    cached = candidate.strategy == "features" and candidate.cache
+
+    def fitted(augment: bool) -> tuple[budget.Schedule | None, float, float]:
+        config = dataclasses.replace(candidate, augment=augment)
+        tta_s = budget.tta_choice_s(config, splits, throughput)
+        left = seconds_left - tta_s
+        schedule = budget.fit_schedule(
+            wanted, splits, candidate.batch_size, throughput, left, cached, minimum_images
+        )
+        return schedule, tta_s, left
+
+    if "augment" not in open_choices or candidate.strategy == "features":
+        return fitted(candidate.augment)
+    plain = fitted(False)
+    if plain[0] is None or plain[0].images / splits.train < AUGMENT_FROM_EPOCHS:
+        return plain
+    # its passes turn augmentation on: plan with its views (if fewer passes then fit,
+    # augmentation stays off and the choice's time is an upper estimate)
+    return fitted(True)
+
+
 def fit_to_budget(
     config: FinetuneConfig,
     evidence: Evidence,
@@ -567,8 +601,10 @@ def fit_to_budget(
     """The choices with the schedule sized to `config.budget`: the candidate configuration's
     throughput measured on this device (`budget.measure_throughput`), the most training
     images up to the HyperRule's full plan whose predicted time fits what is left of the
-    budget, stepping down (`step_down`) while not even one pass fits. Returns the choices and
-    the record of the plan (throughput, schedule, predicted seconds, steps down)."""
+    budget, stepping down (`step_down`) while fewer than the default plan's `MIN_EPOCHS`
+    passes fit (one pass of extraction for cached features); where nothing cheaper is open,
+    the most that fits. Returns the choices and the record of the plan (throughput, schedule,
+    predicted seconds, steps down)."""
     budget_s = parse_duration(config.budget)
     stepped_down: list[str] = []
     size_choice = choices.get("img_size")
@@ -585,11 +621,12 @@ def fit_to_budget(
         trained.setup("fit")
         throughput = budget.measure_throughput(candidate, trained)
         wanted = wanted_images(candidate, evidence, "epochs" in open_choices)
-        choosing_tta_s = budget.tta_choice_s(candidate, splits, throughput)
-        left = budget_s * budget.BUDGET_SHARE - (time.perf_counter() - started) - choosing_tta_s
-        schedule = budget.fit_schedule(
-            wanted, splits, candidate.batch_size, throughput, left, cached
-        )
+        seconds_left = budget_s * budget.BUDGET_SHARE - (time.perf_counter() - started)
+        # fine-tuning below the default plan's floor of passes ends far from what a cheaper
+        # configuration reaches (a 2-minute budget's 1.5 passes at 224 px: docs/strategies.md)
+        floor = splits.train * (1 if cached else MIN_EPOCHS)
+        fitting = (candidate, open_choices, wanted, splits, throughput, seconds_left)
+        schedule, choosing_tta_s, left = plan_schedule(*fitting, minimum_images=floor)
         lower = None if schedule else step_down(candidate, open_choices, evidence)
         if lower is None:
             break
@@ -604,6 +641,8 @@ def fit_to_budget(
         size_choice = forced.get("img_size", size_choice)
         if size_choice is not None:
             choices["img_size"] = size_choice
+    if schedule is None:  # nothing cheaper is open: the most that fits, if one pass does
+        schedule, choosing_tta_s, left = plan_schedule(*fitting)
     fits = schedule is not None
     if not fits:  # even the cheapest candidate overruns: one pass, and say so
         schedule = budget.schedule_of(

@@ -219,11 +219,13 @@ def fit_schedule(
     throughput: Throughput,
     seconds_left: float,
     cached: bool = False,
+    minimum_images: int | None = None,
 ) -> Schedule | None:
     """The schedule processing the most training images, up to `wanted_images`, predicted to
-    end within `seconds_left`; None when not even one pass over the training images fits.
-    With cached features the head's training on vectors is taken as free: the epochs are as
-    many as their checkpoints leave time for after the extraction."""
+    end within `seconds_left`; None when fewer than `minimum_images` (default: one pass over
+    the training images, or all that is wanted) fit. With cached features the head's training
+    on vectors is taken as free: the epochs are as many as their checkpoints leave time for
+    after the extraction."""
     rate = splits.processes * throughput.train_images_per_s
     best = 0
     for epochs in range(1, math.ceil(wanted_images / splits.train) + 1):
@@ -235,7 +237,9 @@ def fit_schedule(
         images = min(wanted_images, epochs * splits.train, affordable)
         if images > (epochs - 1) * splits.train:  # these images need all those epochs
             best = max(best, images)
-    if best < min(wanted_images, splits.train):
+    if minimum_images is None:
+        minimum_images = splits.train
+    if best < min(wanted_images, minimum_images):
         return None
     return schedule_of(best, splits, batch_size, throughput, cached)
 

@@ -29,7 +29,7 @@ from tlkit.console import expected_lightning_warnings_hidden
 from tlkit.data.datamodule import BaseImageDataModule
 from tlkit.data.datasets import drops_last_batch
 from tlkit.errors import ConfigError, OutputExistsError, RunFolderError
-from tlkit.infer.predict import choose_tta, unmeasured_presets
+from tlkit.infer.predict import choose_tta, tta_choice_metric, unmeasured_presets
 from tlkit.metrics import (
     ACCURACY,
     CONFIDENCE,
@@ -495,7 +495,8 @@ def choose_test_time_averaging(
         for record in choice["passes"]
     )
     logger.info(
-        f"Test-time averaging on {choice['images']} validation images: {measured}, from the "
+        f"Test-time averaging on {choice['images']} validation images "
+        f"({tta_choice_metric(choice)}): {measured}, from the "
         f"views of {'; '.join([passes, *unmeasured_presets(choice)])}; --tta auto uses "
         f"{choice['preset']} ({choice['seconds']:.0f} s)"
     )
