@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import write_multilabel_csv
 
 from tlkit.cli import main
@@ -83,6 +84,13 @@ def test_a_labels_column_trains_a_multi_label_model(run: Path, labels_csv: Path)
     split = list(read_split(run).values())
     assert facts.split_images == {name: split.count(name) for name in ("train", "val", "test")}
     assert sum(facts.split_images.values()) == 60
+    # each sigmoid started at its label's rate in the training images
+    started = torch.sigmoid(
+        torch.tensor(yaml.safe_load((run / "hparams.yaml").read_text())["initial_bias"])
+    )
+    images = facts.split_images["train"]
+    rates = [(count + 0.5) / (images + 1) for count in facts.images_per_class["train"]]
+    assert started.tolist() == pytest.approx(rates)
 
 
 def test_evaluate_repeats_the_best_epochs_validation_scores(run: Path, labels_csv: Path, tmp_path):

@@ -1,5 +1,6 @@
 """The task table (model/tasks.py) and the metrics' one definition (tlkit/metrics.py)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from torchmetrics.functional.classification import multiclass_recall
 
+from tlkit.config import FinetuneConfig
 from tlkit.data.labels import LABEL_KINDS, BatchCollator, class_balanced_weights, class_counts
 from tlkit.errors import ConfigError, DatasetError
 from tlkit.infer.export import inference_network
@@ -20,6 +22,8 @@ from tlkit.metrics import (
 )
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import CLASS_WEIGHTS, TASKS, resolve_monitor
+from tlkit.runfolder import DataFacts
+from tlkit.train.build import initial_bias
 
 
 def tiny_model(task: str, classes: int = 4) -> TransferClassifier:
@@ -43,7 +47,36 @@ def test_a_zero_head_starts_at_the_tasks_loss_at_init(task, targets, expected):
     with torch.no_grad():
         loss = model.loss(model(images), targets, training=False)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
-    assert model.task.loss_at_init(4)[0] == pytest.approx(expected)
+
+
+def test_multi_label_sigmoids_start_at_each_labels_training_rate():
+    """The head's bias starts each sigmoid at its label's rate (smoothed by half an image), so
+    the loss at initialisation is the binary cross-entropy of those rates, below ln 2; a label
+    on none or all of the images stays finite. Single-label heads start at zero."""
+    counts, images = [1, 10, 99, 0], 100
+    bias = TASKS["multi-label"].initial_bias(counts, images)
+    rates = torch.sigmoid(torch.tensor(bias))
+    assert rates.tolist() == pytest.approx([1.5 / 101, 10.5 / 101, 99.5 / 101, 0.5 / 101])
+    assert TASKS["single-label"].initial_bias(counts, images) is None
+    model = TransferClassifier(
+        4, "test_resnet", "none", img_size=32, task="multi-label", initial_bias=bias
+    ).eval()
+    targets = torch.zeros(images, 4)
+    for label, count in enumerate(counts):
+        targets[:count, label] = 1
+    inputs = torch.randn(images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = model.loss(model(inputs), targets, training=False).item()
+    expected = F.binary_cross_entropy(rates.expand(images, -1), targets).item()
+    assert loss == pytest.approx(expected, abs=1e-6) and loss < 0.2 < math.log(2)
+    # reweighted classes: the weighted loss is lowest at equal odds, so the head starts there
+    facts = DataFacts(["a", "b", "c", "d"], "multi-label", {"train": images}, {"train": counts})
+    config = FinetuneConfig(data_dir="x")
+    assert initial_bias(config, facts) == pytest.approx(bias)
+    for reweighted in ({"class_weights": "balanced"}, {"sampling": "balanced"}):
+        assert initial_bias(dataclasses.replace(config, **reweighted), facts) is None
+    with pytest.raises(ConfigError, match="3 initial biases for 4 classes"):
+        TransferClassifier(4, "test_resnet", "none", img_size=32, initial_bias=bias[:3])
 
 
 def test_the_activation_is_the_tasks_and_the_export_ends_with_it():

@@ -1,9 +1,10 @@
 """Sanity checks before spending compute: the lecture's checklist, run on the user's own data.
 
 1. Loss at initialisation: the new head's classifier starts at zero, so every logit is 0 and the
-   mean cross-entropy is ln(C) (2.30 for 10 classes); for a multi-label task's sigmoids, the
-   binary cross-entropy is ln 2 per label (the task's `loss_at_init`). Far from it, the head's
-   scale is off.
+   mean cross-entropy is ln(C) (2.30 for 10 classes); a multi-label task's sigmoids start at
+   each label's training rate (zero weights, the bias at the label's log-odds: the task's
+   `initial_bias`), so the binary cross-entropy is that of those rates. Far from the loss of
+   that constant prediction, the head's scale is off.
 2. Overfit a tiny subset: 20 images per class, augmentation and regularisation off (dropout,
    weight decay, label smoothing, drop-path 0); the model must fit them (>= 99% accuracy;
    multi-label: exact match, the task's `fit_metric`) within a step budget. If it cannot,
@@ -65,7 +66,7 @@ logger = logging.getLogger(__name__)
 SAMPLES_PER_CLASS = SANITY_SAMPLES_PER_CLASS
 OVERFIT_STEPS = SANITY_OVERFIT_STEPS
 OVERFIT_TARGET = 0.99
-INIT_LOSS_TOLERANCE = 0.1  # relative to ln(C)
+INIT_LOSS_TOLERANCE = 0.1  # relative to the expected loss (ln C for a zero head)
 INIT_LOSS_BATCHES = 4
 # The gradient-flow check first moves the zero-initialised classifier by this much per weight, in
 # the direction of its gradient's sign: AdamW's first update at the default learning rate.
@@ -171,29 +172,34 @@ def check_loss_at_init(
     batches: int = INIT_LOSS_BATCHES,
     tolerance: float = INIT_LOSS_TOLERANCE,
 ) -> CheckResult:
-    """Mean loss (the task's) of the untrained model over a few batches against the task's
-    expectation for a zero head: ln(C), or ln 2 per label for sigmoids.
+    """Mean loss (the task's) of the untrained model over a few batches against the loss of
+    the constant prediction its head starts from (every logit its classifier's bias): ln(C)
+    for a zero bias, or for sigmoids each label's training rate (the task's `initial_bias`).
 
     Passes when |measured - expected| <= tolerance * expected. Measured in eval mode (no
     dropout), without label smoothing and class weights.
     """
-    expected, what = model.task.loss_at_init(model.hparams.num_classes)
+    what = model.task.loss_at_init(model.hparams.num_classes)
     device = _device_of(model)
+    bias = model.head.classifier.bias.detach()
     model.eval()
-    total, count = 0.0, 0
+    total, constant, count = 0.0, 0.0, 0
     with torch.no_grad():
         for images, labels in islice(loader, batches):
+            labels = labels.to(device)
             logits = model(images.to(device))
-            total += model.loss(logits, labels.to(device), training=False).item() * len(labels)
+            total += model.loss(logits, labels, training=False).item() * len(labels)
+            start = bias.expand(len(labels), -1)
+            constant += model.loss(start, labels, training=False).item() * len(labels)
             count += len(labels)
-    measured = total / count
+    measured, expected = total / count, constant / count
     passed = abs(measured - expected) <= tolerance * expected
     summary = (
         f"{measured:.4f} measured on {count} images, {expected:.4f} expected ({what}),"
         f" tolerance {tolerance * expected:.4f}"
     )
     if not passed:
-        summary += "; the head's initial scale is off (the logits should start at zero)"
+        summary += "; the head's initial scale is off (the logits should start at its bias)"
     return CheckResult("loss at init", passed, summary)
 
 

@@ -71,7 +71,9 @@ class TransferClassifier(pl.LightningModule):
     without it come from runs that flipped; without `task`, from single-label runs).
     `trained_short_sides` records the short sides training resized images to, relative to the
     input size (low, high): test-time averaging takes its scales from within them (checkpoints
-    without it come from runs with the default 256-480 at 224).
+    without it come from runs with the default 256-480 at 224). `initial_bias`: the head's
+    classifier bias at initialisation (the task's `initial_bias` of the training labels;
+    None: zero).
 
     Multi-label: at the end of every validation the per-class thresholds that maximise F1 on
     it are chosen (`decision_thresholds`) and saved with the checkpoint, so best.ckpt holds the
@@ -102,19 +104,22 @@ class TransferClassifier(pl.LightningModule):
         task: str = "single-label",
         loss_weights: list[float] | None = None,
         trained_short_sides: Sequence[float] = DEFAULT_TRAINED_SHORT_SIDES,
+        initial_bias: list[float] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         if loss_weights is not None and len(loss_weights) != num_classes:
             raise ConfigError(f"{len(loss_weights)} loss weights for {num_classes} classes")
+        if initial_bias is not None and len(initial_bias) != num_classes:
+            raise ConfigError(f"{len(initial_bias)} initial biases for {num_classes} classes")
         self.save_hyperparameters()
         self.task: TaskDefinition = task_of(task)
         self._resumed_schedule: ResumedSchedule | None = None  # set on --resume
         self.decision_thresholds: list[float] | None = None  # multi-label, chosen on validation
         self.backbone = create_backbone(backbone, pretrained, drop_path_rate, img_size)
         self.head = ClassifierHead(
-            pooled_feature_width(self.backbone), num_classes, dropout, head_hidden
+            pooled_feature_width(self.backbone), num_classes, dropout, head_hidden, initial_bias
         )
         set_trainable(self.backbone, strategy, unfreeze_stages)
         keep_frozen_modules_in_eval(self.backbone)

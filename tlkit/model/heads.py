@@ -6,7 +6,9 @@ Initialisation is deliberate (the lecture's lesson), chosen by what follows each
   keeps the activation scale through it;
 - the classifier feeds the softmax, where the goal is equal probabilities, not a kept scale. It
   starts at zero weights and zero bias, as BiT's head does (Kolesnikov et al. 2020): every logit
-  is 0, so the loss at initialisation is exactly ln(C) whatever the backbone. A "small" gaussian
+  is 0, so the loss at initialisation is exactly ln(C) whatever the backbone. (Multi-label
+  sigmoids start at each label's training rate instead: the bias is the task's
+  `initial_bias`, the weights zero.) A "small" gaussian
   is not small enough: pooled features of a pretrained backbone have a large norm (about 60 for
   EfficientNet-Lite0's 1,280 on Fashion-MNIST), so 0.01 * randn gives logits of std 0.6 and a
   loss of 2.67 against ln 10 = 2.30. Zero weights do not stall learning: the classifier's own
@@ -19,14 +21,21 @@ Initialisation is deliberate (the lecture's lesson), chosen by what follows each
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 class ClassifierHead(nn.Module):
-    """Dropout -> [Linear -> ReLU -> Dropout] -> Linear, mapping pooled features to logits."""
+    """Dropout -> [Linear -> ReLU -> Dropout] -> Linear, mapping pooled features to logits;
+    `bias`: the classifier's initial bias (default zero)."""
 
     def __init__(
-        self, in_features: int, num_classes: int, dropout: float = 0.5, hidden: int = 0
+        self,
+        in_features: int,
+        num_classes: int,
+        dropout: float = 0.5,
+        hidden: int = 0,
+        bias: list[float] | None = None,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Dropout(dropout)]
@@ -39,6 +48,9 @@ class ClassifierHead(nn.Module):
         classifier = nn.Linear(in_features, num_classes)
         nn.init.zeros_(classifier.weight)
         nn.init.zeros_(classifier.bias)
+        if bias is not None:  # the constant prediction to start from (tasks' `initial_bias`)
+            with torch.no_grad():
+                classifier.bias.copy_(torch.tensor(bias, dtype=classifier.bias.dtype))
         self.layers = nn.Sequential(*layers, classifier)
 
     @property

@@ -71,7 +71,10 @@ class TaskDefinition:
     output_semantics: str  # the export card's description of the output
     # (logits, targets, per-class loss weights or None, label smoothing) -> mean loss
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
-    loss_at_init: Callable[[int], tuple[float, str]]  # classes -> (loss of a zero head, what)
+    # (training images per class, training images) -> the classifier's bias at initialisation
+    # (None: zero); the loss at initialisation is that of this constant prediction
+    initial_bias: Callable[[list[int], int], list[float] | None]
+    loss_at_init: Callable[[int], str]  # classes -> what the loss at initialisation is
     # (training images per class, training images) -> `--class-weights balanced`'s weights
     balanced_loss_weights: Callable[[list[int], int], list[float]]
     train_metrics: Callable[[int], dict[str, Metric]]  # classes -> epoch metrics of training
@@ -117,8 +120,14 @@ def _cross_entropy(
     return F.cross_entropy(logits, targets, weight=weights, label_smoothing=smoothing)
 
 
-def _ln_classes(num_classes: int) -> tuple[float, str]:
-    return math.log(num_classes), f"ln {num_classes}"
+def _zero_bias(counts: list[int], images: int) -> None:
+    """Equal probabilities at initialisation: every logit 0, the loss ln(C) whatever the class
+    counts (the balanced-accuracy monitor and class weights judge every class alike)."""
+    return None
+
+
+def _ln_classes(num_classes: int) -> str:
+    return f"ln {num_classes}"
 
 
 def _inverse_frequency(counts: list[int], images: int) -> list[float]:
@@ -230,8 +239,16 @@ def _rarest_class(targets: torch.Tensor) -> torch.Tensor:
     return torch.where(targets.sum(dim=1) > 0, rarest, targets.shape[1])
 
 
-def _ln_2(num_classes: int) -> tuple[float, str]:
-    return math.log(2), "ln 2 per label"
+def _label_log_odds(counts: list[int], images: int) -> list[float]:
+    """Each label's log-odds in the training images, so that its sigmoid starts at the label's
+    rate (Karpathy's "init well"; the prior bias of Lin et al. 2017): a zero bias starts every
+    label at 1/2, and a short run spends its first steps pushing rare labels down. Counted as
+    (count + 1/2) / (images + 1), so that a label on none or all of the images stays finite."""
+    return [math.log((count + 0.5) / (images - count + 0.5)) for count in counts]
+
+
+def _labels_rates(num_classes: int) -> str:
+    return "each label's training rate"
 
 
 def _negatives_over_positives(counts: list[int], images: int) -> list[float]:
@@ -283,6 +300,7 @@ TASKS: dict[Task, TaskDefinition] = {
             "per-row constant"
         ),
         loss=_cross_entropy,
+        initial_bias=_zero_bias,
         loss_at_init=_ln_classes,
         balanced_loss_weights=_inverse_frequency,
         train_metrics=_single_label_train_metrics,
@@ -312,7 +330,8 @@ TASKS: dict[Task, TaskDefinition] = {
             "where its probability is at least its entry of 'thresholds'"
         ),
         loss=_binary_cross_entropy,
-        loss_at_init=_ln_2,
+        initial_bias=_label_log_odds,
+        loss_at_init=_labels_rates,
         balanced_loss_weights=_negatives_over_positives,
         train_metrics=_no_metrics,
         epoch_metrics=_no_metrics,

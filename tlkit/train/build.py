@@ -37,8 +37,19 @@ def build_model(config: FinetuneConfig, data: DataFacts) -> TransferClassifier:
         "trained_with_hflip": data.trained_with_hflip,
         "trained_short_sides": list(trained_short_sides(config)),  # a list: plain hparams.yaml
         "loss_weights": class_loss_weights(config, data),
+        "initial_bias": initial_bias(config, data),
     }
     return TransferClassifier(**options)
+
+
+def initial_bias(config: FinetuneConfig, data: DataFacts) -> list[float] | None:
+    """The head's initial bias for the data's task from its training class counts; None (zero)
+    where they are not known, where the task starts at zero, or where `--class-weights` or
+    `--sampling balanced` reweigh the classes (the reweighted loss is lowest at equal odds)."""
+    counts = data.images_per_class.get("train")
+    if not counts or config.class_weights != "none" or config.sampling != "shuffle":
+        return None
+    return task_of(data.label_kind).initial_bias(counts, data.split_images.get("train", 0))
 
 
 def data_facts(config: FinetuneConfig, images: BaseImageDataModule) -> DataFacts:
