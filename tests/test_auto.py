@@ -440,3 +440,6 @@ def test_the_budget_leaves_room_for_the_tta_choice_of_the_augmentation_it_plans(
         assert (schedule.images / splits.train >= auto.AUGMENT_FROM_EPOCHS) is augments
     given = auto.plan_schedule(candidate, ["epochs"], 256_000, splits, throughput, 60)
     assert given[1] == augmented  # --augment given: its views, whatever the passes
+    epochs_given = [name for name in ALL_OPEN if name != "epochs"]
+    given = auto.plan_schedule(candidate, epochs_given, 256_000, splits, throughput, 60)
+    assert given[1] == augmented  # decided by the given epochs, which the run makes

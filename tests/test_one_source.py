@@ -72,8 +72,9 @@ CHECKPOINT_HPARAMS = {
     "trained_with_hflip",
     "trained_short_sides",
 }
-# Added since; checkpoints without them load with their defaults (single-label, unweighted).
-ADDED_HPARAMS = {"task", "loss_weights"}
+# Added since; checkpoints without them load with their defaults (single-label, unweighted,
+# the head's bias starting at zero: it is in the state dict anyway).
+ADDED_HPARAMS = {"task", "loss_weights", "initial_bias"}
 
 
 # train_transform's `seed` seeds its albumentations pipeline, not the run: a different meaning;

@@ -568,7 +568,8 @@ def plan_schedule(
     """(the schedule that fits, the seconds it leaves for `--tta auto`'s choice, the seconds
     left for training) within `seconds_left`. The choice weighs flipped and rescaled views only
     after augmented training, so where augmentation is auto's to choose its time follows the
-    augmentation the schedule itself turns on or off (`choose_augmentation`, by its passes)."""
+    augmentation the schedule itself turns on or off (`choose_augmentation`, by its passes);
+    with `--epochs` given, the candidate's (decided by those epochs)."""
     cached = candidate.strategy == "features" and candidate.cache
 
     def fitted(augment: bool) -> tuple[budget.Schedule | None, float, float]:
@@ -580,7 +581,8 @@ def plan_schedule(
         )
         return schedule, tta_s, left
 
-    if "augment" not in open_choices or candidate.strategy == "features":
+    schedule_decides = {"augment", "epochs"} <= set(open_choices)
+    if not schedule_decides or candidate.strategy == "features":
         return fitted(candidate.augment)
     plain = fitted(False)
     if plain[0] is None or plain[0].images / splits.train < AUGMENT_FROM_EPOCHS:
