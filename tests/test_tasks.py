@@ -196,6 +196,16 @@ def test_multi_label_metrics_and_thresholds():
     gathered.update(probabilities[2:], targets[2:])
     again = multilabel_metrics(*gathered.compute(), classes, thresholds)
     assert again.scores() == pytest.approx(tuned.scores())
+    # under DDP torchmetrics syncs the lists into one tensor before computing (here one
+    # process's gather, as torch.distributed's would return it)
+    synced = PredictionsAndTargets(
+        dist_sync_fn=lambda tensor, group=None: [tensor], distributed_available_fn=lambda: True
+    )
+    synced.update(probabilities[:2], targets[:2])
+    synced.update(probabilities[2:], targets[2:])
+    assert multilabel_metrics(*synced.compute(), classes, thresholds).scores() == pytest.approx(
+        tuned.scores()
+    )
 
 
 def test_a_multi_label_model_keeps_its_thresholds_in_the_checkpoint(tmp_path):

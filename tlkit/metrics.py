@@ -419,7 +419,8 @@ class PredictionsAndTargets(Metric):
         self.targets.append(targets.detach().float())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.probabilities:
+        # after a sync across processes torchmetrics holds each state as one tensor, not a list
+        if isinstance(self.probabilities, list) and not self.probabilities:
             return torch.zeros(0, 0), torch.zeros(0, 0)
         return dim_zero_cat(self.probabilities), dim_zero_cat(self.targets)
 
