@@ -59,7 +59,7 @@ from tlkit.infer.tta import (
     plan,
     views_of,
 )
-from tlkit.metrics import ACCURACY, EXACT_MATCH, TITLES
+from tlkit.metrics import ACCURACY, TITLES
 from tlkit.model.classifier import TransferClassifier
 from tlkit.model.tasks import TaskDefinition
 from tlkit.runfolder import (
@@ -310,7 +310,7 @@ def choose_tta(
     return {
         "preset": chosen,
         "images": len(samples),
-        "metric": EXACT_MATCH if model.task.thresholded else ACCURACY,  # what `_right` counts
+        "metric": model.task.fit_metric,  # what `_right` counts: top-1, or exact match
         "rule": AUTO_RULE,
         "candidates": evidence,
         "not_measured": [preset for preset in views_per_image if preset not in correct],

@@ -89,7 +89,9 @@ class TaskDefinition:
     # (one image's probabilities, classes, top k, thresholds) -> its prediction's columns
     prediction_row: Callable[[torch.Tensor, list[str], int, list[float]], dict[str, Any]]
     thresholded: bool  # a class is predicted at a per-class probability threshold
-    fit_metric: str  # what the sanity check's overfit run must bring to its target
+    # the per-image score: what the sanity check's overfit run must bring to its target, and
+    # what `--tta auto`'s choice counts per preset
+    fit_metric: str
     # the linear probe's and k-NN's score (a metric name), which picks the penalty and k, and
     # which auto's `features` runs compare the trained head on
     probe_metric: str

@@ -253,13 +253,18 @@ def choose_backbone_lr_scale(strategy: str, pretrained: bool = True) -> Choice:
     return Choice(FULL_BACKBONE_LR_SCALE, "features: the backbone does not train", applies=False)
 
 
+def augments_at(passes: float) -> bool:
+    """Whether a schedule of `passes` over the training images augments them."""
+    return passes >= AUGMENT_FROM_EPOCHS
+
+
 def choose_augmentation(evidence: Evidence, passes: float, strategy: str) -> dict[str, Choice]:
     """Whether to augment, by the passes over the data the schedule makes; the crop range and
     jitter, by the sources' size against the input. (For `features`, whose head trains on one
     cached view of each image, and without augmentation, the crops are recorded but do not
     apply.)"""
     made = f"{passes:.1f} passes over the data in whole batches"
-    if passes < AUGMENT_FROM_EPOCHS:
+    if not augments_at(passes):
         augment = Choice(False, f"{made} < {AUGMENT_FROM_EPOCHS}: short runs underfit")
     else:
         augment = Choice(True, f"{made} >= {AUGMENT_FROM_EPOCHS}")
@@ -585,7 +590,7 @@ def plan_schedule(
     if not schedule_decides or candidate.strategy == "features":
         return fitted(candidate.augment)
     plain = fitted(False)
-    if plain[0] is None or plain[0].images / splits.train < AUGMENT_FROM_EPOCHS:
+    if plain[0] is None or not augments_at(plain[0].images / splits.train):
         return plain
     # its passes turn augmentation on: plan with its views (if fewer passes then fit,
     # augmentation stays off and the choice's time is an upper estimate)
