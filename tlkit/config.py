@@ -232,6 +232,13 @@ class FinetuneConfig:
     ema_decay: float = _option(
         0.9998, "EMA decay ceiling, reached after a warm-up of (1 - decay)^-1.5 updates"
     )
+    soup: int = _option(
+        1,
+        "greedy soup: after training, average best.ckpt's weights with those of the next-best "
+        "epochs on validation, best first, each kept only where the monitored validation score "
+        "does not drop; at most this many checkpoints (AutoGluon's default: 3; 1: best.ckpt "
+        "alone; not with --ema, the features strategy or FSDP)",
+    )
 
     # Data and augmentation
     img_size: int | None = _option(
@@ -349,6 +356,7 @@ class FinetuneConfig:
             "backbone_lr_scale": self.backbone_lr_scale is None or self.backbone_lr_scale >= 0,
             "layer_decay": 0 < self.layer_decay <= 1,
             "ema_decay": 0 < self.ema_decay < 1,
+            "soup": self.soup >= 1,
         }
         if self.budget:
             parse_duration(self.budget)  # a ConfigError naming the format

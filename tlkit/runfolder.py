@@ -154,6 +154,13 @@ def write_atomic(path: str | Path, text: str | bytes) -> None:
     os.replace(tmp.name, path)
 
 
+def write_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Save a checkpoint dict (`torch.save`) atomically (`write_atomic`)."""
+    written = io.BytesIO()
+    torch.save(checkpoint, written)
+    write_atomic(path, written.getvalue())
+
+
 def read_auto_decision(run_dir: str | Path) -> dict[str, Any] | None:
     """`--strategy auto`'s recorded decision (auto.json), or None for a run that named its
     strategy."""
@@ -258,6 +265,9 @@ class RunSummary:
     # --budget: Lightning's Timer ended training before the planned schedule (the prediction
     # fell short; train.budget.training_time_left_s)
     stopped_by_budget: bool = False
+    # the greedy soup that best.ckpt holds (tlkit.train.soup.make_soup): the epochs averaged,
+    # every candidate tried; None: no candidate tried (--soup 1, or an older run)
+    soup: dict[str, Any] | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)  # keys unknown to this version
 

@@ -588,6 +588,7 @@ def run_card(
             f"{summary.epochs_run} of {config.epochs} epochs; best validation "
             f"{TITLES.get(metric, metric)} (the monitored metric) {best}",
         ),
+        ("weights tested", _soup_description(summary)),
         ("test estimate", _test_estimate(summary, metric)),
         ("test-time augmentation", _tta_description(tta_cost)),
         ("chosen for --tta auto", _tta_choice_description(summary.tta_choice)),
@@ -736,6 +737,24 @@ def _tta_description(cost: dict[str, Any] | None) -> str:
     return (
         f"{cost['preset']}: {cost['views_per_image']} views per image averaged "
         f"({cost['average']}), {cost['views_per_second']:.0f} views/s"
+    )
+
+
+def _soup_description(summary: RunSummary) -> str:
+    """Which epochs' weights best.ckpt holds: the best epoch's, or a greedy soup's."""
+    soup = summary.soup
+    if not soup:
+        return f"epoch {summary.best_epoch} (best.ckpt)"
+    tried = ", ".join(
+        f"epoch {item['epoch']} {item['soup_val']:.4f} ({'kept' if item['kept'] else 'left out'})"
+        for item in soup["candidates"]
+    )
+    return (
+        f"the average of epochs {', '.join(map(str, soup['epochs']))} (greedy soup, "
+        f"validation {TITLES.get(soup['metric'].removeprefix('val_'), soup['metric'])} "
+        f"{soup['val_before']:.4f} for epoch {soup['epochs'][0]} alone; with {tried})"
+        if len(soup["epochs"]) > 1
+        else f"epoch {summary.best_epoch} (best.ckpt; no soup with {tried} validated as well)"
     )
 
 

@@ -628,7 +628,8 @@ def fit_to_budget(
         trained.setup("fit")
         throughput = budget.measure_throughput(candidate, trained)
         wanted = wanted_images(candidate, evidence, "epochs" in open_choices)
-        seconds_left = budget_s * budget.BUDGET_SHARE - (time.perf_counter() - started)
+        souping_s = budget.soup_s(candidate, splits, throughput)
+        seconds_left = budget_s * budget.BUDGET_SHARE - (time.perf_counter() - started) - souping_s
         # fine-tuning below the default plan's floor of passes ends far from what a cheaper
         # configuration reaches (a 2-minute budget's 1.5 passes at 224 px: docs/strategies.md)
         floor = splits.train * (1 if cached else MIN_EPOCHS)
@@ -677,8 +678,11 @@ def fit_to_budget(
         "throughput": dataclasses.asdict(throughput),
         "schedule": dataclasses.asdict(schedule),
         "tta_choice_s": round(choosing_tta_s, 1),
-        "after_training_s": round(budget.test_s(splits, throughput) + choosing_tta_s, 1),
-        "predicted_s": round(elapsed + schedule.predicted_s + choosing_tta_s, 1),
+        "soup_s": round(souping_s, 1),
+        "after_training_s": round(
+            budget.test_s(splits, throughput) + choosing_tta_s + souping_s, 1
+        ),
+        "predicted_s": round(elapsed + schedule.predicted_s + choosing_tta_s + souping_s, 1),
         "fits": fits,
         "stepped_down": stepped_down,
     }

@@ -6,7 +6,7 @@ Lightning's own Trainer with the run's precision, memory format, loaders and aug
 that what it measures is what the run will do. `fit_schedule` (pure) then sizes the schedule:
 the most training images, up to what auto's rule asks for, whose predicted time (training,
 a validation pass and two checkpoints per epoch, the test evaluation) fits in the time left
-after `--tta auto`'s choice (`tta_choice_s`).
+after `--tta auto`'s choice (`tta_choice_s`) and the soup's validations (`soup_s`).
 An epoch that the schedule ends part-way through becomes shorter epochs
 (`FinetuneConfig.epoch_batches`), so that the cosine decay still ends at the last step and
 every epoch is validated.
@@ -31,6 +31,7 @@ from tlkit.infer.tta import candidate_plans, measuring_plans
 from tlkit.model.backbones import preprocessing
 from tlkit.train.build import build_model, data_facts, trained_short_sides, trains_with_hflip
 from tlkit.train.hardware import trainer_options, training_device
+from tlkit.train.soup import soup_applies
 
 WARMUP_STEPS = {"cpu": 2, "cuda": 10}  # untimed: loader workers, allocator, cuDNN autotuning
 TIMED_STEPS = {"cpu": 4, "cuda": 20}
@@ -210,6 +211,14 @@ def tta_choice_s(config: FinetuneConfig, splits: Splits, throughput: Throughput)
     )
     views = sum(plan.views_per_image for plan in measuring_plans(plans))
     return min(splits.val, TTA_CHOICE_MAX_IMAGES) * views / throughput.eval_images_per_s
+
+
+def soup_s(config: FinetuneConfig, splits: Splits, throughput: Throughput) -> float:
+    """Seconds of the greedy soup after training (`tlkit.train.soup.make_soup`): a validation
+    pass for each candidate besides best.ckpt; 0 where the run makes no soup."""
+    if soup_applies(config) is not None:
+        return 0.0
+    return (config.soup - 1) * splits.val / splits.processes / throughput.eval_images_per_s
 
 
 def fit_schedule(

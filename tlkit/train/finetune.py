@@ -6,7 +6,6 @@ The CLI's `tlkit finetune` and the recipes call this; users who want their own T
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -56,6 +54,7 @@ from tlkit.runfolder import (
     read_metrics,
     read_split,
     write_atomic,
+    write_checkpoint,
     write_data_facts,
     write_metrics,
     write_skipped,
@@ -88,6 +87,7 @@ from tlkit.train.hardware import (
 )
 from tlkit.train.hardware import trainer_options as distributed_options
 from tlkit.train.probe import ProbeResult, fit_probe, probe_features
+from tlkit.train.soup import SOUP_FOLDER, TopCheckpoints, make_soup, soup_applies
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     tlkit's own, and `limit_test_batches=0` skips the test-split evaluation.
 
     The steps, each a function of its own: `open_run_folder` (resume), `decide`, `build`,
-    `fit`, `test`, `choose_test_time_averaging`, `summarise`.
+    `fit`, `make_soup` (tlkit/train/soup.py), `test`, `choose_test_time_averaging`,
+    `summarise`.
     """
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
@@ -137,12 +138,15 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     trainer, history = fit(run, folder, trainer_options, clock)
     if decision is not None and config.strategy == "features":
         decision = keep_the_better_head(run, trainer, history, decision)
+    soup = make_soup(trainer, run.model, run.training_data, run.monitored)
     test_metrics = test(trainer, run)
     tta_choice = choose_test_time_averaging(config, trainer, run)
     # the clock ran out before the planned epochs did (at the last epoch's end it changes nothing)
     ran_out = clock is not None and clock.time_remaining("train") <= 0
     stopped = ran_out and len(history) < config.epochs
-    summary = summarise(run, folder, decision, history, test_metrics, started, tta_choice, stopped)
+    summary = summarise(
+        run, folder, decision, history, test_metrics, started, tta_choice, stopped, soup
+    )
     _write_at_end(folder.out, summary, run.skipped_files(), run.data)
     return summary
 
@@ -334,6 +338,8 @@ def fit(
     ]
     if config.ema:
         callbacks.append(ExponentialMovingAverage(config.ema_decay))
+    if soup_applies(config) is None:
+        callbacks.append(TopCheckpoints(folder.out / SOUP_FOLDER, run.monitored, config.soup))
     if trainer_options.get("enable_progress_bar", True):
         callbacks.append(EpochProgressBar())
     if clock is not None:
@@ -437,9 +443,7 @@ def _write_head(
     checkpoint["state_dict"][f"{prefix}.bias"] = probe.bias
     if thresholds is not None:
         checkpoint[THRESHOLDS_KEY] = [float(value) for value in thresholds]
-    written = io.BytesIO()
-    torch.save(checkpoint, written)
-    write_atomic(checkpoint_path, written.getvalue())
+    write_checkpoint(checkpoint_path, checkpoint)
 
 
 def test(trainer: pl.Trainer, run: BuiltRun) -> dict[str, float]:
@@ -512,6 +516,7 @@ def summarise(
     started: float,
     tta_choice: dict[str, Any] | None = None,
     stopped_by_budget: bool = False,
+    soup: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Step 7: the run summary (summary.json) from what the other steps made."""
     config, images, model = run.config, run.images, run.model
@@ -519,6 +524,8 @@ def summarise(
     head = (decision or {}).get("head")
     if head and head["kept"] == "probe":  # best.ckpt holds the probe's head: its scores
         best = {**best, **head["probe_val_metrics"]}
+    if soup and soup["val_metrics"]:  # best.ckpt holds the soup: its scores
+        best = {**best, **soup["val_metrics"]}
     best_checkpoint = folder.out / BEST_CHECKPOINT
     thresholds = (
         read_checkpoint(best_checkpoint, mmap=True).get(THRESHOLDS_KEY)
@@ -555,6 +562,7 @@ def summarise(
         linear_probe=run.linear_probe,
         tta_choice=tta_choice,
         stopped_by_budget=stopped_by_budget,
+        soup=soup,
         skipped_files=len(run.skipped_files()),
         ignored_files=ignored_files,
         unread_images=unread_images,
@@ -766,7 +774,13 @@ def final_line(summary: RunSummary, out: Path) -> str:
     is (it also chose the model) and how to get an honest estimate."""
     metric = summary.monitor.removeprefix("val_")
     named = "" if metric == ACCURACY else f"{TITLES.get(metric, metric)} "
-    best = f"Best val {named}{_accuracy(summary.best_monitored)} at epoch {summary.best_epoch}"
+    souped = (summary.soup or {}).get("epochs", [])
+    held = (
+        f"in the soup of epochs {', '.join(map(str, souped))}"
+        if len(souped) > 1
+        else f"at epoch {summary.best_epoch}"
+    )
+    best = f"Best val {named}{_accuracy(summary.best_monitored)} {held}"
     test_value = summary.test_metrics.get(logged_name("test", metric))
     if summary.test_acc is not None:
         low, high = summary.test_acc_interval
