@@ -60,6 +60,17 @@ def test_the_schedule_fills_the_budget_up_to_the_wanted_images():
     assert cached is not None and cached.epochs == 10  # extraction of 8,000 images: 27 s
 
 
+@pytest.mark.parametrize("train", [453, 1000, 5000])
+def test_a_fitted_schedule_is_predicted_within_the_time_left(train):
+    """Epochs cut part-way through a pass count whole batches rounded down, so the schedule's
+    prediction stays within the seconds it was fitted to (a log once read "68 s of the 64 s
+    left")."""
+    splits = budget.Splits(train=train, val=train // 10, test=0)
+    for seconds_left in range(5, 400, 3):
+        fitted = budget.fit_schedule(10**6, splits, 64, CPU_LIKE, seconds_left)
+        assert fitted is None or fitted.predicted_s <= seconds_left, seconds_left
+
+
 def test_cached_features_take_the_epochs_that_fit_after_the_extraction():
     """A budget that holds the extraction (26.7 s) and 3 epochs' checkpoints (0.4 s each), not
     the 10 wanted: 3 epochs, where it used to say that not even one pass fits."""

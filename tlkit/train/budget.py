@@ -278,7 +278,8 @@ def schedule_of(
     """Whole epochs where `images` is a whole number of passes, else the same number of
     shorter epochs of equal length (batches per process), ending at the last step."""
     epochs = max(1, math.ceil(images / splits.train - 1e-9))
-    batches = max(1, round(images / splits.processes / batch_size / epochs))
+    # whole batches, rounded down: a schedule fitted to the time left stays within it
+    batches = max(1, int(images / splits.processes / batch_size / epochs))
     epoch_batches = 0 if batches >= full_batches(splits, batch_size) else batches
     processed = images_processed(epochs, epoch_batches, splits, batch_size)
     seconds = predicted_s(processed, splits, throughput, cached) if throughput else math.nan
