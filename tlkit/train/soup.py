@@ -117,12 +117,17 @@ def make_soup(
                 metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
             with_it = float(metrics[monitored])
             kept = with_it >= score
-            epoch = candidate["epoch"] + 1
-            tried.append({"epoch": epoch, "val": candidate_score, "soup_val": round(with_it, 4)})
-            tried[-1]["kept"] = kept
+            tried.append(
+                {
+                    "epoch": candidate["epoch"] + 1,
+                    "val": candidate_score,
+                    "soup_val": round(with_it, 4),
+                    "kept": kept,
+                }
+            )
             if kept:
                 ingredients.append(candidate["state_dict"])
-                epochs.append(epoch)
+                epochs.append(candidate["epoch"] + 1)
                 score, validated = with_it, metrics
                 thresholds = model.decision_thresholds
     finally:
