@@ -75,6 +75,15 @@ def test_summary_round_trips_through_json(tmp_path: Path):
         "unread_images": {".svg": 248},
         "tta_choice": {"preset": "ten-crop", "images": 50, "rule": "why", "candidates": []},
         "stopped_by_budget": True,
+        "soup": {
+            "metric": "val_map",
+            "candidates": [{"epoch": 2, "val": 0.7, "soup_val": 0.76, "kept": True}],
+            "epochs": [3, 2],
+            "val_before": 0.75,
+            "val_after": 0.76,
+            "val_metrics": {"val_map": 0.76},
+            "seconds": 1.5,
+        },
     }
     summary = RunSummary.from_dict(values)
     assert summary.best_monitored == 0.75
