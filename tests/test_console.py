@@ -169,6 +169,16 @@ def test_building_the_parser_imports_no_heavy_module():
     assert json.loads(_run_python(code)) == []
 
 
+def test_importing_tlkit_asks_no_server_for_updates():
+    """albumentations' check for a newer release of itself (a PyPI request) stays off."""
+    code = (
+        "import os, urllib.request; os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None); "
+        "urllib.request.OpenerDirector.open = lambda *args, **kwargs: os._exit(3); "
+        "import tlkit.data.augment; print('imported')"
+    )
+    assert _run_python(code).strip() == "imported"
+
+
 def test_the_parser_offers_the_implemented_export_formats():
     from tlkit.choices import EXPORT_FORMATS
     from tlkit.infer.export import FORMATS

@@ -7,9 +7,16 @@ parser cost no torch, Optuna or ONNX import until a name that needs them is used
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# albumentations asks PyPI for a newer release of itself whenever it is imported (a request
+# with a 2 s timeout after the name lookup, and a warning on every command where the machine is
+# offline); tlkit runs offline by design, so it turns that off the way albumentations documents,
+# unless the user has set the variable.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # public name -> the module that defines it
 _HOMES = {
