@@ -198,3 +198,35 @@ def test_a_minimum_of_passes_below_which_the_schedule_does_not_fit():
     assert budget.fit_schedule(256_000, splits, 64, CPU_LIKE, 180, minimum_images=floor)
     # given epochs below the floor ask for no more than they want
     assert budget.fit_schedule(10_000, splits, 64, CPU_LIKE, 120, minimum_images=floor)
+
+
+def test_the_run_clock_counts_from_the_given_start(colour_folder: Path, tmp_path: Path):
+    config = FinetuneConfig(
+        data_dir=str(colour_folder),
+        out=str(tmp_path / "run"),
+        accelerator="cpu",
+        **{**TINY_CONFIG, "epochs": 1},
+    )
+    summary = finetune(config, started=time.perf_counter() - 100, enable_progress_bar=False)
+    assert summary.wall_time_s >= 100
+
+
+def test_the_command_line_starts_the_clock_before_its_imports(monkeypatch, tmp_path: Path):
+    """`tlkit finetune` passes its own start: importing torch, Lightning and timm (15 s on a
+    GPU machine measured here) counts towards --budget."""
+    from tlkit import cli
+
+    seen: dict[str, float] = {}
+    parse = cli.config_from_arguments
+
+    def parse_and_note(arguments):
+        seen["parsing"] = time.perf_counter()
+        return parse(arguments)
+
+    def fake_finetune(config, resume=False, started=None):
+        seen["started"] = started
+
+    monkeypatch.setattr(cli, "config_from_arguments", parse_and_note)
+    monkeypatch.setattr(finetune_module, "finetune", fake_finetune)
+    assert cli.main(["finetune", str(tmp_path), "--budget", "1m"]) == 0
+    assert seen["started"] is not None and seen["started"] <= seen["parsing"]

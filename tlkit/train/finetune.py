@@ -111,7 +111,12 @@ def build_logger(config: FinetuneConfig, out: Path) -> Logger:
     return CSVLogger(save_dir=out, name="", version="", flush_logs_every_n_steps=1)
 
 
-def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: Any) -> RunSummary:
+def finetune(
+    config: FinetuneConfig,
+    resume: bool = False,
+    started: float | None = None,
+    **trainer_options: Any,
+) -> RunSummary:
     """Train as the config says; write the run summary (summary.json) and return it.
 
     With `strategy="auto"`, the data is measured first and the choices left open are made from
@@ -119,7 +124,9 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     `last.ckpt` (model, optimiser, schedule, epoch and callback states), on the images of its
     recorded split.csv. `trainer_options` are passed to `pytorch_lightning.Trainer` on top of
     tlkit's own (e.g. `enable_progress_bar=False`); `callbacks` given there are added to
-    tlkit's own, and `limit_test_batches=0` skips the test-split evaluation.
+    tlkit's own, and `limit_test_batches=0` skips the test-split evaluation. `started`: the
+    `time.perf_counter()` from which the run's clock counts (`--budget`, the wall time; default:
+    now; the command line passes its own start, so that its imports count).
 
     The steps, each a function of its own: `open_run_folder` (resume), `decide`, `build`,
     `fit`, `make_soup` (tlkit/train/soup.py), `test`, `choose_test_time_averaging`,
@@ -127,7 +134,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, **trainer_options: An
     """
     if not config.data_dir:
         raise ConfigError("no data: give DATA_DIR (an image folder or a CSV file)")
-    started = time.perf_counter()  # auto's measurements count as part of the run
+    if started is None:
+        started = time.perf_counter()  # auto's measurements count as part of the run
     check_config(config)  # before the data is scanned or measured
     config = device_defaults(config)
     progress = trainer_options.get("enable_progress_bar", True)
