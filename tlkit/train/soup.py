@@ -117,9 +117,10 @@ def make_soup(
                 metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
             with_it = float(metrics[monitored])
             kept = with_it >= score
+            epoch = candidate["epoch"] + 1
             tried.append(
                 {
-                    "epoch": candidate["epoch"] + 1,
+                    "epoch": epoch,
                     "val": candidate_score,
                     "soup_val": round(with_it, 4),
                     "kept": kept,
@@ -127,7 +128,7 @@ def make_soup(
             )
             if kept:
                 ingredients.append(candidate["state_dict"])
-                epochs.append(candidate["epoch"] + 1)
+                epochs.append(epoch)
                 score, validated = with_it, metrics
                 thresholds = model.decision_thresholds
     finally:
