@@ -40,10 +40,11 @@ For each strategy (--strategies: features, partial with its last 2 stages, full)
   preloaded batches (the extraction's step: every view of a training image counts), and gives
   the epochs' seconds.
 
---num-workers, --torch-threads and --no-channels-last change tlkit's settings for a
-comparison; --profile adds Lightning's SimpleProfiler to the runs (every hook's time). Runs
-are kept in WORK/runs/<strategy>-<size>; the script runs in pieces (`--strategies partial
---sizes 64`). Prints a Markdown table.
+On a GPU the runs and the step rate use the device (tlkit's defaults there: bf16-mixed and
+channels-last); --precision, --no-channels-last, --num-workers and --torch-threads change
+tlkit's settings for a comparison; --profile adds Lightning's SimpleProfiler to the runs
+(every hook's time). Runs are kept in WORK/runs/<strategy>-<size>; the script runs in pieces
+(`--strategies partial --sizes 64`). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ from tlkit import FinetuneConfig, finetune  # noqa: E402
 from tlkit.data.images import write_image_folder  # noqa: E402
 from tlkit.runfolder import RunSummary  # noqa: E402
 from tlkit.train.build import build_datamodule, build_model, data_facts  # noqa: E402
-from tlkit.train.hardware import device_defaults  # noqa: E402
+from tlkit.train.hardware import device_defaults, training_device  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "features": {"strategy": "features"},
@@ -191,41 +192,52 @@ def run_epochs(
 
 def step_rate(config: FinetuneConfig, arguments: argparse.Namespace) -> float:
     """Images/s of plain training steps on preloaded batches of the run's training loader (for
-    `features`: the backbone's forward pass, the step of the extraction)."""
-    config = device_defaults(config)  # the layout the run trains in
+    `features`: the backbone's forward pass, the step of the extraction), on the run's device
+    and at its precision (torch's autocast, and a gradient scaler for 16-mixed, as Lightning's
+    mixed-precision plugin runs them)."""
+    config = device_defaults(config)  # the layout and precision the run trains in
+    device = training_device(config)
     pl.seed_everything(config.seed, verbose=False)
     datamodule = build_datamodule(replace(config, num_workers=0))
     datamodule.setup("fit")
     model = build_model(config, data_facts(config, datamodule))
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     batches = [  # in the run's layout (the backbone alone does not convert them)
-        (images.contiguous(memory_format=layout), labels)
+        (images.to(device).contiguous(memory_format=layout), labels.to(device))
         for images, labels in itertools.islice(datamodule.train_dataloader(), arguments.preloaded)
     ]
     optimizer, schedule = model.optimizer_and_schedule(total_steps=1000, steps_per_epoch=100)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=layout)
     model.train()  # frozen backbone modules stay in eval mode (TransferClassifier.train)
+    half = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(config.precision)
+    scaler = torch.amp.GradScaler(device, enabled=config.precision == "16-mixed")
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        if config.strategy == "features":
-            with torch.no_grad():
-                model.backbone.eval()(images)
-            return
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(device, dtype=half, enabled=half is not None):
+            if config.strategy == "features":
+                with torch.no_grad():
+                    model.backbone.eval()(images)
+                return
+            loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()  # the queued kernels are part of the steps' time
+        return time.perf_counter()
 
     cycle = itertools.cycle(batches)
     for images, labels in itertools.islice(cycle, arguments.warmup_steps):
         step(images, labels)
-    started, steps = time.perf_counter(), 0
-    while steps < MIN_STEPS or time.perf_counter() - started < arguments.step_seconds:
+    started, steps = now(), 0
+    while steps < MIN_STEPS or now() - started < arguments.step_seconds:
         step(*next(cycle))
         steps += 1
-    return steps * arguments.batch_size / (time.perf_counter() - started)
+    return steps * arguments.batch_size / (now() - started)
 
 
 def table_row(
@@ -287,6 +299,12 @@ def main() -> None:
         help="tlkit's --channels-last",
     )
     parser.add_argument(
+        "--precision",
+        choices=["32", "16-mixed", "bf16-mixed"],
+        default=FinetuneConfig.field_default("precision"),
+        help="tlkit's --precision (default: the device's, tlkit's default)",
+    )
+    parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch's intra-op threads (0: its default)"
     )
     parser.add_argument(
@@ -321,6 +339,7 @@ def main() -> None:
                 batch_size=arguments.batch_size,
                 num_workers=arguments.num_workers,
                 channels_last=arguments.channels_last,
+                precision=arguments.precision,
                 test_fraction=0.0,  # DATA/val is the validation split; no test split
                 **STRATEGIES[strategy],
             )
@@ -332,8 +351,11 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
 
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(
-        f"\n{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"\n{platform.machine()}, {os.cpu_count()} cores, {gpu}, precision "
+        f"{arguments.precision or 'the device default'}, channels-last "
+        f"{arguments.channels_last}, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}; batch "
         f"{arguments.batch_size}, {arguments.epochs} epochs; 64 px: Fashion-MNIST "
         f"{arguments.train_images} train / {arguments.val_images} val PNG; 224 px: photo crops "

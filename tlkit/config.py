@@ -99,8 +99,15 @@ AUTO_HELP = " (default: chosen by --strategy auto; with a named strategy {})"
 # The fields left to the device when not given (None), and what the run sets them to there
 # (tlkit/train/hardware.py's device_defaults); --print-config shows these beside them.
 DEVICE_DEFAULTS: dict[str, str] = {
-    "precision": "set when the run starts: bf16-mixed (else 16-mixed) on CUDA, 32 on a CPU",
-    "channels_last": "set on when the run starts, on CPUs as on GPUs",
+    "precision": (
+        "set when the run starts: 32 on a CPU; on one CUDA device, with --channels-last "
+        "not given either, the faster of 32 and bf16-mixed (else 16-mixed) measured at the "
+        "run's size; else bf16-mixed (else 16-mixed)"
+    ),
+    "channels_last": (
+        "set when the run starts: on for a CPU; on one CUDA device, with --precision not "
+        "given either, measured with it; else on"
+    ),
 }
 
 
@@ -307,14 +314,17 @@ class FinetuneConfig:
     )
     precision: Precision | None = _option(
         None,
-        "32, 16-mixed (GPU) or bf16-mixed (default: bf16-mixed on CUDA devices that support it, "
-        "else 16-mixed; 32 on a CPU)",
+        "32, 16-mixed (GPU) or bf16-mixed (default: 32 on a CPU; on one CUDA device, with "
+        "--channels-last not given either, the fastest of 32 and bf16-mixed (else 16-mixed) "
+        "in both layouts, timed at the run's input size and batch; on several, bf16-mixed, "
+        "else 16-mixed)",
     )
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
     channels_last: bool | None = _option(
         None,
         "channels-last (NHWC) memory format for the model and its input batches, faster "
-        "convolutions on CPUs and GPUs (default: on; tlkit.train.hardware.device_defaults)",
+        "convolutions on CPUs and most GPU runs (default: on; on one CUDA device, with "
+        "--precision not given either, measured with it: tlkit.train.device_settings)",
     )
     accumulate_grad_batches: int = _option(1, "batches whose gradients make one optimiser step")
     scale_lr: bool = _option(

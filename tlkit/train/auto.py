@@ -40,6 +40,7 @@ from tlkit.model.tasks import resolve_monitor
 from tlkit.runfolder import DataFacts
 from tlkit.train import budget
 from tlkit.train.build import build_datamodule, build_model, cache_folder, data_facts
+from tlkit.train.device_settings import choose_device_settings
 from tlkit.train.hardware import training_device
 from tlkit.train.probe import fit_probe, probe_features
 
@@ -524,6 +525,12 @@ def resolve_auto(
     choices = decide(evidence, open_choices, **decide_options(config, open_choices))
     if "img_size" in open_choices:
         choices["img_size"] = size
+    # the precision and layout this device trains fastest in, for the budget to measure
+    chosen = dataclasses.replace(config, **{name: choice.value for name, choice in choices.items()})
+    settings, device_record = choose_device_settings(chosen, data_facts(chosen, images))
+    config = dataclasses.replace(
+        config, precision=settings.precision, channels_last=settings.channels_last
+    )
     planned = None
     if config.budget:
         choices, planned = fit_to_budget(config, evidence, choices, open_choices, images, started)
@@ -538,6 +545,8 @@ def resolve_auto(
     }
     if planned is not None:
         record["budget"] = planned
+    if device_record is not None:
+        record["device_settings"] = device_record
     log_decision(record)
     return resolved, record
 

@@ -78,9 +78,9 @@ from tlkit.train.callbacks import (
     ExponentialMovingAverage,
     StopOnNonFiniteLoss,
 )
+from tlkit.train.device_settings import choose_device_settings
 from tlkit.train.features import CachedFeatureDataModule
 from tlkit.train.hardware import (
-    device_defaults,
     effective_batch_size,
     run_identity,
     training_device,
@@ -137,7 +137,6 @@ def finetune(
     if started is None:
         started = time.perf_counter()  # auto's measurements count as part of the run
     check_config(config)  # before the data is scanned or measured
-    config = device_defaults(config)
     progress = trainer_options.get("enable_progress_bar", True)
     folder = open_run_folder(config, resume)
     config, decision = decide(config, folder, progress, started)
@@ -283,6 +282,7 @@ def build(
     if folder.resume_from:
         _check_same_classes(folder.resume_from, images.classes)
     data = data_facts(config, images)
+    config, _ = choose_device_settings(config, data)  # where auto has not chosen them
     monitor = resolve_monitor(data.label_kind, config.monitor, data.class_ratio)
     chosen_by_auto = ((decision or {}).get("choices") or {}).get("monitor")
     if chosen_by_auto:  # --strategy auto chose it: its reason, not "given"

@@ -85,20 +85,23 @@ def training_device(config: FinetuneConfig) -> str:
     return "cuda" if gpu else "cpu"
 
 
+def half_precision() -> str:
+    """The 16-bit mixed precision of this machine's CUDA device: bf16-mixed where it supports
+    bfloat16, else 16-mixed."""
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def device_defaults(config: FinetuneConfig) -> FinetuneConfig:
     """The config with `precision` and `channels_last` set for its device where not given:
-    bf16-mixed where the CUDA device supports it, else 16-mixed (AutoGluon and timm's train.py
-    train in 16 bits on GPUs), 32-bit on a CPU, where 16 bits do not pay; channels-last on
-    both. On GPUs it feeds the tensor cores; on a CPU oneDNN's NHWC convolutions are faster
-    too: tf_efficientnet_lite0's training step took 1.4-1.5x less CPU time for partial (2
-    stages) and full at 64 and 224 px, its forward pass 1.3-1.6x less
-    (`benchmarks/channels_last.py`, docs/benchmarks.md)."""
+    32-bit and channels-last on a CPU (16 bits do not pay there; oneDNN's NHWC convolutions
+    do: tf_efficientnet_lite0's training step took 1.4-1.5x less CPU time for partial (2
+    stages) and full at 64 and 224 px, its forward pass 1.3-1.6x less,
+    `benchmarks/channels_last.py`); the device's half precision and channels-last on CUDA
+    (AutoGluon and timm's train.py train in 16 bits on GPUs). A one-process CUDA run given
+    neither measures them instead (`tlkit.train.device_settings`)."""
     precision = config.precision
     if precision is None:
-        cuda = training_device(config) == "cuda"
-        precision = (
-            "32" if not cuda else "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-        )
+        precision = half_precision() if training_device(config) == "cuda" else "32"
     channels_last = True if config.channels_last is None else config.channels_last
     return replace(config, precision=precision, channels_last=channels_last)
 
