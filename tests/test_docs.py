@@ -97,7 +97,10 @@ def test_every_documented_command_is_checked(page: str, command: str):
     elif words[0] in PYTHON_PROGRAMS and words[1] != "-m":
         script = ROOT / words[1]
         assert script.is_file(), f"{page}: `{command}` names a missing script"
-        declared = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", script.read_text()))
+        text = script.read_text()
+        declared = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", text))
+        if "BooleanOptionalAction" in text:  # argparse's --no-X of a declared --X
+            declared |= {f"--no-{flag[2:]}" for flag in declared}
         flags = {word.split("=")[0] for word in words[2:] if word.startswith("--")}
         assert flags <= declared, f"{page}: {script.name} has no {sorted(flags - declared)}"
     elif words[0] in PYTHON_PROGRAMS:

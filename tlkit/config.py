@@ -315,9 +315,9 @@ class FinetuneConfig:
     precision: Precision | None = _option(
         None,
         "32, 16-mixed (GPU) or bf16-mixed (default: 32 on a CPU; on one CUDA device, with "
-        "--channels-last not given either, the fastest of 32 and bf16-mixed (else 16-mixed) "
-        "in both layouts, timed at the run's input size and batch; on several, bf16-mixed, "
-        "else 16-mixed)",
+        "--channels-last not given either, the fastest of 32 (either layout) and bf16-mixed "
+        "(else 16-mixed; channels-last), timed at the run's input size and batch; on "
+        "several, bf16-mixed, else 16-mixed)",
     )
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
     channels_last: bool | None = _option(

@@ -9,4 +9,5 @@
 - `features`: the cached-feature path of the frozen backbone.
 - `callbacks`: Lightning callbacks: progress bar, epoch summary, divergence stop, EMA.
 - `hardware`: devices, precision and distribution (Lightning's DDP and FSDP).
+- `device_settings`: precision and memory layout on one GPU, timed at the run's size.
 """
