@@ -7,12 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import yaml
 from conftest import TINY_CONFIG
 
 from tlkit import FinetuneConfig, finetune
 from tlkit.train import build as build_module
 from tlkit.train import device_settings
+from tlkit.train import finetune as finetune_module
+from tlkit.train.callbacks import EpochProgressBar, StopOnNonFiniteLoss
 
 # measured-like rates: on an H200, Lite0 at 64 px and batch 64 (docs/benchmarks.md)
 RATES = {
@@ -95,8 +98,14 @@ def test_the_timing_loop_times_every_candidate(colour_folder: Path):
     assert device_settings.measure_step_rates(features, data, [("32", True)])[("32", True)] > 0
 
 
+class Callbacks(pl.Callback):
+    def on_fit_start(self, trainer, module) -> None:
+        self.found = {type(callback): callback for callback in trainer.callbacks}
+
+
 def test_a_run_trains_in_the_measured_settings(monkeypatch, colour_folder, tmp_path):
-    """The run's config.yaml records the measured choice (the Trainer stays on the CPU)."""
+    """The run's config.yaml records the measured choice, and the progress bar and the
+    divergence check read the loss at the device's rate (the Trainer stays on the CPU)."""
 
     def unset(config: FinetuneConfig) -> bool:
         return config.precision is None and config.channels_last is None
@@ -108,9 +117,13 @@ def test_a_run_trains_in_the_measured_settings(monkeypatch, colour_folder, tmp_p
     config = FinetuneConfig(
         data_dir=str(colour_folder), out=str(tmp_path / "run"), **{**TINY_CONFIG, "epochs": 1}
     )
-    finetune(config, enable_progress_bar=False, limit_test_batches=0)
+    monkeypatch.setitem(finetune_module.DEVICE_READ_EVERY, "cpu", 7)
+    seen = Callbacks()
+    finetune(config, callbacks=[seen], limit_test_batches=0)
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (recorded["precision"], recorded["channels_last"]) == ("32", False)
+    assert seen.found[EpochProgressBar].refresh_rate == 7
+    assert seen.found[StopOnNonFiniteLoss].check_every == 7
 
 
 def test_auto_measures_them_before_its_budget_and_records_them(monkeypatch, colour_folder):

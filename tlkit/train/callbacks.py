@@ -42,13 +42,23 @@ class BestCheckpoint(ModelCheckpoint):
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
 
+# Steps between the reads of the training loss that wait for the device (the progress bar's
+# loss, the divergence check), by device. On a CPU a read costs nothing; on a GPU each one
+# stops the host from queueing the next step: on an H200, Lite0's training step at 64 px ran
+# at 3,604 images/s when the host waited for every step and 8,025 when it did not
+# (docs/benchmarks.md, "Precision and memory layout on a GPU"). 20 is Lightning's own refresh
+# rate where it finds the bar's updates costly (Colab).
+DEVICE_READ_EVERY = {"cpu": 1, "cuda": 20}
+
+
 class EpochProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, one per training epoch, left on screen; the sanity check's and
     validation's own bars are off (Lightning's documented way: a disabled bar in their place),
-    since the epoch's bar and summary line show their results."""
+    since the epoch's bar and summary line show their results. `refresh_rate`: batches
+    between updates (each update reads the logged loss)."""
 
-    def __init__(self) -> None:
-        super().__init__(leave=True)
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=True)
 
     def init_sanity_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
@@ -114,22 +124,45 @@ class EpochSummary(Callback):
 class StopOnNonFiniteLoss(Callback):
     """Stops training at the first NaN or infinite training loss, on every rank at once.
 
-    No checkpoint is written for the diverged state, so `last.ckpt` and `best.ckpt` stay the
-    last good ones.
+    The losses are read every `check_every` steps and at each epoch's last batch (a read waits
+    for the device: `DEVICE_READ_EVERY`), so training stops at most that many steps after the
+    loss diverged, and the error names the first non-finite step. No checkpoint is written for
+    the diverged state, so `last.ckpt` and `best.ckpt` stay the last good ones.
     """
+
+    def __init__(self, check_every: int = 1) -> None:
+        self.check_every = check_every
+        # since the last check: (loss on its device, epoch, step, batch of the epoch, rate)
+        self._unchecked: list[tuple[torch.Tensor, int, int, int, float]] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        value = float(loss.detach())
-        diverged = trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False)
-        if diverged:
-            learning_rate = trainer.optimizers[0].param_groups[-1]["lr"]
-            raise TrainingDivergedError(
-                f"training diverged: loss {value} at epoch {trainer.current_epoch + 1}, "
-                f"step {trainer.global_step} (batch {batch_index + 1} of the epoch), "
-                f"learning rate {learning_rate:.2e}. The last good checkpoints are kept in "
-                "the run folder. Try a lower --lr, and run `tlkit sanity` to check the set-up."
-            )
+        learning_rate = trainer.optimizers[0].param_groups[-1]["lr"]
+        epoch, step = trainer.current_epoch, trainer.global_step
+        self._unchecked.append((loss.detach(), epoch, step, batch_index, learning_rate))
+        epoch_ends = batch_index + 1 >= trainer.num_training_batches
+        if len(self._unchecked) >= self.check_every or epoch_ends:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if self._unchecked:  # an epoch cut short (--epoch-batches, a limit)
+            self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        losses = torch.stack([entry[0] for entry in self._unchecked]).float().cpu()
+        unchecked, self._unchecked = self._unchecked, []
+        bad = [index for index, value in enumerate(losses.tolist()) if not math.isfinite(value)]
+        # every process decides alike (DDP): one collective per check, not per step
+        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return
+        _, epoch, step, batch_index, learning_rate = unchecked[bad[0] if bad else 0]
+        value = losses[bad[0]].item() if bad else "non-finite on another process"
+        raise TrainingDivergedError(
+            f"training diverged: loss {value} at epoch {epoch + 1}, "
+            f"step {step} (batch {batch_index + 1} of the epoch), "
+            f"learning rate {learning_rate:.2e}. The last good checkpoints are kept in "
+            "the run folder. Try a lower --lr, and run `tlkit sanity` to check the set-up."
+        )
 
 
 # Where Lightning's WeightAveraging keeps the training weights in a checkpoint whose

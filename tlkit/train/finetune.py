@@ -71,6 +71,7 @@ from tlkit.train.build import (
     data_facts,
 )
 from tlkit.train.callbacks import (
+    DEVICE_READ_EVERY,
     TRAINING_WEIGHTS_KEY,
     BestCheckpoint,
     EpochProgressBar,
@@ -325,6 +326,7 @@ def fit(
     trainer_options = dict(trainer_options)
     train_metric = next((name for name in run.model.metrics if name.startswith("train_")), None)
     summary_callback = EpochSummary(run.monitored, train_metric)
+    read_every = DEVICE_READ_EVERY[training_device(config)]  # reads of the loss wait for it
     callbacks = [
         BestCheckpoint(
             dirpath=folder.out,
@@ -341,7 +343,7 @@ def fit(
         ),
         EarlyStopping(monitor=run.monitored, mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
-        StopOnNonFiniteLoss(),
+        StopOnNonFiniteLoss(check_every=read_every),
         summary_callback,
     ]
     if config.ema:
@@ -349,7 +351,7 @@ def fit(
     if soup_applies(config) is None:
         callbacks.append(TopCheckpoints(folder.out / SOUP_FOLDER, run.monitored, config.soup))
     if trainer_options.get("enable_progress_bar", True):
-        callbacks.append(EpochProgressBar())
+        callbacks.append(EpochProgressBar(refresh_rate=read_every))
     if clock is not None:
         callbacks.append(clock)
     callbacks += trainer_options.pop("callbacks", [])
