@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from epoch import STRATEGIES, step_rate, write_fashion_mnist_splits, write_photo_crops
+from epoch import STRATEGIES, benchmark_data, step_rate
 
 from tlkit import FinetuneConfig
 
@@ -40,15 +40,7 @@ def main() -> None:
     parser.add_argument("--photo-train-images", type=int, default=640)
     parser.add_argument("--photo-val-images", type=int, default=128)
     arguments = parser.parse_args()
-    work = Path(arguments.work)
-    data = {
-        64: lambda: write_fashion_mnist_splits(
-            work / "fashion-mnist", arguments.train_images, arguments.val_images
-        ),
-        224: lambda: write_photo_crops(
-            work / "photos", arguments.photo_train_images, arguments.photo_val_images
-        ),
-    }
+    data = benchmark_data(Path(arguments.work), arguments)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| strategy | px | batch | precision | layout | step images/s |")

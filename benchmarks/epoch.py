@@ -57,6 +57,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,18 @@ def write_photo_crops(folder: Path, train_images: int, val_images: int) -> Path:
             crop.save(folder / split / label / f"{index:05d}.jpg", quality=90)
     marker.touch()
     return folder
+
+
+def benchmark_data(work: Path, arguments: argparse.Namespace) -> dict[int, Callable[[], Path]]:
+    """By input size, what writes (or finds) its data under `work`, sized by the arguments."""
+    return {
+        64: lambda: write_fashion_mnist_splits(
+            work / "fashion-mnist", arguments.train_images, arguments.val_images
+        ),
+        224: lambda: write_photo_crops(
+            work / "photos", arguments.photo_train_images, arguments.photo_val_images
+        ),
+    }
 
 
 class EpochPhases(pl.Callback):
@@ -317,14 +330,7 @@ def main() -> None:
         torch.set_num_threads(arguments.torch_threads)
 
     work = Path(arguments.work)
-    datasets = {
-        64: lambda: write_fashion_mnist_splits(
-            work / "fashion-mnist", arguments.train_images, arguments.val_images
-        ),
-        224: lambda: write_photo_crops(
-            work / "photos", arguments.photo_train_images, arguments.photo_val_images
-        ),
-    }
+    datasets = benchmark_data(work, arguments)
     rows = []
     for size in arguments.sizes:
         data = datasets[size]()
