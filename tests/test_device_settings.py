@@ -89,6 +89,7 @@ def test_a_candidate_out_of_memory_is_passed_over(one_cuda_device, monkeypatch):
 def test_the_timing_loop_times_every_candidate(colour_folder: Path, monkeypatch):
     monkeypatch.setattr(device_settings, "WARMUP_STEPS", 1)  # a few steps are enough here
     monkeypatch.setattr(device_settings, "MIN_TIMED_S", 0.0)
+    monkeypatch.setattr(device_settings, "MIN_TIMED_STEPS", 1)
     config = FinetuneConfig(data_dir=str(colour_folder), accelerator="cpu", **TINY_CONFIG)
     images = build_module.build_datamodule(config)
     images.setup("fit")

@@ -13,9 +13,9 @@ first step that builds its kernels (the four settings took 18.6 s at 64 px on th
 Elsewhere (a CPU, several processes, either setting given) it applies
 `hardware.device_defaults`.
 
-The steps are timed by torch's benchmark Timer, on random images, since a step's time does not
-depend on the pixels, and a model without pretrained weights, since it does not depend on them
-either.
+The timing loop is tlkit's own (timm's benchmark.py times models the same way, as a script, not
+a library function): random images, since a step's time does not depend on the pixels, and a
+model without pretrained weights, since it does not depend on them either.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch.utils import benchmark
 
 from tlkit.config import FinetuneConfig
 from tlkit.model.backbones import preprocessing
@@ -37,6 +36,7 @@ from tlkit.train.build import build_model
 from tlkit.train.hardware import device_defaults, half_precision, training_device
 
 WARMUP_STEPS = 3  # untimed: cuDNN's algorithm choice, the allocator
+MIN_TIMED_STEPS = 5
 MIN_TIMED_S = 0.25
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
@@ -128,7 +128,7 @@ def measure_step_rates(
         batch = images.contiguous(memory_format=layout)
         step = _step(model, optimizer, batch, precision, extraction_only, device)
         try:
-            seconds = _seconds_per_step(step)
+            seconds = _seconds_per_step(step, device)
             rates[(precision, channels_last)] = round(config.batch_size / seconds, 1)
         except torch.OutOfMemoryError:
             rates[(precision, channels_last)] = None
@@ -165,11 +165,19 @@ def _step(
     return step
 
 
-def _seconds_per_step(step: Callable[[], None]) -> float:
-    """The median time of `step` after `WARMUP_STEPS`, timed by torch's benchmark Timer over
-    `MIN_TIMED_S` seconds in blocks of steps; it waits for the device at each block's ends,
-    not after every step, as a run reads its loss every few steps (`DEVICE_READ_EVERY`)."""
-    for _ in range(WARMUP_STEPS):
+def _seconds_per_step(step: Callable[[], None], device: str) -> float:
+    """The mean time of `step` after `WARMUP_STEPS`, over at least `MIN_TIMED_STEPS` steps and
+    `MIN_TIMED_S` seconds; each step waits for the device, as a run's logged loss makes it."""
+
+    def synchronised() -> None:
         step()
-    timer = benchmark.Timer(stmt="step()", globals={"step": step})
-    return timer.blocked_autorange(min_run_time=MIN_TIMED_S).median
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(WARMUP_STEPS):
+        synchronised()
+    started, steps = time.perf_counter(), 0
+    while steps < MIN_TIMED_STEPS or time.perf_counter() - started < MIN_TIMED_S:
+        synchronised()
+        steps += 1
+    return (time.perf_counter() - started) / steps
