@@ -188,8 +188,8 @@ class FinetuneConfig:
     budget: str = _option(
         "",
         "time budget of the whole run, e.g. 90s, 10m, 2h or 1h30m: --strategy auto measures "
-        "this device's training speed and sizes the schedule to end within it ('': auto's "
-        "default schedule)",
+        "this device's training speed, sizes the schedule to end within it and re-plans its "
+        "epochs from their own times as it trains ('': auto's default schedule)",
     )
     batch_size: int = _option(64, "images per batch (per device)")
     lr: float = _option(1e-3, "learning rate of the new head")

@@ -706,13 +706,20 @@ def auto_decision_rows(decision: dict[str, Any] | None) -> list[tuple[str, str, 
     if planned:
         throughput = planned["throughput"]
         steps = "; ".join(planned["stepped_down"]) or "none"
+        replanned = planned.get("replanned")
+        replan = (
+            f"; re-planned from {replanned['epochs_before']} to {replanned['epochs']} epochs "
+            f"(epochs of {replanned['epoch_s']:.1f} s)"
+            if replanned
+            else ""
+        )
         rows.append(
             (
                 "budget",
                 f"{planned['seconds']:.0f} s, predicted {planned['predicted_s']:.0f} s",
                 f"{throughput['train_images_per_s']:.0f} training, "
                 f"{throughput['eval_images_per_s']:.0f} evaluation images/s measured on "
-                f"{throughput['device']}; stepped down: {steps}",
+                f"{throughput['device']}; stepped down: {steps}{replan}",
             )
         )
     head = decision.get("head")

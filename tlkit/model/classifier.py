@@ -302,6 +302,23 @@ class TransferClassifier(pl.LightningModule):
             epochs = checkpoint["epoch"] + 1
             self._resumed_schedule = ResumedSchedule(plan, checkpoint["global_step"], epochs)
 
+    def reschedule(self, epochs: int) -> None:
+        """At an epoch's start, make the run `epochs` epochs long in all (a budget's re-plan,
+        `tlkit.train.budget.FitScheduleToBudget`): the learning rate decays on from where it
+        stands to 0 at the new last step (`SchedulePlan.continued`), and the trainer stops
+        there."""
+        trainer = self.trainer
+        done = trainer.current_epoch
+        steps_per_epoch = trainer.global_step // max(1, done)
+        plan = self.schedule_plan.continued(
+            trainer.global_step, done, steps_per_epoch, steps_per_epoch * epochs
+        )
+        scheduler = self.lr_schedulers()
+        # LambdaLR keeps its functions in a list and calls them at every step
+        scheduler.lr_lambdas = [plan.factor for _ in scheduler.lr_lambdas]
+        self.schedule_plan = plan  # saved with each checkpoint, for --resume
+        trainer.fit_loop.max_epochs = epochs
+
     def optimizer_and_schedule(
         self,
         total_steps: int,

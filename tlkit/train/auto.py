@@ -695,6 +695,9 @@ def fit_to_budget(
         "fits": fits,
         "stepped_down": stepped_down,
     }
+    if "epochs" in open_choices:  # the run may re-plan its epochs up to the wanted images
+        epoch_images = schedule.images / schedule.epochs
+        record["most_epochs"] = max(schedule.epochs, math.floor(wanted / epoch_images + 1e-9))
     if not fits:
         logger.warning(
             f"--budget {config.budget}: even one pass over the training images with the "

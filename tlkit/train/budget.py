@@ -9,14 +9,18 @@ a validation pass and two checkpoints per epoch, the test evaluation) fits in th
 after `--tta auto`'s choice (`tta_choice_s`) and the soup's validations (`soup_s`).
 An epoch that the schedule ends part-way through becomes shorter epochs
 (`FinetuneConfig.epoch_batches`), so that the cosine decay still ends at the last step and
-every epoch is validated.
+every epoch is validated. During the run, `FitScheduleToBudget` times its epochs and
+re-plans their number at each epoch's start (`replanned_epochs`, pure): a few timed steps
+before the run predict its epochs to within a fifth or so, the epochs run so far much closer.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,12 +37,17 @@ from tlkit.train.build import build_model, data_facts, trained_short_sides, trai
 from tlkit.train.hardware import trainer_options, training_device
 from tlkit.train.soup import soup_applies
 
+logger = logging.getLogger(__name__)
+
 WARMUP_STEPS = {"cpu": 2, "cuda": 10}  # untimed: loader workers, allocator, cuDNN autotuning
 TIMED_STEPS = {"cpu": 4, "cuda": 20}
 VALIDATION_BATCHES = 2
 # The predicted time is planned to this share of the budget: the measurement's noise, and
 # what no prediction sees (the process's start, the last summary), stay inside the budget.
 BUDGET_SHARE = 0.92
+# The epoch whose time re-plans the schedule (0-based): the first also starts the loader
+# workers and fills the caches, so it runs slower than the epochs after it.
+REPLAN_FROM_EPOCH = 1
 
 
 @dataclass(frozen=True)
@@ -288,3 +297,96 @@ def schedule_of(
 
 def with_schedule(config: FinetuneConfig, schedule: Schedule) -> FinetuneConfig:
     return replace(config, epochs=schedule.epochs, epoch_batches=schedule.epoch_batches)
+
+
+def planned_epochs(planned: dict[str, Any]) -> int:
+    """The epochs a budgeted run planned in the end: its schedule's, or its re-plan's."""
+    return (planned.get("replanned") or planned["schedule"])["epochs"]
+
+
+def replanned_epochs(
+    planned_epochs: int,
+    epochs_done: int,
+    epoch_s: float,
+    target_s: float,
+    limit_s: float,
+    most_epochs: int,
+) -> int:
+    """The epochs a run should have in all, re-planned after `epochs_done` of its
+    `planned_epochs` from the measured time of one (`epoch_s`, its validation and checkpoints
+    included). The plan stands while its remaining epochs are predicted to end within an epoch
+    before `target_s` (what the plan's share of the budget leaves for training) and not past
+    `limit_s` (the budget clock's mark, where training would be cut before its decay ends):
+    one epoch's noise does not move it back and forth. Otherwise as many more as fit in
+    `target_s`, to the nearest epoch but never past `limit_s`; at least one more, at most
+    `most_epochs` in all."""
+    remaining_s = (planned_epochs - epochs_done) * epoch_s
+    if target_s - epoch_s <= remaining_s <= limit_s and planned_epochs <= most_epochs:
+        return planned_epochs
+    more = min(round(target_s / epoch_s), math.floor(limit_s / epoch_s))
+    return max(epochs_done + 1, min(most_epochs, epochs_done + more))
+
+
+class FitScheduleToBudget(pl.Callback):
+    """With --budget: from the epoch after `REPLAN_FROM_EPOCH` on, at each epoch's start, time
+    the epochs since then (training, validation, checkpoints: their mean) and make the run as
+    many epochs long as then fit (`replanned_epochs`), the learning rate's decay stretched or
+    shortened to end at the new last step (`TransferClassifier.reschedule`). The first
+    process decides for all. `record` holds what was re-planned (None while nothing was);
+    `on_replan` is called with each new number of epochs (to record it in config.yaml)."""
+
+    def __init__(
+        self,
+        planned: dict[str, Any],
+        started: float,
+        on_replan: Callable[[int], None] | None = None,
+    ) -> None:
+        self.planned = planned
+        self.started = started
+        self.on_replan = on_replan
+        self.record: dict[str, Any] | None = None
+        self._timed_from = 0.0  # the start of epoch REPLAN_FROM_EPOCH
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        epoch, now = trainer.current_epoch, time.perf_counter()
+        if epoch == REPLAN_FROM_EPOCH:
+            self._timed_from = now
+        if epoch <= REPLAN_FROM_EPOCH:
+            return
+        epoch_s = (now - self._timed_from) / (epoch - REPLAN_FROM_EPOCH)
+        planned_epochs = trainer.max_epochs
+        target_s = (
+            self.planned["seconds"] * BUDGET_SHARE
+            - (now - self.started)
+            - self.planned["after_training_s"]
+        )
+        epochs = replanned_epochs(
+            planned_epochs,
+            epoch,
+            epoch_s,
+            target_s,
+            training_time_left_s(self.planned, self.started),
+            max(planned_epochs, self.planned.get("most_epochs", planned_epochs)),
+        )
+        epochs = trainer.strategy.broadcast(epochs, src=0)  # every process trains as many
+        if epochs == planned_epochs:
+            return
+        if self.record is None and trainer.is_global_zero:
+            logger.info(
+                f"Budget: epochs take {epoch_s:.1f} s (validation and checkpoints included); "
+                f"{epochs} epochs in all instead of {planned_epochs}, the learning rate's "
+                "decay ending at the new last epoch"
+            )
+        module.reschedule(epochs)
+        stopper = trainer.early_stopping_callback
+        if stopper is not None and stopper.patience >= planned_epochs:  # the budget's: all
+            stopper.patience = epochs
+        self.record = {
+            "after_epochs": epoch,
+            "epoch_s": round(epoch_s, 3),
+            "epochs_before": (self.record or {}).get("epochs_before", planned_epochs),
+            "epochs": epochs,
+            "replans": (self.record or {}).get("replans", 0) + 1,
+        }
+        if self.on_replan is not None:
+            self.on_replan(epochs)

@@ -62,7 +62,7 @@ from tlkit.runfolder import (
     write_summary,
 )
 from tlkit.train.auto import process_count, resolve_auto
-from tlkit.train.budget import training_time_left_s
+from tlkit.train.budget import FitScheduleToBudget, planned_epochs, training_time_left_s
 from tlkit.train.build import (
     build_datamodule,
     build_model,
@@ -143,7 +143,10 @@ def finetune(
     config, decision = decide(config, folder, progress, started)
     run = build(config, folder, decision, progress)
     clock = budget_clock(decision, started, folder)
-    trainer, history = fit(run, folder, trainer_options, clock)
+    replan = budget_replan(decision, started, folder, run.config)
+    trainer, history = fit(run, folder, trainer_options, [clock, replan])
+    if replan is not None and replan.record is not None:
+        decision["budget"]["replanned"] = replan.record
     if decision is not None and config.strategy == "features":
         decision = keep_the_better_head(run, trainer, history, decision)
     soup = make_soup(trainer, run.model, run.training_data, run.monitored)
@@ -151,7 +154,7 @@ def finetune(
     tta_choice = choose_test_time_averaging(config, trainer, run)
     # the clock ran out before the planned epochs did (at the last epoch's end it changes nothing)
     ran_out = clock is not None and clock.time_remaining("train") <= 0
-    stopped = ran_out and len(history) < config.epochs
+    stopped = ran_out and len(history) < trainer.max_epochs
     summary = summarise(
         run, folder, decision, history, test_metrics, started, tta_choice, stopped, soup
     )
@@ -314,14 +317,32 @@ def budget_clock(
     return Timer(duration=timedelta(seconds=seconds), interval="epoch")
 
 
+def budget_replan(
+    decision: dict[str, Any] | None, started: float, folder: RunFolder, config: FinetuneConfig
+) -> FitScheduleToBudget | None:
+    """With --budget, where auto chose the epochs: the callback that re-plans them from a
+    timed epoch (`budget.FitScheduleToBudget`), recording the new count in config.yaml (what
+    --resume reads); None otherwise, and on --resume."""
+    planned = (decision or {}).get("budget")
+    if planned is None or "most_epochs" not in planned or folder.resume_from is not None:
+        return None
+
+    def record(epochs: int) -> None:
+        if rank_zero_only.rank == 0:
+            write_atomic(folder.out / CONFIG, replace(config, epochs=epochs).to_yaml())
+
+    return FitScheduleToBudget(planned, started, on_replan=record)
+
+
 def fit(
     run: BuiltRun,
     folder: RunFolder,
     trainer_options: dict[str, Any],
-    clock: Timer | None = None,
+    budget_callbacks: list[pl.Callback | None] | None = None,
 ) -> tuple[pl.Trainer, list[dict[str, float]]]:
-    """Step 4: Lightning's Trainer with tlkit's callbacks (and the budget's `clock`) fits the
-    model (from the checkpoint, when resumed); returns the Trainer and the per-epoch history."""
+    """Step 4: Lightning's Trainer with tlkit's callbacks (and the budget's clock and re-plan,
+    where given) fits the model (from the checkpoint, when resumed); returns the Trainer and
+    the per-epoch history."""
     config = run.config
     trainer_options = dict(trainer_options)
     train_metric = next((name for name in run.model.metrics if name.startswith("train_")), None)
@@ -352,8 +373,7 @@ def fit(
         callbacks.append(TopCheckpoints(folder.out / SOUP_FOLDER, run.monitored, config.soup))
     if trainer_options.get("enable_progress_bar", True):
         callbacks.append(EpochProgressBar(refresh_rate=read_every))
-    if clock is not None:
-        callbacks.append(clock)
+    callbacks += [callback for callback in budget_callbacks or [] if callback is not None]
     callbacks += trainer_options.pop("callbacks", [])
     steps_per_epoch = training_batches_per_epoch(len(run.images.train_set), config)
     options = {
@@ -766,7 +786,7 @@ def _write_at_end(
     if planned is not None:
         stopped = (
             f"; training stopped by the budget's clock after {summary.epochs_run} of "
-            f"{planned['schedule']['epochs']} planned epochs"
+            f"{planned_epochs(planned)} planned epochs"
             if summary.stopped_by_budget
             else ""
         )
