@@ -109,6 +109,20 @@ def test_the_soups_validations_are_planned_into_the_budget():
         assert budget.soup_s(FinetuneConfig(data_dir="x", **alone), splits, CPU_LIKE) == 0
 
 
+def test_processes_sharing_a_cpu_plan_at_one_processs_rate():
+    """Two DDP processes on one CPU node share its cores: they train no faster than the one
+    process measured on the whole node (on 2 cores, 3.9 s an epoch either way), so the plan
+    fits half the images of two processes that each have a device."""
+    on_devices = budget.Splits(train=5000, val=1000, test=0, processes=2)
+    on_one_cpu = budget.Splits(train=5000, val=1000, test=0, processes=2, parallel=1)
+    assert (on_devices.speedup, on_one_cpu.speedup) == (2, 1)
+    apart = budget.fit_schedule(500_000, on_devices, 64, CPU_LIKE, seconds_left=600)
+    shared = budget.fit_schedule(500_000, on_one_cpu, 64, CPU_LIKE, seconds_left=600)
+    assert apart is not None and shared is not None
+    assert 1.9 < apart.images / shared.images < 2.1
+    assert shared.predicted_s == pytest.approx(apart.predicted_s, rel=0.1)
+
+
 def test_a_budgeted_run_measures_plans_re_plans_and_records(
     colour_folder: Path, tmp_path: Path, monkeypatch
 ):

@@ -624,8 +624,14 @@ def fit_to_budget(
     budget_s = parse_duration(config.budget)
     stepped_down: list[str] = []
     size_choice = choices.get("img_size")
+    # a node's processes share its cores on a CPU; on accelerators each has its own device
+    parallel = config.num_nodes if training_device(config) == "cpu" else evidence.processes
     splits = budget.Splits(
-        evidence.train_images, evidence.val_images, len(images.test_set or []), evidence.processes
+        evidence.train_images,
+        evidence.val_images,
+        len(images.test_set or []),
+        evidence.processes,
+        parallel=min(parallel, evidence.processes),
     )
     while True:
         candidate = dataclasses.replace(

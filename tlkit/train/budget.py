@@ -149,12 +149,20 @@ def _median(values: list[float]) -> float:
 
 @dataclass(frozen=True)
 class Splits:
-    """The images of each split, and how many processes share them."""
+    """The images of each split, how many processes share them, and how many of those work
+    at once (`parallel`, default: all): on a CPU a node's processes share its cores, so
+    together they go no faster than the one process measured on the whole node."""
 
     train: int
     val: int
     test: int
     processes: int = 1
+    parallel: int | None = None
+
+    @property
+    def speedup(self) -> int:
+        """How many times one measured process's rate the processes reach together."""
+        return self.parallel or self.processes
 
 
 @dataclass(frozen=True)
@@ -170,13 +178,13 @@ class Schedule:
 
 def epoch_cost_s(splits: Splits, throughput: Throughput, cached: bool) -> float:
     """Seconds of one epoch's validation pass and its two checkpoints (best and last)."""
-    validation = 0.0 if cached else splits.val / splits.processes / throughput.eval_images_per_s
+    validation = 0.0 if cached else splits.val / splits.speedup / throughput.eval_images_per_s
     return validation + 2 * throughput.checkpoint_s
 
 
 def test_s(splits: Splits, throughput: Throughput) -> float:
     """Seconds of the test evaluation after training."""
-    return splits.test / splits.processes / throughput.eval_images_per_s
+    return splits.test / splits.speedup / throughput.eval_images_per_s
 
 
 def training_time_left_s(planned: dict[str, Any], started: float) -> float:
@@ -193,14 +201,14 @@ def training_time_left_s(planned: dict[str, Any], started: float) -> float:
 def fixed_cost_s(splits: Splits, throughput: Throughput, cached: bool) -> float:
     """Seconds spent once: the test evaluation, and for cached features their extraction."""
     evaluated = splits.test + (splits.train + splits.val if cached else 0)
-    return evaluated / splits.processes / throughput.eval_images_per_s
+    return evaluated / splits.speedup / throughput.eval_images_per_s
 
 
 def predicted_s(images: int, splits: Splits, throughput: Throughput, cached: bool) -> float:
     """Predicted seconds of a schedule processing `images` training images (a cached-features
     epoch is taken as free: the head trains on vectors)."""
     epochs = max(1, math.ceil(images / splits.train))
-    training = 0.0 if cached else images / splits.processes / throughput.train_images_per_s
+    training = 0.0 if cached else images / splits.speedup / throughput.train_images_per_s
     per_epoch = epoch_cost_s(splits, throughput, cached)
     return training + epochs * per_epoch + fixed_cost_s(splits, throughput, cached)
 
@@ -227,7 +235,7 @@ def soup_s(config: FinetuneConfig, splits: Splits, throughput: Throughput) -> fl
     pass for each candidate besides best.ckpt; 0 where the run makes no soup."""
     if soup_applies(config) is not None:
         return 0.0
-    return (config.soup - 1) * splits.val / splits.processes / throughput.eval_images_per_s
+    return (config.soup - 1) * splits.val / splits.speedup / throughput.eval_images_per_s
 
 
 def fit_schedule(
@@ -244,7 +252,7 @@ def fit_schedule(
     the training images, or all that is wanted) fit. With cached features the head's training
     on vectors is taken as free: the epochs are as many as their checkpoints leave time for
     after the extraction."""
-    rate = splits.processes * throughput.train_images_per_s
+    rate = splits.speedup * throughput.train_images_per_s
     best = 0
     for epochs in range(1, math.ceil(wanted_images / splits.train) + 1):
         fixed = epochs * epoch_cost_s(splits, throughput, cached)
