@@ -1,10 +1,8 @@
 import io
 import os
-import random
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ from conftest import write_colour_images, write_identical_images
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from PIL import Image
 
-from tlkit.data.augment import ShortSideScaleCrop, eval_transform, train_transform
+from tlkit.data.augment import eval_transform, train_transform
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datasets import seed_augmentation
 from tlkit.data.images import load_rgb
@@ -241,29 +239,6 @@ def test_transforms_scale_with_the_input_size_and_are_seeded():
     assert -1.0 <= float(evaluated.min()) and float(evaluated.max()) <= 1.0  # mean=std=0.5
     with pytest.raises(ValueError, match="short side range"):
         train_transform(PREPROCESSING, short_side_range=(100, 480))
-
-
-def test_the_scale_crop_cuts_the_window_that_a_crop_of_the_resized_image_covers():
-    """Crop first, then resize: an 80x120 image resized to a short side of 160 (twice its
-    size) and cropped 32x32 shows a 16x16 window of the original, anywhere in it."""
-    crop = ShortSideScaleCrop([160], 32, interpolation=cv2.INTER_LINEAR)
-    crop.set_random_state(np.random.default_rng(0), random.Random(0))
-    windows = [
-        crop.get_params_dependent_on_data({"shape": (80, 120, 3)}, {})["crop_coords"]
-        for _ in range(2000)
-    ]
-    assert {(x2 - x1, y2 - y1) for x1, y1, x2, y2 in windows} == {(16, 16)}
-    lefts, tops = [x1 for x1, *_ in windows], [y1 for _, y1, *_ in windows]
-    assert (min(lefts), max(lefts), min(tops), max(tops)) == (0, 104, 0, 64)
-    assert 45 < np.mean(lefts) < 59 and 25 < np.mean(tops) < 39  # uniform: 52 and 32
-    # at a short side equal to the input size the window is the whole short side: the image
-    # resized, as SmallestMaxSize then a crop would give it
-    square = np.random.default_rng(1).integers(0, 256, (50, 50, 3), dtype=np.uint8)
-    whole = A.Compose([ShortSideScaleCrop([32], 32, interpolation=cv2.INTER_CUBIC)], seed=0)
-    expected = cv2.resize(square, (32, 32), interpolation=cv2.INTER_CUBIC)
-    assert np.array_equal(whole(image=square)["image"], expected)
-    tiny = np.zeros((3, 5, 3), dtype=np.uint8)  # a window never shrinks to nothing
-    assert whole(image=tiny)["image"].shape == (32, 32, 3)
 
 
 def test_the_transforms_of_a_seeded_augmentation_draw_independently():

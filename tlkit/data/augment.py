@@ -2,20 +2,14 @@
 
 Training follows the ResNet recipe, scaled to the model's input size S: resize the short side
 to a length drawn from [256/224*S, 480/224*S], take a random SxS crop, flip horizontally, jitter
-brightness, contrast and saturation. The scale crop is done crop first (`ShortSideScaleCrop`): the
-window the SxS crop would cover, cut from the decoded image and resized to SxS, so that only SxS
-pixels are ever interpolated. Evaluation resizes the short side to S / crop_pct and takes
+brightness, contrast and saturation. Evaluation resizes the short side to S / crop_pct and takes
 the centre SxS crop. Both normalise with the backbone's own mean and std.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import albumentations as A
 import cv2
-from albumentations.augmentations.crops import functional as crop_functions
-from albumentations.augmentations.crops.transforms import _BaseRandomSizedCrop
 from albumentations.pytorch import ToTensorV2
 
 from tlkit.config import FinetuneConfig
@@ -52,37 +46,6 @@ def interpolation_flag(preprocessing: Preprocessing) -> int:
     return INTERPOLATIONS.get(preprocessing.interpolation, cv2.INTER_LINEAR)
 
 
-class ShortSideScaleCrop(_BaseRandomSizedCrop):
-    """The ResNet recipe's scale crop, crop first: draw a short side L from `short_sides`, cut
-    the square window that an SxS crop of the image resized to short side L would cover
-    (side S * short / L, at a uniform position) and resize only that window to SxS.
-
-    The same crops as `SmallestMaxSize(short_sides)` then `RandomCrop(S, S)` (to the window's
-    whole pixels), at a fraction of the cost when the image is small or large: resizing a 28px
-    image to a short side of up to 137px before cutting 64x64 out of it was a fifth of the
-    loading time. albumentations has no transform with this window rule; its documented way to
-    add one is this subclass of its random sized crop (which does the crop and the resize)."""
-
-    def __init__(self, short_sides: list[int], size: int, interpolation: int) -> None:
-        super().__init__(size=(size, size), interpolation=interpolation)
-        self.short_sides = short_sides
-
-    def get_params_dependent_on_data(
-        self, params: dict[str, Any], data: dict[str, Any]
-    ) -> dict[str, tuple[int, int, int, int]]:
-        """The crop window for this image's shape: its side, then its position."""
-        image_shape = params["shape"][:2]
-        short = min(image_shape)
-        short_side = self.py_random.choice(self.short_sides)
-        window = min(short, max(1, round(self.size[0] * short / short_side)))
-        h_start, w_start = self.py_random.random(), self.py_random.random()
-        return {
-            "crop_coords": crop_functions.get_crop_coords(
-                image_shape, (window, window), h_start, w_start
-            )
-        }
-
-
 def _normalise_to_tensor(preprocessing: Preprocessing) -> list[A.BasicTransform]:
     return [
         A.Normalize(mean=preprocessing.mean, std=preprocessing.std, max_pixel_value=255.0),
@@ -103,9 +66,10 @@ def train_transform(
     if not size <= low <= high:
         raise ConfigError(f"short side range {short_side_range} must satisfy 224 <= low <= high")
     transforms: list[A.BasicTransform] = [
-        ShortSideScaleCrop(
-            list(range(low, high + 1)), size, interpolation=interpolation_flag(preprocessing)
+        A.SmallestMaxSize(
+            max_size=list(range(low, high + 1)), interpolation=interpolation_flag(preprocessing)
         ),
+        A.RandomCrop(size, size),
         A.HorizontalFlip(p=hflip),
     ]
     if color_jitter > 0:
