@@ -187,15 +187,17 @@ def test_s(splits: Splits, throughput: Throughput) -> float:
     return splits.test / splits.speedup / throughput.eval_images_per_s
 
 
-def training_time_left_s(planned: dict[str, Any], started: float) -> float:
-    """Seconds training may still take so that the run ends within its budget even where the
-    plan's prediction falls short (a Lightning `Timer` stops it there): the budget, less half
-    the margin the plan kept (`BUDGET_SHARE`), the time since the run `started` (a
-    `time.perf_counter` reading) and the predicted work after training (`after_training_s` of
-    the plan's record: the test evaluation and --tta auto's choice)."""
-    margin = (1 - BUDGET_SHARE) / 2 * planned["seconds"]
+def training_time_left_s(
+    planned: dict[str, Any], started: float, share: float = (1 + BUDGET_SHARE) / 2
+) -> float:
+    """Seconds training may still take so that the run ends by `share` of its budget: by
+    default where a Lightning `Timer` stops it should the plan's prediction fall short (the
+    budget less half the margin the plan kept, `BUDGET_SHARE`); with `BUDGET_SHARE`, the
+    plan's own target. Less the time since the run `started` (a `time.perf_counter` reading)
+    and the predicted work after training (`after_training_s` of the plan's record: the test
+    evaluation and --tta auto's choice)."""
     elapsed = time.perf_counter() - started
-    return planned["seconds"] - margin - elapsed - planned["after_training_s"]
+    return share * planned["seconds"] - elapsed - planned["after_training_s"]
 
 
 def fixed_cost_s(splits: Splits, throughput: Throughput, cached: bool) -> float:
@@ -363,16 +365,11 @@ class FitScheduleToBudget(pl.Callback):
             return
         epoch_s = (now - self._timed_from) / (epoch - REPLAN_FROM_EPOCH)
         planned_epochs = trainer.max_epochs
-        target_s = (
-            self.planned["seconds"] * BUDGET_SHARE
-            - (now - self.started)
-            - self.planned["after_training_s"]
-        )
         epochs = replanned_epochs(
             planned_epochs,
             epoch,
             epoch_s,
-            target_s,
+            training_time_left_s(self.planned, self.started, share=BUDGET_SHARE),
             training_time_left_s(self.planned, self.started),
             max(planned_epochs, self.planned.get("most_epochs", planned_epochs)),
         )
